@@ -1,0 +1,3 @@
+from pfb_train.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,298 @@
+"""Typed run configuration: dataclasses, YAML loading, `--set` overrides, validation.
+
+The dataclass field types are the schema: loading checks every key and value against
+them, so a typo or a wrong type is reported with the key's full dotted name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import yaml
+
+from pfb_train.errors import UserError
+
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"
+    pretrained: bool = False
+    num_classes: Optional[int] = None  # None: taken from the dataset
+    drop_rate: float = 0.0
+    drop_path: float = 0.0
+
+
+@dataclass
+class BlockingConfig:
+    method: Literal["none", "random", "pfb"] = "none"
+    ratio: float = 0.4  # fraction of each batch blocked while blocking is active
+    stage: Union[int, str] = 1  # split after this body stage (index from 1, or module name)
+    start_epoch: int = 0  # blocking active for epochs [start_epoch, end_epoch)
+    end_epoch: Optional[int] = None  # None: until the last epoch
+    ramp: Literal["constant", "linear_to_mid"] = "constant"
+    centers: int = 64
+    feature_dim: int = 128
+    ema: float = 0.01  # ADE step size
+    estimator: Literal["kde", "mean_log_kernel"] = "kde"
+    noise: Optional[float] = None  # None: 0.01 for kde (alpha bound), 0.1 for mean_log_kernel
+    weights: Literal["counts", "uniform"] = "counts"  # centre weights: paper (counts) or code (uniform)
+    mode: Literal["reuse"] = "reuse"
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["synthetic", "digits", "imagefolder"] = "synthetic"
+    root: Optional[str] = None  # imagefolder: folder holding train/ and val/
+    img_size: int = 224
+    batch_size: int = 256  # per process
+    eval_batch_size: Optional[int] = None  # None: same as batch_size
+    workers: int = 4
+    train_samples: int = 2048  # synthetic only
+    val_samples: int = 512  # synthetic only
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    auto_augment: Optional[str] = None  # timm policy string, e.g. "rand-m9-mstd0.5"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # any timm optimizer name
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1.0e-4
+    label_smoothing: float = 0.1
+    clip_grad: Optional[float] = None
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # any timm scheduler name
+    epochs: int = 90
+    warmup_epochs: int = 5
+    warmup_lr: float = 1.0e-5
+    min_lr: float = 0.0
+
+
+@dataclass
+class RuntimeConfig:
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
+    seed: int = 0
+    output: str = "runs"
+    log_every: int = 50
+    eval_every: int = 1
+    progress: bool = True  # tqdm bar on rank 0
+    threads: Optional[int] = None  # torch CPU threads; None: torch's default
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    blocking: BlockingConfig = field(default_factory=BlockingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- type checking
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Union:
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    return tp.__name__
+
+
+def _coerce(value, tp, key: str):
+    """Return `value` as type `tp`, or raise UserError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except UserError:
+                pass
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise UserError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+
+
+def _unknown_key(key: str, prefix: str, valid: list[str]) -> UserError:
+    full = f"{prefix}{key}"
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(valid)})"
+    return UserError(f"unknown config key '{full}'{hint}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise UserError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise _unknown_key(str(key), prefix, names)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, dotted: str, value) -> None:
+    """Write `value` at `dotted` (e.g. 'blocking.ratio') into nested dict `data`."""
+    parts = dotted.split(".")
+    cls, node = Config, data
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        prefix = ".".join(parts[:i]) + "." if i else ""
+        if part not in hints:
+            raise _unknown_key(part, prefix, list(hints))
+        tp = hints[part]
+        last = i == len(parts) - 1
+        if dataclasses.is_dataclass(tp):
+            if last:
+                raise UserError(f"--set {dotted}: '{dotted}' is a section; set one of its keys, e.g. {dotted}.{next(iter(typing.get_type_hints(tp)))}")
+            if node.get(part) is None:  # absent or an empty YAML section
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise UserError(f"config section '{'.'.join(parts[: i + 1])}' must be a mapping, got {node[part]!r}")
+            node, cls = node[part], tp
+        elif not last:
+            raise UserError(f"--set {dotted}: '{'.'.join(parts[: i + 1])}' is not a section")
+        else:
+            node[part] = value
+
+
+# ---------------------------------------------------------------- loading
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path as given, or a bare name (with or without .yaml) from the shipped configs/."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if path.parent == Path("."):
+        for candidate in (SHIPPED_CONFIGS / name, SHIPPED_CONFIGS / f"{name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    shipped = sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml")) if SHIPPED_CONFIGS.is_dir() else []
+    hint = f"; shipped configs: {', '.join(shipped)}" if shipped else ""
+    raise UserError(f"config file not found: {name}{hint}")
+
+
+def parse_override(item: str) -> tuple[str, object]:
+    if "=" not in item:
+        raise UserError(f"--set expects key=value (e.g. blocking.ratio=0.3), got '{item}'")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: Optional[str] = None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config (or the defaults when `path` is None), apply `key=value` overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        file = resolve_config_path(path)
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise UserError(f"config file {file}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file {file} must hold a mapping of sections, got {type(data).__name__}")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(data, key, value)
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks that types alone cannot express."""
+    b, d, s, o, r = cfg.blocking, cfg.data, cfg.schedule, cfg.optim, cfg.runtime
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise UserError(message)
+
+    need(0.0 <= b.ratio < 1.0, f"config key 'blocking.ratio' must be in [0, 1), got {b.ratio}")
+    need(s.epochs >= 1, f"config key 'schedule.epochs' must be >= 1, got {s.epochs}")
+    need(s.warmup_epochs >= 0, f"config key 'schedule.warmup_epochs' must be >= 0, got {s.warmup_epochs}")
+    need(b.start_epoch >= 0, f"config key 'blocking.start_epoch' must be >= 0, got {b.start_epoch}")
+    end = b.end_epoch if b.end_epoch is not None else s.epochs
+    need(end > b.start_epoch, f"config key 'blocking.end_epoch' ({end}) must be greater than 'blocking.start_epoch' ({b.start_epoch})")
+    if b.ramp == "linear_to_mid":
+        need(end / 2 > b.start_epoch, f"blocking.ramp 'linear_to_mid' needs end_epoch/2 ({end / 2}) > start_epoch ({b.start_epoch})")
+    need(b.centers >= 2, f"config key 'blocking.centers' must be >= 2, got {b.centers}")
+    need(b.feature_dim >= 1, f"config key 'blocking.feature_dim' must be >= 1, got {b.feature_dim}")
+    need(0.0 < b.ema <= 1.0, f"config key 'blocking.ema' must be in (0, 1], got {b.ema}")
+    need(b.noise is None or b.noise >= 0, f"config key 'blocking.noise' must be >= 0, got {b.noise}")
+    need(d.img_size >= 8, f"config key 'data.img_size' must be >= 8, got {d.img_size}")
+    need(d.batch_size >= 1, f"config key 'data.batch_size' must be >= 1, got {d.batch_size}")
+    need(d.workers >= 0, f"config key 'data.workers' must be >= 0, got {d.workers}")
+    need(d.train_samples >= 1 and d.val_samples >= 1, "config keys 'data.train_samples' and 'data.val_samples' must be >= 1")
+    need(d.mixup >= 0 and d.cutmix >= 0, "config keys 'data.mixup' and 'data.cutmix' must be >= 0")
+    if b.method == "pfb":
+        need(d.batch_size >= b.centers,
+             f"config key 'data.batch_size' ({d.batch_size}) must be >= 'blocking.centers' ({b.centers}): "
+             "centres are initialised from the first batch")
+    if b.method != "none" and b.ratio > 0:
+        need(round(b.ratio * d.batch_size) < d.batch_size, f"blocking.ratio {b.ratio} would block every row of a batch of {d.batch_size}")
+    if d.dataset == "imagefolder":
+        need(d.root is not None, "config key 'data.root' is required for dataset 'imagefolder'")
+    if d.mixup > 0 or d.cutmix > 0:
+        need(d.batch_size % 2 == 0, f"mixup/cutmix need an even 'data.batch_size', got {d.batch_size}")
+    need(o.lr > 0, f"config key 'optim.lr' must be > 0, got {o.lr}")
+    need(0.0 <= o.label_smoothing < 1.0, f"config key 'optim.label_smoothing' must be in [0, 1), got {o.label_smoothing}")
+    need(r.log_every >= 1 and r.eval_every >= 1, "config keys 'runtime.log_every' and 'runtime.eval_every' must be >= 1")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,101 @@
+"""Run directory, per-epoch metrics (metrics.jsonl + TensorBoard), summary.json, phase timing."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+
+class PhaseTimer:
+    """Splits step time into named phases (data / shallow / deep) without syncing every step.
+
+    `mark(phase)` charges the time since the previous mark to `phase`. On CUDA the marks are
+    events resolved once in `totals()`, so the hot path never waits for the GPU.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds = defaultdict(float)
+        self.pending: list[tuple[str, object, object]] = []
+        self.last = self._now()
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        now = self._now()
+        if self.cuda:
+            self.pending.append((phase, self.last, now))
+        else:
+            self.seconds[phase] += now - self.last
+        self.last = now
+
+    def totals(self) -> dict[str, float]:
+        if self.pending:
+            torch.cuda.synchronize()
+            for phase, start, end in self.pending:
+                self.seconds[phase] += start.elapsed_time(end) / 1000.0
+            self.pending.clear()
+        return dict(self.seconds)
+
+
+def make_run_dir(output: str, name: str) -> Path:
+    """runs/<name>, or runs/<name>-2, -3, ... when that already holds a run: never overwrite one."""
+    base = Path(output).expanduser() / name
+    path, n = base, 1
+    while path.exists() and any(path.iterdir()):
+        n += 1
+        path = base.with_name(f"{name}-{n}")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class RunLogger:
+    """Writes metrics.jsonl (one JSON line per epoch), TensorBoard scalars and summary.json; rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.run_dir, self.enabled = run_dir, enabled
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir))
+
+    def log_epoch(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, (int, float)) and value is not None:
+                self.writer.add_scalar(f"epoch/{key}", value, record["epoch"])
+        self.writer.flush()
+
+    def log_step(self, scalars: dict, step: int) -> None:
+        if self.enabled:
+            for key, value in scalars.items():
+                self.writer.add_scalar(f"train/{key}", value, step)
+
+    def write_summary(self, summary: dict) -> None:
+        if self.enabled:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(run_dir) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

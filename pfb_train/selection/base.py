@@ -1,0 +1,78 @@
+"""The interface every selection method implements, and the blocking schedule they share.
+
+The training loop calls these hooks and nothing else; it never asks which method runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class BlockingSchedule:
+    """Blocking is active for epochs [start, end); the blocked ratio may ramp up."""
+
+    ratio: float
+    start: int = 0
+    end: Optional[int] = None  # None: never ends
+    ramp: str = "constant"  # constant | linear_to_mid
+
+    def active(self, epoch: int) -> bool:
+        return self.start <= epoch and (self.end is None or epoch < self.end)
+
+    def ratio_at(self, epoch: int) -> float:
+        if not self.active(epoch):
+            return 0.0
+        if self.ramp == "linear_to_mid":  # 0.2 * ratio at `start`, full ratio from end/2 on
+            mid = self.end / 2
+            return self.ratio * (0.2 + 0.8 * (min(epoch, mid) - self.start) / (mid - self.start))
+        return self.ratio
+
+    def kept(self, batch: int, epoch: int) -> int:
+        """Rows kept of a batch of `batch`: fixed per step, so DDP ranks agree and nothing syncs."""
+        return batch - round(self.ratio_at(epoch) * batch)
+
+
+class Selector:
+    """Base: keeps everything. Methods override the hooks they need."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self.epoch = 0
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def epoch_indices(self, num_samples: int) -> Optional[torch.Tensor]:
+        """Sampler-level selection: the dataset indices to visit this epoch; None = all."""
+        return None
+
+    def select(self, feats: torch.Tensor) -> Optional[torch.Tensor]:
+        """Batch-level selection from (B, C) shallow features: kept row indices; None = all rows."""
+        return None
+
+    def loss_weights(self, sample_idx: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-sample loss multipliers for the kept rows; None = unweighted mean."""
+        return None
+
+    def observe(self, feats, keep, sample_idx, losses) -> None:
+        """After the step: feats of all rows (or None), kept rows, their dataset indices and losses."""
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """A per-device generator seeded from `seed` (callers fold in the rank)."""
+        device = torch.device(device)
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = state["epoch"]
+        for device, rng in state.get("generators", {}).items():
+            self.generator(torch.device(device)).set_state(rng)

@@ -1,0 +1,143 @@
+"""Partial Forward Blocking: block the most common samples by density of their shallow features.
+
+Density is a kernel estimate over K centres that follow the data online (Adaptive
+Distribution Estimation). All density math runs in float32 under disabled autocast:
+log-kernels of 128-dim features underflow in half precision.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from pfb_train.distributed import all_reduce_sum, broadcast, get_rank
+from pfb_train.selection.base import BlockingSchedule, Selector
+
+
+def reduce_features(feats: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B, C) pooled features -> (B, min(dim, C)) by averaging adjacent channel groups."""
+    feats = feats.float()
+    if feats.shape[1] <= dim:
+        return feats
+    return F.adaptive_avg_pool1d(feats.unsqueeze(1), dim).squeeze(1)
+
+
+def silverman_bandwidth(centres: torch.Tensor) -> torch.Tensor:
+    """Per-dimension bandwidth h_d = (4/(D+2))^(1/(D+4)) * K^(-1/(D+4)) * std_d of the centres."""
+    k, d = centres.shape
+    factor = (4.0 / (d + 2)) ** (1.0 / (d + 4)) * k ** (-1.0 / (d + 4))
+    std = centres.std(dim=0).clamp_min(1e-6)  # identical centres must not give a zero bandwidth
+    return factor * std
+
+
+def log_gaussian(v: torch.Tensor, centres: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """(B, K) log N(v_i - c_j; 0, diag(var))."""
+    diff = v.unsqueeze(1) - centres.unsqueeze(0)  # (B, K, D)
+    maha = (diff.square() / var).sum(-1)
+    return -0.5 * (maha + var.log().sum() + v.shape[1] * math.log(2 * math.pi))
+
+
+def kde_log_density(v, centres, weights) -> torch.Tensor:
+    """The paper's estimate: log sum_j (w_j / K) N(v - c_j; 0, diag(h^2)), via logsumexp."""
+    h = silverman_bandwidth(centres)
+    log_w = weights.clamp_min(1e-12).log() - math.log(centres.shape[0])
+    return torch.logsumexp(log_w + log_gaussian(v, centres, h.square()), dim=1)
+
+
+def mean_log_kernel(v, centres) -> torch.Tensor:
+    """The authors' code: mean_j log N(v - c_j; 0, diag(h)) (h itself as the variance)."""
+    h = silverman_bandwidth(centres)
+    return log_gaussian(v, centres, h).mean(dim=1)
+
+
+class PFBSelector(Selector):
+    name = "pfb"
+
+    def __init__(
+        self,
+        schedule: BlockingSchedule,
+        centers: int = 64,
+        feature_dim: int = 128,
+        ema: float = 0.01,
+        estimator: str = "kde",
+        noise: Optional[float] = None,
+        weights: str = "counts",
+        seed: int = 0,
+    ):
+        super().__init__(seed + 1_000_003 * get_rank())  # ranks draw different noise for different data
+        self.schedule = schedule
+        self.num_centres, self.feature_dim, self.ema = centers, feature_dim, ema
+        self.estimator, self.weighting = estimator, weights
+        self.noise = noise if noise is not None else (0.01 if estimator == "kde" else 0.1)
+        self.centres: Optional[torch.Tensor] = None  # (K, D) float32, identical on every rank
+        self.counts: Optional[torch.Tensor] = None  # (K,) assignments so far
+
+    # -- density ---------------------------------------------------------------------------
+
+    def _init_centres(self, v: torch.Tensor) -> None:
+        if v.shape[0] < self.num_centres:
+            raise ValueError(f"pfb needs a first batch of at least {self.num_centres} samples (blocking.centers), got {v.shape[0]}")
+        self.centres = broadcast(v[: self.num_centres].clone().contiguous())
+        self.counts = torch.zeros(self.num_centres, device=v.device)
+
+    def scores(self, v: torch.Tensor) -> torch.Tensor:
+        """Density score per row (higher = more common), with the method's random term."""
+        gen = self.generator(v.device)
+        if self.estimator == "kde":
+            total = self.counts.sum()
+            if self.weighting == "counts" and total > 0:
+                weights = self.counts / total
+            else:
+                weights = torch.full_like(self.counts, 1.0 / self.num_centres)
+            s = kde_log_density(v, self.centres, weights)
+            alpha = torch.rand(s.shape, device=v.device, generator=gen) * self.noise
+            return torch.logaddexp(s, alpha.clamp_min(1e-30).log() + s.max())
+        s = mean_log_kernel(v, self.centres)
+        eps = torch.randn(s.shape, device=v.device, generator=gen)
+        return s + self.noise * eps * s.abs().max()
+
+    def select(self, feats: torch.Tensor):
+        batch = feats.shape[0]
+        k = self.schedule.kept(batch, self.epoch)
+        if k == batch:
+            return None
+        with torch.autocast(feats.device.type, enabled=False):
+            v = reduce_features(feats, self.feature_dim)
+            if self.centres is None:
+                self._init_centres(v)
+            s = self.scores(v)
+        return torch.topk(s, k, largest=False).indices.sort().values  # the k rarest rows
+
+    # -- Adaptive Distribution Estimation -----------------------------------------------------
+
+    def observe(self, feats, keep, sample_idx, losses) -> None:
+        """Move each centre toward the mean of the retained features nearest to it."""
+        if feats is None or (self.schedule.end is not None and self.epoch >= self.schedule.end):
+            return  # after blocking ends: no density work at all
+        with torch.autocast(feats.device.type, enabled=False):
+            v = reduce_features(feats if keep is None else feats.index_select(0, keep), self.feature_dim)
+            if self.centres is None:
+                self._init_centres(v)
+            self.update_centres(v)
+
+    def update_centres(self, v: torch.Tensor) -> None:
+        nearest = torch.cdist(v, self.centres).argmin(dim=1)
+        sums = torch.zeros_like(self.centres).index_add_(0, nearest, v)
+        counts = torch.bincount(nearest, minlength=self.num_centres).to(v.dtype)
+        # One all-reduce of sums and counts keeps the centres bit-identical across ranks.
+        packed = all_reduce_sum(torch.cat([sums, counts.unsqueeze(1)], dim=1))
+        sums, counts = packed[:, :-1], packed[:, -1]
+        means = sums / counts.clamp_min(1).unsqueeze(1)
+        moved = torch.lerp(self.centres, means, self.ema)
+        self.centres = torch.where(counts.unsqueeze(1) > 0, moved, self.centres)
+        self.counts = self.counts + counts
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "centres": self.centres, "counts": self.counts}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.centres, self.counts = state["centres"], state["counts"]

@@ -1,0 +1,23 @@
+"""Block a uniformly random subset of each batch: the control that isolates the density criterion."""
+
+from __future__ import annotations
+
+import torch
+
+from pfb_train.selection.base import BlockingSchedule, Selector
+
+
+class RandomSelector(Selector):
+    name = "random"
+
+    def __init__(self, schedule: BlockingSchedule, seed: int = 0):
+        super().__init__(seed)
+        self.schedule = schedule
+
+    def select(self, feats: torch.Tensor):
+        batch = feats.shape[0]
+        k = self.schedule.kept(batch, self.epoch)
+        if k == batch:
+            return None
+        order = torch.randperm(batch, device=feats.device, generator=self.generator(feats.device))
+        return order[:k].sort().values

@@ -1,0 +1,73 @@
+import pytest
+import yaml
+
+from pfb_train.config import Config, load_config, resolve_config_path, save_config
+from pfb_train.errors import UserError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_and_overrides_are_typed(tmp_path):
+    cfg = load_config(write(tmp_path, "blocking: {method: pfb}\n"),
+                      ["blocking.ratio=0.3", "schedule.epochs=7", "optim.lr=1e-3", "blocking.stage=layer2",
+                       "runtime.channels_last=true", "model.num_classes=null"])
+    assert cfg.blocking.ratio == 0.3 and cfg.schedule.epochs == 7
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1e-3  # "1e-3" is a YAML string: coerced
+    assert cfg.blocking.stage == "layer2" and cfg.runtime.channels_last is True
+    assert cfg.model.num_classes is None
+    assert cfg.data.batch_size == Config().data.batch_size
+
+
+def test_int_accepted_for_float_but_not_bool_for_int(tmp_path):
+    assert load_config(write(tmp_path, "optim: {lr: 1}\n")).optim.lr == 1.0
+    with pytest.raises(UserError, match="'schedule.epochs': expected int, got True"):
+        load_config(write(tmp_path, "schedule: {epochs: true}\n"))
+
+
+@pytest.mark.parametrize("text,overrides,message", [
+    ("blocking: {ratoi: 0.4}\n", [], "unknown config key 'blocking.ratoi' (did you mean 'blocking.ratio'?)"),
+    ("modle: {name: resnet18}\n", [], "unknown config key 'modle' (did you mean 'model'?)"),
+    ("", ["data.batchsize=3"], "unknown config key 'data.batchsize' (did you mean 'data.batch_size'?)"),
+    ("", ["blocking.ratio=abc"], "config key 'blocking.ratio': expected float, got 'abc'"),
+    ("", ["blocking.method=pfbb"], "config key 'blocking.method': expected one of 'none', 'random', 'pfb'"),
+    ("", ["blocking.ratio=1.0"], "'blocking.ratio' must be in [0, 1)"),
+    ("", ["blocking.ratio=-0.1"], "'blocking.ratio' must be in [0, 1)"),
+    ("", ["blocking=3"], "'blocking' is a section"),
+    ("", ["ratio"], "--set expects key=value"),
+    ("blocking: 3\n", [], "config section 'blocking' must be a mapping"),
+    ("- a\n- b\n", [], "must hold a mapping of sections"),
+    ("model: {name: [unclosed\n", [], "is not valid YAML"),
+    ("", ["data.dataset=imagefolder"], "'data.root' is required for dataset 'imagefolder'"),
+    ("", ["blocking.method=pfb", "data.batch_size=16", "blocking.centers=32"], "must be >= 'blocking.centers'"),
+    ("", ["blocking.start_epoch=10", "schedule.epochs=5"], "must be greater than 'blocking.start_epoch'"),
+])
+def test_bad_config_is_one_line_user_error(tmp_path, text, overrides, message):
+    with pytest.raises(UserError) as err:
+        load_config(write(tmp_path, text), overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bare_name_resolves_to_shipped_configs():
+    assert resolve_config_path("demo").name == "demo.yaml"
+    assert resolve_config_path("demo.yaml").parent.name == "configs"
+    with pytest.raises(UserError, match="config file not found: nope.yaml; shipped configs: .*demo"):
+        resolve_config_path("nope.yaml")
+
+
+def test_shipped_configs_load():
+    from pfb_train.config import SHIPPED_CONFIGS
+
+    for path in SHIPPED_CONFIGS.glob("*.yaml"):
+        load_config(str(path))
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config("demo", ["blocking.ratio=0.3"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(str(tmp_path / "config.yaml")) == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["blocking"]["ratio"] == 0.3

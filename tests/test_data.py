@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pfb_train.config import DataConfig
+from pfb_train.data import build_datasets, build_loaders, digits
+from pfb_train.errors import UserError
+
+
+def make_image_folder(root, classes=("cat", "dog"), per_class=(6, 3), size=(40, 30)):
+    rng = np.random.default_rng(0)
+    for split, count in zip(("train", "val"), per_class):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+                ext = "JPEG" if i % 2 == 0 else "png"  # real JPEG and PNG files
+                Image.fromarray(pixels).save(folder / f"{name}_{i}.{ext}")
+    return root
+
+
+def test_imagefolder_loads_real_files_with_indices(tmp_path):
+    root = make_image_folder(tmp_path / "data")
+    cfg = DataConfig(dataset="imagefolder", root=str(root), img_size=32, batch_size=4, workers=0)
+    splits = build_datasets(cfg)
+    assert splits.num_classes == 2 and len(splits.train) == 12 and len(splits.val) == 6
+    train, val = build_loaders(splits, cfg, seed=0)
+    x, y, idx = next(iter(train))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
+    assert idx.dtype == torch.int64 and len(set(idx.tolist())) == 4
+    for i, label in zip(idx.tolist(), y.tolist()):
+        assert splits.train.targets[i] == label  # the index names the sample
+    assert sum(len(b[2]) for b in val) == 6  # validation visits every sample once
+
+
+@pytest.mark.parametrize("layout,message", [
+    ("missing_root", "data.root does not exist"),
+    ("no_val", "dataset folder not found"),
+    ("empty_class", "holds no images"),
+    ("class_mismatch", "different class folders"),
+])
+def test_imagefolder_bad_layouts(tmp_path, layout, message):
+    root = tmp_path / "data"
+    if layout != "missing_root":
+        make_image_folder(root)
+    if layout == "no_val":
+        import shutil
+        shutil.rmtree(root / "val")
+    elif layout == "empty_class":
+        (root / "train" / "zebra").mkdir()
+    elif layout == "class_mismatch":
+        import shutil
+        shutil.rmtree(root / "val" / "dog")
+    cfg = DataConfig(dataset="imagefolder", root=str(root), img_size=32, batch_size=2, workers=0)
+    with pytest.raises(UserError, match=message):
+        build_datasets(cfg)
+
+
+def test_digits_split_is_fixed_and_disjoint():
+    a, b = digits(16), digits(16)
+    assert len(a.train) + len(a.val) == 1797 and a.num_classes == 10
+    assert torch.equal(a.val.tensors[0], b.val.tensors[0])
+    train_rows = {tuple(t.flatten().tolist()[:64]) for t in a.train.tensors[0][:200]}
+    assert not any(tuple(t.flatten().tolist()[:64]) in train_rows for t in a.val.tensors[0][:50])
+
+
+def test_synthetic_is_seeded_and_class_dependent():
+    cfg = DataConfig(dataset="synthetic", img_size=16, train_samples=200, val_samples=50)
+    a, b = build_datasets(cfg, 4, seed=1), build_datasets(cfg, 4, seed=1)
+    assert torch.equal(a.train.tensors[0], b.train.tensors[0])
+    x, y = a.train.tensors
+    means = torch.stack([x[y == c].mean(0) for c in range(4)])
+    assert (means[0] - means[1]).abs().mean() > 0.2  # classes differ beyond the noise
+
+
+def test_too_few_samples_for_batch(tmp_path):
+    cfg = DataConfig(dataset="synthetic", img_size=16, train_samples=10, val_samples=5, batch_size=16)
+    with pytest.raises(UserError, match="fewer than one global batch"):
+        build_loaders(build_datasets(cfg, 2), cfg, seed=0)
+
+
+def test_num_classes_mismatch():
+    cfg = DataConfig(dataset="digits", img_size=16)
+    with pytest.raises(UserError, match="'model.num_classes' is 5 but dataset 'digits' has 10"):
+        build_datasets(cfg, 5)

@@ -1,0 +1,73 @@
+import pytest
+import timm
+import torch
+
+from pfb_train.errors import UserError
+from pfb_train.models import split_model
+
+# (model, number of body stages); valid split points are 1..stages-1
+MODELS = [("resnet18", 4), ("resnet50", 4), ("seresnext26d_32x4d", 4), ("convnext_atto", 4)]
+
+
+@pytest.fixture(scope="module")
+def timm_models():
+    torch.manual_seed(0)
+    return {name: timm.create_model(name, num_classes=7).eval() for name, _ in MODELS}
+
+
+@pytest.mark.parametrize("name,stages", MODELS)
+def test_split_equals_timm_forward_at_every_stage(timm_models, name, stages):
+    model = timm_models[name]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        reference = model(x)
+        for stage in range(1, stages):
+            blocked = split_model(model, stage).eval()
+            assert torch.equal(blocked.deep(blocked.shallow(x)), reference), (name, stage)
+            out = blocked(x)
+            assert out.keep is None and torch.equal(out.logits, reference)
+
+
+@pytest.mark.parametrize("name,stages", MODELS)
+def test_shallow_and_deep_partition_the_parameters(timm_models, name, stages):
+    model = timm_models[name]
+    blocked = split_model(model, 2)
+    shallow = {id(p) for p in blocked.shallow.parameters()}
+    deep = {id(p) for p in blocked.deep.parameters()}
+    assert not shallow & deep
+    assert shallow | deep == {id(p) for p in model.parameters()}
+    # the wrapper registers the model once: same keys as timm's own state_dict, prefixed
+    assert list(blocked.state_dict()) == [f"model.{k}" for k in model.state_dict()]
+
+
+def test_stage_by_module_name(timm_models):
+    assert split_model(timm_models["resnet18"], "layer2").stage == 2
+    assert split_model(timm_models["convnext_atto"], "stages.0").stage == 1
+
+
+@pytest.mark.parametrize("stage", [0, 4, 9, "layer4", "layer9"])
+def test_invalid_stage_is_one_line_listing_choices(timm_models, stage):
+    with pytest.raises(UserError) as err:
+        split_model(timm_models["resnet18"], stage)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "1 (layer1), 2 (layer2), 3 (layer3)" in message
+
+
+def test_unsupported_model_is_a_clear_error():
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=3, img_size=32, patch_size=16)
+    with pytest.raises(UserError, match="cannot split model 'vit_tiny_patch16_224'.*supported: ResNet"):
+        split_model(model, 1)
+
+
+def test_blocked_forward_runs_deep_on_kept_rows_only():
+    model = timm.create_model("resnet18", num_classes=5).eval()
+    blocked = split_model(model, 1)
+    x = torch.randn(6, 3, 32, 32)
+    keep = torch.tensor([1, 4])
+    with torch.no_grad():
+        out = blocked(x, select=lambda feats: keep)
+        full = model(x)
+    assert out.logits.shape == (2, 5)
+    assert torch.allclose(out.logits, full[keep], atol=1e-5)
+    assert out.feats.shape == (6, 64) and out.feats.dtype == torch.float32

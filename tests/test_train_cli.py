@@ -1,0 +1,101 @@
+import json
+
+import pytest
+import torch
+import yaml
+
+from pfb_train.config import load_config
+from pfb_train.metrics import read_metrics
+from pfb_train.train import run
+
+TINY = """
+name: tiny
+model: {name: resnet18}
+blocking: {method: pfb, ratio: 0.25, start_epoch: 1, centers: 16, feature_dim: 16}
+data: {dataset: synthetic, img_size: 32, batch_size: 32, train_samples: 128, val_samples: 40, workers: 0}
+optim: {lr: 0.05}
+schedule: {epochs: 2, warmup_epochs: 0}
+runtime: {device: cpu, seed: 0, progress: false}
+"""
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def test_cli_two_epoch_run_writes_run_directory(cli, tiny_config, tmp_path):
+    result = cli("--config", str(tiny_config), "--set", f"runtime.output={tmp_path / 'runs'}")
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "runs" / "tiny"
+    records = read_metrics(run_dir)
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert records[0]["kept_fraction"] == 1.0  # before start_epoch: full batches
+    assert records[1]["kept_fraction"] == pytest.approx(1 - 0.25)  # inside the window
+    assert records[1]["samples_blocked"] == 128 * 0.25
+    for key in ("lr", "train_loss", "top1", "top5", "samples_seen", "epoch_seconds", "data_seconds",
+                "shallow_seconds", "deep_seconds", "images_per_second"):
+        assert key in records[1], key
+    assert records[1]["shallow_seconds"] > 0 and records[1]["deep_seconds"] > 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["blocked_fraction"] == pytest.approx(32 / 256)
+    assert summary["top1"] == records[-1]["top1"]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["blocking"]["ratio"] == 0.25
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    state = torch.load(run_dir / "checkpoint-last.pt", weights_only=False)
+    assert state["epoch"] == 1 and state["selector"]["centres"].shape == (16, 16)
+    assert "top-1" in result.stdout and "blocked 0.125" in result.stdout and "s/epoch" in result.stdout
+    # a second run with the same name never overwrites the first
+    again = cli("--config", str(tiny_config), "--set", f"runtime.output={tmp_path / 'runs'}",
+                "--set", "schedule.epochs=1", "--set", "blocking.start_epoch=0")
+    assert again.returncode == 0 and (tmp_path / "runs" / "tiny-2" / "metrics.jsonl").exists()
+    assert len(read_metrics(run_dir)) == 2
+
+
+@pytest.mark.parametrize("method", ["none", "random", "pfb"])
+def test_methods_train_and_learn(tiny_config, tmp_path, method):
+    cfg = load_config(str(tiny_config), [f"blocking.method={method}", f"runtime.output={tmp_path}",
+                                         "schedule.epochs=3", "blocking.start_epoch=0"])
+    summary = run(cfg)
+    expected = 0.0 if method == "none" else 0.25
+    assert summary["blocked_fraction"] == pytest.approx(expected)
+    records = read_metrics(summary["run_dir"])
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+
+
+def test_seeded_runs_are_reproducible(tiny_config, tmp_path):
+    cfg = load_config(str(tiny_config), [f"runtime.output={tmp_path}"])
+    a, b = run(cfg), run(cfg)
+    ra, rb = read_metrics(a["run_dir"]), read_metrics(b["run_dir"])
+    assert [r["train_loss"] for r in ra] == [r["train_loss"] for r in rb]
+    sa = torch.load(f"{a['run_dir']}/checkpoint-last.pt", weights_only=False)
+    sb = torch.load(f"{b['run_dir']}/checkpoint-last.pt", weights_only=False)
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+    assert torch.equal(sa["selector"]["centres"], sb["selector"]["centres"])
+
+
+BAD_INPUTS = [
+    # (arguments, words the one-line message must contain)
+    (["--config", "/no/such/file.yaml"], "config file not found: /no/such/file.yaml"),
+    (["--config", "demo", "--set", "blocking.ratoi=0.3"], "did you mean 'blocking.ratio'"),
+    (["--config", "demo", "--set", "schedule.epochs=ten"], "'schedule.epochs': expected int, got 'ten'"),
+    (["--config", "demo", "--set", "blocking.ratio=1.5"], "'blocking.ratio' must be in [0, 1)"),
+    (["--config", "demo", "--set", "data.dataset=imagefolder", "--set", "data.root=/no/such/dir"],
+     "data.root does not exist: /no/such/dir"),
+    (["--config", "demo", "--set", "blocking.stage=5", "--set", "blocking.start_epoch=0"],
+     "invalid blocking.stage 5; choose one of: 1 (layer1), 2 (layer2), 3 (layer3)"),
+    (["--config", "demo", "--set", "model.name=resnet_nope"], "unknown timm model 'resnet_nope'"),
+    (["--set", "a=b"], "the following arguments are required: --config"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[m[:40] for _, m in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line(cli, tmp_path, args, message):
+    result = cli(*args, "--set", f"runtime.output={tmp_path}")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pfb-train: error: "), result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
