@@ -10,7 +10,7 @@ import sys
 
 from pfb_train.errors import UserError
 
-COMMANDS = ("train",)
+COMMANDS = ("train", "info")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,8 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pfb-train", description="Train timm image classifiers with Partial Forward Blocking.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     train = sub.add_parser("train", help="train one run (the default command)")
-    train.add_argument("--config", "-c", required=True, help="YAML file, or the name of a shipped config (e.g. demo)")
-    train.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    info = sub.add_parser("info", help="model, split point, shallow FLOP share and predicted cost of each mode")
+    info.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    for p in (train, info):
+        p.add_argument("--config", "-c", required=True, help="YAML file, or the name of a shipped config (e.g. demo)")
+        p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set blocking.ratio=0.3 (repeatable)")
     return parser
 
@@ -37,7 +40,7 @@ def main(argv=None) -> int:
         if args.command is None:
             build_parser().print_help()
             return 2
-        return _train(args)
+        return {"train": _train, "info": _info}[args.command](args)
     except UserError as e:
         print(f"pfb-train: error: {e}", file=sys.stderr)
         return 2
@@ -52,6 +55,30 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run(cfg)
+    return 0
+
+
+def _info(args) -> int:
+    import json
+
+    from pfb_train.config import load_config
+    from pfb_train.info import model_info
+
+    cfg = load_config(args.config, args.overrides)
+    info = model_info(cfg)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"model            {info['model']}  ({info['params'] / 1e6:.2f} M parameters: "
+          f"shallow {info['shallow_params'] / 1e6:.2f} M, deep {info['deep_params'] / 1e6:.2f} M)")
+    print(f"split            after stage {info['stage']} ({info['stage_name']}) of {info['num_stages']}")
+    print(f"forward FLOPs    {info['gflops_per_image']:.3f} GFLOPs/image at {info['img_size']} px; "
+          f"shallow share {info['shallow_share']:.3f}")
+    print(f"blocked per step {info['blocked_per_batch']} of {info['batch_size']} rows (ratio {info['ratio']})")
+    print("predicted cost of a blocked step, relative to full data (cost model, pfb_train/costs.py):")
+    for mode, value in info["predicted_ratio"].items():
+        marker = "  <- blocking.mode" if mode == info["mode"] else ""
+        print(f"  {mode:<10} {value:.3f}{marker}")
     return 0
 
 

@@ -43,7 +43,7 @@ class BlockingConfig:
     estimator: Literal["kde", "mean_log_kernel"] = "kde"
     noise: Optional[float] = None  # None: 0.01 for kde (alpha bound), 0.1 for mean_log_kernel
     weights: Literal["counts", "uniform"] = "counts"  # centre weights: paper (counts) or code (uniform)
-    mode: Literal["reuse"] = "reuse"
+    mode: Literal["reuse", "recompute"] = "reuse"  # see pfb_train/costs.py for what each costs
 
 
 @dataclass
@@ -85,6 +85,8 @@ class RuntimeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
+    compile: bool = False  # torch.compile the shallow and deep parts (the selection stays eager)
+    sync_bn: bool = False  # SyncBatchNorm across ranks (multi-process runs only)
     seed: int = 0
     output: str = "runs"
     log_every: int = 50

@@ -54,6 +54,31 @@ def _to_device(x, y, ctx: StepContext):
     return x, y.to(ctx.device, non_blocking=True)
 
 
+def train_step(model, selector, x, y, idx, ctx: StepContext, step: int, timer=None) -> tuple[torch.Tensor, int]:
+    """One optimizer step on the rows the selector keeps; returns (loss, rows kept).
+
+    `step` counts optimizer steps before this one (the LR schedule is stepped to step + 1)."""
+    with autocast(ctx):
+        out = model(x, select=selector.select, timer=timer)
+    kept_idx = idx if out.keep is None else idx.index_select(0, out.keep)
+    target = y if out.keep is None else y.index_select(0, out.keep)
+    losses = per_sample_loss(out.logits, target, ctx.label_smoothing)
+    weights = selector.loss_weights(kept_idx)
+    loss = (losses * weights).mean() if weights is not None else losses.mean()
+
+    ctx.optimizer.zero_grad(set_to_none=True)
+    ctx.scaler.scale(loss).backward()
+    if ctx.clip_grad is not None:
+        ctx.scaler.unscale_(ctx.optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), ctx.clip_grad)
+    ctx.scaler.step(ctx.optimizer)
+    ctx.scaler.update()
+    if ctx.scheduler is not None:
+        ctx.scheduler.step_update(num_updates=step + 1)
+    selector.observe(out.feats, out.keep, kept_idx, losses.detach())
+    return loss.detach(), out.logits.shape[0]  # kept count is a shape, known on the host: no sync
+
+
 def train_one_epoch(model, selector, loader, ctx: StepContext, epoch: int, step: int, progress=None) -> dict:
     """Train for one epoch; returns epoch statistics and the optimizer step count after it."""
     model.train()
@@ -69,29 +94,11 @@ def train_one_epoch(model, selector, loader, ctx: StepContext, epoch: int, step:
             x, y = ctx.mixup(x, y)
         timer.mark("data")
 
-        with autocast(ctx):
-            out = model(x, select=selector.select, timer=timer)
-        kept_idx = idx if out.keep is None else idx.index_select(0, out.keep)
-        target = y if out.keep is None else y.index_select(0, out.keep)
-        losses = per_sample_loss(out.logits, target, ctx.label_smoothing)
-        weights = selector.loss_weights(kept_idx)
-        loss = (losses * weights).mean() if weights is not None else losses.mean()
-
-        ctx.optimizer.zero_grad(set_to_none=True)
-        ctx.scaler.scale(loss).backward()
-        if ctx.clip_grad is not None:
-            ctx.scaler.unscale_(ctx.optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), ctx.clip_grad)
-        ctx.scaler.step(ctx.optimizer)
-        ctx.scaler.update()
+        loss, kept = train_step(model, selector, x, y, idx, ctx, step, timer)
         step += 1
-        if ctx.scheduler is not None:
-            ctx.scheduler.step_update(num_updates=step)
-        selector.observe(out.feats, out.keep, kept_idx, losses.detach())
         timer.mark("deep")
 
-        kept = out.logits.shape[0]  # a shape, known on the host: no sync
-        loss_sum += loss.detach() * kept
+        loss_sum += loss * kept
         rows_seen += x.shape[0]
         rows_kept += kept
         if progress is not None:

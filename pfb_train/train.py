@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.utils import distribute_bn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pfb_train.checkpoint import save_atomic, training_state
 from pfb_train.config import Config, save_config
 from pfb_train.data import build_datasets, build_loaders
-from pfb_train.distributed import barrier, cleanup, init_distributed
+from pfb_train.distributed import DistInfo, barrier, cleanup, init_distributed
 from pfb_train.errors import UserError
 from pfb_train.engine import StepContext, evaluate, train_one_epoch
 from pfb_train.metrics import RunLogger, make_run_dir
-from pfb_train.models import build_model
-from pfb_train.selection import selector_from_config
+from pfb_train.models import BlockedModel, build_model
+from pfb_train.selection import Selector, selector_from_config
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -31,91 +37,126 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass
+class RunState:
+    """Everything one run holds between `setup` and `fit`; `fit` resumes from `epoch`/`step`."""
+
+    cfg: Config
+    dist: DistInfo
+    blocked: BlockedModel  # the model itself (checkpoints, EMA, state comparisons)
+    model: torch.nn.Module  # what the steps call: `blocked`, or DDP around it
+    selector: Selector
+    train_loader: DataLoader
+    val_loader: DataLoader
+    ctx: StepContext
+    run_dir: Optional[Path]  # rank 0 only
+    epoch: int = 0  # next epoch to train
+    step: int = 0  # optimizer steps so far
+    best_top1: float = float("-inf")
+    history: list = field(default_factory=list)
+
+
 def run(cfg: Config) -> dict:
     """Train one run as configured; returns the summary written to summary.json."""
     if cfg.runtime.device == "cuda" and not torch.cuda.is_available():
         raise UserError("config key 'runtime.device' is 'cuda' but no CUDA device is available")
     dist = init_distributed(cfg.runtime.device)
     try:
-        return _run(cfg, dist)
+        return fit(setup(cfg, dist))
     finally:
         cleanup()
 
 
-def _run(cfg: Config, dist) -> dict:
-    rt = cfg.runtime
+def setup(cfg: Config, dist: DistInfo) -> RunState:
+    rt, o, s = cfg.runtime, cfg.optim, cfg.schedule
     if rt.threads:
         torch.set_num_threads(rt.threads)
-    seed_everything(rt.seed)  # same model init on every rank; data order comes from the sampler's seed
     device = dist.device
+    seed_everything(rt.seed)  # the same initial model on every rank
 
     splits = build_datasets(cfg.data, cfg.model.num_classes, seed=rt.seed)
     train_loader, val_loader = build_loaders(splits, cfg.data, rt.seed, dist.rank, dist.world_size,
                                              pin_memory=device.type == "cuda")
-    blocked = build_model(cfg.model, cfg.blocking.stage, splits.num_classes).to(device)
+    blocked = build_model(cfg.model, cfg.blocking.stage, splits.num_classes, cfg.blocking.mode,
+                          sync_bn=rt.sync_bn and dist.world_size > 1).to(device)
     if rt.channels_last:
         blocked = blocked.to(memory_format=torch.channels_last)
+    seed_everything(rt.seed + dist.rank)  # dropout, drop-path and mixup draws differ between ranks
     model = blocked
     if dist.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(blocked, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DistributedDataParallel(blocked, device_ids=[device.index] if device.type == "cuda" else None)
+    if rt.compile:
+        blocked.compile_parts()  # after DDP wrapping: DDP hooks stay on the original parameters
     selector = selector_from_config(cfg)
 
-    o, s = cfg.optim, cfg.schedule
     optimizer = create_optimizer_v2(blocked, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
     scheduler, _ = create_scheduler_v2(optimizer, sched=s.name, num_epochs=s.epochs, warmup_epochs=s.warmup_epochs,
                                        warmup_lr=s.warmup_lr, min_lr=s.min_lr, step_on_epochs=False,
                                        updates_per_epoch=len(train_loader))
-    amp_dtype = AMP_DTYPES[rt.amp]
     mixup = None
     if cfg.data.mixup > 0 or cfg.data.cutmix > 0:
         mixup = Mixup(mixup_alpha=cfg.data.mixup, cutmix_alpha=cfg.data.cutmix,
                       label_smoothing=o.label_smoothing, num_classes=splits.num_classes)
     ctx = StepContext(optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=rt.amp == "fp16"), device,
-                      amp_dtype, rt.channels_last, o.label_smoothing, o.clip_grad, mixup, rt.log_every)
+                      AMP_DTYPES[rt.amp], rt.channels_last, o.label_smoothing, o.clip_grad, mixup, rt.log_every)
 
-    run_dir = make_run_dir(rt.output, cfg.name) if dist.is_main else None
-    logger = RunLogger(run_dir, enabled=dist.is_main)
+    run_dir = None
     if dist.is_main:
+        run_dir = make_run_dir(rt.output, cfg.name)
         save_config(cfg, run_dir / "config.yaml")
         print(f"run {cfg.name}: {cfg.model.name} split after {blocked.stage_name} (stage {blocked.stage}), "
-              f"blocking {cfg.blocking.method} ratio {cfg.blocking.ratio}, {len(train_loader)} steps/epoch, "
-              f"{dist.world_size} process(es) on {device.type} -> {run_dir}")
+              f"blocking {cfg.blocking.method} ratio {cfg.blocking.ratio} ({cfg.blocking.mode}), "
+              f"{len(train_loader)} steps/epoch, {dist.world_size} process(es) on {device.type} -> {run_dir}")
+    return RunState(cfg, dist, blocked, model, selector, train_loader, val_loader, ctx, run_dir)
 
-    step, best_top1, history = 0, float("-inf"), []
+
+def fit(state: RunState) -> dict:
+    """Train from `state.epoch` to the configured number of epochs; log, checkpoint, summarise."""
+    cfg, dist, rt = state.cfg, state.dist, state.cfg.runtime
+    logger = RunLogger(state.run_dir, enabled=dist.is_main)
     wall_start = time.perf_counter()
-    for epoch in range(s.epochs):
-        train_loader.sampler.set_epoch(epoch)
-        bar = tqdm(total=len(train_loader), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+    for epoch in range(state.epoch, cfg.schedule.epochs):
+        state.train_loader.sampler.set_epoch(epoch)
+        bar = tqdm(total=len(state.train_loader), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                    disable=True if not (rt.progress and dist.is_main) else None)  # None: off when not a TTY
-        stats = train_one_epoch(model, selector, train_loader, ctx, epoch, step, progress=bar)
+        stats = train_one_epoch(state.model, state.selector, state.train_loader, state.ctx, epoch, state.step, bar)
         bar.close()
-        step = stats.pop("step")
-        scheduler.step(epoch + 1)
-        record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **stats}
-        last = epoch == s.epochs - 1
-        if (epoch + 1) % rt.eval_every == 0 or last:
-            record.update(evaluate(model, val_loader, ctx))
+        state.step = stats.pop("step")
+        state.ctx.scheduler.step(epoch + 1)
+        if dist.world_size > 1 and not rt.sync_bn:  # ranks saw different batches: average BN statistics
+            distribute_bn(state.blocked, dist.world_size, reduce=True)
+        record = {"epoch": epoch, "lr": state.ctx.optimizer.param_groups[0]["lr"], **stats}
+        if (epoch + 1) % rt.eval_every == 0 or epoch == cfg.schedule.epochs - 1:
+            record.update(evaluate(state.model, state.val_loader, state.ctx))
         record["wall_seconds"] = time.perf_counter() - wall_start
-        history.append(record)
+        state.history.append(record)
+        state.epoch = epoch + 1
         if dist.is_main:
             logger.log_epoch(record)
-            state = training_state(blocked, optimizer, scheduler, ctx.scaler, selector, epoch, step, cfg.to_dict())
-            save_atomic(state, run_dir / "checkpoint-last.pt")
-            if record.get("top1", float("-inf")) > best_top1:
-                best_top1 = record["top1"]
-                save_atomic(state, run_dir / "checkpoint-best.pt")
+            save_checkpoints(state, record)
             top1 = f"top-1 {record['top1']:.2f}%" if "top1" in record else "top-1 -"
             print(f"epoch {epoch}: loss {record['train_loss']:.4f}  {top1}  kept {record['kept_fraction']:.3f}  "
                   f"{record['epoch_seconds']:.1f}s  {record['images_per_second']:.0f} img/s", flush=True)
         barrier()
 
-    summary = summarize(cfg, history, time.perf_counter() - wall_start, str(run_dir) if run_dir else None)
+    summary = summarize(cfg, state.history, time.perf_counter() - wall_start,
+                        str(state.run_dir) if state.run_dir else None)
     if dist.is_main:
         logger.write_summary(summary)
-        logger.close()
         print(f"done: top-1 {summary['top1']:.2f}%  blocked {summary['blocked_fraction']:.3f} of sample-passes  "
               f"{summary['seconds_per_epoch']:.1f} s/epoch  ({summary['run_dir']})")
+    logger.close()
     return summary
+
+
+def save_checkpoints(state: RunState, record: dict) -> None:
+    ctx = state.ctx
+    checkpoint = training_state(state.blocked, ctx.optimizer, ctx.scheduler, ctx.scaler, state.selector,
+                                state.epoch, state.step, state.cfg.to_dict())
+    save_atomic(checkpoint, state.run_dir / "checkpoint-last.pt")
+    if record.get("top1", float("-inf")) > state.best_top1:
+        state.best_top1 = record["top1"]
+        save_atomic(checkpoint, state.run_dir / "checkpoint-best.pt")
 
 
 def summarize(cfg: Config, history: list[dict], wall_seconds: float, run_dir) -> dict:

@@ -45,7 +45,7 @@ def test_cli_two_epoch_run_writes_run_directory(cli, tiny_config, tmp_path):
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["blocking"]["ratio"] == 0.25
     assert list(run_dir.glob("events.out.tfevents.*"))
     state = torch.load(run_dir / "checkpoint-last.pt", weights_only=False)
-    assert state["epoch"] == 1 and state["selector"]["centres"].shape == (16, 16)
+    assert state["epoch"] == 2 and state["selector"]["centres"].shape == (16, 16)  # epochs completed
     assert "top-1" in result.stdout and "blocked 0.125" in result.stdout and "s/epoch" in result.stdout
     # a second run with the same name never overwrites the first
     again = cli("--config", str(tiny_config), "--set", f"runtime.output={tmp_path / 'runs'}",
@@ -54,15 +54,27 @@ def test_cli_two_epoch_run_writes_run_directory(cli, tiny_config, tmp_path):
     assert len(read_metrics(run_dir)) == 2
 
 
-@pytest.mark.parametrize("method", ["none", "random", "pfb"])
-def test_methods_train_and_learn(tiny_config, tmp_path, method):
-    cfg = load_config(str(tiny_config), [f"blocking.method={method}", f"runtime.output={tmp_path}",
-                                         "schedule.epochs=3", "blocking.start_epoch=0"])
+@pytest.mark.parametrize("method,mode", [("none", "reuse"), ("random", "reuse"), ("pfb", "reuse"), ("pfb", "recompute")])
+def test_methods_train_and_learn(tiny_config, tmp_path, method, mode):
+    cfg = load_config(str(tiny_config), [f"blocking.method={method}", f"blocking.mode={mode}",
+                                         f"runtime.output={tmp_path}", "schedule.epochs=3", "blocking.start_epoch=0"])
     summary = run(cfg)
     expected = 0.0 if method == "none" else 0.25
     assert summary["blocked_fraction"] == pytest.approx(expected)
     records = read_metrics(summary["run_dir"])
     assert records[-1]["train_loss"] < records[0]["train_loss"]
+
+
+def test_bf16_autocast_run_on_cpu(tiny_config, tmp_path):
+    """Autocast reaches the selection; density math must stay float32 and the run must learn."""
+    cfg = load_config(str(tiny_config), [f"runtime.output={tmp_path}", "runtime.amp=bf16", "schedule.epochs=3",
+                                         "blocking.start_epoch=0", "runtime.channels_last=true"])
+    summary = run(cfg)
+    records = read_metrics(summary["run_dir"])
+    assert summary["blocked_fraction"] == pytest.approx(0.25)
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    state = torch.load(f"{summary['run_dir']}/checkpoint-last.pt", weights_only=False)
+    assert state["selector"]["centres"].dtype == torch.float32
 
 
 def test_seeded_runs_are_reproducible(tiny_config, tmp_path):

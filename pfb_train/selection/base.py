@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from pfb_train.distributed import get_rank
+
 
 @dataclass
 class BlockingSchedule:
@@ -40,7 +42,7 @@ class Selector:
     """Base: keeps everything. Methods override the hooks they need."""
 
     def __init__(self, seed: int = 0):
-        self.seed = seed
+        self.seed = seed + 1_000_003 * get_rank()  # ranks hold different data: draw different noise
         self.epoch = 0
         self._generators: dict[torch.device, torch.Generator] = {}
 
@@ -63,7 +65,7 @@ class Selector:
         """After the step: feats of all rows (or None), kept rows, their dataset indices and losses."""
 
     def generator(self, device: torch.device) -> torch.Generator:
-        """A per-device generator seeded from `seed` (callers fold in the rank)."""
+        """A per-device generator, seeded from the run's seed and this process's rank."""
         device = torch.device(device)
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)

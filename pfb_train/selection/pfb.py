@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from pfb_train.distributed import all_reduce_sum, broadcast, get_rank
+from pfb_train.distributed import all_reduce_sum, broadcast
 from pfb_train.selection.base import BlockingSchedule, Selector
 
 
@@ -67,7 +67,7 @@ class PFBSelector(Selector):
         weights: str = "counts",
         seed: int = 0,
     ):
-        super().__init__(seed + 1_000_003 * get_rank())  # ranks draw different noise for different data
+        super().__init__(seed)
         self.schedule = schedule
         self.num_centres, self.feature_dim, self.ema = centers, feature_dim, ema
         self.estimator, self.weighting = estimator, weights
@@ -87,9 +87,8 @@ class PFBSelector(Selector):
         """Density score per row (higher = more common), with the method's random term."""
         gen = self.generator(v.device)
         if self.estimator == "kde":
-            total = self.counts.sum()
-            if self.weighting == "counts" and total > 0:
-                weights = self.counts / total
+            if self.weighting == "counts":  # all-zero counts (nothing observed yet) act as uniform weights
+                weights = self.counts / self.counts.sum().clamp_min(1)
             else:
                 weights = torch.full_like(self.counts, 1.0 / self.num_centres)
             s = kde_log_density(v, self.centres, weights)
@@ -126,7 +125,7 @@ class PFBSelector(Selector):
     def update_centres(self, v: torch.Tensor) -> None:
         nearest = torch.cdist(v, self.centres).argmin(dim=1)
         sums = torch.zeros_like(self.centres).index_add_(0, nearest, v)
-        counts = torch.bincount(nearest, minlength=self.num_centres).to(v.dtype)
+        counts = torch.zeros_like(self.counts).index_add_(0, nearest, torch.ones_like(v[:, 0]))  # bincount would sync
         # One all-reduce of sums and counts keeps the centres bit-identical across ranks.
         packed = all_reduce_sum(torch.cat([sums, counts.unsqueeze(1)], dim=1))
         sums, counts = packed[:, :-1], packed[:, -1]

@@ -1,0 +1,125 @@
+"""Time training steps of full data (`none`) against a blocking method on one fixed batch.
+
+Same model initialisation, same synthetic batch, same optimizer; each step is the harness's
+own `engine.train_step`. Warm-up steps first, then `--repeats` timed runs of `--steps` steps
+(device-synchronised); the median step time of each is reported. FLOPs per step are counted
+on the meta device with torch's FlopCounterMode, and the cost model's prediction is given
+next to both ratios. Prints one JSON object.
+
+    python scripts/bench_step.py --model resnet50 --ratio 0.4 --device cuda --amp bf16 --channels-last
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+
+import timm
+import torch
+
+from pfb_train.costs import predicted_cost_ratio, shallow_flop_share, step_flops
+from pfb_train.engine import StepContext, train_step
+from pfb_train.models import split_model
+from pfb_train.selection import build_selector
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--ratio", type=float, default=0.4)
+    p.add_argument("--stage", default="1")
+    p.add_argument("--mode", choices=["reuse", "recompute"], default="reuse")
+    p.add_argument("--method", choices=["pfb", "random"], default="pfb")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--centers", type=int, default=64, help="pfb centres (at most the batch size)")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    return p.parse_args()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(blocked, selector, x, y, args, device) -> list[float]:
+    """Median-ready list: seconds per step of each timed repeat."""
+    optimizer = torch.optim.SGD(blocked.parameters(), lr=0.01, momentum=0.9)
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    ctx = StepContext(optimizer, None, torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"), device, amp,
+                      args.channels_last)
+    idx = torch.arange(x.shape[0], device=device)
+    blocked.train()
+    step = 0
+    for _ in range(args.warmup):
+        train_step(blocked, selector, x, y, idx, ctx, step)
+        step += 1
+    per_step = []
+    for _ in range(args.repeats):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            train_step(blocked, selector, x, y, idx, ctx, step)
+            step += 1
+        sync(device)
+        per_step.append((time.perf_counter() - start) / args.steps)
+    return per_step
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    stage = int(args.stage) if args.stage.isdigit() else args.stage
+    torch.manual_seed(0)
+    base = timm.create_model(args.model, num_classes=1000)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=memory_format)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+
+    results = {}
+    for method in ("none", args.method):
+        blocked = split_model(copy.deepcopy(base), stage, args.mode).to(device, memory_format=memory_format)
+        selector = build_selector(method, ratio=args.ratio, **({"centers": min(args.centers, args.batch_size)} if method == "pfb" else {}))
+        results[method] = time_steps(blocked, selector, x, y, args, device)
+
+    with torch.device("meta"):
+        meta = split_model(timm.create_model(args.model, num_classes=1000), stage, args.mode)
+    share = shallow_flop_share(meta, args.img_size)
+    xm = torch.empty(args.batch_size, 3, args.img_size, args.img_size, device="meta")
+    kept = args.batch_size - round(args.ratio * args.batch_size)
+    flop_ratio = step_flops(meta, xm, kept) / step_flops(meta, xm, None)
+    realised = 1 - kept / args.batch_size
+
+    t_none, t_blocked = statistics.median(results["none"]), statistics.median(results[args.method])
+    print(json.dumps({
+        "model": args.model, "method": args.method, "mode": args.mode, "stage": meta.stage_name,
+        "ratio": args.ratio, "blocked_rows": args.batch_size - kept, "batch_size": args.batch_size,
+        "img_size": args.img_size, "amp": args.amp, "channels_last": args.channels_last,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__, "timm": timm.__version__,
+        "step_ms_none": 1000 * t_none, f"step_ms_{args.method}": 1000 * t_blocked,
+        "time_ratio": t_blocked / t_none,
+        "flop_ratio": flop_ratio,
+        "predicted_ratio": predicted_cost_ratio(args.mode, share, realised),
+        "predicted_ratio_ideal": predicted_cost_ratio("ideal", share, realised),
+        "shallow_share": share,
+        "images_per_second_none": args.batch_size / t_none,
+        "repeats_ms_none": [round(1000 * t, 2) for t in results["none"]],
+        f"repeats_ms_{args.method}": [round(1000 * t, 2) for t in results[args.method]],
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Run under torchrun (or plain python for one process) by tests/test_distributed.py.
+
+Evaluates the freshly initialised model, optionally trains, and writes what each rank holds
+to OUT/rank<r>.pt so the test can compare ranks and world sizes.
+"""
+
+import sys
+
+import torch
+
+from pfb_train.config import load_config
+from pfb_train.distributed import cleanup, init_distributed
+from pfb_train.engine import evaluate
+from pfb_train.train import fit, setup
+
+config, out, do_fit = sys.argv[1], sys.argv[2], sys.argv[3] == "fit"
+overrides = sys.argv[4:]
+dist = init_distributed("cpu")
+try:
+    state = setup(load_config(config, [f"runtime.output={out}/runs", *overrides]), dist)
+    result = {"initial_eval": evaluate(state.model, state.val_loader, state.ctx), "world_size": dist.world_size}
+    if do_fit:
+        result["summary"] = fit(state)
+        result["model"] = state.blocked.state_dict()
+        result["selector"] = state.selector.state_dict()
+    torch.save(result, f"{out}/rank{dist.rank}.pt")
+finally:
+    cleanup()

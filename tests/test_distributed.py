@@ -1,0 +1,63 @@
+"""Multi-process training on CPU (gloo) through torchrun, as CI can run it."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+CONFIG = """
+name: ddp
+model: {name: resnet18}
+blocking: {method: pfb, ratio: 0.25, start_epoch: 0, centers: 8, feature_dim: 16}
+data: {dataset: synthetic, img_size: 32, batch_size: 16, train_samples: 96, val_samples: 41,
+       eval_batch_size: 8, workers: 0}
+optim: {lr: 0.05}
+schedule: {epochs: 2, warmup_epochs: 0}
+runtime: {device: cpu, seed: 0, progress: false, threads: 1}
+"""
+
+
+def launch(tmp_path, nproc, fit, *overrides):
+    config = tmp_path / "ddp.yaml"
+    config.write_text(CONFIG)
+    out = tmp_path / f"out{nproc}"
+    out.mkdir()
+    args = [str(HERE / "ddp_worker.py"), str(config), str(out), "fit" if fit else "eval", *overrides]
+    if nproc == 1:
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(nproc)], result
+
+
+def test_two_process_pfb_run_keeps_ranks_identical(tmp_path):
+    (r0, r1), result = launch(tmp_path, 2, True)
+    assert r0["world_size"] == 2
+    for key in ("centres", "counts"):
+        assert torch.equal(r0["selector"][key], r1["selector"][key]), key
+    assert r0["selector"]["counts"].sum() > 0
+    assert r0["model"].keys() == r1["model"].keys()
+    for name in r0["model"]:
+        assert torch.equal(r0["model"][name], r1["model"][name]), name
+    # both ranks blocked the same share; the metrics are reduced over ranks
+    assert r0["summary"]["blocked_fraction"] == pytest.approx(4 / 16)
+    metrics = (tmp_path / "out2" / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 2 and '"samples_seen": 96' in metrics[0]
+    assert not (tmp_path / "out2" / "runs" / "ddp-2").exists()  # only rank 0 writes a run directory
+    assert result.stdout.count("done: top-1") == 1  # only rank 0 prints
+
+
+def test_validation_counts_every_sample_once_on_any_world_size(tmp_path):
+    (single,), _ = launch(tmp_path, 1, False)
+    (r0, r1), _ = launch(tmp_path, 2, False)
+    assert single["initial_eval"]["val_samples"] == 41
+    assert r0["initial_eval"] == r1["initial_eval"]  # reduced over ranks
+    assert r0["initial_eval"]["val_samples"] == 41  # 21 + 20: no padding, no drop
+    assert r0["initial_eval"]["top1"] == pytest.approx(single["initial_eval"]["top1"])
+    assert r0["initial_eval"]["top5"] == pytest.approx(single["initial_eval"]["top5"])

@@ -1,0 +1,42 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_info_reports_split_share_and_predictions(cli):
+    result = cli("info", "--config", "demo", "--set", "model.name=resnet50", "--set", "data.img_size=224",
+                 "--set", "data.batch_size=10", "--set", "blocking.centers=8", "--set", "blocking.mode=recompute", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["stage_name"] == "layer1" and info["num_stages"] == 4
+    assert info["shallow_share"] == pytest.approx(0.192, abs=0.001)
+    assert info["blocked_per_batch"] == 4
+    assert info["predicted_ratio"]["recompute"] == pytest.approx(0.664, abs=0.001)
+    assert info["params"] == info["shallow_params"] + info["deep_params"]
+    text = cli("info", "--config", "demo")
+    assert text.returncode == 0 and "shallow share" in text.stdout and "<- blocking.mode" in text.stdout
+
+
+def test_info_bad_model_is_one_line(cli):
+    result = cli("info", "--config", "demo", "--set", "model.name=levit_128s")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "cannot split model 'levit_128s'" in result.stderr
+
+
+def test_bench_step_prints_json_with_ratios():
+    """The benchmark runs and reports; its timings are for docs/BENCHMARKS.md, not asserted here."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_step.py"), "--model", "resnet18", "--device", "cpu",
+           "--img-size", "32", "--batch-size", "16", "--centers", "8", "--warmup", "1", "--steps", "1",
+           "--repeats", "1", "--mode", "recompute"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    for key in ("flop_ratio", "time_ratio", "predicted_ratio", "step_ms_none", "step_ms_pfb"):
+        assert out[key] > 0, key
+    assert out["blocked_rows"] == 6
+    assert out["flop_ratio"] == pytest.approx(out["predicted_ratio"], rel=0.02)
