@@ -71,3 +71,30 @@ def test_blocked_forward_runs_deep_on_kept_rows_only():
     assert out.logits.shape == (2, 5)
     assert torch.allclose(out.logits, full[keep], atol=1e-5)
     assert out.feats.shape == (6, 64) and out.feats.dtype == torch.float32
+
+
+def test_compiled_parts_give_the_same_output():
+    model = timm.create_model("resnet18", num_classes=5).eval()
+    blocked = split_model(model, 2)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = blocked(x).logits
+        blocked.compile_parts(backend="eager")  # exercises the wrapping; inductor needs no other code path
+        assert type(blocked.shallow).__name__ == "OptimizedModule"
+        assert torch.allclose(blocked(x).logits, expected)
+    assert list(blocked.state_dict()) == [f"model.{k}" for k in model.state_dict()]  # nothing re-registered
+
+
+def test_sync_bn_is_converted_before_splitting():
+    from pfb_train.config import ModelConfig
+    from pfb_train.models import build_model
+
+    blocked = build_model(ModelConfig(name="resnet18"), 1, num_classes=5, sync_bn=True)
+    norms = [m for m in blocked.shallow.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+    # the views run the converted modules, not stale copies of the originals
+    assert {id(m) for m in norms} <= {id(m) for m in blocked.model.modules()}
+    blocked.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(blocked(x).logits, blocked.model(x))
