@@ -29,8 +29,10 @@ def save_atomic(obj, path: Path) -> None:
         os.close(dir_fd)
 
 
-def training_state(model, optimizer, scheduler, scaler, selector, epoch: int, step: int, config: dict) -> dict:
+def training_state(model, optimizer, scheduler, scaler, selector, epoch: int, step: int, config: dict,
+                   ema=None) -> dict:
     return {
+        "ema": ema.state_dict() if ema is not None else None,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,

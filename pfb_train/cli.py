@@ -10,7 +10,7 @@ import sys
 
 from pfb_train.errors import UserError
 
-COMMANDS = ("train", "info")
+COMMANDS = ("train", "info", "report")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,6 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train one run (the default command)")
     info = sub.add_parser("info", help="model, split point, shallow FLOP share and predicted cost of each mode")
     info.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    rep = sub.add_parser("report", help="paper-style table (markdown, CSV) and plots from finished runs")
+    rep.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (seeds of one setting are averaged)")
+    rep.add_argument("--baseline", action="append", required=True, metavar="RUN_DIR",
+                     help="full-data run(s) to compare against (repeat for several seeds)")
+    rep.add_argument("--out", default="report", help="folder for report.md, report.csv and the PNG plots")
     for p in (train, info):
         p.add_argument("--config", "-c", required=True, help="YAML file, or the name of a shipped config (e.g. demo)")
         p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -40,7 +45,7 @@ def main(argv=None) -> int:
         if args.command is None:
             build_parser().print_help()
             return 2
-        return {"train": _train, "info": _info}[args.command](args)
+        return {"train": _train, "info": _info, "report": _report}[args.command](args)
     except UserError as e:
         print(f"pfb-train: error: {e}", file=sys.stderr)
         return 2
@@ -79,6 +84,16 @@ def _info(args) -> int:
     for mode, value in info["predicted_ratio"].items():
         marker = "  <- blocking.mode" if mode == info["mode"] else ""
         print(f"  {mode:<10} {value:.3f}{marker}")
+    return 0
+
+
+def _report(args) -> int:
+    from pfb_train.report import report
+
+    result = report(args.runs, args.baseline, args.out)
+    print(result["markdown"], end="")
+    plots = ", ".join(result["plots"]) if result["plots"] else "no plots (pip install matplotlib)"
+    print(f"wrote {result['out']}/report.md, report.csv; {plots}")
     return 0
 
 

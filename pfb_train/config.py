@@ -27,12 +27,13 @@ class ModelConfig:
     num_classes: Optional[int] = None  # None: taken from the dataset
     drop_rate: float = 0.0
     drop_path: float = 0.0
+    cifar_stem: bool = False  # ResNet family: 3x3 stride-1 first conv and no max-pool, for 32 px inputs
 
 
 @dataclass
 class BlockingConfig:
-    method: Literal["none", "random", "pfb"] = "none"
-    ratio: float = 0.4  # fraction of each batch blocked while blocking is active
+    method: Literal["none", "random", "pfb", "infobatch", "static_random"] = "none"
+    ratio: float = 0.4  # pfb/random: fraction of each batch blocked; infobatch: of the candidates; static_random: of the data
     stage: Union[int, str] = 1  # split after this body stage (index from 1, or module name)
     start_epoch: int = 0  # blocking active for epochs [start_epoch, end_epoch)
     end_epoch: Optional[int] = None  # None: until the last epoch
@@ -43,13 +44,15 @@ class BlockingConfig:
     estimator: Literal["kde", "mean_log_kernel"] = "kde"
     noise: Optional[float] = None  # None: 0.01 for kde (alpha bound), 0.1 for mean_log_kernel
     weights: Literal["counts", "uniform"] = "counts"  # centre weights: paper (counts) or code (uniform)
+    delta: float = 0.875  # infobatch: prune during the first delta of the epochs, then full data
     mode: Literal["reuse", "recompute"] = "reuse"  # see pfb_train/costs.py for what each costs
 
 
 @dataclass
 class DataConfig:
-    dataset: Literal["synthetic", "digits", "imagefolder"] = "synthetic"
-    root: Optional[str] = None  # imagefolder: folder holding train/ and val/
+    dataset: Literal["synthetic", "digits", "cifar10", "cifar100", "imagefolder"] = "synthetic"
+    root: Optional[str] = None  # imagefolder: folder holding train/ and val/; cifar: torchvision's root
+    download: bool = False  # cifar only: fetch the files if they are missing
     img_size: int = 224
     batch_size: int = 256  # per process
     eval_batch_size: Optional[int] = None  # None: same as batch_size
@@ -69,6 +72,7 @@ class OptimConfig:
     weight_decay: float = 1.0e-4
     label_smoothing: float = 0.1
     clip_grad: Optional[float] = None
+    ema_decay: Optional[float] = None  # keep a timm ModelEmaV3 of the weights and evaluate it too
 
 
 @dataclass
@@ -89,6 +93,7 @@ class RuntimeConfig:
     sync_bn: bool = False  # SyncBatchNorm across ranks (multi-process runs only)
     seed: int = 0
     output: str = "runs"
+    baseline: Optional[str] = None  # a finished full-data run directory: each epoch is compared with it
     log_every: int = 50
     eval_every: int = 1
     progress: bool = True  # tqdm bar on rank 0
@@ -235,19 +240,50 @@ def parse_override(item: str) -> tuple[str, object]:
     return key.strip(), value
 
 
+def _read_yaml(file: Path) -> dict:
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"config file {file}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {file} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_config_file(name: str, chain: tuple = ()) -> dict:
+    """YAML as a dict; `base: other.yaml` (next to this file, or shipped) is loaded first and overridden."""
+    file = resolve_config_path(name) if not chain else _resolve_base(name, chain[-1])
+    if file.resolve() in chain:
+        raise UserError(f"config file {file}: 'base' chain loops back to itself")
+    data = _read_yaml(file)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise UserError(f"config key 'base' in {file} must be a file name, got {base!r}")
+    return _merge(read_config_file(base, chain + (file.resolve(),)), data)
+
+
+def _resolve_base(name: str, including: Path) -> Path:
+    sibling = including.parent / name
+    return sibling if sibling.is_file() else resolve_config_path(name)
+
+
 def load_config(path: Optional[str] = None, overrides: list[str] = ()) -> Config:
     """Load a YAML config (or the defaults when `path` is None), apply `key=value` overrides, validate."""
-    data: dict = {}
-    if path is not None:
-        file = resolve_config_path(path)
-        try:
-            data = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise UserError(f"config file {file}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(data, dict):
-            raise UserError(f"config file {file} must hold a mapping of sections, got {type(data).__name__}")
+    data = read_config_file(path) if path is not None else {}
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(data, key, value)
@@ -275,6 +311,7 @@ def validate(cfg: Config) -> None:
     need(b.centers >= 2, f"config key 'blocking.centers' must be >= 2, got {b.centers}")
     need(b.feature_dim >= 1, f"config key 'blocking.feature_dim' must be >= 1, got {b.feature_dim}")
     need(0.0 < b.ema <= 1.0, f"config key 'blocking.ema' must be in (0, 1], got {b.ema}")
+    need(0.0 < b.delta <= 1.0, f"config key 'blocking.delta' must be in (0, 1], got {b.delta}")
     need(b.noise is None or b.noise >= 0, f"config key 'blocking.noise' must be >= 0, got {b.noise}")
     need(d.img_size >= 8, f"config key 'data.img_size' must be >= 8, got {d.img_size}")
     need(d.batch_size >= 1, f"config key 'data.batch_size' must be >= 1, got {d.batch_size}")
@@ -285,12 +322,13 @@ def validate(cfg: Config) -> None:
         need(d.batch_size >= b.centers,
              f"config key 'data.batch_size' ({d.batch_size}) must be >= 'blocking.centers' ({b.centers}): "
              "centres are initialised from the first batch")
-    if b.method != "none" and b.ratio > 0:
+    if b.method in ("pfb", "random") and b.ratio > 0:
         need(round(b.ratio * d.batch_size) < d.batch_size, f"blocking.ratio {b.ratio} would block every row of a batch of {d.batch_size}")
-    if d.dataset == "imagefolder":
-        need(d.root is not None, "config key 'data.root' is required for dataset 'imagefolder'")
+    if d.dataset in ("imagefolder", "cifar10", "cifar100"):
+        need(d.root is not None, f"config key 'data.root' is required for dataset '{d.dataset}'")
     if d.mixup > 0 or d.cutmix > 0:
         need(d.batch_size % 2 == 0, f"mixup/cutmix need an even 'data.batch_size', got {d.batch_size}")
+    need(o.ema_decay is None or 0 < o.ema_decay < 1, f"config key 'optim.ema_decay' must be in (0, 1), got {o.ema_decay}")
     need(o.lr > 0, f"config key 'optim.lr' must be > 0, got {o.lr}")
     need(0.0 <= o.label_smoothing < 1.0, f"config key 'optim.label_smoothing' must be in [0, 1), got {o.label_smoothing}")
     need(r.log_every >= 1 and r.eval_every >= 1, "config keys 'runtime.log_every' and 'runtime.eval_every' must be >= 1")

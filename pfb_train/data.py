@@ -2,6 +2,7 @@
 
 - `synthetic`: class-dependent smooth patterns plus noise, made from a seed (learnable, no files).
 - `digits`: scikit-learn's bundled 8x8 handwritten digits (real images), upsampled, fixed split.
+- `cifar10`, `cifar100`: torchvision's standard files on disk (downloaded only if `data.download`).
 - `imagefolder`: ImageNet layout `root/train/<class>/*.JPEG`, `root/val/<class>/*`, timm transforms.
 """
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from pfb_train.errors import UserError
 
@@ -104,17 +105,101 @@ def imagefolder(root: str, img_size: int, auto_augment=None) -> DataSplits:
     return DataSplits(train, val, len(train_classes))
 
 
+CIFAR = {  # torchvision's on-disk layout (the python pickle batches)
+    "cifar10": dict(folder="cifar-10-batches-py", train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
+                    label_key=b"labels", classes=10, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+    "cifar100": dict(folder="cifar-100-python", train=["train"], test=["test"], label_key=b"fine_labels",
+                     classes=100, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
+}
+
+
+class TensorImages(Dataset):
+    """uint8 images (N, 3, H, W) held in memory, transformed per item."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.transform(self.images[index]), int(self.labels[index])
+
+
+def _read_cifar_batches(folder: Path, names: list[str], label_key: bytes):
+    import pickle
+
+    images, labels = [], []
+    for name in names:
+        with open(folder / name, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        images.append(torch.from_numpy(batch[b"data"]).view(-1, 3, 32, 32))
+        labels.append(torch.tensor(batch[label_key], dtype=torch.long))
+    return torch.cat(images), torch.cat(labels)
+
+
+def cifar(name: str, root: str, img_size: int, download: bool = False) -> DataSplits:
+    from torchvision.transforms import v2
+
+    spec = CIFAR[name]
+    base = Path(root).expanduser()
+    folder = base / spec["folder"]
+    missing = [n for n in spec["train"] + spec["test"] if not (folder / n).is_file()]
+    if missing and download:
+        from torchvision import datasets
+
+        {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name](str(base), download=True)
+        missing = [n for n in spec["train"] + spec["test"] if not (folder / n).is_file()]
+    if missing:
+        raise UserError(f"{name} files not found: {folder / missing[0]} (torchvision's layout under data.root; "
+                        "set data.download=true to fetch them)")
+    resize = [v2.Resize(img_size, antialias=True)] if img_size != 32 else []
+    normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec["mean"], spec["std"])]
+    train_tf = v2.Compose([*resize, v2.RandomCrop(img_size, padding=img_size // 8), v2.RandomHorizontalFlip(), *normalize])
+    val_tf = v2.Compose([*resize, *normalize])
+    train = TensorImages(*_read_cifar_batches(folder, spec["train"], spec["label_key"]), train_tf)
+    val = TensorImages(*_read_cifar_batches(folder, spec["test"], spec["label_key"]), val_tf)
+    return DataSplits(train, val, spec["classes"])
+
+
 def build_datasets(data_cfg, num_classes=None, seed: int = 0) -> DataSplits:
     d = data_cfg
     if d.dataset == "synthetic":
         splits = synthetic(num_classes or 10, d.img_size, d.train_samples, d.val_samples, seed=seed)
     elif d.dataset == "digits":
         splits = digits(d.img_size)
+    elif d.dataset in CIFAR:
+        splits = cifar(d.dataset, d.root, d.img_size, d.download)
     else:
         splits = imagefolder(d.root, d.img_size, d.auto_augment)
     if num_classes is not None and num_classes != splits.num_classes:
         raise UserError(f"config key 'model.num_classes' is {num_classes} but dataset '{d.dataset}' has {splits.num_classes} classes")
     return splits
+
+
+class ShardedTrainSampler(Sampler):
+    """Shuffled each epoch and split over ranks, like DistributedSampler(drop_last=True), but able to
+    visit a subset (sampler-level selection). The subset and the shuffle are the same on every rank."""
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.size, self.rank, self.world_size, self.seed = size, rank, world_size, seed
+        self.epoch, self.subset = 0, None
+
+    def set_epoch(self, epoch: int, subset: torch.Tensor | None = None) -> None:
+        """`subset`: dataset indices to visit this epoch (None: all of them)."""
+        self.epoch, self.subset = epoch, subset
+
+    def _pool(self) -> int:
+        return self.size if self.subset is None else len(self.subset)
+
+    def __iter__(self):
+        order = torch.randperm(self._pool(), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        indices = order if self.subset is None else self.subset.cpu()[order]
+        indices = indices[: len(self) * self.world_size]  # equal shares: every rank takes as many steps
+        return iter(indices[self.rank :: self.world_size].tolist())
+
+    def __len__(self) -> int:
+        return self._pool() // self.world_size
 
 
 class ShardedEvalSampler(Sampler):
@@ -131,14 +216,14 @@ class ShardedEvalSampler(Sampler):
 
 
 def build_loaders(splits: DataSplits, data_cfg, seed: int, rank: int = 0, world_size: int = 1, pin_memory=False):
-    """Train loader: shuffled per epoch (call `loader.sampler.set_epoch`), fixed batch size (drop_last)."""
+    """Train loader: shuffled per epoch (`loader.sampler.set_epoch(epoch, subset)`), fixed batch size (drop_last)."""
     d = data_cfg
     if len(splits.train) < d.batch_size * world_size:
         raise UserError(
             f"training set has {len(splits.train)} samples, fewer than one global batch "
             f"(data.batch_size {d.batch_size} x {world_size} processes)"
         )
-    train_sampler = DistributedSampler(splits.train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    train_sampler = ShardedTrainSampler(len(splits.train), rank, world_size, seed)
     common = dict(num_workers=d.workers, pin_memory=pin_memory, persistent_workers=d.workers > 0)
     train = DataLoader(IndexedDataset(splits.train), batch_size=d.batch_size, sampler=train_sampler, drop_last=True, **common)
     val = DataLoader(

@@ -59,6 +59,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-shaped tensors from every rank along dim 0 (rank order)."""
+    if not is_distributed():
+        return t
+    parts = [torch.empty_like(t) for _ in range(get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_distributed():
         dist.broadcast(t, src)
@@ -72,4 +81,5 @@ def barrier() -> None:
 
 def cleanup() -> None:
     if is_distributed():
+        dist.barrier()  # no rank tears the group down while another is still in a collective
         dist.destroy_process_group()

@@ -32,6 +32,8 @@ class StepContext:
     clip_grad: Optional[float] = None
     mixup: object = None  # timm Mixup or None
     log_every: int = 50
+    updates_per_epoch: int = 1  # full-data optimizer steps per epoch: the LR schedule's unit
+    ema: object = None  # timm ModelEmaV3 of the (unwrapped) model, or None
 
 
 def autocast(ctx: StepContext):
@@ -54,10 +56,18 @@ def _to_device(x, y, ctx: StepContext):
     return x, y.to(ctx.device, non_blocking=True)
 
 
-def train_step(model, selector, x, y, idx, ctx: StepContext, step: int, timer=None) -> tuple[torch.Tensor, int]:
+def begin_epoch(selector, loader, epoch: int) -> float:
+    """Hand the epoch to the selector and its subset (if any) to the sampler; returns seconds spent."""
+    started = time.perf_counter()
+    selector.set_epoch(epoch)
+    loader.sampler.set_epoch(epoch, selector.epoch_indices(loader.sampler.size))
+    return time.perf_counter() - started
+
+
+def train_step(model, selector, x, y, idx, ctx: StepContext, schedule_at: float, timer=None) -> tuple[torch.Tensor, int]:
     """One optimizer step on the rows the selector keeps; returns (loss, rows kept).
 
-    `step` counts optimizer steps before this one (the LR schedule is stepped to step + 1)."""
+    `schedule_at`: the LR schedule's position after this step, in full-data updates."""
     with autocast(ctx):
         out = model(x, select=selector.select, timer=timer)
     kept_idx = idx if out.keep is None else idx.index_select(0, out.keep)
@@ -74,55 +84,61 @@ def train_step(model, selector, x, y, idx, ctx: StepContext, step: int, timer=No
     ctx.scaler.step(ctx.optimizer)
     ctx.scaler.update()
     if ctx.scheduler is not None:
-        ctx.scheduler.step_update(num_updates=step + 1)
+        ctx.scheduler.step_update(num_updates=schedule_at)
+    if ctx.ema is not None:
+        ctx.ema.update(getattr(model, "module", model))  # unwrap DDP: the EMA holds a plain copy
+    if timer is not None:
+        timer.mark("deep")
     selector.observe(out.feats, out.keep, kept_idx, losses.detach())
+    if timer is not None:
+        timer.mark("observe")
     return loss.detach(), out.logits.shape[0]  # kept count is a shape, known on the host: no sync
 
 
-def train_one_epoch(model, selector, loader, ctx: StepContext, epoch: int, step: int, progress=None) -> dict:
-    """Train for one epoch; returns epoch statistics and the optimizer step count after it."""
+def train_one_epoch(model, selector, loader, ctx: StepContext, epoch: int, progress=None) -> dict:
+    """Train for one epoch (call `begin_epoch` first); returns the epoch's statistics.
+
+    Sampler-level selection shortens the epoch; the LR schedule then advances by epoch
+    progress (full-data updates per epoch / steps this epoch), so it still ends on time."""
     model.train()
-    selector.set_epoch(epoch)
     timer = PhaseTimer(ctx.device)
     loss_sum = torch.zeros((), device=ctx.device)
     rows_seen = rows_kept = 0
+    steps = len(loader)
     started = time.perf_counter()
-    for x, y, idx in loader:
+    for i, (x, y, idx) in enumerate(loader):
         x, y = _to_device(x, y, ctx)
         idx = idx.to(ctx.device, non_blocking=True)
         if ctx.mixup is not None:
             x, y = ctx.mixup(x, y)
         timer.mark("data")
-
-        loss, kept = train_step(model, selector, x, y, idx, ctx, step, timer)
-        step += 1
-        timer.mark("deep")
+        schedule_at = ctx.updates_per_epoch * (epoch + (i + 1) / steps)
+        loss, kept = train_step(model, selector, x, y, idx, ctx, schedule_at, timer)
 
         loss_sum += loss * kept
         rows_seen += x.shape[0]
         rows_kept += kept
         if progress is not None:
             progress.update(1)
-            if step % ctx.log_every == 0:
+            if (i + 1) % ctx.log_every == 0:
                 elapsed = time.perf_counter() - started
                 progress.set_postfix(loss=f"{loss.item():.3f}", kept=f"{rows_kept / rows_seen:.2f}",
                                      img_s=f"{rows_seen / elapsed:.0f}")
 
     totals = torch.tensor([loss_sum.item(), rows_seen, rows_kept], dtype=torch.float64, device=ctx.device)
     loss_total, seen, kept = all_reduce_sum(totals).tolist()
-    phases = timer.totals()
+    t = timer.totals()
     seconds = time.perf_counter() - started
     return {
         "train_loss": loss_total / max(kept, 1),
         "samples_seen": int(seen),
-        "samples_blocked": int(seen - kept),
-        "kept_fraction": kept / max(seen, 1),
+        "samples_kept": int(kept),
         "epoch_seconds": seconds,
-        "data_seconds": phases.get("data", 0.0),
-        "shallow_seconds": phases.get("shallow", 0.0),
-        "deep_seconds": phases.get("deep", 0.0),
+        "data_seconds": t.get("data", 0.0),
+        "shallow_seconds": t.get("shallow", 0.0) + t.get("select", 0.0),  # shallow forward + selection
+        "deep_seconds": t.get("deep", 0.0) + t.get("observe", 0.0),  # deep forward, backward, step, observe
+        "selection_seconds": t.get("select", 0.0) + t.get("observe", 0.0),
         "images_per_second": seen / seconds if seconds > 0 else 0.0,
-        "step": step,
     }
 
 

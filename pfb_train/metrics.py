@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from pfb_train.errors import UserError
+
 
 class PhaseTimer:
     """Splits step time into named phases (data / shallow / deep) without syncing every step.
@@ -99,3 +101,27 @@ class RunLogger:
 def read_metrics(run_dir) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class BaselineComparison:
+    """Compares each epoch with the same epoch of a finished full-data run (`runtime.baseline`)."""
+
+    def __init__(self, run_dir):
+        path = Path(run_dir).expanduser()
+        if not (path / "metrics.jsonl").is_file():
+            raise UserError(f"config key 'runtime.baseline': no metrics.jsonl in {path} (expected a finished run directory)")
+        records = read_metrics(path)
+        self.top1 = {r["epoch"]: r["top1"] for r in records if "top1" in r}
+        self.cumulative_seconds, total = {}, 0.0
+        for r in records:
+            total += r["epoch_seconds"]
+            self.cumulative_seconds[r["epoch"]] = total
+
+    def compare(self, record: dict, cumulative_seconds: float) -> dict:
+        """Top-1 difference in points and training time saved in % at this epoch."""
+        epoch, out = record["epoch"], {}
+        if "top1" in record and epoch in self.top1:
+            out["vs_baseline_top1"] = record["top1"] - self.top1[epoch]
+        if self.cumulative_seconds.get(epoch):
+            out["vs_baseline_time_saved_pct"] = 100.0 * (1.0 - cumulative_seconds / self.cumulative_seconds[epoch])
+        return out

@@ -249,16 +249,20 @@ class BlockedModel(nn.Module):
         if self.mode == "recompute":
             with torch.no_grad(), frozen_norm_stats(self.shallow):
                 feats = self.pooled_features(self.shallow(x))
-            keep = select(feats)
             if timer is not None:
                 timer.mark("shallow")
+            keep = select(feats)
+            if timer is not None:
+                timer.mark("select")
             rows = x if keep is None else x.index_select(0, keep)
             return BlockedOutput(self.deep(self.shallow(rows)), keep, feats)
         h = self.shallow(x)
         feats = self.pooled_features(h)
-        keep = select(feats)
         if timer is not None:
             timer.mark("shallow")
+        keep = select(feats)
+        if timer is not None:
+            timer.mark("select")
         if keep is not None:
             h = h.index_select(0, keep)
         return BlockedOutput(self.deep(h), keep, feats)
@@ -300,9 +304,22 @@ def build_model(model_cfg, stage: Union[int, str], num_classes: int, mode: str =
         drop_rate=model_cfg.drop_rate,
         drop_path_rate=model_cfg.drop_path,
     )
+    if model_cfg.cifar_stem:
+        model = cifar_stem(model)
     if sync_bn:  # before splitting: conversion swaps modules, and the views hold references
         model = timm.layers.convert_sync_batchnorm(model)
     return BlockedModel(model, stage, mode)
+
+
+def cifar_stem(model: nn.Module) -> nn.Module:
+    """The usual CIFAR ResNet: a 3x3 stride-1 first convolution and no max-pool keep 32 px inputs at
+    full resolution into layer1 (timm's ImageNet stem would shrink them to 8 px)."""
+    if type(model).__name__ != "ResNet" or not isinstance(model.conv1, nn.Conv2d):
+        raise UserError(f"config key 'model.cifar_stem' applies to ResNets with a single-conv stem, not '{_model_name(model)}'")
+    model.conv1 = nn.Conv2d(model.conv1.in_channels, model.conv1.out_channels, 3, 1, 1, bias=False,
+                            device=model.conv1.weight.device)
+    model.maxpool = nn.Identity()
+    return model
 
 
 def split_model(model: nn.Module, stage: Union[int, str] = 1, mode: str = "reuse") -> BlockedModel:

@@ -13,7 +13,7 @@ import torch
 from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import distribute_bn
+from timm.utils import ModelEmaV3, distribute_bn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -23,8 +23,8 @@ from pfb_train.config import Config, save_config
 from pfb_train.data import build_datasets, build_loaders
 from pfb_train.distributed import DistInfo, barrier, cleanup, init_distributed
 from pfb_train.errors import UserError
-from pfb_train.engine import StepContext, evaluate, train_one_epoch
-from pfb_train.metrics import RunLogger, make_run_dir
+from pfb_train.engine import StepContext, begin_epoch, evaluate, train_one_epoch
+from pfb_train.metrics import BaselineComparison, RunLogger, make_run_dir
 from pfb_train.models import BlockedModel, build_model
 from pfb_train.selection import Selector, selector_from_config
 
@@ -50,6 +50,8 @@ class RunState:
     val_loader: DataLoader
     ctx: StepContext
     run_dir: Optional[Path]  # rank 0 only
+    nominal_rows: int  # rows a full-data epoch trains on, over all ranks
+    baseline: Optional[BaselineComparison] = None
     epoch: int = 0  # next epoch to train
     step: int = 0  # optimizer steps so far
     best_top1: float = float("-inf")
@@ -69,6 +71,7 @@ def run(cfg: Config) -> dict:
 
 def setup(cfg: Config, dist: DistInfo) -> RunState:
     rt, o, s = cfg.runtime, cfg.optim, cfg.schedule
+    baseline = BaselineComparison(rt.baseline) if rt.baseline else None  # a bad path fails before any work
     if rt.threads:
         torch.set_num_threads(rt.threads)
     device = dist.device
@@ -81,6 +84,7 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
                           sync_bn=rt.sync_bn and dist.world_size > 1).to(device)
     if rt.channels_last:
         blocked = blocked.to(memory_format=torch.channels_last)
+    ema = ModelEmaV3(blocked, decay=o.ema_decay) if o.ema_decay else None  # a plain copy: before DDP/compile
     seed_everything(rt.seed + dist.rank)  # dropout, drop-path and mixup draws differ between ranks
     model = blocked
     if dist.world_size > 1:
@@ -98,7 +102,8 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
         mixup = Mixup(mixup_alpha=cfg.data.mixup, cutmix_alpha=cfg.data.cutmix,
                       label_smoothing=o.label_smoothing, num_classes=splits.num_classes)
     ctx = StepContext(optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=rt.amp == "fp16"), device,
-                      AMP_DTYPES[rt.amp], rt.channels_last, o.label_smoothing, o.clip_grad, mixup, rt.log_every)
+                      AMP_DTYPES[rt.amp], rt.channels_last, o.label_smoothing, o.clip_grad, mixup, rt.log_every,
+                      updates_per_epoch=len(train_loader), ema=ema)
 
     run_dir = None
     if dist.is_main:
@@ -107,7 +112,8 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
         print(f"run {cfg.name}: {cfg.model.name} split after {blocked.stage_name} (stage {blocked.stage}), "
               f"blocking {cfg.blocking.method} ratio {cfg.blocking.ratio} ({cfg.blocking.mode}), "
               f"{len(train_loader)} steps/epoch, {dist.world_size} process(es) on {device.type} -> {run_dir}")
-    return RunState(cfg, dist, blocked, model, selector, train_loader, val_loader, ctx, run_dir)
+    nominal_rows = len(train_loader) * cfg.data.batch_size * dist.world_size
+    return RunState(cfg, dist, blocked, model, selector, train_loader, val_loader, ctx, run_dir, nominal_rows, baseline)
 
 
 def fit(state: RunState) -> dict:
@@ -116,31 +122,36 @@ def fit(state: RunState) -> dict:
     logger = RunLogger(state.run_dir, enabled=dist.is_main)
     wall_start = time.perf_counter()
     for epoch in range(state.epoch, cfg.schedule.epochs):
-        state.train_loader.sampler.set_epoch(epoch)
+        epoch_selection_seconds = begin_epoch(state.selector, state.train_loader, epoch)
         bar = tqdm(total=len(state.train_loader), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                    disable=True if not (rt.progress and dist.is_main) else None)  # None: off when not a TTY
-        stats = train_one_epoch(state.model, state.selector, state.train_loader, state.ctx, epoch, state.step, bar)
+        stats = train_one_epoch(state.model, state.selector, state.train_loader, state.ctx, epoch, bar)
         bar.close()
-        state.step = stats.pop("step")
-        state.ctx.scheduler.step(epoch + 1)
+        state.step += len(state.train_loader)  # (the LR follows step_update inside the epoch)
+        stats["selection_seconds"] += epoch_selection_seconds
+        stats["epoch_seconds"] += epoch_selection_seconds
+        stats.update(sample_accounting(stats.pop("samples_seen"), stats.pop("samples_kept"), state.nominal_rows))
         if dist.world_size > 1 and not rt.sync_bn:  # ranks saw different batches: average BN statistics
             distribute_bn(state.blocked, dist.world_size, reduce=True)
         record = {"epoch": epoch, "lr": state.ctx.optimizer.param_groups[0]["lr"], **stats}
         if (epoch + 1) % rt.eval_every == 0 or epoch == cfg.schedule.epochs - 1:
             record.update(evaluate(state.model, state.val_loader, state.ctx))
+            if state.ctx.ema is not None:
+                ema = evaluate(state.ctx.ema.module, state.val_loader, state.ctx)
+                record.update(top1_ema=ema["top1"], top5_ema=ema["top5"])
         record["wall_seconds"] = time.perf_counter() - wall_start
         state.history.append(record)
+        if state.baseline is not None:
+            record.update(state.baseline.compare(record, sum(r["epoch_seconds"] for r in state.history)))
         state.epoch = epoch + 1
         if dist.is_main:
             logger.log_epoch(record)
             save_checkpoints(state, record)
-            top1 = f"top-1 {record['top1']:.2f}%" if "top1" in record else "top-1 -"
-            print(f"epoch {epoch}: loss {record['train_loss']:.4f}  {top1}  kept {record['kept_fraction']:.3f}  "
-                  f"{record['epoch_seconds']:.1f}s  {record['images_per_second']:.0f} img/s", flush=True)
+            print(epoch_line(record), flush=True)
         barrier()
 
     summary = summarize(cfg, state.history, time.perf_counter() - wall_start,
-                        str(state.run_dir) if state.run_dir else None)
+                        str(state.run_dir) if state.run_dir else None, dist.world_size, dist.device.type)
     if dist.is_main:
         logger.write_summary(summary)
         print(f"done: top-1 {summary['top1']:.2f}%  blocked {summary['blocked_fraction']:.3f} of sample-passes  "
@@ -149,19 +160,42 @@ def fit(state: RunState) -> dict:
     return summary
 
 
+def epoch_line(record: dict) -> str:
+    top1 = f"top-1 {record['top1']:.2f}%" if "top1" in record else "top-1 -"
+    line = (f"epoch {record['epoch']}: loss {record['train_loss']:.4f}  {top1}  kept {record['kept_fraction']:.3f}  "
+            f"{record['epoch_seconds']:.1f}s  {record['images_per_second']:.0f} img/s")
+    if "vs_baseline_top1" in record:
+        line += f"  | vs baseline: {record['vs_baseline_top1']:+.2f} pts"
+    if "vs_baseline_time_saved_pct" in record:
+        line += f", {record['vs_baseline_time_saved_pct']:.1f}% less time"
+    return line
+
+
+def sample_accounting(seen: int, kept: int, nominal: int) -> dict:
+    """What happened to the sample slots of a full-data epoch: pruned by the sampler, blocked in
+    the batch, or kept (full forward and backward). Methods are compared at equal blocked_fraction."""
+    return {
+        "samples_seen": seen,  # loaded and run through the shallow part
+        "samples_pruned": nominal - seen,  # never loaded this epoch (sampler-level selection)
+        "samples_blocked": seen - kept,  # loaded, stopped after the shallow part
+        "kept_fraction": kept / nominal,
+        "blocked_fraction": (nominal - kept) / nominal,
+    }
+
+
 def save_checkpoints(state: RunState, record: dict) -> None:
     ctx = state.ctx
     checkpoint = training_state(state.blocked, ctx.optimizer, ctx.scheduler, ctx.scaler, state.selector,
-                                state.epoch, state.step, state.cfg.to_dict())
+                                state.epoch, state.step, state.cfg.to_dict(), ctx.ema)
     save_atomic(checkpoint, state.run_dir / "checkpoint-last.pt")
     if record.get("top1", float("-inf")) > state.best_top1:
         state.best_top1 = record["top1"]
         save_atomic(checkpoint, state.run_dir / "checkpoint-best.pt")
 
 
-def summarize(cfg: Config, history: list[dict], wall_seconds: float, run_dir) -> dict:
-    seen = sum(r["samples_seen"] for r in history)
-    blocked = sum(r["samples_blocked"] for r in history)
+def summarize(cfg: Config, history: list[dict], wall_seconds: float, run_dir, world_size: int, device: str) -> dict:
+    slots = sum(r["samples_seen"] + r["samples_pruned"] for r in history)
+    blocked = sum(r["samples_blocked"] + r["samples_pruned"] for r in history)
     evaluated = [r for r in history if "top1" in r]
     return {
         "name": cfg.name,
@@ -173,8 +207,11 @@ def summarize(cfg: Config, history: list[dict], wall_seconds: float, run_dir) ->
         "top1": evaluated[-1]["top1"],
         "top5": evaluated[-1]["top5"],
         "best_top1": max(r["top1"] for r in evaluated),
-        "blocked_fraction": blocked / max(seen, 1),
+        "blocked_fraction": blocked / max(slots, 1),  # of all sample-passes full data would make
         "train_seconds": sum(r["epoch_seconds"] for r in history),
+        "selection_seconds": sum(r["selection_seconds"] for r in history),
+        "world_size": world_size,
+        "device": device,
         "wall_seconds": wall_seconds,
         "seconds_per_epoch": sum(r["epoch_seconds"] for r in history) / len(history),
         "run_dir": run_dir,

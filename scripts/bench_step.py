@@ -62,14 +62,14 @@ def time_steps(blocked, selector, x, y, args, device) -> list[float]:
     blocked.train()
     step = 0
     for _ in range(args.warmup):
-        train_step(blocked, selector, x, y, idx, ctx, step)
+        train_step(blocked, selector, x, y, idx, ctx, step + 1)
         step += 1
     per_step = []
     for _ in range(args.repeats):
         sync(device)
         start = time.perf_counter()
         for _ in range(args.steps):
-            train_step(blocked, selector, x, y, idx, ctx, step)
+            train_step(blocked, selector, x, y, idx, ctx, step + 1)
             step += 1
         sync(device)
         per_step.append((time.perf_counter() - start) / args.steps)

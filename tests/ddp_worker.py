@@ -13,10 +13,9 @@ from pfb_train.distributed import cleanup, init_distributed
 from pfb_train.engine import evaluate
 from pfb_train.train import fit, setup
 
-config, out, do_fit = sys.argv[1], sys.argv[2], sys.argv[3] == "fit"
-overrides = sys.argv[4:]
-dist = init_distributed("cpu")
-try:
+
+def main(config, out, do_fit, overrides, dist):
+    # In a function, so the DDP model is gone before the process group is destroyed.
     state = setup(load_config(config, [f"runtime.output={out}/runs", *overrides]), dist)
     result = {"initial_eval": evaluate(state.model, state.val_loader, state.ctx), "world_size": dist.world_size}
     if do_fit:
@@ -24,5 +23,10 @@ try:
         result["model"] = state.blocked.state_dict()
         result["selector"] = state.selector.state_dict()
     torch.save(result, f"{out}/rank{dist.rank}.pt")
+
+
+dist = init_distributed("cpu")
+try:
+    main(sys.argv[1], sys.argv[2], sys.argv[3] == "fit", sys.argv[4:], dist)
 finally:
     cleanup()

@@ -71,3 +71,31 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(str(tmp_path / "config.yaml")) == cfg
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["blocking"]["ratio"] == 0.3
+
+
+def test_base_key_merges_recipe_and_variant(tmp_path):
+    (tmp_path / "recipe.yaml").write_text("name: full\nblocking: {method: none, ratio: 0.4, centers: 16}\n"
+                                          "schedule: {epochs: 7}\n")
+    (tmp_path / "variant.yaml").write_text("base: recipe.yaml\nname: pfb30\nblocking: {method: pfb, ratio: 0.3}\n")
+    cfg = load_config(str(tmp_path / "variant.yaml"))
+    assert cfg.name == "pfb30" and cfg.blocking.method == "pfb" and cfg.blocking.ratio == 0.3
+    assert cfg.blocking.centers == 16 and cfg.schedule.epochs == 7  # kept from the recipe
+
+
+def test_base_loop_and_missing_base_are_user_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(UserError, match="loops back"):
+        load_config(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(UserError, match="config file not found: nowhere.yaml"):
+        load_config(str(tmp_path / "c.yaml"))
+
+
+def test_shipped_paper_variants_differ_from_their_recipe_only_where_stated():
+    full, pfb = load_config("resnet50_imagenet"), load_config("resnet50_pfb40")
+    assert (pfb.blocking.method, pfb.blocking.ratio, pfb.name) == ("pfb", 0.4, "resnet50_pfb40")
+    assert pfb.optim == full.optim and pfb.schedule == full.schedule and pfb.data == full.data
+    swin = load_config("swin_tiny_pfb40")
+    assert (swin.blocking.start_epoch, swin.blocking.end_epoch, swin.schedule.epochs) == (16, 260, 300)
+    assert swin.optim.ema_decay and swin.data.mixup > 0 and swin.optim.clip_grad

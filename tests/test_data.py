@@ -85,3 +85,37 @@ def test_num_classes_mismatch():
     cfg = DataConfig(dataset="digits", img_size=16)
     with pytest.raises(UserError, match="'model.num_classes' is 5 but dataset 'digits' has 10"):
         build_datasets(cfg, 5)
+
+
+def write_cifar(root, name="cifar10", n_train=20, n_test=10):
+    """Files in torchvision's CIFAR layout: pickled dicts of uint8 rows and labels."""
+    import pickle
+
+    rng = np.random.default_rng(0)
+    if name == "cifar10":
+        folder, train, test, key, classes = root / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10
+    else:
+        folder, train, test, key, classes = root / "cifar-100-python", ["train"], ["test"], b"fine_labels", 100
+    folder.mkdir(parents=True)
+    for files, n in ((train, n_train), (test, n_test)):
+        for f in files:
+            batch = {b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), key: list(rng.integers(0, classes, n))}
+            with open(folder / f, "wb") as fh:
+                pickle.dump(batch, fh)
+    return root
+
+
+@pytest.mark.parametrize("name,classes,train_total", [("cifar10", 10, 100), ("cifar100", 100, 20)])
+def test_cifar_reads_torchvision_files(tmp_path, name, classes, train_total):
+    write_cifar(tmp_path, name)
+    cfg = DataConfig(dataset=name, root=str(tmp_path), img_size=32, batch_size=4, workers=0)
+    splits = build_datasets(cfg)
+    assert splits.num_classes == classes and len(splits.train) == train_total and len(splits.val) == 10
+    x, y, idx = next(iter(build_loaders(splits, cfg, seed=0)[0]))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.max() < classes
+
+
+def test_cifar_missing_files_is_one_line_without_download(tmp_path):
+    cfg = DataConfig(dataset="cifar10", root=str(tmp_path), img_size=32)
+    with pytest.raises(UserError, match="cifar10 files not found: .*data_batch_1 .*data.download=true"):
+        build_datasets(cfg)

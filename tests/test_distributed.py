@@ -61,3 +61,13 @@ def test_validation_counts_every_sample_once_on_any_world_size(tmp_path):
     assert r0["initial_eval"]["val_samples"] == 41  # 21 + 20: no padding, no drop
     assert r0["initial_eval"]["top1"] == pytest.approx(single["initial_eval"]["top1"])
     assert r0["initial_eval"]["top5"] == pytest.approx(single["initial_eval"]["top5"])
+
+
+def test_two_process_infobatch_scores_are_gathered_from_every_rank(tmp_path):
+    (r0, r1), _ = launch(tmp_path, 2, True, "blocking.method=infobatch", "blocking.ratio=0.5", "schedule.epochs=3")
+    scores0, scores1 = r0["selector"]["scores"], r1["selector"]["scores"]
+    assert torch.equal(scores0, scores1)
+    assert (scores0 != 3.0).all()  # every sample's loss reached both ranks in epoch 0
+    assert r0["summary"]["blocked_fraction"] == r1["summary"]["blocked_fraction"] > 0
+    for name in r0["model"]:
+        assert torch.equal(r0["model"][name], r1["model"][name]), name

@@ -98,3 +98,13 @@ def test_sync_bn_is_converted_before_splitting():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(blocked(x).logits, blocked.model(x))
+
+
+def test_cifar_stem_keeps_full_resolution_and_rejects_other_models():
+    from pfb_train.config import ModelConfig
+    from pfb_train.models import build_model
+
+    blocked = build_model(ModelConfig(name="resnet18", cifar_stem=True), 1, num_classes=10)
+    assert blocked.shallow(torch.randn(2, 3, 32, 32)).shape == (2, 64, 32, 32)
+    with pytest.raises(UserError, match="model.cifar_stem"):
+        build_model(ModelConfig(name="convnext_atto", cifar_stem=True), 1, num_classes=10)

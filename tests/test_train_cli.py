@@ -88,26 +88,64 @@ def test_seeded_runs_are_reproducible(tiny_config, tmp_path):
     assert torch.equal(sa["selector"]["centres"], sb["selector"]["centres"])
 
 
+# (arguments, words the one-line message must contain, files to create first); {tmp} is a scratch folder
 BAD_INPUTS = [
-    # (arguments, words the one-line message must contain)
-    (["--config", "/no/such/file.yaml"], "config file not found: /no/such/file.yaml"),
-    (["--config", "demo", "--set", "blocking.ratoi=0.3"], "did you mean 'blocking.ratio'"),
-    (["--config", "demo", "--set", "schedule.epochs=ten"], "'schedule.epochs': expected int, got 'ten'"),
-    (["--config", "demo", "--set", "blocking.ratio=1.5"], "'blocking.ratio' must be in [0, 1)"),
-    (["--config", "demo", "--set", "data.dataset=imagefolder", "--set", "data.root=/no/such/dir"],
-     "data.root does not exist: /no/such/dir"),
+    (["--config", "/no/such/file.yaml"], "config file not found: /no/such/file.yaml", {}),
+    (["--config", "{tmp}/broken.yaml"], "is not valid YAML", {"broken.yaml": "model: {name: [resnet18\n"}),
+    (["--config", "{tmp}/list.yaml"], "must hold a mapping of sections", {"list.yaml": "- 1\n- 2\n"}),
+    (["--config", "{tmp}/looped.yaml"], "loops back", {"looped.yaml": "base: looped.yaml\n"}),
+    (["--config", "demo", "--set", "blocking.ratoi=0.3"], "did you mean 'blocking.ratio'", {}),
+    (["--config", "demo", "--set", "modle.name=resnet18"], "did you mean 'model'", {}),
+    (["--config", "demo", "--set", "schedule.epochs=ten"], "'schedule.epochs': expected int, got 'ten'", {}),
+    (["--config", "demo", "--set", "schedule.epochs=0"], "'schedule.epochs' must be >= 1", {}),
+    (["--config", "demo", "--set", "blocking.ratio=1.5"], "'blocking.ratio' must be in [0, 1)", {}),
+    (["--config", "demo", "--set", "blocking.method=pfb2"], "'blocking.method': expected one of", {}),
+    (["--config", "demo", "--set", "data.batch_size=16"], "must be >= 'blocking.centers' (32)", {}),
+    (["--config", "demo", "--set", "data.mixup=0.2", "--set", "data.batch_size=33"], "even 'data.batch_size'", {}),
     (["--config", "demo", "--set", "blocking.stage=5", "--set", "blocking.start_epoch=0"],
-     "invalid blocking.stage 5; choose one of: 1 (layer1), 2 (layer2), 3 (layer3)"),
-    (["--config", "demo", "--set", "model.name=resnet_nope"], "unknown timm model 'resnet_nope'"),
-    (["--set", "a=b"], "the following arguments are required: --config"),
+     "invalid blocking.stage 5; choose one of: 1 (layer1), 2 (layer2), 3 (layer3)", {}),
+    (["--config", "demo", "--set", "blocking.stage=layer9"], "invalid blocking.stage 'layer9'", {}),
+    (["--config", "demo", "--set", "model.name=resnet_nope"], "unknown timm model 'resnet_nope'", {}),
+    (["--config", "demo", "--set", "model.name=levit_128s"], "cannot split model 'levit_128s'", {}),
+    (["--config", "demo", "--set", "model.name=convnext_atto", "--set", "model.cifar_stem=true"],
+     "'model.cifar_stem' applies to ResNets", {}),
+    (["--config", "demo", "--set", "data.dataset=imagefolder", "--set", "data.root=/no/such/dir"],
+     "data.root does not exist: /no/such/dir", {}),
+    (["--config", "demo", "--set", "data.dataset=imagefolder", "--set", "data.root={tmp}/nofolders"],
+     "dataset folder not found", {"nofolders/readme.txt": "x"}),
+    (["--config", "demo", "--set", "data.dataset=imagefolder", "--set", "data.root={tmp}/d"],
+     "holds no images", {"d/train/a/x.png": "x", "d/train/b/notes.txt": "x", "d/val/a/x.png": "x"}),
+    (["--config", "demo", "--set", "data.dataset=cifar10", "--set", "data.root={tmp}"],
+     "cifar10 files not found", {}),
+    (["--config", "demo", "--set", "runtime.baseline={tmp}/nothing"], "'runtime.baseline': no metrics.jsonl", {}),
+    (["report", "{tmp}", "--baseline", "{tmp}"], "not a finished run directory", {}),
+    (["--set", "a=b"], "the following arguments are required: --config", {}),
 ]
 
 
-@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[m[:40] for _, m in BAD_INPUTS])
-def test_bad_input_exits_2_with_one_line(cli, tmp_path, args, message):
-    result = cli(*args, "--set", f"runtime.output={tmp_path}")
-    assert result.returncode == 2
+@pytest.mark.parametrize("args,message,files", BAD_INPUTS, ids=[m[:40] for _, m, _ in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line(cli, tmp_path, args, message, files):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if args[0] != "report":
+        args += ["--set", f"runtime.output={tmp_path}/runs"]
+    result = cli(*args)
+    assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pfb-train: error: "), result.stderr
     assert message in lines[0]
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_ema_is_evaluated_and_checkpointed(tiny_config, tmp_path):
+    cfg = load_config(str(tiny_config), [f"runtime.output={tmp_path}", "optim.ema_decay=0.5",
+                                         "data.mixup=0.8", "data.cutmix=1.0", "optim.clip_grad=1.0"])
+    summary = run(cfg)
+    record = read_metrics(summary["run_dir"])[-1]
+    assert 0 <= record["top1_ema"] <= 100 and "top5_ema" in record
+    state = torch.load(f"{summary['run_dir']}/checkpoint-last.pt", weights_only=False)
+    ema = {k.removeprefix("module."): v for k, v in state["ema"].items()}  # ModelEmaV3 wraps the copy
+    assert ema.keys() == state["model"].keys()
+    assert any(not torch.equal(ema[k], state["model"][k]) for k in ema if ema[k].is_floating_point())

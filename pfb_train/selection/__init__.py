@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pfb_train.errors import UserError
 from pfb_train.selection.base import BlockingSchedule, Selector
+from pfb_train.selection.infobatch import InfoBatchSelector, StaticRandomSelector
 from pfb_train.selection.none import NoSelector
 from pfb_train.selection.pfb import PFBSelector
 from pfb_train.selection.random import RandomSelector
 
-METHODS = {"none": NoSelector, "random": RandomSelector, "pfb": PFBSelector}
+METHODS = {"none": NoSelector, "random": RandomSelector, "pfb": PFBSelector, "infobatch": InfoBatchSelector,
+           "static_random": StaticRandomSelector}
 
 
 def build_selector(name: str, ratio: float = 0.0, start_epoch: int = 0, end_epoch=None, ramp: str = "constant",
@@ -17,6 +19,10 @@ def build_selector(name: str, ratio: float = 0.0, start_epoch: int = 0, end_epoc
         raise UserError(f"unknown blocking.method '{name}'; choose one of: {', '.join(METHODS)}")
     if name == "none":
         return NoSelector(seed)
+    if name == "infobatch":
+        return InfoBatchSelector(ratio, seed=seed, **options)
+    if name == "static_random":
+        return StaticRandomSelector(ratio, seed=seed)
     schedule = BlockingSchedule(ratio, start_epoch, end_epoch, ramp)
     if name == "random":
         return RandomSelector(schedule, seed=seed)
@@ -27,6 +33,8 @@ def selector_from_config(cfg) -> Selector:
     b = cfg.blocking
     end = b.end_epoch if b.end_epoch is not None else cfg.schedule.epochs
     options = {}
+    if b.method == "infobatch":
+        options = dict(epochs=cfg.schedule.epochs, delta=b.delta)
     if b.method == "pfb":
         options = dict(centers=b.centers, feature_dim=b.feature_dim, ema=b.ema, estimator=b.estimator,
                        noise=b.noise, weights=b.weights)
