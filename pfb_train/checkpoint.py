@@ -1,15 +1,27 @@
-"""Atomic checkpoints: write to a temporary file, fsync, rename. A crash never leaves a torn file."""
+"""Checkpoints: atomic writes, the previous one kept, the newest readable one found on resume.
+
+A write goes to a temporary file that is fsynced and then renamed over the target, so a
+crash (even SIGKILL) leaves either the old or the new file, never a torn one. The file it
+replaces is kept as checkpoint-prev.pt, so one unreadable file never loses the run.
+"""
 
 from __future__ import annotations
 
 import os
+import random
+import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from pfb_train.distributed import all_gather_objects, get_rank, get_world_size
 
-def save_atomic(obj, path: Path) -> None:
+LAST, PREVIOUS, BEST = "checkpoint-last.pt", "checkpoint-prev.pt", "checkpoint-best.pt"
+
+
+def save_atomic(obj, path: Path, keep_previous: Path | None = None) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -17,28 +29,71 @@ def save_atomic(obj, path: Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the renames themselves durable
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 
 
-def training_state(model, optimizer, scheduler, scaler, selector, epoch: int, step: int, config: dict,
-                   ema=None) -> dict:
-    return {
-        "ema": ema.state_dict() if ema is not None else None,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "scaler": scaler.state_dict(),
-        "selector": selector.state_dict(),
-        "epoch": epoch,
-        "step": step,
-        "config": config,
-    }
+def save_checkpoint(state: dict, run_dir: Path, best: bool = False) -> Path:
+    path = Path(run_dir) / LAST
+    save_atomic(state, path, keep_previous=Path(run_dir) / PREVIOUS)
+    if best:
+        save_atomic(state, Path(run_dir) / BEST)
+    return path
+
+
+def load_checkpoint(path: Path):
+    """The checkpoint at `path`, or None (with a warning) when it is missing or unreadable."""
+    if not Path(path).is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torn, truncated or otherwise corrupt
+        print(f"pfb-train: warning: skipping unreadable checkpoint {path} ({type(e).__name__})", file=sys.stderr)
+        return None
+
+
+def latest_checkpoint(run_dir) -> tuple:
+    """(path, state) of the newest readable checkpoint in `run_dir`, or (None, None)."""
+    for name in (LAST, PREVIOUS):
+        state = load_checkpoint(Path(run_dir) / name)
+        if state is not None:
+            return Path(run_dir) / name, state
+    return None, None
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def all_rng_states() -> list[dict]:
+    """Every rank's generator states, in rank order (a collective: call on all ranks)."""
+    return all_gather_objects(rng_state())
+
+
+def restore_rng(states: list[dict]) -> bool:
+    """Take this rank's saved states; False when the world size changed since they were saved."""
+    if len(states) != get_world_size():
+        return False
+    set_rng_state(states[get_rank()])
+    return True

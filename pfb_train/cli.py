@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pfb_train.engine import TrainingStopped
 from pfb_train.errors import UserError
+from pfb_train.preemption import Preempted
 
 COMMANDS = ("train", "info", "report")
 
@@ -33,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", "-c", required=True, help="YAML file, or the name of a shipped config (e.g. demo)")
         p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set blocking.ratio=0.3 (repeatable)")
+    train.add_argument("--resume", metavar="auto|RUN_DIR|CHECKPOINT",
+                       help="continue a run: auto = runs/<name> if it holds a checkpoint (same as --set runtime.resume=...)")
     return parser
 
 
@@ -47,18 +51,33 @@ def main(argv=None) -> int:
             return 2
         return {"train": _train, "info": _info, "report": _report}[args.command](args)
     except UserError as e:
-        print(f"pfb-train: error: {e}", file=sys.stderr)
+        print(f"pfb-train: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"pfb-train: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except TrainingStopped as e:
+        print(f"pfb-train: stopped: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("pfb-train: interrupted", file=sys.stderr)
         return 130
+
+
+def one_line(error: Exception) -> str:
+    """A UserError raised in a DataLoader worker arrives wrapped in the worker's traceback: keep its message."""
+    text = str(error)
+    if "Traceback" in text:
+        text = text.strip().splitlines()[-1].split("UserError: ", 1)[-1]
+    return text
 
 
 def _train(args) -> int:
     from pfb_train.config import load_config
     from pfb_train.train import run
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = args.overrides + ([f"runtime.resume={args.resume}"] if args.resume else [])
+    cfg = load_config(args.config, overrides)
     run(cfg)
     return 0
 

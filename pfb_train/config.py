@@ -62,6 +62,7 @@ class DataConfig:
     mixup: float = 0.0
     cutmix: float = 0.0
     auto_augment: Optional[str] = None  # timm policy string, e.g. "rand-m9-mstd0.5"
+    bad_images: Literal["skip", "fail"] = "skip"  # imagefolder: unreadable files are skipped and counted, or fatal
 
 
 @dataclass
@@ -94,6 +95,10 @@ class RuntimeConfig:
     seed: int = 0
     output: str = "runs"
     baseline: Optional[str] = None  # a finished full-data run directory: each epoch is compared with it
+    resume: Optional[str] = None  # auto (runs/<name>, fresh if no checkpoint), a run directory, or a checkpoint
+    checkpoint_every: Optional[int] = None  # also checkpoint every N optimizer steps (None: at epoch ends only)
+    check_finite: bool = True  # skip and count steps whose gradients are not finite
+    max_nonfinite: int = 10  # stop after this many non-finite steps in a row
     log_every: int = 50
     eval_every: int = 1
     progress: bool = True  # tqdm bar on rank 0
@@ -331,6 +336,9 @@ def validate(cfg: Config) -> None:
     need(o.ema_decay is None or 0 < o.ema_decay < 1, f"config key 'optim.ema_decay' must be in (0, 1), got {o.ema_decay}")
     need(o.lr > 0, f"config key 'optim.lr' must be > 0, got {o.lr}")
     need(0.0 <= o.label_smoothing < 1.0, f"config key 'optim.label_smoothing' must be in [0, 1), got {o.label_smoothing}")
+    need(r.checkpoint_every is None or r.checkpoint_every >= 1,
+         f"config key 'runtime.checkpoint_every' must be >= 1, got {r.checkpoint_every}")
+    need(r.max_nonfinite >= 1, f"config key 'runtime.max_nonfinite' must be >= 1, got {r.max_nonfinite}")
     need(r.log_every >= 1 and r.eval_every >= 1, "config keys 'runtime.log_every' and 'runtime.eval_every' must be >= 1")
 
 

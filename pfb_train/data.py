@@ -13,11 +13,34 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, default_collate
+from torchvision.datasets import ImageFolder
 
 from pfb_train.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class CheckedImageFolder(ImageFolder):
+    """ImageFolder that turns an unreadable file into a skipped sample (None) or, with `fail`, a UserError."""
+
+    def __init__(self, root: str, transform, fail: bool = False):
+        super().__init__(root, transform=transform)
+        self.fail = fail
+
+    def __getitem__(self, index: int):
+        try:
+            return super().__getitem__(index)
+        except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for broken files
+            if self.fail:
+                raise UserError(f"unreadable image {self.samples[index][0]} ({type(e).__name__}); "
+                                "set data.bad_images=skip to skip such files") from None
+            return None
+
+
+def collate_readable(items):
+    """Default collation of the items that are not None (unreadable files); the batch is then shorter."""
+    return default_collate([item for item in items if item is not None])
 
 
 class IndexedDataset(Dataset):
@@ -30,8 +53,8 @@ class IndexedDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        image, label = self.dataset[index]
-        return image, label, index
+        item = self.dataset[index]
+        return None if item is None else (*item, index)
 
 
 @dataclass
@@ -86,9 +109,8 @@ def _check_class_folders(split_dir: Path) -> list[str]:
     return classes
 
 
-def imagefolder(root: str, img_size: int, auto_augment=None) -> DataSplits:
+def imagefolder(root: str, img_size: int, auto_augment=None, fail_on_bad: bool = False) -> DataSplits:
     from timm.data import create_transform
-    from torchvision.datasets import ImageFolder
 
     base = Path(root).expanduser()
     if not base.is_dir():
@@ -100,8 +122,8 @@ def imagefolder(root: str, img_size: int, auto_augment=None) -> DataSplits:
         raise UserError(f"train/ and val/ in {base} have different class folders (e.g. {', '.join(missing)})")
     train_tf = create_transform(img_size, is_training=True, auto_augment=auto_augment)
     val_tf = create_transform(img_size, is_training=False)
-    train = ImageFolder(str(base / "train"), transform=train_tf)
-    val = ImageFolder(str(base / "val"), transform=val_tf)
+    train = CheckedImageFolder(str(base / "train"), train_tf, fail_on_bad)
+    val = CheckedImageFolder(str(base / "val"), val_tf, fail_on_bad)
     return DataSplits(train, val, len(train_classes))
 
 
@@ -171,7 +193,7 @@ def build_datasets(data_cfg, num_classes=None, seed: int = 0) -> DataSplits:
     elif d.dataset in CIFAR:
         splits = cifar(d.dataset, d.root, d.img_size, d.download)
     else:
-        splits = imagefolder(d.root, d.img_size, d.auto_augment)
+        splits = imagefolder(d.root, d.img_size, d.auto_augment, d.bad_images == "fail")
     if num_classes is not None and num_classes != splits.num_classes:
         raise UserError(f"config key 'model.num_classes' is {num_classes} but dataset '{d.dataset}' has {splits.num_classes} classes")
     return splits
@@ -183,11 +205,12 @@ class ShardedTrainSampler(Sampler):
 
     def __init__(self, size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
         self.size, self.rank, self.world_size, self.seed = size, rank, world_size, seed
-        self.epoch, self.subset = 0, None
+        self.epoch, self.subset, self.skip = 0, None, 0
 
-    def set_epoch(self, epoch: int, subset: torch.Tensor | None = None) -> None:
-        """`subset`: dataset indices to visit this epoch (None: all of them)."""
-        self.epoch, self.subset = epoch, subset
+    def set_epoch(self, epoch: int, subset: torch.Tensor | None = None, skip: int = 0) -> None:
+        """`subset`: dataset indices to visit this epoch (None: all of them); `skip`: this rank's first
+        `skip` indices were already trained on (resuming inside the epoch)."""
+        self.epoch, self.subset, self.skip = epoch, subset, skip
 
     def _pool(self) -> int:
         return self.size if self.subset is None else len(self.subset)
@@ -195,11 +218,14 @@ class ShardedTrainSampler(Sampler):
     def __iter__(self):
         order = torch.randperm(self._pool(), generator=torch.Generator().manual_seed(self.seed + self.epoch))
         indices = order if self.subset is None else self.subset.cpu()[order]
-        indices = indices[: len(self) * self.world_size]  # equal shares: every rank takes as many steps
-        return iter(indices[self.rank :: self.world_size].tolist())
+        indices = indices[: self._share() * self.world_size]  # equal shares: every rank takes as many steps
+        return iter(indices[self.rank :: self.world_size][self.skip :].tolist())
+
+    def _share(self) -> int:
+        return self._pool() // self.world_size
 
     def __len__(self) -> int:
-        return self._pool() // self.world_size
+        return self._share() - self.skip
 
 
 class ShardedEvalSampler(Sampler):
@@ -224,8 +250,11 @@ def build_loaders(splits: DataSplits, data_cfg, seed: int, rank: int = 0, world_
             f"(data.batch_size {d.batch_size} x {world_size} processes)"
         )
     train_sampler = ShardedTrainSampler(len(splits.train), rank, world_size, seed)
-    common = dict(num_workers=d.workers, pin_memory=pin_memory, persistent_workers=d.workers > 0)
-    train = DataLoader(IndexedDataset(splits.train), batch_size=d.batch_size, sampler=train_sampler, drop_last=True, **common)
+    common = dict(num_workers=d.workers, pin_memory=pin_memory, persistent_workers=d.workers > 0,
+                  collate_fn=collate_readable)
+    # Its own generator: worker seeds are drawn from it, not from the global RNG (see start_epoch).
+    train = DataLoader(IndexedDataset(splits.train), batch_size=d.batch_size, sampler=train_sampler, drop_last=True,
+                       generator=torch.Generator(), **common)
     val = DataLoader(
         IndexedDataset(splits.val),
         batch_size=d.eval_batch_size or d.batch_size,
@@ -233,3 +262,12 @@ def build_loaders(splits: DataSplits, data_cfg, seed: int, rank: int = 0, world_
         **common,
     )
     return train, val
+
+
+def start_epoch(loader: DataLoader, epoch: int, subset: torch.Tensor | None = None, skip: int = 0) -> None:
+    """Point the train loader at an epoch: its sampler's order and subset, and the seed its iterator
+    draws for the workers. That seed depends on (run seed, rank, epoch) only, so creating the
+    iterator leaves the global RNG alone and a resumed epoch draws what the original one did."""
+    sampler = loader.sampler
+    sampler.set_epoch(epoch, subset, skip)
+    loader.generator.manual_seed(sampler.seed * 1_000_003 + sampler.rank * 10_007 + epoch)

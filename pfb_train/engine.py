@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from pfb_train.data import start_epoch
 from pfb_train.distributed import all_reduce_sum
 from pfb_train.metrics import PhaseTimer
 
@@ -34,6 +35,9 @@ class StepContext:
     log_every: int = 50
     updates_per_epoch: int = 1  # full-data optimizer steps per epoch: the LR schedule's unit
     ema: object = None  # timm ModelEmaV3 of the (unwrapped) model, or None
+    check_finite: bool = True  # skip (and count) steps with non-finite gradients
+    max_nonfinite: int = 10  # stop the run after this many in a row
+    buffer_backup: Optional[tuple] = None  # (buffers, copies): BatchNorm statistics before the step
 
 
 def autocast(ctx: StepContext):
@@ -56,18 +60,26 @@ def _to_device(x, y, ctx: StepContext):
     return x, y.to(ctx.device, non_blocking=True)
 
 
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. the loss keeps diverging); the message says why."""
+
+
 def begin_epoch(selector, loader, epoch: int) -> float:
     """Hand the epoch to the selector and its subset (if any) to the sampler; returns seconds spent."""
     started = time.perf_counter()
     selector.set_epoch(epoch)
-    loader.sampler.set_epoch(epoch, selector.epoch_indices(loader.sampler.size))
+    start_epoch(loader, epoch, selector.epoch_indices(loader.sampler.size))
     return time.perf_counter() - started
 
 
-def train_step(model, selector, x, y, idx, ctx: StepContext, schedule_at: float, timer=None) -> tuple[torch.Tensor, int]:
-    """One optimizer step on the rows the selector keeps; returns (loss, rows kept).
+def train_step(model, selector, x, y, idx, ctx: StepContext, schedule_at: float, timer=None):
+    """One optimizer step on the rows the selector keeps; returns (loss, rows kept, finite).
 
-    `schedule_at`: the LR schedule's position after this step, in full-data updates."""
+    `schedule_at`: the LR schedule's position after this step, in full-data updates. A step
+    whose gradients are not finite changes nothing (no update, no selector observation)."""
+    guard = ctx.check_finite and not ctx.scaler.is_enabled()
+    if guard:
+        _backup_buffers(model, ctx)
     with autocast(ctx):
         out = model(x, select=selector.select, timer=timer)
     kept_idx = idx if out.keep is None else idx.index_select(0, out.keep)
@@ -78,66 +90,125 @@ def train_step(model, selector, x, y, idx, ctx: StepContext, schedule_at: float,
 
     ctx.optimizer.zero_grad(set_to_none=True)
     ctx.scaler.scale(loss).backward()
-    if ctx.clip_grad is not None:
+    finite = True
+    if ctx.clip_grad is not None or guard:
         ctx.scaler.unscale_(ctx.optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), ctx.clip_grad)
-    ctx.scaler.step(ctx.optimizer)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)  # after DDP's all-reduce: the same on every rank
+        if guard:
+            finite = bool(torch.isfinite(norm))  # the step's one host sync (fp16's scaler makes its own)
+            if not finite:  # the forward already folded this batch into the BatchNorm statistics
+                torch._foreach_copy_(*ctx.buffer_backup)
+        if finite and ctx.clip_grad is not None:
+            torch.nn.utils.clip_grads_with_norm_(grads, ctx.clip_grad, norm)
+    if finite:
+        ctx.scaler.step(ctx.optimizer)
     ctx.scaler.update()
     if ctx.scheduler is not None:
         ctx.scheduler.step_update(num_updates=schedule_at)
-    if ctx.ema is not None:
+    if finite and ctx.ema is not None:
         ctx.ema.update(getattr(model, "module", model))  # unwrap DDP: the EMA holds a plain copy
     if timer is not None:
         timer.mark("deep")
-    selector.observe(out.feats, out.keep, kept_idx, losses.detach())
+    if finite:
+        selector.observe(out.feats, out.keep, kept_idx, losses.detach())
     if timer is not None:
         timer.mark("observe")
-    return loss.detach(), out.logits.shape[0]  # kept count is a shape, known on the host: no sync
+    return loss.detach(), out.logits.shape[0], finite  # kept count is a shape, known on the host
 
 
-def train_one_epoch(model, selector, loader, ctx: StepContext, epoch: int, progress=None) -> dict:
-    """Train for one epoch (call `begin_epoch` first); returns the epoch's statistics.
+def _backup_buffers(model, ctx: StepContext) -> None:
+    """Copy the model's buffers (BatchNorm statistics: small) so a non-finite step can be undone."""
+    if ctx.buffer_backup is None:
+        buffers = list(model.buffers())
+        ctx.buffer_backup = (buffers, [b.clone() for b in buffers])
+    buffers, copies = ctx.buffer_backup
+    if buffers:
+        torch._foreach_copy_(copies, buffers)
+
+
+class EpochTally:
+    """Running totals of one epoch. Checkpointed mid-epoch, so a resumed epoch reports as a whole one."""
+
+    FIELDS = ("batches", "rows_seen", "rows_kept", "bad_samples", "nonfinite", "nonfinite_in_row", "elapsed",
+              "extra_selection_seconds")
+
+    def __init__(self, device, saved: Optional[dict] = None):
+        self.batches = self.rows_seen = self.rows_kept = self.bad_samples = self.nonfinite = 0
+        self.nonfinite_in_row = 0
+        self.elapsed = self.extra_selection_seconds = 0.0
+        self.loss_sum = torch.zeros((), device=device)
+        self.timer = PhaseTimer(device)
+        if saved:
+            for key in self.FIELDS:
+                setattr(self, key, saved[key])
+            self.loss_sum += saved["loss_sum"]
+            self.timer.seconds.update(saved["seconds"])
+
+    def state_dict(self) -> dict:
+        return {**{k: getattr(self, k) for k in self.FIELDS}, "loss_sum": self.loss_sum.item(),
+                "seconds": self.timer.totals()}
+
+
+def train_one_epoch(model, selector, loader, ctx: StepContext, epoch: int, tally: EpochTally,
+                    after_step=None, progress=None) -> Optional[dict]:
+    """Train the rest of one epoch (call `begin_epoch` first); returns its statistics, or None when
+    `after_step(tally)` asked to stop early.
 
     Sampler-level selection shortens the epoch; the LR schedule then advances by epoch
     progress (full-data updates per epoch / steps this epoch), so it still ends on time."""
     model.train()
-    timer = PhaseTimer(ctx.device)
-    loss_sum = torch.zeros((), device=ctx.device)
-    rows_seen = rows_kept = 0
-    steps = len(loader)
-    started = time.perf_counter()
-    for i, (x, y, idx) in enumerate(loader):
+    timer = tally.timer
+    steps = tally.batches + len(loader)
+    started = time.perf_counter() - tally.elapsed
+    timer.reset_clock()
+    for x, y, idx in loader:
         x, y = _to_device(x, y, ctx)
         idx = idx.to(ctx.device, non_blocking=True)
+        tally.bad_samples += loader.batch_size - x.shape[0]  # unreadable files were dropped from the batch
         if ctx.mixup is not None:
             x, y = ctx.mixup(x, y)
         timer.mark("data")
-        schedule_at = ctx.updates_per_epoch * (epoch + (i + 1) / steps)
-        loss, kept = train_step(model, selector, x, y, idx, ctx, schedule_at, timer)
+        schedule_at = ctx.updates_per_epoch * (epoch + (tally.batches + 1) / steps)
+        loss, kept, finite = train_step(model, selector, x, y, idx, ctx, schedule_at, timer)
 
-        loss_sum += loss * kept
-        rows_seen += x.shape[0]
-        rows_kept += kept
+        tally.batches += 1
+        tally.rows_seen += x.shape[0]
+        tally.rows_kept += kept
+        if finite:
+            tally.loss_sum += loss * kept
+            tally.nonfinite_in_row = 0
+        else:
+            tally.nonfinite += 1
+            tally.nonfinite_in_row += 1
+            if tally.nonfinite_in_row >= ctx.max_nonfinite:
+                raise TrainingStopped(f"{tally.nonfinite_in_row} non-finite losses in a row (epoch {epoch}, "
+                                      f"batch {tally.batches}): lower optim.lr, set optim.clip_grad, or check the data")
+        tally.elapsed = time.perf_counter() - started
         if progress is not None:
             progress.update(1)
-            if (i + 1) % ctx.log_every == 0:
-                elapsed = time.perf_counter() - started
-                progress.set_postfix(loss=f"{loss.item():.3f}", kept=f"{rows_kept / rows_seen:.2f}",
-                                     img_s=f"{rows_seen / elapsed:.0f}")
+            if tally.batches % ctx.log_every == 0:
+                progress.set_postfix(loss=f"{loss.item():.3f}", kept=f"{tally.rows_kept / tally.rows_seen:.2f}",
+                                     img_s=f"{tally.rows_seen / tally.elapsed:.0f}")
+        if after_step is not None and after_step(tally):
+            return None
 
-    totals = torch.tensor([loss_sum.item(), rows_seen, rows_kept], dtype=torch.float64, device=ctx.device)
-    loss_total, seen, kept = all_reduce_sum(totals).tolist()
+    counts = torch.tensor([tally.loss_sum.item(), tally.rows_seen, tally.rows_kept, tally.bad_samples,
+                           tally.nonfinite], dtype=torch.float64, device=ctx.device)
+    loss_total, seen, kept, bad, nonfinite = all_reduce_sum(counts).tolist()
     t = timer.totals()
     seconds = time.perf_counter() - started
     return {
         "train_loss": loss_total / max(kept, 1),
         "samples_seen": int(seen),
         "samples_kept": int(kept),
-        "epoch_seconds": seconds,
+        "bad_samples": int(bad),
+        "nonfinite_steps": int(nonfinite),
+        "epoch_seconds": seconds + tally.extra_selection_seconds,
         "data_seconds": t.get("data", 0.0),
         "shallow_seconds": t.get("shallow", 0.0) + t.get("select", 0.0),  # shallow forward + selection
         "deep_seconds": t.get("deep", 0.0) + t.get("observe", 0.0),  # deep forward, backward, step, observe
-        "selection_seconds": t.get("select", 0.0) + t.get("observe", 0.0),
+        "selection_seconds": t.get("select", 0.0) + t.get("observe", 0.0) + tally.extra_selection_seconds,
         "images_per_second": seen / seconds if seconds > 0 else 0.0,
     }
 

@@ -28,6 +28,10 @@ class PhaseTimer:
         self.pending: list[tuple[str, object, object]] = []
         self.last = self._now()
 
+    def reset_clock(self) -> None:
+        """Start the next phase now (time before this belongs to no phase)."""
+        self.last = self._now()
+
     def _now(self):
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
@@ -96,6 +100,10 @@ class RunLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def rewrite_metrics(run_dir: Path, history: list[dict]) -> None:
+    (Path(run_dir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
 
 
 def read_metrics(run_dir) -> list[dict]:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import random
+import signal
+import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -18,14 +21,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pfb_train.checkpoint import save_atomic, training_state
+from pfb_train.checkpoint import all_rng_states, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from pfb_train.config import Config, save_config
-from pfb_train.data import build_datasets, build_loaders
+from pfb_train.data import build_datasets, build_loaders, start_epoch
 from pfb_train.distributed import DistInfo, barrier, cleanup, init_distributed
 from pfb_train.errors import UserError
-from pfb_train.engine import StepContext, begin_epoch, evaluate, train_one_epoch
-from pfb_train.metrics import BaselineComparison, RunLogger, make_run_dir
+from pfb_train.engine import EpochTally, StepContext, begin_epoch, evaluate, train_one_epoch
+from pfb_train.metrics import BaselineComparison, RunLogger, make_run_dir, rewrite_metrics
 from pfb_train.models import BlockedModel, build_model
+from pfb_train.preemption import PreemptionSignals, Preempted
 from pfb_train.selection import Selector, selector_from_config
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -52,6 +56,8 @@ class RunState:
     run_dir: Optional[Path]  # rank 0 only
     nominal_rows: int  # rows a full-data epoch trains on, over all ranks
     baseline: Optional[BaselineComparison] = None
+    partial: Optional[dict] = None  # EpochTally state when resuming inside an epoch
+    subset: Optional[torch.Tensor] = None  # that epoch's sampler subset
     epoch: int = 0  # next epoch to train
     step: int = 0  # optimizer steps so far
     best_top1: float = float("-inf")
@@ -65,6 +71,9 @@ def run(cfg: Config) -> dict:
     dist = init_distributed(cfg.runtime.device)
     try:
         return fit(setup(cfg, dist))
+    except BaseException as e:
+        traceback.clear_frames(e.__traceback__)  # frees the DDP model before its process group goes
+        raise
     finally:
         cleanup()
 
@@ -103,52 +112,128 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
                       label_smoothing=o.label_smoothing, num_classes=splits.num_classes)
     ctx = StepContext(optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=rt.amp == "fp16"), device,
                       AMP_DTYPES[rt.amp], rt.channels_last, o.label_smoothing, o.clip_grad, mixup, rt.log_every,
-                      updates_per_epoch=len(train_loader), ema=ema)
+                      updates_per_epoch=len(train_loader), ema=ema, check_finite=rt.check_finite,
+                      max_nonfinite=rt.max_nonfinite)
 
-    run_dir = None
+    nominal_rows = len(train_loader) * cfg.data.batch_size * dist.world_size
+    state = RunState(cfg, dist, blocked, model, selector, train_loader, val_loader, ctx, None, nominal_rows, baseline)
+    run_dir, checkpoint = resume_point(rt.resume, rt.output, cfg.name)
+    if checkpoint is not None:
+        restore(state, checkpoint)
     if dist.is_main:
-        run_dir = make_run_dir(rt.output, cfg.name)
-        save_config(cfg, run_dir / "config.yaml")
+        state.run_dir = run_dir or make_run_dir(rt.output, cfg.name)
+        state.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, state.run_dir / "config.yaml")
+        if rt.resume is not None:  # the checkpoint's history is the truth: drop epochs logged after it
+            rewrite_metrics(state.run_dir, state.history)
         print(f"run {cfg.name}: {cfg.model.name} split after {blocked.stage_name} (stage {blocked.stage}), "
               f"blocking {cfg.blocking.method} ratio {cfg.blocking.ratio} ({cfg.blocking.mode}), "
-              f"{len(train_loader)} steps/epoch, {dist.world_size} process(es) on {device.type} -> {run_dir}")
-    nominal_rows = len(train_loader) * cfg.data.batch_size * dist.world_size
-    return RunState(cfg, dist, blocked, model, selector, train_loader, val_loader, ctx, run_dir, nominal_rows, baseline)
+              f"{len(train_loader)} steps/epoch, {dist.world_size} process(es) on {device.type} -> {state.run_dir}")
+        if checkpoint is not None:
+            print(f"resumed at epoch {state.epoch}, step {state.step}")
+    return state
 
 
-def fit(state: RunState) -> dict:
-    """Train from `state.epoch` to the configured number of epochs; log, checkpoint, summarise."""
+def resume_point(resume: Optional[str], output: str, name: str):
+    """(run directory, checkpoint) to continue from. `auto`: runs/<name>, fresh if it holds no checkpoint;
+    a run directory or checkpoint file: must hold a readable checkpoint."""
+    if resume is None:
+        return None, None
+    if resume == "auto":
+        run_dir = Path(output).expanduser() / name
+        return run_dir, latest_checkpoint(run_dir)[1]
+    path = Path(resume).expanduser()
+    checkpoint = latest_checkpoint(path)[1] if path.is_dir() else load_checkpoint(path)
+    if checkpoint is None:
+        raise UserError(f"cannot resume from {path}: no readable checkpoint there (runtime.resume)")
+    return (path if path.is_dir() else path.parent), checkpoint
+
+
+def restore(state: RunState, checkpoint: dict) -> None:
+    """Put a run back where `checkpoint` left it: weights, optimizer, schedule, selector, RNG, progress."""
+    ctx = state.ctx
+    state.blocked.load_state_dict(checkpoint["model"])
+    ctx.optimizer.load_state_dict(checkpoint["optimizer"])
+    if checkpoint["config"]["schedule"] == state.cfg.to_dict()["schedule"]:  # else: the new schedule applies
+        ctx.scheduler.load_state_dict(checkpoint["scheduler"])
+    ctx.scaler.load_state_dict(checkpoint["scaler"])
+    if ctx.ema is not None and checkpoint.get("ema") is not None:
+        ctx.ema.load_state_dict(checkpoint["ema"])
+    state.selector.load_state_dict(checkpoint["selector"])
+    state.epoch, state.step = checkpoint["epoch"], checkpoint["step"]
+    state.history, state.best_top1 = checkpoint["history"], checkpoint["best_top1"]
+    state.partial, state.subset = checkpoint.get("partial"), checkpoint.get("subset")
+    if not restore_rng(checkpoint["rng"]):
+        print("pfb-train: warning: the world size changed since the checkpoint; random streams restart",
+              file=sys.stderr)
+
+
+def fit(state: RunState, until_epoch: Optional[int] = None, until_step: Optional[int] = None) -> Optional[dict]:
+    """Train from where `state` is to the configured number of epochs; log, checkpoint, summarise.
+
+    `until_epoch` / `until_step` stop early (after a checkpoint) and return None, as a preempted
+    job would; SIGTERM/SIGUSR1 do the same and raise Preempted."""
     cfg, dist, rt = state.cfg, state.dist, state.cfg.runtime
     logger = RunLogger(state.run_dir, enabled=dist.is_main)
-    wall_start = time.perf_counter()
-    for epoch in range(state.epoch, cfg.schedule.epochs):
-        epoch_selection_seconds = begin_epoch(state.selector, state.train_loader, epoch)
-        bar = tqdm(total=len(state.train_loader), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
-                   disable=True if not (rt.progress and dist.is_main) else None)  # None: off when not a TTY
-        stats = train_one_epoch(state.model, state.selector, state.train_loader, state.ctx, epoch, bar)
-        bar.close()
-        state.step += len(state.train_loader)  # (the LR follows step_update inside the epoch)
-        stats["selection_seconds"] += epoch_selection_seconds
-        stats["epoch_seconds"] += epoch_selection_seconds
-        stats.update(sample_accounting(stats.pop("samples_seen"), stats.pop("samples_kept"), state.nominal_rows))
-        if dist.world_size > 1 and not rt.sync_bn:  # ranks saw different batches: average BN statistics
-            distribute_bn(state.blocked, dist.world_size, reduce=True)
-        record = {"epoch": epoch, "lr": state.ctx.optimizer.param_groups[0]["lr"], **stats}
-        if (epoch + 1) % rt.eval_every == 0 or epoch == cfg.schedule.epochs - 1:
-            record.update(evaluate(state.model, state.val_loader, state.ctx))
-            if state.ctx.ema is not None:
-                ema = evaluate(state.ctx.ema.module, state.val_loader, state.ctx)
-                record.update(top1_ema=ema["top1"], top5_ema=ema["top5"])
-        record["wall_seconds"] = time.perf_counter() - wall_start
-        state.history.append(record)
-        if state.baseline is not None:
-            record.update(state.baseline.compare(record, sum(r["epoch_seconds"] for r in state.history)))
-        state.epoch = epoch + 1
-        if dist.is_main:
-            logger.log_epoch(record)
-            save_checkpoints(state, record)
-            print(epoch_line(record), flush=True)
-        barrier()
+    try:
+        return _fit(state, logger, until_epoch, until_step)
+    finally:
+        logger.close()
+
+
+def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optional[dict]:
+    cfg, dist, rt = state.cfg, state.dist, state.cfg.runtime
+    wall_start = time.perf_counter() - (state.history[-1]["wall_seconds"] if state.history else 0.0)
+    with PreemptionSignals(every=rt.log_every, device=dist.device) as signals:
+        for epoch in range(state.epoch, cfg.schedule.epochs):
+            if until_epoch is not None and epoch >= until_epoch:
+                return None
+            tally = EpochTally(dist.device, state.partial)
+            if state.partial is None:
+                tally.extra_selection_seconds += begin_epoch(state.selector, state.train_loader, epoch)
+            else:  # inside an interrupted epoch: same subset, the batches already done skipped
+                state.selector.set_epoch(epoch)
+                start_epoch(state.train_loader, epoch, state.subset, skip=tally.batches * cfg.data.batch_size)
+            state.partial = None
+
+            def after_step(tally: EpochTally) -> bool:
+                state.step += 1
+                signum = signals.requested(state.step)
+                stop = signum or (until_step is not None and state.step >= until_step)
+                if stop or (rt.checkpoint_every and state.step % rt.checkpoint_every == 0):
+                    save_checkpoints(state, epoch, tally)
+                if signum:
+                    name = signal.Signals(signum).name
+                    raise Preempted(signum, f"stopped by {name} at epoch {epoch}, step {state.step}; checkpoint "
+                                            f"saved in {state.run_dir}; run the same command with --resume auto to continue")
+                return bool(stop)
+
+            bar = tqdm(total=tally.batches + len(state.train_loader), initial=tally.batches, desc=f"epoch {epoch}",
+                       leave=False, dynamic_ncols=True, disable=True if not (rt.progress and dist.is_main) else None)
+            stats = train_one_epoch(state.model, state.selector, state.train_loader, state.ctx, epoch, tally,
+                                    after_step, bar)
+            bar.close()
+            if stats is None:
+                return None
+            stats.update(sample_accounting(stats.pop("samples_seen"), stats.pop("samples_kept"), state.nominal_rows))
+            if dist.world_size > 1 and not rt.sync_bn:  # ranks saw different batches: average BN statistics
+                distribute_bn(state.blocked, dist.world_size, reduce=True)
+            record = {"epoch": epoch, "lr": state.ctx.optimizer.param_groups[0]["lr"], **stats}
+            if (epoch + 1) % rt.eval_every == 0 or epoch == cfg.schedule.epochs - 1:
+                record.update(evaluate(state.model, state.val_loader, state.ctx))
+                if state.ctx.ema is not None:
+                    ema = evaluate(state.ctx.ema.module, state.val_loader, state.ctx)
+                    record.update(top1_ema=ema["top1"], top5_ema=ema["top5"])
+            record["wall_seconds"] = time.perf_counter() - wall_start
+            state.history.append(record)
+            if state.baseline is not None:
+                record.update(state.baseline.compare(record, sum(r["epoch_seconds"] for r in state.history)))
+            state.epoch = epoch + 1
+            save_checkpoints(state, epoch + 1, None, best=record.get("top1", float("-inf")) > state.best_top1)
+            if dist.is_main:
+                logger.log_epoch(record)
+                print(epoch_line(record), flush=True)
+            barrier()
 
     summary = summarize(cfg, state.history, time.perf_counter() - wall_start,
                         str(state.run_dir) if state.run_dir else None, dist.world_size, dist.device.type)
@@ -156,7 +241,6 @@ def fit(state: RunState) -> dict:
         logger.write_summary(summary)
         print(f"done: top-1 {summary['top1']:.2f}%  blocked {summary['blocked_fraction']:.3f} of sample-passes  "
               f"{summary['seconds_per_epoch']:.1f} s/epoch  ({summary['run_dir']})")
-    logger.close()
     return summary
 
 
@@ -183,14 +267,33 @@ def sample_accounting(seen: int, kept: int, nominal: int) -> dict:
     }
 
 
-def save_checkpoints(state: RunState, record: dict) -> None:
+def save_checkpoints(state: RunState, epoch: int, tally: Optional[EpochTally], best: bool = False) -> None:
+    """Everything needed to go on exactly; `epoch` is the next epoch to start (tally None) or the one
+    under way (tally: its progress). Collective (every rank's RNG state); rank 0 writes."""
     ctx = state.ctx
-    checkpoint = training_state(state.blocked, ctx.optimizer, ctx.scheduler, ctx.scaler, state.selector,
-                                state.epoch, state.step, state.cfg.to_dict(), ctx.ema)
-    save_atomic(checkpoint, state.run_dir / "checkpoint-last.pt")
-    if record.get("top1", float("-inf")) > state.best_top1:
-        state.best_top1 = record["top1"]
-        save_atomic(checkpoint, state.run_dir / "checkpoint-best.pt")
+    rng = all_rng_states()
+    partial = tally.state_dict() if tally is not None else None
+    if not state.dist.is_main:
+        return
+    if best:
+        state.best_top1 = state.history[-1]["top1"]
+    checkpoint = {
+        "model": state.blocked.state_dict(),
+        "optimizer": ctx.optimizer.state_dict(),
+        "scheduler": ctx.scheduler.state_dict(),
+        "scaler": ctx.scaler.state_dict(),
+        "ema": ctx.ema.state_dict() if ctx.ema is not None else None,
+        "selector": state.selector.state_dict(),
+        "epoch": epoch,
+        "step": state.step,
+        "partial": partial,
+        "subset": state.train_loader.sampler.subset if tally is not None else None,
+        "history": state.history,
+        "best_top1": state.best_top1,
+        "rng": rng,
+        "config": state.cfg.to_dict(),
+    }
+    save_checkpoint(checkpoint, state.run_dir, best=best)
 
 
 def summarize(cfg: Config, history: list[dict], wall_seconds: float, run_dir, world_size: int, device: str) -> dict:
@@ -210,6 +313,8 @@ def summarize(cfg: Config, history: list[dict], wall_seconds: float, run_dir, wo
         "blocked_fraction": blocked / max(slots, 1),  # of all sample-passes full data would make
         "train_seconds": sum(r["epoch_seconds"] for r in history),
         "selection_seconds": sum(r["selection_seconds"] for r in history),
+        "bad_samples": sum(r["bad_samples"] for r in history),
+        "nonfinite_steps": sum(r["nonfinite_steps"] for r in history),
         "world_size": world_size,
         "device": device,
         "wall_seconds": wall_seconds,

@@ -118,6 +118,7 @@ BAD_INPUTS = [
     (["--config", "demo", "--set", "data.dataset=cifar10", "--set", "data.root={tmp}"],
      "cifar10 files not found", {}),
     (["--config", "demo", "--set", "runtime.baseline={tmp}/nothing"], "'runtime.baseline': no metrics.jsonl", {}),
+    (["--config", "demo", "--resume", "{tmp}/missing.pt"], "cannot resume from", {}),
     (["report", "{tmp}", "--baseline", "{tmp}"], "not a finished run directory", {}),
     (["--set", "a=b"], "the following arguments are required: --config", {}),
 ]

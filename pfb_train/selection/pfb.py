@@ -83,6 +83,12 @@ class PFBSelector(Selector):
         self.centres = broadcast(v[: self.num_centres].clone().contiguous())
         self.counts = torch.zeros(self.num_centres, device=v.device)
 
+    def _ensure_centres(self, v: torch.Tensor) -> None:
+        if self.centres is None:
+            self._init_centres(v)
+        elif self.centres.device != v.device:  # restored from a checkpoint loaded on the CPU
+            self.centres, self.counts = self.centres.to(v.device), self.counts.to(v.device)
+
     def scores(self, v: torch.Tensor) -> torch.Tensor:
         """Density score per row (higher = more common), with the method's random term."""
         gen = self.generator(v.device)
@@ -105,8 +111,7 @@ class PFBSelector(Selector):
             return None
         with torch.autocast(feats.device.type, enabled=False):
             v = reduce_features(feats, self.feature_dim)
-            if self.centres is None:
-                self._init_centres(v)
+            self._ensure_centres(v)
             s = self.scores(v)
         return torch.topk(s, k, largest=False).indices.sort().values  # the k rarest rows
 
@@ -118,8 +123,7 @@ class PFBSelector(Selector):
             return  # after blocking ends: no density work at all
         with torch.autocast(feats.device.type, enabled=False):
             v = reduce_features(feats if keep is None else feats.index_select(0, keep), self.feature_dim)
-            if self.centres is None:
-                self._init_centres(v)
+            self._ensure_centres(v)
             self.update_centres(v)
 
     def update_centres(self, v: torch.Tensor) -> None:

@@ -1,0 +1,184 @@
+"""Resumable, preemption-safe runs; bad data and non-finite losses."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pfb_train.checkpoint import latest_checkpoint, save_atomic
+from pfb_train.config import load_config
+from pfb_train.errors import UserError
+from pfb_train.metrics import read_metrics
+from pfb_train.train import fit, run, setup
+from pfb_train.distributed import DistInfo
+
+TINY = ["model.name=resnet18", "model.drop_rate=0.2", "data.dataset=synthetic", "data.img_size=32",
+        "data.batch_size=16", "data.train_samples=96", "data.val_samples=32", "data.workers=0",
+        "data.mixup=0.4", "schedule.epochs=4", "schedule.warmup_epochs=1", "runtime.progress=false",
+        "runtime.device=cpu", "blocking.method=pfb", "blocking.ratio=0.25", "blocking.centers=8",
+        "blocking.start_epoch=1", "name=tiny"]
+
+
+def final_state(run_dir):
+    return torch.load(f"{run_dir}/checkpoint-last.pt", weights_only=False)
+
+
+def assert_same_training_state(a, b):
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for key in ("centres", "counts"):
+        assert torch.equal(a["selector"][key], b["selector"][key]), key
+    assert a["epoch"] == b["epoch"] and a["step"] == b["step"]
+
+
+def test_resume_after_epoch_two_is_exact(tmp_path):
+    whole = run(load_config(None, [*TINY, f"runtime.output={tmp_path}/a"]))
+
+    first = setup(load_config(None, [*TINY, f"runtime.output={tmp_path}/b"]), DistInfo())
+    fit(first, until_epoch=2)  # stops after epoch index 1, as a preempted job would
+    assert final_state(first.run_dir)["epoch"] == 2
+    resumed = run(load_config(None, [*TINY, f"runtime.output={tmp_path}/b", "runtime.resume=auto"]))
+
+    assert resumed["run_dir"] == str(first.run_dir)  # same run directory, continued
+    assert_same_training_state(final_state(whole["run_dir"]), final_state(resumed["run_dir"]))
+    records = read_metrics(resumed["run_dir"])
+    assert [r["epoch"] for r in records] == [0, 1, 2, 3]
+    assert resumed["top1"] == whole["top1"] and resumed["blocked_fraction"] == whole["blocked_fraction"]
+
+
+def test_resume_mid_epoch_from_step_checkpoint_is_exact(tmp_path):
+    steps = ["runtime.checkpoint_every=4"]  # 6 steps per epoch: a checkpoint inside every epoch
+    whole = run(load_config(None, [*TINY, *steps, f"runtime.output={tmp_path}/a"]))
+    first = setup(load_config(None, [*TINY, *steps, f"runtime.output={tmp_path}/b"]), DistInfo())
+    fit(first, until_step=10)  # epoch 1, batch 4 of 6
+    saved = final_state(first.run_dir)
+    assert (saved["epoch"], saved["step"]) == (1, 10)
+    resumed = run(load_config(None, [*TINY, *steps, f"runtime.output={tmp_path}/b", "runtime.resume=auto"]))
+    assert_same_training_state(final_state(whole["run_dir"]), final_state(resumed["run_dir"]))
+    a, b = read_metrics(whole["run_dir"]), read_metrics(resumed["run_dir"])
+    assert [r["samples_blocked"] for r in a] == [r["samples_blocked"] for r in b]
+
+
+def test_resume_auto_skips_a_corrupt_checkpoint(tmp_path, capsys):
+    first = setup(load_config(None, [*TINY, f"runtime.output={tmp_path}"]), DistInfo())
+    fit(first, until_epoch=2)
+    last = first.run_dir / "checkpoint-last.pt"
+    assert (first.run_dir / "checkpoint-prev.pt").is_file()
+    last.write_bytes(last.read_bytes()[:1000])  # torn file, as a full disk would leave
+    path, state = latest_checkpoint(first.run_dir)
+    assert path.name == "checkpoint-prev.pt" and state["epoch"] == 1
+    assert "skipping unreadable checkpoint" in capsys.readouterr().err
+    resumed = run(load_config(None, [*TINY, f"runtime.output={tmp_path}", "runtime.resume=auto"]))
+    assert [r["epoch"] for r in read_metrics(resumed["run_dir"])] == [0, 1, 2, 3]  # epoch 1 redone once
+
+
+def test_resume_auto_without_checkpoint_starts_fresh_but_an_explicit_path_must_exist(tmp_path):
+    summary = run(load_config(None, [*TINY, f"runtime.output={tmp_path}", "runtime.resume=auto",
+                                     "schedule.epochs=1", "blocking.start_epoch=0"]))
+    assert summary["run_dir"] == str(tmp_path / "tiny")
+    with pytest.raises(UserError, match="cannot resume from .*nothing.pt: no readable checkpoint"):
+        run(load_config(None, [*TINY, f"runtime.output={tmp_path}", f"runtime.resume={tmp_path}/nothing.pt"]))
+
+
+WRITER = """
+import sys, torch
+from pfb_train.checkpoint import save_atomic
+save_atomic({"payload": torch.ones(80_000_000), "tag": "new"}, sys.argv[1])
+"""
+
+
+def test_sigkill_while_writing_leaves_previous_checkpoint_loadable(tmp_path):
+    target = tmp_path / "checkpoint-last.pt"
+    save_atomic({"tag": "old"}, target)
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target)])
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".checkpoint-last.pt.*")) and time.time() < deadline:
+        time.sleep(0.01)  # the temporary file exists: the write is under way
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(target, weights_only=False)["tag"] in ("old", "new")  # never a torn file
+    path, state = latest_checkpoint(tmp_path)
+    assert path == target
+
+
+def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
+    args = [sys.executable, "-m", "pfb_train", "--config", "demo", "--set", f"runtime.output={tmp_path}",
+            "--set", "schedule.epochs=30", "--set", "runtime.progress=false", "--resume", "auto"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith("epoch 0:"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in err and "checkpoint saved" in err and "Traceback" not in err
+    saved = final_state(tmp_path / "demo")
+    assert 1 <= saved["epoch"] < 30
+    args[args.index("schedule.epochs=30")] = "schedule.epochs=3"  # finish quickly
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert [r["epoch"] for r in read_metrics(tmp_path / "demo")][-1] == 2
+
+
+def write_folder(root, corrupt=0):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            folder = root / split / c
+            folder.mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    for i in range(corrupt):
+        (root / "train" / "a" / f"bad{i}.jpg").write_bytes(b"not a jpeg at all")
+    return root
+
+
+FOLDER = ["model.name=resnet18", "data.dataset=imagefolder", "data.img_size=32", "data.batch_size=4",
+          "data.workers=0", "schedule.epochs=1", "schedule.warmup_epochs=0", "runtime.progress=false",
+          "runtime.device=cpu"]
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    root = write_folder(tmp_path / "data", corrupt=4)  # 16 good + 4 bad = 5 batches of 4: every file visited
+    summary = run(load_config(None, [*FOLDER, f"data.root={root}", f"runtime.output={tmp_path}"]))
+    record = read_metrics(summary["run_dir"])[0]
+    assert record["bad_samples"] == 4 and summary["bad_samples"] == 4
+    assert record["samples_seen"] == 16  # the shortened batches trained on the readable files
+
+
+def test_corrupt_images_fail_the_run_when_configured(tmp_path):
+    root = write_folder(tmp_path / "data", corrupt=1)
+    with pytest.raises(UserError, match=r"unreadable image .*bad0\.jpg"):
+        run(load_config(None, [*FOLDER, f"data.root={root}", "data.bad_images=fail", f"runtime.output={tmp_path}"]))
+
+
+def poison(state, rows):
+    """Make some training images NaN: their batches give a non-finite loss."""
+    images = state.train_loader.dataset.dataset.tensors[0]
+    images[rows] = float("nan")
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
+    state = setup(load_config(None, [*TINY, f"runtime.output={tmp_path}", "schedule.epochs=1",
+                                     "blocking.start_epoch=0", "data.mixup=0.0"]), DistInfo())
+    before = {k: v.clone() for k, v in state.blocked.state_dict().items()}
+    poison(state, [0])  # one sample: exactly one batch per epoch is non-finite
+    summary = fit(state)
+    record = read_metrics(summary["run_dir"])[0]
+    assert record["nonfinite_steps"] == 1
+    assert all(torch.isfinite(v).all() for v in state.blocked.state_dict().values() if v.is_floating_point())
+    assert any(not torch.equal(before[k], v) for k, v in state.blocked.state_dict().items())
+
+
+def test_run_stops_after_too_many_nonfinite_steps_in_a_row(tmp_path):
+    state = setup(load_config(None, [*TINY, f"runtime.output={tmp_path}", "runtime.max_nonfinite=3"]), DistInfo())
+    poison(state, slice(None))
+    with pytest.raises(RuntimeError, match="3 non-finite losses in a row"):
+        fit(state)
