@@ -26,8 +26,8 @@ class PreemptionSignals:
     Under DDP every rank must stop at the same step, so the flag is summed over ranks, every
     `every` steps (one tiny all-reduce, not one per step)."""
 
-    def __init__(self, every: int = 1, device: torch.device = torch.device("cpu")):
-        self.every, self.device = every, device
+    def __init__(self, every: int = 1, device: torch.device | None = None):
+        self.every, self.device = every, device or torch.device("cpu")
         self.signum = 0
         self._previous = {}
 

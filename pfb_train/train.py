@@ -173,8 +173,7 @@ def fit(state: RunState, until_epoch: Optional[int] = None, until_step: Optional
 
     `until_epoch` / `until_step` stop early (after a checkpoint) and return None, as a preempted
     job would; SIGTERM/SIGUSR1 do the same and raise Preempted."""
-    cfg, dist, rt = state.cfg, state.dist, state.cfg.runtime
-    logger = RunLogger(state.run_dir, enabled=dist.is_main)
+    logger = RunLogger(state.run_dir, enabled=state.dist.is_main)
     try:
         return _fit(state, logger, until_epoch, until_step)
     finally:
@@ -196,7 +195,7 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
                 start_epoch(state.train_loader, epoch, state.subset, skip=tally.batches * cfg.data.batch_size)
             state.partial = None
 
-            def after_step(tally: EpochTally) -> bool:
+            def after_step(tally: EpochTally, epoch: int = epoch) -> bool:
                 state.step += 1
                 signum = signals.requested(state.step)
                 stop = signum or (until_step is not None and state.step >= until_step)
