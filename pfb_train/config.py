@@ -45,7 +45,7 @@ class BlockingConfig:
     noise: Optional[float] = None  # None: 0.01 for kde (alpha bound), 0.1 for mean_log_kernel
     weights: Literal["counts", "uniform"] = "counts"  # centre weights: paper (counts) or code (uniform)
     delta: float = 0.875  # infobatch: prune during the first delta of the epochs, then full data
-    mode: Literal["reuse", "recompute"] = "reuse"  # see pfb_train/costs.py for what each costs
+    mode: Literal["auto", "reuse", "recompute"] = "auto"  # auto: the cheaper by the cost model (pfb_train/costs.py)
 
 
 @dataclass
@@ -63,6 +63,7 @@ class DataConfig:
     cutmix: float = 0.0
     auto_augment: Optional[str] = None  # timm policy string, e.g. "rand-m9-mstd0.5"
     bad_images: Literal["skip", "fail"] = "skip"  # imagefolder: unreadable files are skipped and counted, or fatal
+    decode: Literal["cpu", "device"] = "cpu"  # imagefolder: decode + augment in CPU workers, or on the training device
 
 
 @dataclass
@@ -331,6 +332,9 @@ def validate(cfg: Config) -> None:
         need(round(b.ratio * d.batch_size) < d.batch_size, f"blocking.ratio {b.ratio} would block every row of a batch of {d.batch_size}")
     if d.dataset in ("imagefolder", "cifar10", "cifar100"):
         need(d.root is not None, f"config key 'data.root' is required for dataset '{d.dataset}'")
+    if d.decode == "device":
+        need(d.dataset == "imagefolder", f"config key 'data.decode' 'device' applies to dataset 'imagefolder', not '{d.dataset}'")
+        need(d.auto_augment is None, "config key 'data.auto_augment' needs data.decode 'cpu' (the device path crops and flips only)")
     if d.mixup > 0 or d.cutmix > 0:
         need(d.batch_size % 2 == 0, f"mixup/cutmix need an even 'data.batch_size', got {d.batch_size}")
     need(o.ema_decay is None or 0 < o.ema_decay < 1, f"config key 'optim.ema_decay' must be in (0, 1), got {o.ema_decay}")

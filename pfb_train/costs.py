@@ -50,3 +50,10 @@ def step_flops(blocked, x: torch.Tensor, kept: int | None) -> int:
     keep = None if kept is None else torch.arange(kept, device=x.device)
     select = None if kept is None else (lambda feats: keep)
     return count_flops(lambda: blocked(x, select=select).logits.float().sum().backward())
+
+
+def cheaper_mode(ratio: float) -> str:
+    """recompute - reuse = s(3p - 1)/3 in the cost model: recompute wins exactly when p > 1/3,
+    whatever the shallow share s (it trades the blocked rows' shallow backward, 2sp, for a
+    second shallow forward of the kept rows, s(1 - p))."""
+    return "recompute" if ratio > 1 / 3 else "reuse"

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, default_collate
 from torchvision.datasets import ImageFolder
 
+from pfb_train.device_decode import DeviceDecodeLoader, collate_bytes, read_bytes
 from pfb_train.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -62,6 +63,7 @@ class DataSplits:
     train: Dataset
     val: Dataset
     num_classes: int
+    decode_on_device: bool = False  # items are file bytes (data.decode: device)
 
 
 def synthetic(num_classes: int, img_size: int, train_samples: int, val_samples: int, seed: int = 0) -> DataSplits:
@@ -109,7 +111,8 @@ def _check_class_folders(split_dir: Path) -> list[str]:
     return classes
 
 
-def imagefolder(root: str, img_size: int, auto_augment=None, fail_on_bad: bool = False) -> DataSplits:
+def imagefolder(root: str, img_size: int, auto_augment=None, fail_on_bad: bool = False,
+                decode: str = "cpu") -> DataSplits:
     from timm.data import create_transform
 
     base = Path(root).expanduser()
@@ -120,6 +123,9 @@ def imagefolder(root: str, img_size: int, auto_augment=None, fail_on_bad: bool =
     if val_classes != train_classes:
         missing = sorted(set(train_classes) ^ set(val_classes))[:5]
         raise UserError(f"train/ and val/ in {base} have different class folders (e.g. {', '.join(missing)})")
+    if decode == "device":  # workers read bytes; DeviceDecodeLoader decodes and augments
+        train, val = (ImageFolder(str(base / split), loader=read_bytes) for split in ("train", "val"))
+        return DataSplits(train, val, len(train_classes), decode_on_device=True)
     train_tf = create_transform(img_size, is_training=True, auto_augment=auto_augment)
     val_tf = create_transform(img_size, is_training=False)
     train = CheckedImageFolder(str(base / "train"), train_tf, fail_on_bad)
@@ -193,7 +199,7 @@ def build_datasets(data_cfg, num_classes=None, seed: int = 0) -> DataSplits:
     elif d.dataset in CIFAR:
         splits = cifar(d.dataset, d.root, d.img_size, d.download)
     else:
-        splits = imagefolder(d.root, d.img_size, d.auto_augment, d.bad_images == "fail")
+        splits = imagefolder(d.root, d.img_size, d.auto_augment, d.bad_images == "fail", d.decode)
     if num_classes is not None and num_classes != splits.num_classes:
         raise UserError(f"config key 'model.num_classes' is {num_classes} but dataset '{d.dataset}' has {splits.num_classes} classes")
     return splits
@@ -241,7 +247,8 @@ class ShardedEvalSampler(Sampler):
         return len(self.indices)
 
 
-def build_loaders(splits: DataSplits, data_cfg, seed: int, rank: int = 0, world_size: int = 1, pin_memory=False):
+def build_loaders(splits: DataSplits, data_cfg, seed: int, rank: int = 0, world_size: int = 1, pin_memory=False,
+                  device="cpu"):
     """Train loader: shuffled per epoch (`loader.sampler.set_epoch(epoch, subset)`), fixed batch size (drop_last)."""
     d = data_cfg
     if len(splits.train) < d.batch_size * world_size:
@@ -251,7 +258,7 @@ def build_loaders(splits: DataSplits, data_cfg, seed: int, rank: int = 0, world_
         )
     train_sampler = ShardedTrainSampler(len(splits.train), rank, world_size, seed)
     common = dict(num_workers=d.workers, pin_memory=pin_memory, persistent_workers=d.workers > 0,
-                  collate_fn=collate_readable)
+                  collate_fn=collate_bytes if splits.decode_on_device else collate_readable)
     # Its own generator: worker seeds are drawn from it, not from the global RNG (see start_epoch).
     train = DataLoader(IndexedDataset(splits.train), batch_size=d.batch_size, sampler=train_sampler, drop_last=True,
                        generator=torch.Generator(), **common)
@@ -261,6 +268,13 @@ def build_loaders(splits: DataSplits, data_cfg, seed: int, rank: int = 0, world_
         sampler=ShardedEvalSampler(len(splits.val), rank, world_size),
         **common,
     )
+    if splits.decode_on_device:
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        wrap = dict(device=device, img_size=d.img_size, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                    fail_on_bad=d.bad_images == "fail")
+        train = DeviceDecodeLoader(train, train=True, paths=[p for p, _ in splits.train.samples], **wrap)
+        val = DeviceDecodeLoader(val, train=False, paths=[p for p, _ in splits.val.samples], **wrap)
     return train, val
 
 

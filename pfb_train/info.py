@@ -8,6 +8,7 @@ import torch
 
 from pfb_train.costs import MODES, count_flops, predicted_cost_ratio, shallow_flop_share
 from pfb_train.models import build_model, split_spec
+from pfb_train.train import blocking_mode
 
 
 def _num_classes(cfg) -> int:
@@ -21,7 +22,7 @@ def _num_classes(cfg) -> int:
 def model_info(cfg) -> dict:
     model_cfg = type(cfg.model)(**{**vars(cfg.model), "pretrained": False})  # no weights needed to count
     with torch.device("meta"):  # shapes only: FLOPs are counted without doing the arithmetic
-        blocked = build_model(model_cfg, cfg.blocking.stage, _num_classes(cfg), cfg.blocking.mode).eval()
+        blocked = build_model(model_cfg, cfg.blocking.stage, _num_classes(cfg), blocking_mode(cfg.blocking)).eval()
     share = shallow_flop_share(blocked, cfg.data.img_size)
     x = torch.empty(1, 3, cfg.data.img_size, cfg.data.img_size, device="meta")
     with torch.no_grad():
@@ -45,6 +46,6 @@ def model_info(cfg) -> dict:
         "ratio": cfg.blocking.ratio,
         "batch_size": batch,
         "blocked_per_batch": blocked_rows,
-        "mode": cfg.blocking.mode,
+        "mode": blocked.mode,
         "predicted_ratio": {mode: predicted_cost_ratio(mode, share, realised) for mode in MODES},
     }

@@ -220,7 +220,8 @@ class BlockedModel(nn.Module):
     def __init__(self, model: nn.Module, stage: Union[int, str] = 1, mode: str = "reuse"):
         super().__init__()
         if mode not in ("reuse", "recompute"):
-            raise UserError(f"invalid blocking.mode {mode!r}; choose one of: reuse, recompute")
+            raise UserError(f"invalid blocking.mode {mode!r}; choose one of: reuse, recompute (auto is resolved "
+                            "from the ratio by pfb_train.costs.cheaper_mode)")
         self.model = model
         spec = split_spec(model)
         self.stage = resolve_stage(spec, stage)

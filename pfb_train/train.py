@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from pfb_train.checkpoint import all_rng_states, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from pfb_train.config import Config, save_config
+from pfb_train.costs import cheaper_mode
 from pfb_train.data import build_datasets, build_loaders, start_epoch
 from pfb_train.distributed import DistInfo, barrier, cleanup, init_distributed
 from pfb_train.errors import UserError
@@ -88,8 +89,8 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
 
     splits = build_datasets(cfg.data, cfg.model.num_classes, seed=rt.seed)
     train_loader, val_loader = build_loaders(splits, cfg.data, rt.seed, dist.rank, dist.world_size,
-                                             pin_memory=device.type == "cuda")
-    blocked = build_model(cfg.model, cfg.blocking.stage, splits.num_classes, cfg.blocking.mode,
+                                             pin_memory=device.type == "cuda", device=device)
+    blocked = build_model(cfg.model, cfg.blocking.stage, splits.num_classes, blocking_mode(cfg.blocking),
                           sync_bn=rt.sync_bn and dist.world_size > 1).to(device)
     if rt.channels_last:
         blocked = blocked.to(memory_format=torch.channels_last)
@@ -127,11 +128,18 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
         if rt.resume is not None:  # the checkpoint's history is the truth: drop epochs logged after it
             rewrite_metrics(state.run_dir, state.history)
         print(f"run {cfg.name}: {cfg.model.name} split after {blocked.stage_name} (stage {blocked.stage}), "
-              f"blocking {cfg.blocking.method} ratio {cfg.blocking.ratio} ({cfg.blocking.mode}), "
+              f"blocking {cfg.blocking.method} ratio {cfg.blocking.ratio} ({blocked.mode}), "
               f"{len(train_loader)} steps/epoch, {dist.world_size} process(es) on {device.type} -> {state.run_dir}")
         if checkpoint is not None:
             print(f"resumed at epoch {state.epoch}, step {state.step}")
     return state
+
+
+def blocking_mode(blocking) -> str:
+    """`auto`: the mode the cost model says is cheaper at the configured ratio (only pfb/random block rows)."""
+    if blocking.mode != "auto":
+        return blocking.mode
+    return cheaper_mode(blocking.ratio) if blocking.method in ("pfb", "random") else "reuse"
 
 
 def resume_point(resume: Optional[str], output: str, name: str):

@@ -161,3 +161,23 @@ def test_channels_last_and_token_features_are_pooled_per_sample():
         with torch.no_grad():
             out = blocked(torch.randn(3, 3, size, size), select=lambda f: None)
         assert out.feats.shape == (3, channels), family
+
+
+@pytest.mark.parametrize("share", [0.05, 0.192, 0.32, 0.6])
+@pytest.mark.parametrize("ratio", [0.0, 0.2, 0.3, 1 / 3, 0.34, 0.4, 0.5, 0.7])
+def test_cheaper_mode_agrees_with_the_cost_model(share, ratio):
+    from pfb_train.costs import cheaper_mode
+
+    costs = {mode: predicted_cost_ratio(mode, share, ratio) for mode in ("reuse", "recompute")}
+    chosen = cheaper_mode(ratio)
+    assert costs[chosen] <= costs["recompute" if chosen == "reuse" else "reuse"] + 1e-12
+
+
+def test_auto_mode_resolution():
+    from pfb_train.config import load_config
+    from pfb_train.train import blocking_mode
+
+    assert blocking_mode(load_config("demo").blocking) == "recompute"  # pfb at 0.4
+    assert blocking_mode(load_config("demo", ["blocking.ratio=0.3"]).blocking) == "reuse"
+    assert blocking_mode(load_config("demo", ["blocking.mode=reuse"]).blocking) == "reuse"  # explicit wins
+    assert blocking_mode(load_config("demo", ["blocking.method=infobatch"]).blocking) == "reuse"  # blocks no rows

@@ -40,3 +40,12 @@ def test_bench_step_prints_json_with_ratios():
         assert out[key] > 0, key
     assert out["blocked_rows"] == 6
     assert out["flop_ratio"] == pytest.approx(out["predicted_ratio"], rel=0.02)
+
+
+def test_bench_data_prints_both_paths():
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_data.py"), "--device", "cpu", "--workers", "0",
+           "--batch-size", "4", "--img-size", "32", "--warmup", "1", "--batches", "1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["images_per_second_cpu"] > 0 and out["images_per_second_device"] > 0 and out["images"] == 8
