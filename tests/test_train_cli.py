@@ -150,3 +150,17 @@ def test_ema_is_evaluated_and_checkpointed(tiny_config, tmp_path):
     ema = {k.removeprefix("module."): v for k, v in state["ema"].items()}  # ModelEmaV3 wraps the copy
     assert ema.keys() == state["model"].keys()
     assert any(not torch.equal(ema[k], state["model"][k]) for k in ema if ema[k].is_floating_point())
+
+
+def test_fp16_with_gradient_scaling_on_cpu(tmp_path):
+    """The scaler path (scale, unscale for clipping, step, update) runs; GPUs are covered in test_gpu.py."""
+    cfg = load_config(None, ["model.name=resnet18", "data.dataset=synthetic", "data.img_size=16",
+                             "data.batch_size=16", "data.train_samples=32", "data.val_samples=16", "data.workers=0",
+                             "schedule.epochs=1", "schedule.warmup_epochs=0", "runtime.progress=false",
+                             "blocking.method=pfb", "blocking.centers=8", "blocking.start_epoch=0",
+                             "runtime.amp=fp16", "optim.clip_grad=1.0", f"runtime.output={tmp_path}"])
+    summary = run(cfg)
+    state = torch.load(f"{summary['run_dir']}/checkpoint-last.pt", weights_only=False)
+    assert state["scaler"]["scale"] > 0 and state["scaler"]["_growth_tracker"] == 2  # two scaled steps taken
+    assert summary["blocked_fraction"] == pytest.approx(6 / 16)
+    assert state["selector"]["centres"].dtype == torch.float32
