@@ -57,3 +57,10 @@ def cheaper_mode(ratio: float) -> str:
     whatever the shallow share s (it trades the blocked rows' shallow backward, 2sp, for a
     second shallow forward of the kept rows, s(1 - p))."""
     return "recompute" if ratio > 1 / 3 else "reuse"
+
+
+def blocking_mode(blocking) -> str:
+    """Resolve `blocking.mode`; `auto` is the cheaper mode at the ratio (only pfb/random block rows)."""
+    if blocking.mode != "auto":
+        return blocking.mode
+    return cheaper_mode(blocking.ratio) if blocking.method in ("pfb", "random") else "reuse"

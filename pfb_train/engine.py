@@ -64,11 +64,15 @@ class TrainingStopped(RuntimeError):
     """The run cannot go on (e.g. the loss keeps diverging); the message says why."""
 
 
-def begin_epoch(selector, loader, epoch: int) -> float:
-    """Hand the epoch to the selector and its subset (if any) to the sampler; returns seconds spent."""
+def begin_epoch(selector, loader, epoch: int, resume: Optional[tuple] = None) -> float:
+    """Hand the epoch to the selector and its subset (if any) to the sampler; returns seconds spent.
+    `resume`: (subset, rows done) of an interrupted epoch: the same subset, the done rows skipped."""
     started = time.perf_counter()
     selector.set_epoch(epoch)
-    start_epoch(loader, epoch, selector.epoch_indices(loader.sampler.size))
+    if resume is None:
+        start_epoch(loader, epoch, selector.epoch_indices(loader.sampler.size))
+    else:
+        start_epoch(loader, epoch, *resume)
     return time.perf_counter() - started
 
 
@@ -217,15 +221,16 @@ def train_one_epoch(model, selector, loader, ctx: StepContext, epoch: int, tally
 def evaluate(model, loader, ctx: StepContext) -> dict:
     """Top-1/top-5 of the full model over every validation sample (counts summed over ranks)."""
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # correct1, correct5, loss, count
+    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # correct1, correct5, loss
+    count = 0  # a shape: counted on the host
     for x, y, _ in loader:
         x, y = _to_device(x, y, ctx)
         with autocast(ctx):
             logits = model(x).logits.float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top.eq(y.unsqueeze(1))
-        totals += torch.stack([
-            hits[:, :1].sum(), hits.sum(), F.cross_entropy(logits, y, reduction="sum"), torch.tensor(y.numel(), device=ctx.device)
-        ]).double()
+        totals += torch.stack([hits[:, :1].sum(), hits.sum(), F.cross_entropy(logits, y, reduction="sum")]).double()
+        count += y.shape[0]
+    totals = torch.cat([totals, totals.new_tensor([count])])
     correct1, correct5, loss, count = all_reduce_sum(totals).tolist()
     return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count, "val_loss": loss / count, "val_samples": int(count)}

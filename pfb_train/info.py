@@ -6,9 +6,8 @@ from pathlib import Path
 
 import torch
 
-from pfb_train.costs import MODES, count_flops, predicted_cost_ratio, shallow_flop_share
+from pfb_train.costs import MODES, blocking_mode, count_flops, predicted_cost_ratio, shallow_flop_share
 from pfb_train.models import build_model, split_spec
-from pfb_train.train import blocking_mode
 
 
 def _num_classes(cfg) -> int:

@@ -84,7 +84,7 @@ class RunLogger:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in record.items():
-            if key != "epoch" and isinstance(value, (int, float)) and value is not None:
+            if key != "epoch" and isinstance(value, (int, float)):
                 self.writer.add_scalar(f"epoch/{key}", value, record["epoch"])
         self.writer.flush()
 

@@ -247,32 +247,27 @@ class BlockedModel(nn.Module):
         """`select(feats) -> kept row indices or None`; without it this is the plain model."""
         if select is None:
             return BlockedOutput(self.deep(self.shallow(x)), None, None)
-        if self.mode == "recompute":
-            with torch.no_grad(), frozen_norm_stats(self.shallow):
-                feats = self.pooled_features(self.shallow(x))
-            if timer is not None:
-                timer.mark("shallow")
-            keep = select(feats)
-            if timer is not None:
-                timer.mark("select")
-            rows = x if keep is None else x.index_select(0, keep)
-            return BlockedOutput(self.deep(self.shallow(rows)), keep, feats)
-        h = self.shallow(x)
+        recompute = self.mode == "recompute"
+        with torch.no_grad() if recompute else contextlib.nullcontext(), frozen_norm_stats(self.shallow, recompute):
+            h = self.shallow(x)
         feats = self.pooled_features(h)
         if timer is not None:
             timer.mark("shallow")
         keep = select(feats)
         if timer is not None:
             timer.mark("select")
-        if keep is not None:
+        if recompute:  # the kept rows again, with gradients; h was only for choosing them
+            h = self.shallow(x if keep is None else x.index_select(0, keep))
+        elif keep is not None:
             h = h.index_select(0, keep)
         return BlockedOutput(self.deep(h), keep, feats)
 
 
 @contextlib.contextmanager
-def frozen_norm_stats(module: nn.Module):
+def frozen_norm_stats(module: nn.Module, enabled: bool = True):
     """BatchNorm layers normalise with batch statistics but leave running statistics alone."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = [m for m in module.modules() if enabled and isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
     for m in norms:
         m.track_running_stats = False
     try:

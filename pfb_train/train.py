@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from pfb_train.checkpoint import all_rng_states, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from pfb_train.config import Config, save_config
-from pfb_train.costs import cheaper_mode
-from pfb_train.data import build_datasets, build_loaders, start_epoch
+from pfb_train.costs import blocking_mode
+from pfb_train.data import build_datasets, build_loaders
 from pfb_train.distributed import DistInfo, barrier, cleanup, init_distributed
 from pfb_train.errors import UserError
 from pfb_train.engine import EpochTally, StepContext, begin_epoch, evaluate, train_one_epoch
@@ -135,13 +135,6 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
     return state
 
 
-def blocking_mode(blocking) -> str:
-    """`auto`: the mode the cost model says is cheaper at the configured ratio (only pfb/random block rows)."""
-    if blocking.mode != "auto":
-        return blocking.mode
-    return cheaper_mode(blocking.ratio) if blocking.method in ("pfb", "random") else "reuse"
-
-
 def resume_point(resume: Optional[str], output: str, name: str):
     """(run directory, checkpoint) to continue from. `auto`: runs/<name>, fresh if it holds no checkpoint;
     a run directory or checkpoint file: must hold a readable checkpoint."""
@@ -196,11 +189,8 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
             if until_epoch is not None and epoch >= until_epoch:
                 return None
             tally = EpochTally(dist.device, state.partial)
-            if state.partial is None:
-                tally.extra_selection_seconds += begin_epoch(state.selector, state.train_loader, epoch)
-            else:  # inside an interrupted epoch: same subset, the batches already done skipped
-                state.selector.set_epoch(epoch)
-                start_epoch(state.train_loader, epoch, state.subset, skip=tally.batches * cfg.data.batch_size)
+            resume = (state.subset, tally.batches * cfg.data.batch_size) if state.partial is not None else None
+            tally.extra_selection_seconds += begin_epoch(state.selector, state.train_loader, epoch, resume)
             state.partial = None
 
             def after_step(tally: EpochTally, epoch: int = epoch) -> bool:

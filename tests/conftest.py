@@ -2,8 +2,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -18,3 +20,20 @@ def run_cli(*args, cwd=None, timeout=300):
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def smooth_image(rng, h, w):
+    """Low-frequency content, like a photo: resampling methods and JPEG decoders then agree closely."""
+    coarse = rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR))
+
+
+def write_smooth_folder(root, per_class, size=lambda i: (40 + 3 * i, 52)):
+    """root/{train,val}/{a,b}/<i>.jpg of smooth images; `size(i)` gives (height, width)."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(smooth_image(rng, *size(i))).save(root / split / c / f"{i}.jpg", quality=95)
+    return rng

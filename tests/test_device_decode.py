@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import smooth_image, write_smooth_folder
 from pfb_train.config import DataConfig, load_config
 from pfb_train.data import build_datasets, build_loaders, start_epoch
 from pfb_train.errors import UserError
@@ -12,20 +13,9 @@ from pfb_train.metrics import read_metrics
 from pfb_train.train import run
 
 
-def smooth_image(rng, h, w):
-    """Low-frequency content, like a photo: resampling methods then agree closely."""
-    coarse = rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR))
-
-
 @pytest.fixture
 def folder(tmp_path):
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in ("a", "b"):
-            (tmp_path / split / c).mkdir(parents=True)
-            for i in range(6):
-                Image.fromarray(smooth_image(rng, 40 + 3 * i, 52)).save(tmp_path / split / c / f"{i}.jpg", quality=95)
+    rng = write_smooth_folder(tmp_path, per_class=6)
     Image.fromarray(smooth_image(rng, 40, 40)).save(tmp_path / "train" / "a" / "z.png")
     return tmp_path
 

@@ -175,7 +175,7 @@ def test_cheaper_mode_agrees_with_the_cost_model(share, ratio):
 
 def test_auto_mode_resolution():
     from pfb_train.config import load_config
-    from pfb_train.train import blocking_mode
+    from pfb_train.costs import blocking_mode
 
     assert blocking_mode(load_config("demo").blocking) == "recompute"  # pfb at 0.4
     assert blocking_mode(load_config("demo", ["blocking.ratio=0.3"]).blocking) == "reuse"

@@ -32,19 +32,11 @@ def test_density_is_float32_under_autocast_on_gpu():
 
 
 def test_device_decode_on_gpu_matches_cpu_decode(tmp_path):
-    import numpy as np
-    from PIL import Image
-
+    from conftest import write_smooth_folder
     from pfb_train.config import DataConfig
     from pfb_train.data import build_datasets, build_loaders
 
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in ("a", "b"):
-            (tmp_path / split / c).mkdir(parents=True)
-            for i in range(4):
-                coarse = Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8))
-                coarse.resize((64, 48), Image.BILINEAR).save(tmp_path / split / c / f"{i}.jpg", quality=95)
+    write_smooth_folder(tmp_path, per_class=4, size=lambda i: (48, 64))
     cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), img_size=32, batch_size=4, workers=0, decode="device")
     splits = build_datasets(cfg)
     _, gpu_val = build_loaders(splits, cfg, seed=0, device="cuda")
