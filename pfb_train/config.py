@@ -92,6 +92,8 @@ class RuntimeConfig:
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
     compile: bool = False  # torch.compile the shallow and deep parts (the selection stays eager)
+    cudnn_benchmark: bool = True  # CUDA: autotune conv kernels for the step's fixed shapes (not bit-reproducible)
+    tf32: bool = True  # CUDA: TensorFloat-32 matmuls and convs in float32 runs
     sync_bn: bool = False  # SyncBatchNorm across ranks (multi-process runs only)
     seed: int = 0
     output: str = "runs"

@@ -18,6 +18,7 @@ from torchvision.datasets import ImageFolder
 
 from pfb_train.device_decode import DeviceDecodeLoader, collate_bytes, read_bytes
 from pfb_train.errors import UserError
+from pfb_train.prefetch import DevicePrefetcher
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -249,7 +250,8 @@ class ShardedEvalSampler(Sampler):
 
 def build_loaders(splits: DataSplits, data_cfg, seed: int, rank: int = 0, world_size: int = 1, pin_memory=False,
                   device="cpu"):
-    """Train loader: shuffled per epoch (`loader.sampler.set_epoch(epoch, subset)`), fixed batch size (drop_last)."""
+    """Train loader: shuffled per epoch (`loader.sampler.set_epoch(epoch, subset)`), fixed batch size (drop_last).
+    On CUDA both loaders yield batches already on the device, fetched one ahead on a side stream."""
     d = data_cfg
     if len(splits.train) < d.batch_size * world_size:
         raise UserError(
@@ -275,6 +277,8 @@ def build_loaders(splits: DataSplits, data_cfg, seed: int, rank: int = 0, world_
                     fail_on_bad=d.bad_images == "fail")
         train = DeviceDecodeLoader(train, train=True, paths=[p for p, _ in splits.train.samples], **wrap)
         val = DeviceDecodeLoader(val, train=False, paths=[p for p, _ in splits.val.samples], **wrap)
+    if torch.device(device).type == "cuda":  # copies (and device decoding) of the next batch overlap this step
+        train, val = DevicePrefetcher(train, device), DevicePrefetcher(val, device)
     return train, val
 
 

@@ -23,6 +23,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from pfb_train.errors import UserError
+from pfb_train.wrapped_loader import WrappedLoader
 
 JPEG_MAGIC = (0xFF, 0xD8)
 
@@ -47,32 +48,18 @@ def _is_jpeg(data: torch.Tensor) -> bool:
     return data.numel() > 2 and (int(data[0]), int(data[1])) == JPEG_MAGIC
 
 
-class DeviceDecodeLoader:
+class DeviceDecodeLoader(WrappedLoader):
     """Wraps a DataLoader of file bytes; yields (images on `device`, labels, indices) like the CPU loader."""
 
     def __init__(self, loader, device, img_size: int, train: bool, mean, std, crop_pct: float = 0.875,
                  fail_on_bad: bool = False, paths=None):
-        self.loader, self.device, self.img_size, self.train = loader, torch.device(device), img_size, train
+        super().__init__(loader)
+        self.device, self.img_size, self.train = torch.device(device), img_size, train
         self.crop_pct, self.fail_on_bad, self.paths = crop_pct, fail_on_bad, paths
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
-        self.generator = loader.generator if loader.generator is not None else torch.Generator()
-
-    # the DataLoader attributes the engine and samplers use
-    @property
-    def sampler(self):
-        return self.loader.sampler
-
-    @property
-    def batch_size(self) -> int:
-        return self.loader.batch_size
-
-    @property
-    def dataset(self):
-        return self.loader.dataset
-
-    def __len__(self) -> int:
-        return len(self.loader)
+        # The loader's generator (re-seeded per epoch by data.start_epoch) also draws the crops.
+        self.crop_generator = loader.generator if loader.generator is not None else torch.Generator()
 
     def __iter__(self):
         for data, labels, indices in self.loader:
@@ -115,12 +102,15 @@ class DeviceDecodeLoader:
         size = [self.img_size, self.img_size]
         if self.train:
             with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG: give it our seed
-                torch.manual_seed(int(torch.randint(2**62, (1,), generator=self.generator)))
+                torch.manual_seed(int(torch.randint(2**62, (1,), generator=self.crop_generator)))
                 boxes = [v2.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]) for image in images]
                 flips = torch.rand(len(images)) < 0.5
             out = [TF.resized_crop(image, *box, size, antialias=True) for image, box in zip(images, boxes)]
             batch = torch.stack(out)
-            batch = torch.where(flips.to(self.device).view(-1, 1, 1, 1), batch.flip(-1), batch)
+            if self.device.type == "cuda":  # a pageable copy would make the host wait for the stream
+                flips = flips.pin_memory()
+            flips = flips.to(self.device, non_blocking=True)
+            batch = torch.where(flips.view(-1, 1, 1, 1), batch.flip(-1), batch)
         else:
             resize = int(self.img_size / self.crop_pct)
             batch = torch.stack([TF.center_crop(TF.resize(image, resize, antialias=True), size) for image in images])

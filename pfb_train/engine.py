@@ -85,7 +85,9 @@ def train_step(model, selector, x, y, idx, ctx: StepContext, schedule_at: float,
     if guard:
         _backup_buffers(model, ctx)
     with autocast(ctx):
-        out = model(x, select=selector.select, timer=timer)
+        # Epochs without blocking run the plain model: no second shallow pass in recompute mode.
+        select = selector.select if selector.blocks_rows() else None
+        out = model(x, select=select, features=selector.needs_features(), timer=timer)
     kept_idx = idx if out.keep is None else idx.index_select(0, out.keep)
     target = y if out.keep is None else y.index_select(0, out.keep)
     losses = per_sample_loss(out.logits, target, ctx.label_smoothing)

@@ -240,13 +240,19 @@ class BlockedModel(nn.Module):
         self.__dict__["deep"] = torch.compile(self.deep, **options)
 
     def pooled_features(self, h: torch.Tensor) -> torch.Tensor:
-        """Global average over space (or tokens), in float32: the (B, C) input of the density model."""
-        return h.detach().float().mean(self.feature_dims)
+        """Global average over space (or tokens), accumulated in float32: the (B, C) input of the
+        density model. `dtype=` instead of `.float()` avoids a float32 copy of the whole activation."""
+        return h.detach().mean(self.feature_dims, dtype=torch.float32)
 
-    def forward(self, x: torch.Tensor, select: Optional[Callable] = None, timer=None) -> BlockedOutput:
-        """`select(feats) -> kept row indices or None`; without it this is the plain model."""
+    def forward(self, x: torch.Tensor, select: Optional[Callable] = None, features: bool = False,
+                timer=None) -> BlockedOutput:
+        """`select(feats) -> kept row indices or None`; without it this is the plain model, which
+        returns the pooled shallow features too when `features` is set."""
         if select is None:
-            return BlockedOutput(self.deep(self.shallow(x)), None, None)
+            if not features:
+                return BlockedOutput(self.deep(self.shallow(x)), None, None)
+            h = self.shallow(x)
+            return BlockedOutput(self.deep(h), None, self.pooled_features(h))
         recompute = self.mode == "recompute"
         with torch.no_grad() if recompute else contextlib.nullcontext(), frozen_norm_stats(self.shallow, recompute):
             h = self.shallow(x)

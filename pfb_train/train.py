@@ -85,6 +85,12 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
     if rt.threads:
         torch.set_num_threads(rt.threads)
     device = dist.device
+    if device.type == "cuda":
+        # Shapes are fixed per step (the kept count is too), so autotuned conv kernels are found
+        # once and reused; TF32 runs float32 matmuls on tensor cores.
+        torch.backends.cudnn.benchmark = rt.cudnn_benchmark
+        precision = "tf32" if rt.tf32 else "ieee"
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = precision
     seed_everything(rt.seed)  # the same initial model on every rank
 
     splits = build_datasets(cfg.data, cfg.model.num_classes, seed=rt.seed)

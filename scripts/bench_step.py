@@ -2,9 +2,11 @@
 
 Same model initialisation, same synthetic batch, same optimizer; each step is the harness's
 own `engine.train_step`. Warm-up steps first, then `--repeats` timed runs of `--steps` steps
-(device-synchronised); the median step time of each is reported. FLOPs per step are counted
-on the meta device with torch's FlopCounterMode, and the cost model's prediction is given
-next to both ratios. Prints one JSON object.
+(device-synchronised); the median step time of each is reported. One more run of `--steps`
+steps is split into phases by the harness's PhaseTimer (CUDA events on a GPU): the selection's
+share of the step (`select` + `observe`) is reported as `selection_share`. FLOPs per step are
+counted on the meta device with torch's FlopCounterMode, and the cost model's prediction is
+given next to both ratios. Prints one JSON object.
 
     python scripts/bench_step.py --model resnet50 --ratio 0.4 --device cuda --amp bf16 --channels-last
 """
@@ -21,8 +23,9 @@ import time
 import timm
 import torch
 
-from pfb_train.costs import predicted_cost_ratio, shallow_flop_share, step_flops
+from pfb_train.costs import cheaper_mode, predicted_cost_ratio, shallow_flop_share, step_flops
 from pfb_train.engine import StepContext, train_step
+from pfb_train.metrics import PhaseTimer
 from pfb_train.models import split_model
 from pfb_train.selection import build_selector
 
@@ -32,7 +35,8 @@ def parse_args():
     p.add_argument("--model", default="resnet50")
     p.add_argument("--ratio", type=float, default=0.4)
     p.add_argument("--stage", default="1")
-    p.add_argument("--mode", choices=["reuse", "recompute"], default="reuse")
+    p.add_argument("--mode", choices=["auto", "reuse", "recompute"], default="auto",
+                   help="auto: the cheaper by the cost model, as blocking.mode: auto does")
     p.add_argument("--method", choices=["pfb", "random"], default="pfb")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--img-size", type=int, default=224)
@@ -44,6 +48,8 @@ def parse_args():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-check-finite", dest="check_finite", action="store_false",
+                   help="drop the non-finite-gradient guard (runtime.check_finite: false): its one host sync per step")
     return p.parse_args()
 
 
@@ -52,12 +58,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(blocked, selector, x, y, args, device) -> list[float]:
-    """Median-ready list: seconds per step of each timed repeat."""
+def time_steps(blocked, selector, x, y, args, device) -> tuple[list[float], dict]:
+    """Seconds per step of each timed repeat, and the seconds per phase of one more run."""
     optimizer = torch.optim.SGD(blocked.parameters(), lr=0.01, momentum=0.9)
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     ctx = StepContext(optimizer, None, torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"), device, amp,
-                      args.channels_last)
+                      args.channels_last, check_finite=args.check_finite)
     idx = torch.arange(x.shape[0], device=device)
     blocked.train()
     step = 0
@@ -73,14 +79,22 @@ def time_steps(blocked, selector, x, y, args, device) -> list[float]:
             step += 1
         sync(device)
         per_step.append((time.perf_counter() - start) / args.steps)
-    return per_step
+    timer = PhaseTimer(device)
+    for _ in range(args.steps):
+        timer.reset_clock()
+        train_step(blocked, selector, x, y, idx, ctx, step + 1, timer)
+        step += 1
+    return per_step, timer.totals()
 
 
 def main() -> None:
     args = parse_args()
+    if args.mode == "auto":
+        args.mode = cheaper_mode(args.ratio)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True  # as the harness sets it (runtime.cudnn_benchmark)
     stage = int(args.stage) if args.stage.isdigit() else args.stage
     torch.manual_seed(0)
     base = timm.create_model(args.model, num_classes=1000)
@@ -88,11 +102,11 @@ def main() -> None:
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=memory_format)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
 
-    results = {}
+    results, phases = {}, {}
     for method in ("none", args.method):
         blocked = split_model(copy.deepcopy(base), stage, args.mode).to(device, memory_format=memory_format)
         selector = build_selector(method, ratio=args.ratio, **({"centers": min(args.centers, args.batch_size)} if method == "pfb" else {}))
-        results[method] = time_steps(blocked, selector, x, y, args, device)
+        results[method], phases[method] = time_steps(blocked, selector, x, y, args, device)
 
     with torch.device("meta"):
         meta = split_model(timm.create_model(args.model, num_classes=1000), stage, args.mode)
@@ -103,6 +117,8 @@ def main() -> None:
     realised = 1 - kept / args.batch_size
 
     t_none, t_blocked = statistics.median(results["none"]), statistics.median(results[args.method])
+    timed = phases[args.method]
+    selection_share = (timed.get("select", 0.0) + timed.get("observe", 0.0)) / sum(timed.values())
     print(json.dumps({
         "model": args.model, "method": args.method, "mode": args.mode, "stage": meta.stage_name,
         "ratio": args.ratio, "blocked_rows": args.batch_size - kept, "batch_size": args.batch_size,
@@ -115,6 +131,9 @@ def main() -> None:
         "predicted_ratio": predicted_cost_ratio(args.mode, share, realised),
         "predicted_ratio_ideal": predicted_cost_ratio("ideal", share, realised),
         "shallow_share": share,
+        "selection_share": selection_share,
+        "phase_ms": {k: round(1000 * v / args.steps, 3) for k, v in timed.items()},
+        "check_finite": args.check_finite,
         "images_per_second_none": args.batch_size / t_none,
         "repeats_ms_none": [round(1000 * t, 2) for t in results["none"]],
         f"repeats_ms_{args.method}": [round(1000 * t, 2) for t in results[args.method]],

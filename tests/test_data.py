@@ -119,3 +119,41 @@ def test_cifar_missing_files_is_one_line_without_download(tmp_path):
     cfg = DataConfig(dataset="cifar10", root=str(tmp_path), img_size=32)
     with pytest.raises(UserError, match="cifar10 files not found: .*data_batch_1 .*data.download=true"):
         build_datasets(cfg)
+
+
+def test_prefetcher_keeps_batches_order_and_loader_attributes():
+    """The CUDA prefetcher's logic, run on the CPU: same batches, same order, fetched one ahead."""
+    from pfb_train.data import start_epoch
+    from pfb_train.prefetch import DevicePrefetcher
+
+    cfg = DataConfig(dataset="synthetic", img_size=8, batch_size=4, train_samples=16, val_samples=8, workers=0)
+    train, _ = build_loaders(build_datasets(cfg, num_classes=3), cfg, seed=0)
+    wrapped = DevicePrefetcher(train, "cpu")
+    assert (len(wrapped), wrapped.batch_size, wrapped.sampler, wrapped.generator) == (4, 4, train.sampler, train.generator)
+
+    fetched = []
+    counting = DevicePrefetcher(_Counting(train, fetched), "cpu")
+    start_epoch(counting, 1)
+    seen = []
+    for x, y, idx in counting:
+        seen.append(idx)
+        assert len(fetched) == min(len(seen) + 1, 4)  # the next batch is already on its way
+    start_epoch(train, 1)
+    plain = [idx for _, _, idx in train]
+    assert all(torch.equal(a, b) for a, b in zip(seen, plain, strict=True))
+
+
+class _Counting:
+    """A loader that records each batch as it is drawn from it."""
+
+    def __init__(self, loader, fetched):
+        self.loader, self.fetched = loader, fetched
+        self.sampler, self.generator, self.batch_size = loader.sampler, loader.generator, loader.batch_size
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.fetched.append(batch[2])
+            yield batch

@@ -1,4 +1,4 @@
-"""Checks only a GPU can make: bf16/fp16 autocast with channels_last on CUDA. Skipped without one."""
+"""Checks only a GPU can make: bf16/fp16 autocast, nvJPEG decode, no host sync in a step. Skipped without one."""
 
 import pytest
 import torch
@@ -45,3 +45,46 @@ def test_device_decode_on_gpu_matches_cpu_decode(tmp_path):
     b = torch.cat([x for x, _, _ in cpu_val])
     assert a.device.type == "cuda" and a.shape == b.shape
     assert (a.cpu() - b).abs().mean() < 0.05  # nvJPEG and libjpeg round differently
+
+
+@pytest.mark.parametrize("mode", ["reuse", "recompute"])
+def test_pfb_step_never_synchronises_the_gpu(mode):
+    """CUDA's own detector: any host wait inside the step (item, nonzero, copies to the host) raises."""
+    import timm
+
+    from pfb_train.engine import StepContext, train_step
+    from pfb_train.models import split_model
+
+    model = split_model(timm.create_model("resnet18", num_classes=4), stage=1, mode=mode).cuda()
+    model = model.to(memory_format=torch.channels_last)
+    selector = build_selector("pfb", ratio=0.4, centers=8, feature_dim=16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    ctx = StepContext(optimizer, None, torch.amp.GradScaler("cuda", enabled=False), torch.device("cuda"),
+                      torch.bfloat16, channels_last=True, clip_grad=1.0, check_finite=False)
+    x = torch.randn(20, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    y, idx = torch.arange(20, device="cuda") % 4, torch.arange(20, device="cuda")
+    train_step(model, selector, x, y, idx, ctx, schedule_at=1)  # first step: lazy initialisation may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(3):
+            _, kept, _ = train_step(model, selector, x, y, idx, ctx, schedule_at=step + 2)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert kept == 12
+
+
+def test_prefetched_batches_equal_the_cpu_loaders():
+    from pfb_train.config import DataConfig
+    from pfb_train.data import build_datasets, build_loaders, start_epoch
+
+    cfg = DataConfig(dataset="synthetic", img_size=16, batch_size=8, train_samples=64, val_samples=16, workers=2)
+    splits = build_datasets(cfg, num_classes=4)
+    gpu_train, _ = build_loaders(splits, cfg, seed=0, pin_memory=True, device="cuda")
+    cpu_train, _ = build_loaders(splits, cfg, seed=0, device="cpu")
+    start_epoch(gpu_train, 3)
+    start_epoch(cpu_train, 3)
+    for (xg, yg, ig), (xc, yc, ic) in zip(gpu_train, cpu_train, strict=True):
+        assert xg.device.type == "cuda" and yg.device.type == "cuda"
+        xg = xg * 1.0  # a kernel on the compute stream must see the finished copy
+        assert torch.equal(xg.cpu(), xc) and torch.equal(yg.cpu(), yc) and torch.equal(ig.cpu(), ic)

@@ -40,6 +40,7 @@ def test_bench_step_prints_json_with_ratios():
         assert out[key] > 0, key
     assert out["blocked_rows"] == 6
     assert out["flop_ratio"] == pytest.approx(out["predicted_ratio"], rel=0.02)
+    assert set(out["phase_ms"]) == {"shallow", "select", "deep", "observe"} and 0 < out["selection_share"] < 1
 
 
 def test_bench_data_prints_both_paths():
@@ -49,3 +50,27 @@ def test_bench_data_prints_both_paths():
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["images_per_second_cpu"] > 0 and out["images_per_second_device"] > 0 and out["images"] == 8
+
+
+def _bench(script, *args):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)  # stdout holds the JSON object only
+
+
+def test_bench_reference_times_a_plain_loop():
+    out = _bench("bench_reference.py", "--model", "resnet18", "--device", "cpu", "--img-size", "32", "--batch-size", "4",
+                 "--num-classes", "10", "--warmup", "1", "--steps", "1", "--repeats", "2")
+    assert len(out["repeats_ms"]) == 2 and out["images_per_second"] == pytest.approx(4000 / out["step_ms"])
+
+
+@pytest.mark.parametrize("data", [["--data", "synthetic"], ["--data", "jpeg", "--decode", "device"]])
+def test_bench_train_runs_the_harness_for_both_methods(data):
+    out = _bench("bench_train.py", "--model", "resnet18", "--device", "cpu", "--img-size", "32", "--batch-size", "8",
+                 "--steps-per-epoch", "2", "--epochs", "2", "--workers", "0", "--num-classes", "10", "--reference", *data)
+    assert out["none"]["blocked_fraction"] == 0 and out["pfb"]["blocked_fraction"] == 3 / 8
+    assert len(out["pfb"]["epoch_seconds"]) == out["timed_epochs"] == 1
+    assert out["time_ratio"] == pytest.approx(out["pfb"]["seconds"] / out["none"]["seconds"])
+    assert out["baseline_vs_reference"] == pytest.approx(out["none"]["images_per_second"] /
+                                                         out["reference"]["images_per_second"])

@@ -53,6 +53,14 @@ class Selector:
         """Sampler-level selection: the dataset indices to visit this epoch; None = all."""
         return None
 
+    def blocks_rows(self) -> bool:
+        """Whether `select` may drop rows this epoch; if not, the step runs the plain model."""
+        return False
+
+    def needs_features(self) -> bool:
+        """Whether `observe` uses the shallow features this epoch (they are pooled only if so)."""
+        return False
+
     def select(self, feats: torch.Tensor) -> Optional[torch.Tensor]:
         """Batch-level selection from (B, C) shallow features: kept row indices; None = all rows."""
         return None

@@ -104,6 +104,12 @@ class PFBSelector(Selector):
         eps = torch.randn(s.shape, device=v.device, generator=gen)
         return s + self.noise * eps * s.abs().max()
 
+    def blocks_rows(self) -> bool:
+        return self.schedule.ratio_at(self.epoch) > 0
+
+    def needs_features(self) -> bool:  # the centres follow the data from the first epoch until blocking ends
+        return self.schedule.end is None or self.epoch < self.schedule.end
+
     def select(self, feats: torch.Tensor):
         batch = feats.shape[0]
         k = self.schedule.kept(batch, self.epoch)
@@ -119,7 +125,7 @@ class PFBSelector(Selector):
 
     def observe(self, feats, keep, sample_idx, losses) -> None:
         """Move each centre toward the mean of the retained features nearest to it."""
-        if feats is None or (self.schedule.end is not None and self.epoch >= self.schedule.end):
+        if feats is None or not self.needs_features():
             return  # after blocking ends: no density work at all
         with torch.autocast(feats.device.type, enabled=False):
             v = reduce_features(feats if keep is None else feats.index_select(0, keep), self.feature_dim)

@@ -14,6 +14,9 @@ class RandomSelector(Selector):
         super().__init__(seed)
         self.schedule = schedule
 
+    def blocks_rows(self) -> bool:
+        return self.schedule.ratio_at(self.epoch) > 0
+
     def select(self, feats: torch.Tensor):
         batch = feats.shape[0]
         k = self.schedule.kept(batch, self.epoch)
