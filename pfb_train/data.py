@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, default_collate
 from torchvision.datasets import ImageFolder
 
-from pfb_train.device_decode import DeviceDecodeLoader, collate_bytes, read_bytes
+from pfb_train.device_decode import DeviceDecodeLoader, all_unreadable, collate_bytes, read_bytes
 from pfb_train.errors import UserError
 from pfb_train.prefetch import DevicePrefetcher
 
@@ -42,7 +42,11 @@ class CheckedImageFolder(ImageFolder):
 
 def collate_readable(items):
     """Default collation of the items that are not None (unreadable files); the batch is then shorter."""
-    return default_collate([item for item in items if item is not None])
+    readable = [item for item in items if item is not None]
+    if not readable:
+        raise UserError(all_unreadable(len(items)))
+    return default_collate(readable)
+
 
 
 class IndexedDataset(Dataset):
@@ -251,7 +255,7 @@ class ShardedEvalSampler(Sampler):
 def build_loaders(splits: DataSplits, data_cfg, seed: int, rank: int = 0, world_size: int = 1, pin_memory=False,
                   device="cpu"):
     """Train loader: shuffled per epoch (`loader.sampler.set_epoch(epoch, subset)`), fixed batch size (drop_last).
-    On CUDA both loaders yield batches already on the device, fetched one ahead on a side stream."""
+    On CUDA both loaders yield batches already on the device, fetched ahead by a thread on a side stream."""
     d = data_cfg
     if len(splits.train) < d.batch_size * world_size:
         raise UserError(

@@ -1,6 +1,7 @@
 """ImageNet input decoded on the training device (`data.decode: device`).
 
-DataLoader workers only read file bytes. The main process hands a whole batch of JPEGs to
+DataLoader workers only read file bytes. The training process (on a GPU, its prefetch thread,
+see prefetch.py) hands a whole batch of JPEGs to
 torchvision's batched `decode_jpeg(device=...)` (nvJPEG on a GPU), then crops, resizes,
 flips and normalises there: a 224-px batch leaves the host as ~30 KB per image of JPEG
 instead of 150 KB of pixels, and no CPU core decodes or resizes. Other formats (PNG, ...)
@@ -8,18 +9,22 @@ are decoded on the CPU one by one and moved; unreadable files are dropped from t
 (counted by the engine as a shorter batch) or, with `data.bad_images: fail`, stop the run.
 
 Train: RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) + horizontal flip; eval: resize the
-shorter side to size / crop_pct, centre crop. Crop boxes come from torchvision's own
-`RandomResizedCrop.get_params`, run on a forked RNG seeded from the loader's generator, so
-the global RNG (dropout, mixup) is untouched and an epoch's crops depend on its seed only.
+shorter side to size / crop_pct, centre crop. The crop boxes and flips of a whole batch are
+drawn at once (`random_resized_boxes`, torchvision's RandomResizedCrop rule vectorised) from
+the loader's generator: a few tensor ops per batch instead of ~40 Python-level RNG calls per
+image, the global RNG (dropout, mixup) untouched, and an epoch's crops set by its seed alone.
+Each crop is a view of its decoded image, resized by one antialiased bilinear interpolation.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from pfb_train.errors import UserError
@@ -44,6 +49,12 @@ def collate_bytes(items):
     return data, labels, indices
 
 
+def all_unreadable(count: int) -> str:
+    # An empty batch cannot be trained on, and under DDP one rank skipping a step would stall the others.
+    return (f"all {count} images of a batch are unreadable: check the files under data.root "
+            "(data.bad_images=skip skips single files, not whole batches)")
+
+
 def _is_jpeg(data: torch.Tensor) -> bool:
     return data.numel() > 2 and (int(data[0]), int(data[1])) == JPEG_MAGIC
 
@@ -64,6 +75,8 @@ class DeviceDecodeLoader(WrappedLoader):
     def __iter__(self):
         for data, labels, indices in self.loader:
             images, good = self.decode(data, indices)
+            if not images:
+                raise UserError(all_unreadable(len(data)))
             if not good.all():
                 labels, indices = labels[good], indices[good]
             yield self.augment(images), labels, indices
@@ -101,12 +114,17 @@ class DeviceDecodeLoader(WrappedLoader):
     def augment(self, images: list) -> torch.Tensor:
         size = [self.img_size, self.img_size]
         if self.train:
-            with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG: give it our seed
-                torch.manual_seed(int(torch.randint(2**62, (1,), generator=self.crop_generator)))
-                boxes = [v2.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]) for image in images]
-                flips = torch.rand(len(images)) < 0.5
-            out = [TF.resized_crop(image, *box, size, antialias=True) for image, box in zip(images, boxes)]
-            batch = torch.stack(out)
+            heights = torch.tensor([image.shape[-2] for image in images])
+            widths = torch.tensor([image.shape[-1] for image in images])
+            boxes = random_resized_boxes(heights, widths, self.crop_generator).tolist()
+            flips = torch.rand(len(images), generator=self.crop_generator) < 0.5
+            # The CPU resizes uint8 with its own vectorised kernel; CUDA has none, so there the crop
+            # becomes float32 first (and stays float: no rounding back to uint8).
+            dtype = torch.uint8 if self.device.type == "cpu" else torch.float32
+            batch = torch.cat([
+                F.interpolate(image[None, :, top:top + h, left:left + w].to(dtype), size=size, mode="bilinear",
+                              antialias=True, align_corners=False)
+                for image, (top, left, h, w) in zip(images, boxes)])
             if self.device.type == "cuda":  # a pageable copy would make the host wait for the stream
                 flips = flips.pin_memory()
             flips = flips.to(self.device, non_blocking=True)
@@ -115,3 +133,38 @@ class DeviceDecodeLoader(WrappedLoader):
             resize = int(self.img_size / self.crop_pct)
             batch = torch.stack([TF.center_crop(TF.resize(image, resize, antialias=True), size) for image in images])
         return (batch.float() - self.mean) / self.std
+
+
+def random_resized_boxes(heights: torch.Tensor, widths: torch.Tensor, generator: torch.Generator,
+                         scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts: int = 10) -> torch.Tensor:
+    """RandomResizedCrop's boxes for a batch of image sizes: (n, 4) rows of (top, left, height, width).
+
+    torchvision's rule, for all images at once: up to `attempts` draws of an area (a uniform
+    fraction in `scale` of the image's) and a log-uniform aspect ratio; the first draw that fits
+    gives the box, at a uniform position. If none fits, the centre crop of the whole image with
+    its aspect ratio clamped to `ratio`."""
+    n = len(heights)
+    h_img, w_img = heights.double(), widths.double()
+    area = (h_img * w_img)[:, None] * torch.empty(n, attempts, dtype=torch.float64).uniform_(*scale, generator=generator)
+    log_ratio = torch.empty(n, attempts, dtype=torch.float64).uniform_(math.log(ratio[0]), math.log(ratio[1]),
+                                                                      generator=generator)
+    aspect = log_ratio.exp()
+    w = (area * aspect).sqrt().round()
+    h = (area / aspect).sqrt().round()
+    fits = (w > 0) & (w <= w_img[:, None]) & (h > 0) & (h <= h_img[:, None])
+    first = fits.int().argmax(dim=1, keepdim=True)  # index of the first draw that fits (0 if none does)
+    h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)
+    position = torch.rand(n, 2, dtype=torch.float64, generator=generator)
+    top = (position[:, 0] * (h_img - h + 1)).floor()
+    left = (position[:, 1] * (w_img - w + 1)).floor()
+
+    # No draw fits: centre crop, the aspect ratio clamped to the range.
+    image_ratio = w_img / h_img
+    fallback_w = torch.where(image_ratio > ratio[1], (h_img * ratio[1]).round(), w_img)
+    fallback_h = torch.where(image_ratio < ratio[0], (w_img / ratio[0]).round(), h_img)
+    none_fits = ~fits.any(dim=1)
+    h = torch.where(none_fits, fallback_h, h)
+    w = torch.where(none_fits, fallback_w, w)
+    top = torch.where(none_fits, ((h_img - h) / 2).floor(), top)
+    left = torch.where(none_fits, ((w_img - w) / 2).floor(), left)
+    return torch.stack([top, left, h, w], dim=1).long()

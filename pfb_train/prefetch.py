@@ -1,47 +1,95 @@
-"""Bring the next batch to the GPU while the current step runs.
+"""Bring the next batches to the GPU while the current step runs, from a background thread.
 
 A host-to-device copy on the compute stream waits for the step before it and holds up the
 one after it: a float32 batch of 256 images at 224 px is 154 MB, several milliseconds of
-PCIe per step. On a side stream the copy engine moves batch i+1 while the SMs run step i.
-With `data.decode: device` the decode and crops of batch i+1 are queued on that stream too.
+PCIe per step. On a side stream the copy engine moves the next batch while the SMs run
+this step. With `data.decode: device` the decode, crops and flips are queued there too.
+
+Why a thread: the host side of device decoding (nvJPEG's batched call, ~2 small kernels
+launched per image) takes milliseconds per batch. Done between two steps on the training
+thread, it would leave the GPU idle once the step's one host sync (the non-finite check)
+has drained the queue. The thread does that work while the training thread waits on the
+GPU; PyTorch releases the GIL inside its ops, so the two threads overlap.
 """
 
 from __future__ import annotations
 
 import contextlib
+import queue
+import threading
 
 import torch
 
 from pfb_train.wrapped_loader import WrappedLoader
 
+_END = object()  # the producer's last item: the epoch is over
+
 
 class DevicePrefetcher(WrappedLoader):
-    """Wraps a loader of (images, labels, indices); yields them on `device`, one batch ahead.
+    """Wraps a loader of (images, labels, indices); yields them on `device`, up to `depth` batches ahead.
 
-    Off CUDA there is no side stream: batches are moved when fetched, and the wrapper only
-    keeps the one-ahead order (so the CPU tests run the same code)."""
+    The producer thread runs off CUDA too (without a side stream), so the CPU tests run the
+    same code. Batches keep the loader's order; an error in the loader is raised here."""
 
-    def __init__(self, loader, device):
+    def __init__(self, loader, device, depth: int = 2):
         super().__init__(loader)
         self.device = torch.device(device)
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.depth = depth
+        self.stream = None
+        if self.device.type == "cuda":
+            if self.device.index is None:  # the thread's current device is its own: name it
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            self.stream = torch.cuda.Stream(self.device)
 
     def __iter__(self):
-        batches = iter(self.loader)
-        upcoming = self._fetch(batches)
-        while upcoming is not None:
-            current = upcoming
-            if self.stream is not None:
-                compute = torch.cuda.current_stream(self.device)
-                compute.wait_stream(self.stream)  # this batch's copy, not the one queued next
-                for t in current:
-                    t.record_stream(compute)  # the allocator must not reuse it while the step runs
-            upcoming = self._fetch(batches)  # queued before this step's kernels: runs beside them
-            yield current
+        batches = iter(self.loader)  # here, not in the thread: the epoch's worker seeds are drawn now
+        ready: queue.Queue = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+        producer = threading.Thread(target=self._produce, args=(batches, ready, stop), daemon=True,
+                                    name="pfb-prefetch")
+        producer.start()
+        try:
+            while (item := ready.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                batch, copied = item
+                if copied is not None:
+                    compute = torch.cuda.current_stream(self.device)
+                    compute.wait_event(copied)  # this batch's copy and decode, not the ones queued after it
+                    for t in batch:
+                        t.record_stream(compute)  # the allocator must not reuse it while the step runs
+                yield batch
+        finally:  # also when the loop stops early: release the producer and wait for it
+            stop.set()
+            while producer.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    ready.get_nowait()
+                producer.join(timeout=0.05)
 
-    def _fetch(self, batches):
-        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-            batch = next(batches, None)
-            if batch is None:
-                return None
-            return tuple(t.to(self.device, non_blocking=True) for t in batch)
+    def _produce(self, batches, ready: queue.Queue, stop: threading.Event) -> None:
+        try:
+            if self.stream is not None:
+                torch.cuda.set_device(self.device)
+            with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+                for batch in batches:
+                    batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
+                    copied = None
+                    if self.stream is not None:
+                        copied = torch.cuda.Event()
+                        copied.record(self.stream)
+                    if not _put(ready, (batch, copied), stop) or stop.is_set():
+                        return  # the consumer stopped: read no further
+            _put(ready, _END, stop)
+        except BaseException as e:  # raised on the training thread, which called for the batch
+            _put(ready, e, stop)
+
+
+def _put(ready: queue.Queue, item, stop: threading.Event) -> bool:
+    """Queue `item` unless the consumer has stopped; False if it has."""
+    while not stop.is_set():
+        try:
+            ready.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            pass
+    return False

@@ -7,7 +7,8 @@
 
 Each path runs --warmup batches, then times --batches batches (device-synchronised). The images
 are smooth colour fields plus noise at ImageNet's typical size (500 x 375, JPEG quality 90), so
-decode cost is realistic. Prints one JSON object.
+decode cost is realistic. It also times the device path's augmentation of one batch alone
+(`augment_host_ms`: host time; `augment_ms`: to completion). Prints one JSON object.
 
     python scripts/bench_data.py --device cuda --workers 8 --batch-size 256
 """
@@ -18,16 +19,20 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from pfb_train.config import DataConfig
 from pfb_train.data import build_datasets, build_loaders, start_epoch
+from pfb_train.device_decode import DeviceDecodeLoader
 
 
 def make_folder(root: Path, images: int, classes: int = 10, size=(500, 375)) -> None:
@@ -62,6 +67,29 @@ def images_per_second(loader, device, warmup: int, batches: int) -> float:
     return count / (time.perf_counter() - start)
 
 
+def augment_ms(device: torch.device, batch_size: int, img_size: int, repeats: int = 5) -> dict:
+    """The device path's crop/resize/flip/normalise of one batch of decoded 500 x 375 images,
+    median of `repeats`: host time (on a GPU, what launching its kernels costs the prefetch
+    thread) and time to completion (device-synchronised)."""
+    augment = DeviceDecodeLoader(SimpleNamespace(generator=torch.Generator().manual_seed(0)), device, img_size,
+                                 train=True, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD).augment
+    images = [torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8, device=device) for _ in range(batch_size)]
+    host, total = [], []
+    for _ in range(repeats + 1):  # the first call warms up
+        sync(device)
+        start = time.perf_counter()
+        augment(images)
+        host.append(time.perf_counter() - start)
+        sync(device)
+        total.append(time.perf_counter() - start)
+    return {"augment_host_ms": 1e3 * statistics.median(host[1:]), "augment_ms": 1e3 * statistics.median(total[1:])}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -87,6 +115,7 @@ def main() -> None:
                              batch_size=args.batch_size, workers=args.workers, decode=decode)
             train, _ = build_loaders(build_datasets(cfg), cfg, seed=0, pin_memory=device.type == "cuda", device=device)
             result[f"images_per_second_{decode}"] = images_per_second(train, device, args.warmup, args.batches)
+        result.update(augment_ms(device, args.batch_size, args.img_size))
     print(json.dumps(result))
 
 

@@ -8,6 +8,7 @@ from PIL import Image
 from conftest import smooth_image, write_smooth_folder
 from pfb_train.config import DataConfig, load_config
 from pfb_train.data import build_datasets, build_loaders, start_epoch
+from pfb_train.device_decode import random_resized_boxes
 from pfb_train.errors import UserError
 from pfb_train.metrics import read_metrics
 from pfb_train.train import run
@@ -90,3 +91,55 @@ def test_device_decode_config_errors():
     with pytest.raises(UserError, match="auto_augment"):
         load_config(None, ["data.decode=device", "data.dataset=imagefolder", "data.root=/x",
                            "data.auto_augment=rand-m9-mstd0.5"])
+
+
+def box_stats(boxes, height, width):
+    top, left, h, w = boxes.double().unbind(1)
+    return torch.stack([(h * w / (height * width)).mean(), (w / h).log().mean(), (top / height).mean(),
+                        (left / width).mean()])
+
+
+@pytest.mark.parametrize("height, width", [(375, 500), (500, 100), (64, 64)])
+def test_batched_crop_boxes_follow_torchvisions_random_resized_crop(height, width):
+    """Same distribution as torchvision's per-image get_params: area share, log aspect, position."""
+    from torchvision.transforms import v2
+
+    n = 4000
+    boxes = random_resized_boxes(torch.full((n,), height), torch.full((n,), width), torch.Generator().manual_seed(0))
+    top, left, h, w = boxes.unbind(1)
+    assert (top >= 0).all() and (left >= 0).all() and (h > 0).all() and (w > 0).all()
+    assert (top + h <= height).all() and (left + w <= width).all()
+    torch.manual_seed(0)
+    image = torch.empty(3, height, width)
+    reference = torch.tensor([v2.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)])
+    assert torch.allclose(box_stats(boxes, height, width), box_stats(reference, height, width), atol=0.02)
+
+
+def test_batched_crop_boxes_fall_back_to_a_clamped_centre_crop():
+    """No draw fits a 10x200 or 300x12 image: both rules then give the same centre crop."""
+    from torchvision.transforms import v2
+
+    sizes = [(10, 200), (300, 12)]
+    boxes = random_resized_boxes(torch.tensor([s[0] for s in sizes]), torch.tensor([s[1] for s in sizes]),
+                                 torch.Generator().manual_seed(0))
+    expected = [v2.RandomResizedCrop.get_params(torch.empty(3, *s), [0.08, 1.0], [3 / 4, 4 / 3]) for s in sizes]
+    assert boxes.tolist() == [list(e) for e in expected] == [[0, 93, 10, 13], [142, 0, 16, 12]]
+
+
+def test_train_batch_is_the_resized_crop_of_each_decoded_image(folder):
+    """The batched augmentation equals torchvision's resized_crop (+ flip) of the same boxes."""
+    from torchvision.transforms.v2 import functional as TF
+
+    _, _, train, _ = loaders(folder, decode="device")
+    images = [torch.randint(0, 256, (3, 40 + i, 50), dtype=torch.uint8) for i in range(6)]
+    train.crop_generator.manual_seed(3)
+    batch = train.augment(images)
+    train.crop_generator.manual_seed(3)
+    heights, widths = torch.tensor([40 + i for i in range(6)]), torch.full((6,), 50)
+    boxes = random_resized_boxes(heights, widths, train.crop_generator).tolist()
+    flips = torch.rand(6, generator=train.crop_generator) < 0.5
+    for image, box, flip, got in zip(images, boxes, flips, batch):
+        want = TF.resized_crop(image, *box, [32, 32], antialias=True).float()
+        want = (want.flip(-1) if flip else want) / 255
+        assert torch.allclose(got * train.std[0] / 255 + train.mean[0] / 255, want, atol=1e-5)
+    assert 0 < flips.sum() < 6

@@ -50,6 +50,7 @@ def test_bench_data_prints_both_paths():
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["images_per_second_cpu"] > 0 and out["images_per_second_device"] > 0 and out["images"] == 8
+    assert 0 < out["augment_host_ms"] <= out["augment_ms"]
 
 
 def _bench(script, *args):

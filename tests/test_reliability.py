@@ -159,6 +159,17 @@ def test_corrupt_images_fail_the_run_when_configured(tmp_path):
         run(load_config(None, [*FOLDER, f"data.root={root}", "data.bad_images=fail", f"runtime.output={tmp_path}"]))
 
 
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_a_batch_with_no_readable_image_stops_the_run_with_one_line(tmp_path, decode):
+    """An empty batch cannot be trained on (and one DDP rank skipping a step would stall the rest)."""
+    root = write_folder(tmp_path / "data", corrupt=4)
+    for good in (root / "train").rglob("[0-9].jpg"):
+        good.unlink()
+    (root / "train" / "b" / "bad.jpg").write_bytes(b"")
+    with pytest.raises(UserError, match="all 4 images of a batch are unreadable: check the files under data.root"):
+        run(load_config(None, [*FOLDER, f"data.root={root}", f"data.decode={decode}", f"runtime.output={tmp_path}"]))
+
+
 def poison(state, rows):
     """Make some training images NaN: their batches give a non-finite loss."""
     images = state.train_loader.dataset.dataset.tensors[0]

@@ -1,0 +1,88 @@
+"""The prefetcher's producer thread, run on the CPU (the CUDA stream and events: test_gpu.py)."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from pfb_train.config import DataConfig
+from pfb_train.data import build_datasets, build_loaders, start_epoch
+from pfb_train.errors import UserError
+from pfb_train.prefetch import DevicePrefetcher
+
+
+@pytest.fixture
+def train_loader():
+    cfg = DataConfig(dataset="synthetic", img_size=8, batch_size=4, train_samples=32, val_samples=8, workers=0)
+    return build_loaders(build_datasets(cfg, num_classes=3), cfg, seed=0)[0]
+
+
+class Recording:
+    """A loader that records each batch as it is drawn from it, and can fail after `fail_after` batches."""
+
+    def __init__(self, loader, fail_after=None):
+        self.loader, self.fail_after, self.fetched = loader, fail_after, []
+        self.sampler, self.generator, self.batch_size = loader.sampler, loader.generator, loader.batch_size
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if len(self.fetched) == self.fail_after:
+                raise UserError("unreadable image broken.jpg")
+            self.fetched.append(batch[2])
+            yield batch
+
+
+def wait_for(condition, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def producers_alive():
+    return any(t.name == "pfb-prefetch" and t.is_alive() for t in threading.enumerate())
+
+
+def test_same_batches_in_order_read_ahead_at_most_depth(train_loader):
+    recording = Recording(train_loader)
+    prefetcher = DevicePrefetcher(recording, "cpu", depth=2)
+    assert (len(prefetcher), prefetcher.batch_size, prefetcher.sampler, prefetcher.generator) == (
+        8, 4, train_loader.sampler, train_loader.generator)
+    start_epoch(prefetcher, 1)
+    seen = []
+    for i, (_, _, idx) in enumerate(prefetcher):
+        seen.append(idx)
+        if i == 0:  # while this step "runs", the producer fills the queue (2) and holds one more
+            assert wait_for(lambda: len(recording.fetched) == 4)
+            time.sleep(0.05)
+        assert len(recording.fetched) <= len(seen) + 3
+    start_epoch(train_loader, 1)
+    assert all(torch.equal(a, b) for a, b in zip(seen, [idx for _, _, idx in train_loader], strict=True))
+    assert wait_for(lambda: not producers_alive())
+
+
+def test_loader_errors_reach_the_training_thread(train_loader):
+    prefetcher = DevicePrefetcher(Recording(train_loader, fail_after=3), "cpu")
+    start_epoch(prefetcher, 0)
+    got = []
+    with pytest.raises(UserError, match="broken.jpg"):
+        for batch in prefetcher:
+            got.append(batch)
+    assert len(got) == 3
+    assert not producers_alive()
+
+
+def test_stopping_early_ends_the_producer(train_loader):
+    recording = Recording(train_loader)
+    prefetcher = DevicePrefetcher(recording, "cpu", depth=1)
+    start_epoch(prefetcher, 0)
+    for _ in prefetcher:
+        assert wait_for(lambda: len(recording.fetched) == 3)  # 1 taken, 1 queued, 1 waiting to be queued
+        break
+    assert not producers_alive()  # the loop's exit closed the generator, which joined the thread
+    assert len(recording.fetched) == 3
+    assert [idx for _, _, idx in prefetcher]  # and the next epoch starts afresh
