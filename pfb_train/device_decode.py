@@ -1,10 +1,10 @@
 """ImageNet input decoded on the training device (`data.decode: device`).
 
-DataLoader workers only read file bytes. The training process (on a GPU, its prefetch thread,
-see prefetch.py) hands a whole batch of JPEGs to
-torchvision's batched `decode_jpeg(device=...)` (nvJPEG on a GPU), then crops, resizes,
-flips and normalises there: a 224-px batch leaves the host as ~30 KB per image of JPEG
-instead of 150 KB of pixels, and no CPU core decodes or resizes. Other formats (PNG, ...)
+DataLoader workers only read file bytes. The training process (on a GPU, its prefetch
+thread: prefetch.py) hands a whole batch of JPEGs to torchvision's batched
+`decode_jpeg(device=...)` (nvJPEG on a GPU), then crops, resizes, flips and normalises
+there: a 224-px batch leaves the host as ~30 KB per image of JPEG instead of 150 KB of
+pixels, and no CPU core decodes or resizes. Other formats (PNG, ...)
 are decoded on the CPU one by one and moved; unreadable files are dropped from the batch
 (counted by the engine as a shorter batch) or, with `data.bad_images: fail`, stop the run.
 
