@@ -255,7 +255,7 @@ class ShardedEvalSampler(Sampler):
 def build_loaders(splits: DataSplits, data_cfg, seed: int, rank: int = 0, world_size: int = 1, pin_memory=False,
                   device="cpu"):
     """Train loader: shuffled per epoch (`loader.sampler.set_epoch(epoch, subset)`), fixed batch size (drop_last).
-    On CUDA both loaders yield batches already on the device, fetched ahead by a thread on a side stream."""
+    On CUDA both loaders yield batches already on the device, staged ahead on a side stream."""
     d = data_cfg
     if len(splits.train) < d.batch_size * world_size:
         raise UserError(
@@ -281,8 +281,10 @@ def build_loaders(splits: DataSplits, data_cfg, seed: int, rank: int = 0, world_
                     fail_on_bad=d.bad_images == "fail")
         train = DeviceDecodeLoader(train, train=True, paths=[p for p, _ in splits.train.samples], **wrap)
         val = DeviceDecodeLoader(val, train=False, paths=[p for p, _ in splits.val.samples], **wrap)
-    if torch.device(device).type == "cuda":  # copies (and device decoding) of the next batch overlap this step
-        train, val = DevicePrefetcher(train, device), DevicePrefetcher(val, device)
+    if torch.device(device).type == "cuda":  # copies (and device decoding) of the next batches overlap this step
+        # A producer thread only where making a batch draws from no global RNG (see prefetch.py).
+        threaded = d.workers > 0 or splits.decode_on_device
+        train, val = DevicePrefetcher(train, device, threaded), DevicePrefetcher(val, device, threaded)
     return train, val
 
 

@@ -101,6 +101,7 @@ def test_device_decoded_train_batches_match_the_cpu_run_of_the_same_code(tmp_pat
     splits = build_datasets(cfg)
     gpu_train, _ = build_loaders(splits, cfg, seed=0, pin_memory=True, device="cuda")
     cpu_train, _ = build_loaders(splits, cfg, seed=0, device="cpu")
+    assert gpu_train.threaded  # crops draw from the loader's generator: safe on the producer thread
     start_epoch(gpu_train, 2)
     start_epoch(cpu_train, 2)
     for (xg, yg, ig), (xc, yc, ic) in zip(gpu_train, cpu_train, strict=True):

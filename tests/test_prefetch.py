@@ -86,3 +86,31 @@ def test_stopping_early_ends_the_producer(train_loader):
     assert not producers_alive()  # the loop's exit closed the generator, which joined the thread
     assert len(recording.fetched) == 3
     assert [idx for _, _, idx in prefetcher]  # and the next epoch starts afresh
+
+
+def test_without_a_thread_the_next_batch_is_staged_one_ahead(train_loader):
+    """Used where the loader's transforms draw from the global RNG on the training thread."""
+    recording = Recording(train_loader)
+    prefetcher = DevicePrefetcher(recording, "cpu", threaded=False)
+    start_epoch(prefetcher, 1)
+    seen = []
+    for _, _, idx in prefetcher:
+        seen.append(idx)
+        assert len(recording.fetched) == min(len(seen) + 1, 8)  # exactly one ahead, fetched on this thread
+        assert not producers_alive()
+    start_epoch(train_loader, 1)
+    assert all(torch.equal(a, b) for a, b in zip(seen, [idx for _, _, idx in train_loader], strict=True))
+
+
+def test_a_producer_thread_only_where_batches_draw_from_no_global_rng(tmp_path):
+    """In-process CPU transforms (workers=0) would share the global RNG with mixup on a second thread."""
+    from conftest import write_smooth_folder
+
+    write_smooth_folder(tmp_path, per_class=4)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "Stream", lambda device: None)  # build the CUDA wrappers without a GPU
+        patch.setattr(torch.cuda, "current_device", lambda: 0)
+        for workers, threaded in [(0, False), (2, True)]:  # data.decode=device: always threaded (test_gpu.py)
+            cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), img_size=32, batch_size=4, workers=workers)
+            train, val = build_loaders(build_datasets(cfg), cfg, seed=0, device="cuda")
+            assert isinstance(train, DevicePrefetcher) and (train.threaded, val.threaded) == (threaded, threaded)
