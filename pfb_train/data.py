@@ -8,12 +8,14 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, default_collate, get_worker_info
 from torchvision.datasets import ImageFolder
 
 from pfb_train.device_decode import DeviceDecodeLoader, all_unreadable, collate_bytes, read_bytes
@@ -50,7 +52,14 @@ def collate_readable(items):
 
 
 class IndexedDataset(Dataset):
-    """Wraps a dataset of (image, label) so items are (image, label, index)."""
+    """Wraps a dataset of (image, label) so items are (image, label, index).
+
+    Keys are an index, or (index, seed) from the train sampler. In a DataLoader worker the
+    seed restarts the RNGs the transforms draw from (Python's, NumPy's, torch's) before the
+    sample is made, so its augmentation depends on (run seed, epoch, index) alone: not on
+    which worker makes it, how many there are, or whether the run was resumed and its
+    workers restarted. In the training process (`workers: 0`) the transforms draw from the
+    run's own streams instead, which checkpoints save and restore."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -58,7 +67,12 @@ class IndexedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        if seed is not None and get_worker_info() is not None:
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.default_generator.manual_seed(seed)  # torch.manual_seed also visits every accelerator: 80 us
         item = self.dataset[index]
         return None if item is None else (*item, index)
 
@@ -227,10 +241,14 @@ class ShardedTrainSampler(Sampler):
         return self.size if self.subset is None else len(self.subset)
 
     def __iter__(self):
+        """Keys (dataset index, that sample's augmentation seed this epoch): see IndexedDataset."""
         order = torch.randperm(self._pool(), generator=torch.Generator().manual_seed(self.seed + self.epoch))
         indices = order if self.subset is None else self.subset.cpu()[order]
         indices = indices[: self._share() * self.world_size]  # equal shares: every rank takes as many steps
-        return iter(indices[self.rank :: self.world_size][self.skip :].tolist())
+        mine = indices[self.rank :: self.world_size][self.skip :]
+        base = (self.seed * 1_000_003 + self.epoch) * 1_000_000_007 % 2**62  # epochs 1e9+7 apart: no overlap
+        seeds = (mine + base) % 2**62
+        return zip(mine.tolist(), seeds.tolist())
 
     def _share(self) -> int:
         return self._pool() // self.world_size

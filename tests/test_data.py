@@ -119,3 +119,26 @@ def test_cifar_missing_files_is_one_line_without_download(tmp_path):
     cfg = DataConfig(dataset="cifar10", root=str(tmp_path), img_size=32)
     with pytest.raises(UserError, match="cifar10 files not found: .*data_batch_1 .*data.download=true"):
         build_datasets(cfg)
+
+
+def test_worker_augmentation_depends_on_epoch_and_sample_only(tmp_path):
+    """Random crops/flips made in workers repeat for any worker count and after a mid-epoch restart."""
+    from conftest import write_smooth_folder
+    from pfb_train.data import start_epoch
+
+    write_smooth_folder(tmp_path, per_class=8)
+
+    def epoch_images(workers, epoch=1, skip=0):
+        cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), img_size=24, batch_size=4, workers=workers)
+        train, _ = build_loaders(build_datasets(cfg), cfg, seed=5)
+        start_epoch(train, epoch, None, skip)
+        return {i: x for xs, _, idx in train for x, i in zip(xs, idx.tolist())}
+
+    one = epoch_images(workers=1)
+    two = epoch_images(workers=2)
+    assert len(one) == 16 and one.keys() == two.keys()
+    assert all(torch.equal(one[i], two[i]) for i in one)
+    resumed = epoch_images(workers=2, skip=8)  # a restart after two batches: fresh workers
+    assert len(resumed) == 8 and all(torch.equal(one[i], resumed[i]) for i in resumed)
+    other_epoch = epoch_images(workers=1, epoch=2)
+    assert sum(torch.equal(one[i], other_epoch[i]) for i in one) < 4  # new crops each epoch

@@ -65,6 +65,23 @@ def test_resume_mid_epoch_from_step_checkpoint_is_exact(tmp_path):
     assert [r["samples_blocked"] for r in a] == [r["samples_blocked"] for r in b]
 
 
+def test_resume_mid_epoch_with_workers_and_random_crops_is_exact(tmp_path):
+    """Workers restart on resume; each sample's crop and flip are seeded by (epoch, index), so nothing changes."""
+    from conftest import write_smooth_folder
+
+    write_smooth_folder(tmp_path / "data", per_class=10)  # 20 images: 5 steps of 4 per epoch
+    cfg = ["model.name=resnet18", "data.dataset=imagefolder", f"data.root={tmp_path}/data", "data.img_size=32",
+           "data.batch_size=4", "data.workers=2", "schedule.epochs=2", "schedule.warmup_epochs=0",
+           "runtime.progress=false", "runtime.device=cpu", "blocking.method=pfb", "blocking.ratio=0.25",
+           "blocking.centers=4", "runtime.checkpoint_every=3", "name=folder"]
+    whole = run(load_config(None, [*cfg, f"runtime.output={tmp_path}/a"]))
+    first = setup(load_config(None, [*cfg, f"runtime.output={tmp_path}/b"]), DistInfo())
+    fit(first, until_step=6)  # epoch 1, batch 1 of 5
+    assert (final_state(first.run_dir)["epoch"], final_state(first.run_dir)["step"]) == (1, 6)
+    resumed = run(load_config(None, [*cfg, f"runtime.output={tmp_path}/b", "runtime.resume=auto"]))
+    assert_same_training_state(final_state(whole["run_dir"]), final_state(resumed["run_dir"]))
+
+
 def test_resume_auto_skips_a_corrupt_checkpoint(tmp_path, capsys):
     first = setup(load_config(None, [*TINY, f"runtime.output={tmp_path}"]), DistInfo())
     fit(first, until_epoch=2)
