@@ -50,7 +50,6 @@ def collate_readable(items):
     return default_collate(readable)
 
 
-
 class IndexedDataset(Dataset):
     """Wraps a dataset of (image, label) so items are (image, label, index).
 

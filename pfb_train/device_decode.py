@@ -4,9 +4,9 @@ DataLoader workers only read file bytes. The training process (on a GPU, its pre
 thread: prefetch.py) hands a whole batch of JPEGs to torchvision's batched
 `decode_jpeg(device=...)` (nvJPEG on a GPU), then crops, resizes, flips and normalises
 there: a 224-px batch leaves the host as ~30 KB per image of JPEG instead of 150 KB of
-pixels, and no CPU core decodes or resizes. Other formats (PNG, ...)
-are decoded on the CPU one by one and moved; unreadable files are dropped from the batch
-(counted by the engine as a shorter batch) or, with `data.bad_images: fail`, stop the run.
+pixels, and no CPU core decodes or resizes. Other formats (PNG, ...) are decoded on the CPU
+one by one and moved; unreadable files are dropped from the batch (counted by the engine as
+a shorter batch) or, with `data.bad_images: fail`, stop the run.
 
 Train: RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) + horizontal flip; eval: resize the
 shorter side to size / crop_pct, centre crop. The crop boxes and flips of a whole batch are
@@ -70,7 +70,7 @@ class DeviceDecodeLoader(WrappedLoader):
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
         # The loader's generator (re-seeded per epoch by data.start_epoch) also draws the crops.
-        self.crop_generator = loader.generator if loader.generator is not None else torch.Generator()
+        self.crop_generator = self.generator or torch.Generator()
 
     def __iter__(self):
         for data, labels, indices in self.loader:

@@ -60,7 +60,7 @@ class DevicePrefetcher(WrappedLoader):
     def _staged(self, batches):
         """(batch on the device, event after its copy) for each batch, the work queued on the side stream."""
         while True:
-            with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            with torch.cuda.stream(self.stream):  # a no-op for None (off CUDA)
                 batch = next(batches, None)
                 if batch is None:
                     return
