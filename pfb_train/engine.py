@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -76,8 +76,18 @@ def begin_epoch(selector, loader, epoch: int, resume: Optional[tuple] = None) ->
     return time.perf_counter() - started
 
 
-def train_step(model, selector, x, y, idx, ctx: StepContext, schedule_at: float, timer=None):
-    """One optimizer step on the rows the selector keeps; returns (loss, rows kept, finite).
+class StepResult(NamedTuple):
+    loss: torch.Tensor  # the loss that was optimised (weighted, if the method weights rows)
+    kept: int  # rows kept: a shape, known on the host
+    finite: bool
+    loss_sum: torch.Tensor  # unweighted sum of the kept rows' losses: train_loss compares across methods
+    labels: torch.Tensor  # (B,) class of every row; under mixup/cutmix the dominant one
+    keep: Optional[torch.Tensor]  # kept row indices, or None when every row was kept
+    num_classes: int
+
+
+def train_step(model, selector, x, y, idx, ctx: StepContext, schedule_at: float, timer=None) -> StepResult:
+    """One optimizer step on the rows the selector keeps.
 
     `schedule_at`: the LR schedule's position after this step, in full-data updates. A step
     whose gradients are not finite changes nothing (no update, no selector observation)."""
@@ -120,7 +130,9 @@ def train_step(model, selector, x, y, idx, ctx: StepContext, schedule_at: float,
         selector.observe(out.feats, out.keep, kept_idx, losses.detach())
     if timer is not None:
         timer.mark("observe")
-    return loss.detach(), out.logits.shape[0], finite  # kept count is a shape, known on the host
+    labels = y.argmax(dim=1) if y.dtype.is_floating_point else y
+    return StepResult(loss.detach(), out.logits.shape[0], finite, losses.detach().sum(), labels, out.keep,
+                      out.logits.shape[1])
 
 
 def _backup_buffers(model, ctx: StepContext) -> None:
@@ -144,16 +156,45 @@ class EpochTally:
         self.nonfinite_in_row = 0
         self.elapsed = self.extra_selection_seconds = 0.0
         self.loss_sum = torch.zeros((), device=device)
+        self.class_rows = None  # (2, classes): rows seen and rows kept per class, on the device
         self.timer = PhaseTimer(device)
         if saved:
             for key in self.FIELDS:
                 setattr(self, key, saved[key])
             self.loss_sum += saved["loss_sum"]
+            if saved.get("class_rows") is not None:
+                self.class_rows = torch.tensor(saved["class_rows"], dtype=torch.float64, device=device)
             self.timer.seconds.update(saved["seconds"])
+
+    def add(self, step: StepResult) -> None:
+        """Count one step (no host sync: the counts stay on the device)."""
+        self.batches += 1
+        self.rows_seen += step.labels.shape[0]
+        self.rows_kept += step.kept
+        if step.finite:
+            self.loss_sum += step.loss_sum
+        if self.class_rows is None:
+            self.class_rows = torch.zeros(2, step.num_classes, dtype=torch.float64, device=self.loss_sum.device)
+        kept = step.labels if step.keep is None else step.labels.index_select(0, step.keep)
+        self.class_rows[0].index_add_(0, step.labels, torch.ones_like(step.labels, dtype=torch.float64))
+        self.class_rows[1].index_add_(0, kept, torch.ones_like(kept, dtype=torch.float64))
 
     def state_dict(self) -> dict:
         return {**{k: getattr(self, k) for k in self.FIELDS}, "loss_sum": self.loss_sum.item(),
+                "class_rows": None if self.class_rows is None else self.class_rows.tolist(),
                 "seconds": self.timer.totals()}
+
+
+def _split(values: list, head: int) -> tuple[list, tuple[list, list]]:
+    """[head scalars..., a (2, C) table flattened] -> (the scalars, (first row, second row))."""
+    table = values[head:]
+    half = len(table) // 2
+    return values[:head], (table[:half], table[half:])
+
+
+def class_fractions(numerator: list, denominator: list, scale: float = 1.0) -> list:
+    """Per-class ratio, rounded for the metrics file; None for a class with no rows."""
+    return [round(scale * n / d, 4) if d > 0 else None for n, d in zip(numerator, denominator)]
 
 
 def train_one_epoch(model, selector, loader, ctx: StepContext, epoch: int, tally: EpochTally,
@@ -176,13 +217,9 @@ def train_one_epoch(model, selector, loader, ctx: StepContext, epoch: int, tally
             x, y = ctx.mixup(x, y)
         timer.mark("data")
         schedule_at = ctx.updates_per_epoch * (epoch + (tally.batches + 1) / steps)
-        loss, kept, finite = train_step(model, selector, x, y, idx, ctx, schedule_at, timer)
-
-        tally.batches += 1
-        tally.rows_seen += x.shape[0]
-        tally.rows_kept += kept
-        if finite:
-            tally.loss_sum += loss * kept
+        step = train_step(model, selector, x, y, idx, ctx, schedule_at, timer)
+        tally.add(step)
+        if step.finite:
             tally.nonfinite_in_row = 0
         else:
             tally.nonfinite += 1
@@ -194,18 +231,21 @@ def train_one_epoch(model, selector, loader, ctx: StepContext, epoch: int, tally
         if progress is not None:
             progress.update(1)
             if tally.batches % ctx.log_every == 0:
-                progress.set_postfix(loss=f"{loss.item():.3f}", kept=f"{tally.rows_kept / tally.rows_seen:.2f}",
+                progress.set_postfix(loss=f"{step.loss.item():.3f}", kept=f"{tally.rows_kept / tally.rows_seen:.2f}",
                                      img_s=f"{tally.rows_seen / tally.elapsed:.0f}")
         if after_step is not None and after_step(tally):
             return None
 
-    counts = torch.tensor([tally.loss_sum.item(), tally.rows_seen, tally.rows_kept, tally.bad_samples,
-                           tally.nonfinite], dtype=torch.float64, device=ctx.device)
-    loss_total, seen, kept, bad, nonfinite = all_reduce_sum(counts).tolist()
+    host = torch.tensor([tally.rows_seen, tally.rows_kept, tally.bad_samples, tally.nonfinite], dtype=torch.float64)
+    class_rows = tally.class_rows if tally.class_rows is not None else host.new_zeros(2, 0)
+    counts = all_reduce_sum(torch.cat([tally.loss_sum.double().view(1), host.to(ctx.device),
+                                       class_rows.to(ctx.device).flatten()]))
+    (loss_total, seen, kept, bad, nonfinite), class_rows = _split(counts.tolist(), 5)
+    diagnostics = selector.epoch_diagnostics(ctx.device)  # collective: every rank reads its tallies
     t = timer.totals()
     seconds = time.perf_counter() - started
     return {
-        "train_loss": loss_total / max(kept, 1),
+        "train_loss": loss_total / max(kept, 1),  # unweighted mean over the kept rows
         "samples_seen": int(seen),
         "samples_kept": int(kept),
         "bad_samples": int(bad),
@@ -216,6 +256,8 @@ def train_one_epoch(model, selector, loader, ctx: StepContext, epoch: int, tally
         "deep_seconds": t.get("deep", 0.0) + t.get("observe", 0.0),  # deep forward, backward, step, observe
         "selection_seconds": t.get("select", 0.0) + t.get("observe", 0.0) + tally.extra_selection_seconds,
         "images_per_second": seen / seconds if seconds > 0 else 0.0,
+        "class_kept_fraction": class_fractions(*class_rows[::-1]),  # kept of each class's rows loaded
+        **diagnostics,
     }
 
 
@@ -224,6 +266,7 @@ def evaluate(model, loader, ctx: StepContext) -> dict:
     """Top-1/top-5 of the full model over every validation sample (counts summed over ranks)."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # correct1, correct5, loss
+    per_class = None  # (2, classes): top-1 hits and samples per class
     count = 0  # a shape: counted on the host
     for x, y, _ in loader:
         x, y = _to_device(x, y, ctx)
@@ -232,7 +275,12 @@ def evaluate(model, loader, ctx: StepContext) -> dict:
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top.eq(y.unsqueeze(1))
         totals += torch.stack([hits[:, :1].sum(), hits.sum(), F.cross_entropy(logits, y, reduction="sum")]).double()
+        if per_class is None:
+            per_class = torch.zeros(2, logits.shape[1], dtype=torch.float64, device=ctx.device)
+        per_class[0].index_add_(0, y, hits[:, 0].double())
+        per_class[1].index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
         count += y.shape[0]
-    totals = torch.cat([totals, totals.new_tensor([count])])
-    correct1, correct5, loss, count = all_reduce_sum(totals).tolist()
-    return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count, "val_loss": loss / count, "val_samples": int(count)}
+    totals = all_reduce_sum(torch.cat([totals, totals.new_tensor([count]), per_class.flatten()]))
+    (correct1, correct5, loss, count), (hits, samples) = _split(totals.tolist(), 4)
+    return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count, "val_loss": loss / count,
+            "val_samples": int(count), "val_class_top1": class_fractions(hits, samples, scale=100.0)}

@@ -86,6 +86,9 @@ class RunLogger:
         for key, value in record.items():
             if key != "epoch" and isinstance(value, (int, float)):
                 self.writer.add_scalar(f"epoch/{key}", value, record["epoch"])
+            elif isinstance(value, list) and any(v is not None for v in value):  # per-class values
+                self.writer.add_histogram(f"epoch/{key}", torch.tensor([v for v in value if v is not None]),
+                                          record["epoch"])
         self.writer.flush()
 
     def log_step(self, scalars: dict, step: int) -> None:

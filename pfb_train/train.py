@@ -24,7 +24,7 @@ from tqdm import tqdm
 from pfb_train.checkpoint import all_rng_states, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from pfb_train.config import Config, save_config
 from pfb_train.costs import blocking_mode
-from pfb_train.data import build_datasets, build_loaders
+from pfb_train.data import build_datasets, build_loaders, dataset_labels
 from pfb_train.distributed import DistInfo, barrier, cleanup, init_distributed
 from pfb_train.errors import UserError
 from pfb_train.engine import EpochTally, StepContext, begin_epoch, evaluate, train_one_epoch
@@ -56,6 +56,7 @@ class RunState:
     ctx: StepContext
     run_dir: Optional[Path]  # rank 0 only
     nominal_rows: int  # rows a full-data epoch trains on, over all ranks
+    class_counts: Optional[list]  # training samples per class (None: the dataset does not say)
     baseline: Optional[BaselineComparison] = None
     partial: Optional[dict] = None  # EpochTally state when resuming inside an epoch
     subset: Optional[torch.Tensor] = None  # that epoch's sampler subset
@@ -123,7 +124,10 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
                       max_nonfinite=rt.max_nonfinite)
 
     nominal_rows = len(train_loader) * cfg.data.batch_size * dist.world_size
-    state = RunState(cfg, dist, blocked, model, selector, train_loader, val_loader, ctx, None, nominal_rows, baseline)
+    labels = dataset_labels(splits.train)
+    class_counts = None if labels is None else torch.bincount(labels, minlength=splits.num_classes).tolist()
+    state = RunState(cfg, dist, blocked, model, selector, train_loader, val_loader, ctx, None, nominal_rows,
+                     class_counts, baseline)
     run_dir, checkpoint = resume_point(rt.resume, rt.output, cfg.name)
     if checkpoint is not None:
         restore(state, checkpoint)
@@ -240,6 +244,7 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
 
     summary = summarize(cfg, state.history, time.perf_counter() - wall_start,
                         str(state.run_dir) if state.run_dir else None, dist.world_size, dist.device.type)
+    summary["train_class_counts"] = state.class_counts
     if dist.is_main:
         logger.write_summary(summary)
         print(f"done: top-1 {summary['top1']:.2f}%  blocked {summary['blocked_fraction']:.3f} of sample-passes  "
@@ -251,6 +256,8 @@ def epoch_line(record: dict) -> str:
     top1 = f"top-1 {record['top1']:.2f}%" if "top1" in record else "top-1 -"
     line = (f"epoch {record['epoch']}: loss {record['train_loss']:.4f}  {top1}  kept {record['kept_fraction']:.3f}  "
             f"{record['epoch_seconds']:.1f}s  {record['images_per_second']:.0f} img/s")
+    if record.get("selection_signal") is not None:
+        line += f"  signal {record['selection_signal']:.2f}"
     if "vs_baseline_top1" in record:
         line += f"  | vs baseline: {record['vs_baseline_top1']:+.2f} pts"
     if "vs_baseline_time_saved_pct" in record:

@@ -1,5 +1,6 @@
 """Multi-process training on CPU (gloo) through torchrun, as CI can run it."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,9 @@ def test_two_process_pfb_run_keeps_ranks_identical(tmp_path):
     assert r0["summary"]["blocked_fraction"] == pytest.approx(4 / 16)
     metrics = (tmp_path / "out2" / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 2 and '"samples_seen": 96' in metrics[0]
+    for line in metrics:  # the selection's diagnostics are summed over ranks, then logged once
+        record = json.loads(line)
+        assert 0.0 <= record["selection_signal"] <= 1.0 and len(record["class_kept_fraction"]) == 10
     assert not (tmp_path / "out2" / "runs" / "ddp-2").exists()  # only rank 0 writes a run directory
     assert result.stdout.count("done: top-1") == 1  # only rank 0 prints
 
@@ -61,6 +65,7 @@ def test_validation_counts_every_sample_once_on_any_world_size(tmp_path):
     assert r0["initial_eval"]["val_samples"] == 41  # 21 + 20: no padding, no drop
     assert r0["initial_eval"]["top1"] == pytest.approx(single["initial_eval"]["top1"])
     assert r0["initial_eval"]["top5"] == pytest.approx(single["initial_eval"]["top5"])
+    assert r0["initial_eval"]["val_class_top1"] == pytest.approx(single["initial_eval"]["val_class_top1"])
 
 
 def test_two_process_infobatch_scores_are_gathered_from_every_rank(tmp_path):

@@ -68,7 +68,7 @@ def test_pfb_step_never_synchronises_the_gpu(mode):
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step in range(3):
-            _, kept, _ = train_step(model, selector, x, y, idx, ctx, schedule_at=step + 2)
+            kept = train_step(model, selector, x, y, idx, ctx, schedule_at=step + 2).kept
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert kept == 12

@@ -130,3 +130,127 @@ def test_unknown_method_is_user_error():
 
     with pytest.raises(UserError, match="choose one of: none, random, pfb"):
         build_selector("bogus")
+
+
+# -- the random term ------------------------------------------------------------------------------
+
+from pfb_train.selection.pfb import NOISE_FORMS, add_noise  # noqa: E402
+
+
+def _blocked_by(scores, form, level, seed=0, ratio=0.4):
+    noisy = add_noise(scores, form, level, torch.Generator().manual_seed(seed))
+    return set(torch.topk(noisy, round(ratio * len(scores))).indices.tolist())
+
+
+def _log_density_like(seed=0, n=256):
+    """Scores shaped like log-densities: a bulk and a long lower tail."""
+    g = torch.Generator().manual_seed(seed)
+    return -40.0 - torch.randn(n, generator=g).square() * 15.0
+
+
+@pytest.mark.parametrize("level", [0.05, 0.3])
+def test_rank_noise_ignores_shift_and_scale_of_the_scores(level):
+    s = _log_density_like()
+    blocked = _blocked_by(s, "rank", level)
+    for shifted in (s + 1e4, s - 37.5, 0.01 * s, 250.0 * s, 3.0 * s - 900.0):
+        assert _blocked_by(shifted, "rank", level) == blocked
+
+
+def test_density_floor_ignores_a_shift_but_not_a_scale():
+    """The paper's form lives in density space: a constant on the log-density (a density scale)
+    changes nothing, but a wider spread (a larger feature dimension) does."""
+    s = _log_density_like()
+    blocked = _blocked_by(s, "density_floor", 0.01)
+    assert _blocked_by(s + 123.0, "density_floor", 0.01) == blocked
+    assert _blocked_by(20.0 * s, "density_floor", 0.01) != blocked
+
+
+def test_max_abs_ignores_a_scale_but_not_a_shift():
+    """The authors' code form: multiplying the scores changes nothing; the normalising constant of a
+    log-density (a shift) changes the noise's size."""
+    s = _log_density_like()
+    blocked = _blocked_by(s, "max_abs", 0.1)
+    assert _blocked_by(7.0 * s, "max_abs", 0.1) == blocked
+    assert _blocked_by(s - 1000.0, "max_abs", 0.1) != blocked
+
+
+@pytest.mark.parametrize("form", NOISE_FORMS)
+def test_no_noise_blocks_exactly_the_highest_scores(form):
+    s = _log_density_like()
+    assert _blocked_by(s, form, 0.0) == set(torch.topk(s, round(0.4 * len(s))).indices.tolist())
+
+
+def clustered(dim, seed=0, n=256, clusters=8):
+    """Features of a batch: a few clusters of different sizes and spreads, in `dim` dimensions."""
+    g = torch.Generator().manual_seed(seed)
+    centre = torch.randn(clusters, dim, generator=g) * 3.0
+    which = torch.multinomial(torch.linspace(1.0, 0.1, clusters), n, replacement=True, generator=g)
+    spread = torch.linspace(0.5, 2.0, clusters)[which].unsqueeze(1)
+    return centre[which] + spread * torch.randn(n, dim, generator=g)
+
+
+def signal_of(dim, estimator="kde", noise_form="rank", noise=None, seed=0, ratio=0.5, batches=6):
+    """selection_signal of one selector over a few batches of clustered features."""
+    selector = build_selector("pfb", ratio=ratio, centers=32, feature_dim=dim, estimator=estimator,
+                              noise_form=noise_form, noise=noise, weights="uniform", seed=seed)
+    selector.observe(clustered(dim, seed=100), None, None, None)
+    for b in range(batches):
+        selector.select(clustered(dim, seed=b))
+    return selector.epoch_diagnostics("cpu")["selection_signal"]
+
+
+def test_rank_noise_means_the_same_at_any_dimension_and_for_both_estimators():
+    signals = {(d, e): signal_of(d, e, noise=0.2) for d in (32, 128) for e in ("kde", "mean_log_kernel")}
+    assert max(signals.values()) - min(signals.values()) < 0.06, signals
+    assert all(0.7 < v < 0.95 for v in signals.values()), signals  # density decides, noise still shuffles the edge
+
+
+def test_literal_forms_are_swamped_where_the_rank_form_is_not():
+    """What motivated the rank form: the paper's floor at D=128 and the code's max|s| term leave the
+    blocked set close to random; the rank form's default does not."""
+    assert signal_of(128, "kde", "density_floor") < 0.75
+    assert signal_of(128, "mean_log_kernel", "max_abs") < 0.75
+    assert signal_of(128, "kde", "rank") > 0.85
+
+
+def test_signal_is_one_without_noise_and_the_ratio_when_noise_decides():
+    assert signal_of(32, noise=0.0) == 1.0
+    assert abs(signal_of(32, noise=100.0, batches=20) - 0.5) < 0.06  # a random choice: about the ratio
+
+
+def test_two_default_selectors_seeded_differently_block_mostly_the_same_rows():
+    def blocked(seed):
+        selector = build_selector("pfb", ratio=0.4, centers=32, feature_dim=64, seed=seed)
+        selector.observe(clustered(64, seed=100), None, None, None)
+        feats = clustered(64, seed=1)
+        return set(range(len(feats))) - set(selector.select(feats).tolist())
+
+    a, b = blocked(0), blocked(1)
+    assert len(a & b) / len(a) > 0.8
+
+
+def test_density_percentiles_separate_blocked_from_kept_rows():
+    selector = build_selector("pfb", ratio=0.25, centers=32, feature_dim=16, noise=0.0)
+    selector.observe(clustered(16, seed=100), None, None, None)
+    selector.select(clustered(16, seed=1))
+    d = selector.epoch_diagnostics("cpu")
+    assert d["blocked_density_q10"] >= 0.74 and d["kept_density_q90"] <= 0.75  # no overlap without noise
+    assert d["kept_density_q10"] < d["kept_density_q50"] < d["kept_density_q90"]
+    assert selector.epoch_diagnostics("cpu") == {"selection_signal": None}  # read once, then reset
+
+
+def test_diagnostics_survive_a_state_dict_round_trip():
+    a = build_selector("pfb", ratio=0.4, centers=16, feature_dim=16, seed=3)
+    a.observe(clustered(16, seed=100), None, None, None)
+    a.select(clustered(16, seed=1))
+    b = build_selector("pfb", ratio=0.4, centers=16, feature_dim=16, seed=3)
+    b.load_state_dict(a.state_dict())
+    for selector in (a, b):
+        selector.select(clustered(16, seed=2))
+    assert a.epoch_diagnostics("cpu") == b.epoch_diagnostics("cpu")
+
+
+def test_random_blocking_reports_no_signal():
+    selector = build_selector("random", ratio=0.4)
+    selector.select(torch.randn(32, 8))
+    assert selector.epoch_diagnostics("cpu") == {}

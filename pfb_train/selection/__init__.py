@@ -37,7 +37,7 @@ def selector_from_config(cfg) -> Selector:
         options = dict(epochs=cfg.schedule.epochs, delta=b.delta)
     if b.method == "pfb":
         options = dict(centers=b.centers, feature_dim=b.feature_dim, ema=b.ema, estimator=b.estimator,
-                       noise=b.noise, weights=b.weights)
+                       noise=b.noise, noise_form=b.noise_form, weights=b.weights)
     return build_selector(b.method, ratio=b.ratio, start_epoch=b.start_epoch, end_epoch=end, ramp=b.ramp,
                           seed=cfg.runtime.seed, **options)
 

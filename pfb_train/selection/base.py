@@ -72,6 +72,11 @@ class Selector:
     def observe(self, feats, keep, sample_idx, losses) -> None:
         """After the step: feats of all rows (or None), kept rows, their dataset indices and losses."""
 
+    def epoch_diagnostics(self, device) -> dict:
+        """Once per epoch, on every rank (it may be collective): what decided this epoch's selection,
+        for the epoch's metrics record (see selection/diagnostics.py). Read once, then reset."""
+        return {}
+
     def generator(self, device: torch.device) -> torch.Generator:
         """A per-device generator, seeded from the run's seed and this process's rank."""
         device = torch.device(device)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from pfb_train.distributed import all_reduce_sum, broadcast
 from pfb_train.selection.base import BlockingSchedule, Selector
+from pfb_train.selection.diagnostics import SelectionStats, within_batch_rank
 
 
 def reduce_features(feats: torch.Tensor, dim: int) -> torch.Tensor:
@@ -53,6 +54,37 @@ def mean_log_kernel(v, centres) -> torch.Tensor:
     return log_gaussian(v, centres, h).mean(dim=1)
 
 
+# The random term, three forms (blocking.noise_form). Each maps clean scores s (higher = more
+# common) to perturbed scores; the selection blocks the highest perturbed scores.
+NOISE_FORMS = ("rank", "density_floor", "max_abs")
+DEFAULT_NOISE = {"rank": 0.1, "density_floor": 0.01, "max_abs": 0.1}
+
+
+def add_noise(s: torch.Tensor, form: str, level: float, gen: torch.Generator) -> torch.Tensor:
+    """Perturb the scores of one batch for diversity (one random draw per row).
+
+    - `rank`: rank(s)/(B-1) + level * N(0, 1). Depends on the order of the scores only, so the
+      same level is the same amount of diversity for any estimator, feature dimension or
+      density normalisation: level 0.1 moves a row by about a tenth of the batch's ranking.
+    - `density_floor` (the paper's): importance 1 / (f + alpha * max f), alpha ~ U(0, level); in
+      log space logaddexp(s, log alpha + max s). Invariant to a constant added to s (a density
+      scale), not to s scaled: log-densities spread in proportion to the feature dimension, so
+      at large D most rows sit under the floor and their order is random.
+    - `max_abs` (the authors' code): s + level * N(0, 1) * max |s|. Invariant to s scaled, not to
+      a constant added: on a log-density, max |s| is the normalising constant, not the spread.
+    """
+    if level == 0:
+        return s
+    if form == "rank":
+        return within_batch_rank(s) + level * torch.randn(s.shape, device=s.device, generator=gen)
+    if form == "density_floor":
+        alpha = torch.rand(s.shape, device=s.device, generator=gen) * level
+        return torch.logaddexp(s, alpha.clamp_min(1e-30).log() + s.max())
+    if form == "max_abs":
+        return s + level * torch.randn(s.shape, device=s.device, generator=gen) * s.abs().max()
+    raise ValueError(f"unknown noise form {form!r}; choose one of: {', '.join(NOISE_FORMS)}")
+
+
 class PFBSelector(Selector):
     name = "pfb"
 
@@ -64,16 +96,21 @@ class PFBSelector(Selector):
         ema: float = 0.01,
         estimator: str = "kde",
         noise: Optional[float] = None,
+        noise_form: str = "rank",
         weights: str = "counts",
         seed: int = 0,
     ):
         super().__init__(seed)
+        if noise_form not in NOISE_FORMS:
+            raise ValueError(f"unknown noise form {noise_form!r}; choose one of: {', '.join(NOISE_FORMS)}")
         self.schedule = schedule
         self.num_centres, self.feature_dim, self.ema = centers, feature_dim, ema
         self.estimator, self.weighting = estimator, weights
-        self.noise = noise if noise is not None else (0.01 if estimator == "kde" else 0.1)
+        self.noise_form = noise_form
+        self.noise = noise if noise is not None else DEFAULT_NOISE[noise_form]
         self.centres: Optional[torch.Tensor] = None  # (K, D) float32, identical on every rank
         self.counts: Optional[torch.Tensor] = None  # (K,) assignments so far
+        self.stats = SelectionStats()
 
     # -- density ---------------------------------------------------------------------------
 
@@ -89,20 +126,15 @@ class PFBSelector(Selector):
         elif self.centres.device != v.device:  # restored from a checkpoint loaded on the CPU
             self.centres, self.counts = self.centres.to(v.device), self.counts.to(v.device)
 
-    def scores(self, v: torch.Tensor) -> torch.Tensor:
-        """Density score per row (higher = more common), with the method's random term."""
-        gen = self.generator(v.device)
-        if self.estimator == "kde":
-            if self.weighting == "counts":  # all-zero counts (nothing observed yet) act as uniform weights
-                weights = self.counts / self.counts.sum().clamp_min(1)
-            else:
-                weights = torch.full_like(self.counts, 1.0 / self.num_centres)
-            s = kde_log_density(v, self.centres, weights)
-            alpha = torch.rand(s.shape, device=v.device, generator=gen) * self.noise
-            return torch.logaddexp(s, alpha.clamp_min(1e-30).log() + s.max())
-        s = mean_log_kernel(v, self.centres)
-        eps = torch.randn(s.shape, device=v.device, generator=gen)
-        return s + self.noise * eps * s.abs().max()
+    def density(self, v: torch.Tensor) -> torch.Tensor:
+        """Density score per row (higher = more common), without the random term."""
+        if self.estimator == "mean_log_kernel":
+            return mean_log_kernel(v, self.centres)
+        if self.weighting == "counts":  # all-zero counts (nothing observed yet) act as uniform weights
+            weights = self.counts / self.counts.sum().clamp_min(1)
+        else:
+            weights = torch.full_like(self.counts, 1.0 / self.num_centres)
+        return kde_log_density(v, self.centres, weights)
 
     def blocks_rows(self) -> bool:
         return self.schedule.ratio_at(self.epoch) > 0
@@ -118,8 +150,11 @@ class PFBSelector(Selector):
         with torch.autocast(feats.device.type, enabled=False):
             v = reduce_features(feats, self.feature_dim)
             self._ensure_centres(v)
-            s = self.scores(v)
-        return torch.topk(s, k, largest=False).indices.sort().values  # the k rarest rows
+            clean = self.density(v)
+            order = torch.argsort(add_noise(clean, self.noise_form, self.noise, self.generator(v.device)))
+            keep, blocked = order[:k].sort().values, order[k:]  # keep the k rarest rows
+            self.stats.add(clean, keep, blocked)
+        return keep
 
     # -- Adaptive Distribution Estimation -----------------------------------------------------
 
@@ -144,9 +179,13 @@ class PFBSelector(Selector):
         self.centres = torch.where(counts.unsqueeze(1) > 0, moved, self.centres)
         self.counts = self.counts + counts
 
+    def epoch_diagnostics(self, device) -> dict:
+        return self.stats.read(device)
+
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "centres": self.centres, "counts": self.counts}
+        return {**super().state_dict(), "centres": self.centres, "counts": self.counts, "stats": self.stats.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.centres, self.counts = state["centres"], state["counts"]
+        self.stats.load_state_dict(state.get("stats"))

@@ -1,0 +1,79 @@
+"""What decided a score-based selection, tallied on the device and read once per epoch.
+
+- `selection_signal`: the share of the blocked rows that the scores *without* the random term
+  would also have blocked. 1.0: the density alone decides; about the blocked ratio (what a
+  uniformly random choice scores): the random term decides.
+- `{blocked,kept}_density_q{10,50,90}`: quantiles of the blocked and of the kept rows' density
+  percentile in their own batch (0: the rarest row, 1: the most common), averaged over steps.
+  Percentiles, not raw log-densities, so epochs, estimators and feature sizes compare.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pfb_train.distributed import all_reduce_sum
+
+QUANTILES = (0.1, 0.5, 0.9)
+
+
+def within_batch_rank(s: torch.Tensor) -> torch.Tensor:
+    """Each score's rank in its batch, scaled to [0, 1] (0: lowest, 1: highest)."""
+    ranks = torch.argsort(torch.argsort(s, stable=True)).float()
+    return ranks / max(s.shape[0] - 1, 1)
+
+
+def _quantiles(sorted_values: torch.Tensor) -> torch.Tensor:
+    """Nearest-rank quantiles of a sorted vector; positions are host integers, so nothing syncs."""
+    last = sorted_values.shape[0] - 1
+    return torch.stack([sorted_values[round(q * last)] for q in QUANTILES])
+
+
+class SelectionStats:
+    """Per-epoch totals of one rank; `read()` sums them over ranks (collective) and starts afresh."""
+
+    def __init__(self):
+        self.totals = None  # (2 + 2 * len(QUANTILES),): overlap, blocked rows, kept quantile sums, blocked ones
+        self.steps = 0  # steps that blocked rows
+
+    def add(self, clean: torch.Tensor, keep: torch.Tensor, blocked: torch.Tensor) -> None:
+        """`clean`: (B,) scores without the random term (higher = blocked first); `keep`/`blocked`:
+        the row indices the selection kept and blocked."""
+        n_blocked = blocked.shape[0]
+        if n_blocked == 0 or keep.shape[0] == 0:
+            return
+        chosen = torch.zeros_like(clean, dtype=torch.bool).index_fill_(0, blocked, True)
+        by_density = torch.zeros_like(chosen).index_fill_(0, torch.topk(clean, n_blocked).indices, True)
+        overlap = (chosen & by_density).sum(dtype=torch.float32)
+        pct = within_batch_rank(clean)
+        step = torch.cat([overlap.view(1), clean.new_tensor([n_blocked]),
+                          _quantiles(pct.index_select(0, keep).sort().values),
+                          _quantiles(pct.index_select(0, blocked).sort().values)]).double()
+        self.totals = step if self.totals is None else self.totals + step
+        self.steps += 1
+
+    def read(self, device) -> dict:
+        """This epoch's diagnostics over all ranks (every rank must call it), then reset.
+        `device`: where the collective runs (the training device)."""
+        n = len(QUANTILES)
+        totals = torch.zeros(2 + 2 * n, dtype=torch.float64, device=device)
+        if self.totals is not None:
+            totals += self.totals.to(device)
+        totals = torch.cat([totals, totals.new_tensor([self.steps])])
+        values = all_reduce_sum(totals).tolist()
+        overlap, blocked, steps = values[0], values[1], values[-1]
+        self.totals, self.steps = None, 0
+        if steps == 0:
+            return {"selection_signal": None}
+        out = {"selection_signal": overlap / blocked}
+        for i, q in enumerate(QUANTILES):
+            out[f"kept_density_q{round(100 * q)}"] = values[2 + i] / steps
+            out[f"blocked_density_q{round(100 * q)}"] = values[2 + n + i] / steps
+        return out
+
+    def state_dict(self) -> dict:
+        return {"totals": None if self.totals is None else self.totals.cpu(), "steps": self.steps}
+
+    def load_state_dict(self, state) -> None:
+        if state:
+            self.totals, self.steps = state["totals"], state["steps"]
