@@ -42,7 +42,8 @@ class BlockingConfig:
     feature_dim: int = 128
     ema: float = 0.01  # ADE step size
     estimator: Literal["kde", "mean_log_kernel"] = "kde"
-    noise: Optional[float] = None  # None: 0.01 for kde (alpha bound), 0.1 for mean_log_kernel
+    noise: Optional[float] = None  # level of the random term; None: the noise form's default
+    noise_form: Literal["rank", "density_floor", "max_abs"] = "rank"  # scale-free | paper | authors' code
     weights: Literal["counts", "uniform"] = "counts"  # centre weights: paper (counts) or code (uniform)
     delta: float = 0.875  # infobatch: prune during the first delta of the epochs, then full data
     mode: Literal["auto", "reuse", "recompute"] = "auto"  # auto: the cheaper by the cost model (pfb_train/costs.py)
@@ -50,15 +51,16 @@ class BlockingConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["synthetic", "digits", "cifar10", "cifar100", "imagefolder"] = "synthetic"
-    root: Optional[str] = None  # imagefolder: folder holding train/ and val/; cifar: torchvision's root
+    dataset: Literal["synthetic", "digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder"] = "synthetic"
+    root: Optional[str] = None  # imagefolder: folder holding train/ and val/; cifar: torchvision's root; fashion_mnist: idx files
     download: bool = False  # cifar only: fetch the files if they are missing
     img_size: int = 224
     batch_size: int = 256  # per process
     eval_batch_size: Optional[int] = None  # None: same as batch_size
     workers: int = 4
-    train_samples: int = 2048  # synthetic only
-    val_samples: int = 512  # synthetic only
+    train_samples: Optional[int] = None  # a fixed class-stratified subset (None: all); synthetic: its size (2048)
+    val_samples: Optional[int] = None  # the same for validation; synthetic: 512
+    imbalance: float = 1.0  # < 1: long-tailed training set, the last class keeps this fraction of its samples
     mixup: float = 0.0
     cutmix: float = 0.0
     auto_augment: Optional[str] = None  # timm policy string, e.g. "rand-m9-mstd0.5"
@@ -324,7 +326,13 @@ def validate(cfg: Config) -> None:
     need(d.img_size >= 8, f"config key 'data.img_size' must be >= 8, got {d.img_size}")
     need(d.batch_size >= 1, f"config key 'data.batch_size' must be >= 1, got {d.batch_size}")
     need(d.workers >= 0, f"config key 'data.workers' must be >= 0, got {d.workers}")
-    need(d.train_samples >= 1 and d.val_samples >= 1, "config keys 'data.train_samples' and 'data.val_samples' must be >= 1")
+    for key in ("train_samples", "val_samples"):
+        value = getattr(d, key)
+        need(value is None or value >= 1, f"config key 'data.{key}' must be >= 1, got {value}")
+        need(value is None or d.dataset != "imagefolder", f"config key 'data.{key}' does not apply to dataset 'imagefolder'")
+    need(0.0 < d.imbalance <= 1.0, f"config key 'data.imbalance' must be in (0, 1], got {d.imbalance}")
+    need(d.imbalance == 1.0 or d.dataset not in ("imagefolder", "synthetic"),
+         f"config key 'data.imbalance' does not apply to dataset '{d.dataset}'")
     need(d.mixup >= 0 and d.cutmix >= 0, "config keys 'data.mixup' and 'data.cutmix' must be >= 0")
     if b.method == "pfb":
         need(d.batch_size >= b.centers,

@@ -3,11 +3,14 @@
 - `synthetic`: class-dependent smooth patterns plus noise, made from a seed (learnable, no files).
 - `digits`: scikit-learn's bundled 8x8 handwritten digits (real images), upsampled, fixed split.
 - `cifar10`, `cifar100`: torchvision's standard files on disk (downloaded only if `data.download`).
+- `fashion_mnist`: the four standard idx files (plain or gzipped), by default where Debian's
+  `dataset-fashion-mnist` package puts them.
 - `imagefolder`: ImageNet layout `root/train/<class>/*.JPEG`, `root/val/<class>/*`, timm transforms.
 """
 
 from __future__ import annotations
 
+import gzip
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,16 +211,137 @@ def cifar(name: str, root: str, img_size: int, download: bool = False) -> DataSp
     return DataSplits(train, val, spec["classes"])
 
 
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist package
+FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                       "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530  # of the training images, in [0, 1]
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """An MNIST-family idx file of unsigned bytes (images or labels), plain or gzipped."""
+    raw = path.read_bytes()
+    try:
+        if path.suffix == ".gz":
+            raw = gzip.decompress(raw)
+        if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:  # 0x08: unsigned byte data
+            raise ValueError("not an idx file of unsigned bytes")
+        dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(raw[3])]
+        offset = 4 + 4 * len(dims)
+        if len(raw) - offset != int(np.prod(dims)):
+            raise ValueError(f"{len(raw) - offset} data bytes for shape {tuple(dims)}")
+    except (OSError, EOFError, ValueError) as e:  # gzip raises OSError/EOFError on damaged files
+        raise UserError(f"cannot read idx file {path}: {e}") from None
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=offset).view(*dims)
+
+
+def _idx_file(root: Path, name: str) -> Path:
+    for candidate in (root / name, root / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"fashion_mnist file not found: {root / name}[.gz] (install Debian's package with "
+                    "'apt-get install dataset-fashion-mnist', or set data.root to a folder holding the four idx files)")
+
+
+def grey_to_rgb(image: torch.Tensor) -> torch.Tensor:
+    """(1, H, W) -> (3, H, W) view: timm models take 3 channels."""
+    return image.expand(3, -1, -1)
+
+
+def fashion_mnist(root, img_size: int) -> DataSplits:
+    """Zalando's Fashion-MNIST: 60,000 train / 10,000 test 28x28 grey images of 10 clothing classes."""
+    from torchvision.transforms import v2
+
+    base = Path(root or FASHION_MNIST_ROOT).expanduser()
+    splits = {}
+    for split, (images, labels) in FASHION_MNIST_FILES.items():
+        x, y = read_idx(_idx_file(base, images)), read_idx(_idx_file(base, labels))
+        if x.dim() != 3 or y.dim() != 1 or len(x) != len(y):
+            raise UserError(f"fashion_mnist files in {base} disagree: images {tuple(x.shape)}, labels {tuple(y.shape)}")
+        splits[split] = (x.unsqueeze(1), y.long())  # (N, 1, 28, 28) uint8
+    resize = [v2.Resize(img_size, antialias=True)] if img_size != 28 else []
+    finish = [v2.ToDtype(torch.float32, scale=True), v2.Normalize([FASHION_MNIST_MEAN], [FASHION_MNIST_STD]),
+              v2.Lambda(grey_to_rgb)]
+    train_tf = v2.Compose([*resize, v2.RandomCrop(img_size, padding=img_size // 14), v2.RandomHorizontalFlip(), *finish])
+    val_tf = v2.Compose([*resize, *finish])
+    return DataSplits(TensorImages(*splits["train"], train_tf), TensorImages(*splits["val"], val_tf), 10)
+
+
+# -------------------------------------------------------------- fixed subsets of in-memory datasets
+
+
+def dataset_labels(dataset: Dataset):
+    """Class of every sample, when the dataset keeps its labels in memory; else None."""
+    if isinstance(dataset, TensorImages):
+        return dataset.labels
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1]
+    if isinstance(dataset, ImageFolder):
+        return torch.tensor(dataset.targets, dtype=torch.long)
+    return None
+
+
+def _take(dataset: Dataset, index: torch.Tensor) -> Dataset:
+    if isinstance(dataset, TensorImages):
+        return TensorImages(dataset.images[index], dataset.labels[index], dataset.transform)
+    return TensorDataset(*(t[index] for t in dataset.tensors))
+
+
+def class_subset(labels: torch.Tensor, counts: list[int], seed: int = 0) -> torch.Tensor:
+    """Indices of `counts[c]` samples of each class c, drawn by a fixed seed, in dataset order."""
+    gen = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c, n in enumerate(counts):
+        members = (labels == c).nonzero().flatten()
+        chosen.append(members[torch.randperm(len(members), generator=gen)[:n]])
+    return torch.cat(chosen).sort().values
+
+
+def stratified_counts(labels: torch.Tensor, num_classes: int, total: int, key: str) -> list[int]:
+    """`total` samples spread over the classes in proportion to their share of the data."""
+    available = torch.bincount(labels, minlength=num_classes)
+    if total > len(labels):
+        raise UserError(f"config key '{key}' is {total}, but the split has {len(labels)} samples")
+    counts = (available.double() * total / len(labels)).floor().long()
+    for c in torch.argsort(available, descending=True, stable=True)[: total - int(counts.sum())]:
+        counts[c] += 1  # the remainder, one each to the largest classes
+    return counts.tolist()
+
+
+def long_tailed_counts(counts: list[int], imbalance: float) -> list[int]:
+    """The usual long-tailed profile: class c keeps counts[c] * imbalance^(c / (C-1)); class 0 is the
+    head, the last class keeps `imbalance` of its samples."""
+    last = max(len(counts) - 1, 1)
+    return [max(1, round(n * imbalance ** (c / last))) for c, n in enumerate(counts)]
+
+
+def subsample(splits: DataSplits, train_samples, val_samples, imbalance: float) -> DataSplits:
+    """Fixed (seed 0) class-stratified subsets, and a long-tailed training set when imbalance < 1."""
+    train, val = splits.train, splits.val
+    if train_samples is not None or imbalance < 1.0:
+        labels = dataset_labels(train)
+        counts = stratified_counts(labels, splits.num_classes, train_samples or len(labels), "data.train_samples")
+        train = _take(train, class_subset(labels, long_tailed_counts(counts, imbalance)))
+    if val_samples is not None:
+        labels = dataset_labels(val)
+        val = _take(val, class_subset(labels, stratified_counts(labels, splits.num_classes, val_samples,
+                                                                "data.val_samples")))
+    return DataSplits(train, val, splits.num_classes, splits.decode_on_device)
+
+
 def build_datasets(data_cfg, num_classes=None, seed: int = 0) -> DataSplits:
     d = data_cfg
-    if d.dataset == "synthetic":
-        splits = synthetic(num_classes or 10, d.img_size, d.train_samples, d.val_samples, seed=seed)
-    elif d.dataset == "digits":
+    if d.dataset == "synthetic":  # made at the requested size: nothing to subsample
+        return synthetic(num_classes or 10, d.img_size, d.train_samples or 2048, d.val_samples or 512, seed=seed)
+    if d.dataset == "digits":
         splits = digits(d.img_size)
+    elif d.dataset == "fashion_mnist":
+        splits = fashion_mnist(d.root, d.img_size)
     elif d.dataset in CIFAR:
         splits = cifar(d.dataset, d.root, d.img_size, d.download)
     else:
         splits = imagefolder(d.root, d.img_size, d.auto_augment, d.bad_images == "fail", d.decode)
+    if d.dataset != "imagefolder":
+        splits = subsample(splits, d.train_samples, d.val_samples, d.imbalance)
     if num_classes is not None and num_classes != splits.num_classes:
         raise UserError(f"config key 'model.num_classes' is {num_classes} but dataset '{d.dataset}' has {splits.num_classes} classes")
     return splits

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -142,3 +144,87 @@ def test_worker_augmentation_depends_on_epoch_and_sample_only(tmp_path):
     assert len(resumed) == 8 and all(torch.equal(one[i], resumed[i]) for i in resumed)
     other_epoch = epoch_images(workers=1, epoch=2)
     assert sum(torch.equal(one[i], other_epoch[i]) for i in one) < 4  # new crops each epoch
+
+
+# -- Fashion-MNIST from idx files, fixed subsets -----------------------------------------------------
+
+import gzip  # noqa: E402
+
+from pfb_train.data import FASHION_MNIST_FILES, dataset_labels, long_tailed_counts, read_idx  # noqa: E402
+
+
+def write_idx(path, array: np.ndarray, compress: bool) -> None:
+    """The idx layout: 0, 0, type 0x08 (unsigned byte), rank, then big-endian sizes and the bytes."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if compress:
+        path.with_name(path.name + ".gz").write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+
+
+def write_fashion_mnist(root, train_per_class=12, val_per_class=5, compress=True):
+    """A tiny Fashion-MNIST in the standard file layout: 10 classes, class c is brightness 20*c + noise."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        labels = np.repeat(np.arange(10), per_class)
+        rng.shuffle(labels)
+        images = (labels[:, None, None] * 20 + rng.integers(0, 30, (len(labels), 28, 28))).clip(0, 255)
+        images_name, labels_name = FASHION_MNIST_FILES[split]
+        write_idx(root / images_name, images, compress)
+        write_idx(root / labels_name, labels, compress)
+    return root
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_fashion_mnist_reads_idx_files_plain_or_gzipped(tmp_path, compress):
+    root = write_fashion_mnist(tmp_path / "fm", compress=compress)
+    splits = build_datasets(DataConfig(dataset="fashion_mnist", root=str(root), img_size=28))
+    assert (len(splits.train), len(splits.val), splits.num_classes) == (120, 50, 10)
+    raw = read_idx(next(root.glob("train-images*")))
+    assert raw.shape == (120, 28, 28) and raw.dtype == torch.uint8
+    x, y = splits.val[3]
+    assert x.shape == (3, 28, 28) and x.dtype == torch.float32 and torch.equal(x[0], x[2])
+    expected = (read_idx(next(root.glob("t10k-images*")))[3].float() / 255 - 0.2860) / 0.3530
+    assert torch.allclose(x[0], expected, atol=1e-5)  # val images: only scaled and normalised
+    assert y == int(read_idx(next(root.glob("t10k-labels*")))[3])
+
+
+def test_fixed_stratified_subset_and_long_tail(tmp_path):
+    root = write_fashion_mnist(tmp_path / "fm", train_per_class=20)
+    cfg = DataConfig(dataset="fashion_mnist", root=str(root), img_size=28, train_samples=100, val_samples=30)
+    splits = build_datasets(cfg)
+    assert torch.bincount(dataset_labels(splits.train)).tolist() == [10] * 10
+    assert torch.bincount(dataset_labels(splits.val)).tolist() == [3] * 10
+    again = build_datasets(cfg)
+    assert torch.equal(splits.train.images, again.train.images)  # fixed: the same subset every time
+    tail = build_datasets(DataConfig(dataset="fashion_mnist", root=str(root), img_size=28, train_samples=100,
+                                     imbalance=0.1))
+    counts = torch.bincount(dataset_labels(tail.train)).tolist()
+    assert counts == long_tailed_counts([10] * 10, 0.1) and counts[0] == 10 and counts[-1] == 1
+    assert counts == sorted(counts, reverse=True)
+    assert len(tail.val) == 50  # validation stays balanced and whole
+
+
+def test_digits_subset_keeps_class_proportions():
+    splits = build_datasets(DataConfig(dataset="digits", img_size=8, train_samples=500))
+    counts = torch.bincount(dataset_labels(splits.train), minlength=10)
+    full = torch.bincount(dataset_labels(digits(8).train), minlength=10)
+    assert counts.sum() == 500
+    assert ((counts - full * 500 / full.sum()).abs() <= 1).all()
+
+
+def test_fashion_mnist_trains_from_the_cli(cli, tmp_path):
+    root = write_fashion_mnist(tmp_path / "fm", train_per_class=8)
+    result = cli("--config", "fashion_mnist", "--set", f"data.root={root}", "--set", "data.train_samples=64",
+                 "--set", "data.val_samples=20", "--set", "data.batch_size=16", "--set", "blocking.centers=8",
+                 "--set", "schedule.epochs=2", "--set", "blocking.method=pfb", "--set", "blocking.start_epoch=0",
+                 "--set", f"runtime.output={tmp_path}/runs", "--set", "name=fm")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "runs" / "fm" / "summary.json").read_text())
+    counts = summary["train_class_counts"]
+    assert summary["dataset"] == "fashion_mnist" and sum(counts) == 64 and max(counts) - min(counts) == 1
+    records = [json.loads(line) for line in (tmp_path / "runs" / "fm" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.0 <= r["selection_signal"] <= 1.0 for r in records)
+    assert len(records[-1]["val_class_top1"]) == 10
