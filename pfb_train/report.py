@@ -1,9 +1,14 @@
 """`pfb-train report`: the paper-style comparison table (markdown + CSV) and plots from run directories.
 
-Runs that differ only in seed are one row: mean ± std over them. Times come from the runs'
-own metrics: training time is the sum of epoch times, selection overhead the time spent in
-the selection hooks (density scoring, centre updates, InfoBatch's score gathering and epoch
-sampling), device-hours the training time times the number of processes.
+Runs whose resolved configs are equal except for the seed (and where and how they were logged)
+are one row: mean ± std over them. Each row is labelled by its method and ratio plus whatever
+else tells it apart from the other rows (estimator, noise, image size, ...).
+
+Times come from the runs' own metrics. `train s` is the mean ± std of the runs' total training
+time. Time saved compares *robust* times: for each epoch the median over the row's seeds, summed
+over epochs, so one stalled epoch of one seed does not move it (with one seed it is the total).
+Selection overhead is the time spent in the selection hooks; device-hours are the robust
+training time times the number of processes.
 """
 
 from __future__ import annotations
@@ -19,6 +24,22 @@ import yaml
 from pfb_train.errors import UserError
 from pfb_train.metrics import read_metrics
 
+# Config keys that do not change what is trained: runs that differ only here are seeds of one row.
+NOT_THE_EXPERIMENT = {"name", "runtime.seed", "runtime.output", "runtime.resume", "runtime.baseline",
+                      "runtime.progress", "runtime.log_every", "runtime.threads", "runtime.checkpoint_every",
+                      "runtime.eval_every"}
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """{'blocking': {'ratio': 0.4}} -> {'blocking.ratio': 0.4}"""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
 
 @dataclass
 class Run:
@@ -30,17 +51,15 @@ class Run:
     @property
     def key(self) -> tuple:
         """Runs with the same key are seeds of one experiment."""
-        c = self.config
-        return (c["model"]["name"], c["data"]["dataset"], self.summary["method"], self.summary["ratio"])
+        return tuple(sorted((k, repr(v)) for k, v in self.settings.items()))
 
     @property
-    def label(self) -> str:
-        method, ratio = self.summary["method"], self.summary["ratio"]
-        return "full data" if method == "none" else f"{method} {ratio:g}"
+    def settings(self) -> dict:
+        return {k: v for k, v in flatten(self.config).items() if k not in NOT_THE_EXPERIMENT}
 
     @property
-    def device_hours(self) -> float:
-        return self.summary["train_seconds"] * self.summary.get("world_size", 1) / 3600
+    def method(self) -> str:
+        return self.summary["method"]
 
 
 def load_run(path) -> Run:
@@ -62,17 +81,65 @@ def group_runs(runs: list[Run]) -> list[list[Run]]:
     return list(groups.values())
 
 
+def group_labels(groups: list[list[Run]]) -> list[str]:
+    """'method ratio' plus the settings that tell a group apart: blocking options that differ between
+    groups of the same method, and any other option that differs between groups at all."""
+    settings = [g[0].settings for g in groups]
+
+    def varying(members: list[dict]) -> list[str]:
+        keys = sorted({k for s in members for k in s})
+        return [k for k in keys if len({repr(s.get(k)) for s in members}) > 1]
+
+    everywhere = [k for k in varying(settings) if not k.startswith("blocking.")]
+    labels = []
+    for group, own in zip(groups, settings):
+        same_method = [s for g, s in zip(groups, settings) if g[0].method == group[0].method]
+        within = [k for k in varying(same_method) if k.startswith("blocking.") and k != "blocking.ratio"]
+        extra = ", ".join(f"{k.rsplit('.', 1)[-1]}={own.get(k)}" for k in within + everywhere)
+        method, ratio = group[0].method, group[0].summary["ratio"]
+        base = "full data" if method == "none" else f"{method} {ratio:g}"
+        labels.append(f"{base} ({extra})" if extra else base)
+    return labels
+
+
+def robust_seconds(group: list[Run]) -> float:
+    """Sum over epochs of the median epoch time over the group's seeds."""
+    epochs = min(len(r.metrics) for r in group)
+    return sum(statistics.median(r.metrics[e]["epoch_seconds"] for r in group) for e in range(epochs))
+
+
+def head_tail_top1(run: Run):
+    """Mean top-1 of the classes with the most training samples (the upper half) and of the rest,
+    at the last evaluation; None when classes are about balanced (largest < 1.5 x smallest) or not
+    reported."""
+    counts = run.summary.get("train_class_counts")
+    per_class = next((r["val_class_top1"] for r in reversed(run.metrics) if "val_class_top1" in r), None)
+    if not counts or per_class is None or max(counts) < 1.5 * min(counts):
+        return None
+    order = sorted(range(len(counts)), key=lambda c: -counts[c])
+    half = len(order) // 2
+
+    def mean(classes):
+        values = [per_class[c] for c in classes if per_class[c] is not None]
+        return statistics.fmean(values) if values else float("nan")
+
+    return mean(order[:half]), mean(order[half:])
+
+
 def table_rows(runs: list[Run], baseline: list[Run]) -> list[dict]:
     base_top1 = statistics.fmean(r.summary["top1"] for r in baseline)
-    base_hours = statistics.fmean(r.device_hours for r in baseline)
+    base_hours = robust_seconds(baseline) * baseline[0].summary.get("world_size", 1) / 3600
+    groups = group_runs(runs)
     rows = []
-    for group in group_runs(runs):
+    for group, label in zip(groups, group_labels(groups)):
         s = [r.summary for r in group]
         top1, top1_std = _mean_std([x["top1"] for x in s])
         seconds, seconds_std = _mean_std([x["train_seconds"] for x in s])
+        robust = robust_seconds(group)
         overhead = statistics.fmean(x.get("selection_seconds", 0.0) for x in s)
-        hours = statistics.fmean(r.device_hours for r in group)
-        rows.append({
+        hours = robust * s[0].get("world_size", 1) / 3600
+        row = {
+            "label": label,
             "method": s[0]["method"],
             "ratio": s[0]["ratio"],
             "seeds": len(group),
@@ -82,32 +149,50 @@ def table_rows(runs: list[Run], baseline: list[Run]) -> list[dict]:
             "top1_delta": top1 - base_top1,
             "train_seconds": seconds,
             "train_seconds_std": seconds_std,
-            "train_hours": (seconds - overhead) / 3600,
+            "train_seconds_robust": robust,
+            "train_hours": (robust - overhead) / 3600,
             "selection_hours": overhead / 3600,
             "device_hours": hours,
             "time_reduction_pct": 100 * (1 - hours / base_hours) if base_hours > 0 else 0.0,
-        })
+        }
+        signals = [m["selection_signal"] for r in group for m in r.metrics if m.get("selection_signal") is not None]
+        row["selection_signal"] = statistics.fmean(signals) if signals else None
+        split = [head_tail_top1(r) for r in group]
+        if all(x is not None for x in split):
+            (row["top1_head"], row["top1_head_std"]), (row["top1_tail"], row["top1_tail_std"]) = (
+                _mean_std([x[0] for x in split]), _mean_std([x[1] for x in split]))
+        rows.append(row)
     return rows
 
 
+def _pm(mean: float, std: float, seeds: int, digits: int = 2) -> str:
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if seeds > 1 else f"{mean:.{digits}f}"
+
+
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| method | ratio | seeds | blocked (realised) | top-1 % | Δ top-1 | train s | training h | "
-            "selection h | device-h | time saved |")
+    split = any("top1_tail" in r for r in rows)
+    head = "| run | seeds | blocked (realised) | signal | top-1 % | Δ top-1 |"
+    if split:
+        head += " head top-1 | tail top-1 |"
+    head += " train s | training h | selection h | device-h | time saved |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        std = f" ± {r['top1_std']:.2f}" if r["seeds"] > 1 else ""
-        sec_std = f" ± {r['train_seconds_std']:.1f}" if r["seeds"] > 1 else ""
-        ratio = "-" if r["method"] == "none" else f"{r['ratio']:g}"
-        lines.append(
-            f"| {r['method']} | {ratio} | {r['seeds']} | {r['blocked_fraction']:.3f} | {r['top1']:.2f}{std} | "
-            f"{r['top1_delta']:+.2f} | {r['train_seconds']:.1f}{sec_std} | {r['train_hours']:.4f} | "
-            f"{r['selection_hours']:.4f} | {r['device_hours']:.4f} | {r['time_reduction_pct']:.1f} % |")
+        signal = "-" if r["selection_signal"] is None else f"{r['selection_signal']:.2f}"
+        cells = [r["label"], str(r["seeds"]), f"{r['blocked_fraction']:.3f}", signal,
+                 _pm(r["top1"], r["top1_std"], r["seeds"]), f"{r['top1_delta']:+.2f}"]
+        if split:
+            cells += [_pm(r["top1_head"], r["top1_head_std"], r["seeds"]) if "top1_head" in r else "-",
+                      _pm(r["top1_tail"], r["top1_tail_std"], r["seeds"]) if "top1_tail" in r else "-"]
+        cells += [_pm(r["train_seconds"], r["train_seconds_std"], r["seeds"], 1), f"{r['train_hours']:.4f}",
+                  f"{r['selection_hours']:.4f}", f"{r['device_hours']:.4f}", f"{r['time_reduction_pct']:.1f} %"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
 
@@ -125,8 +210,73 @@ def _per_epoch_mean(group: list[Run], field: str, cumulative: bool = False) -> t
     return list(range(epochs)), values
 
 
+def class_kept_table(group: list[Run]) -> list[list[float]]:
+    """(classes, epochs): kept fraction of each class's rows per epoch, mean over seeds (nan: no rows)."""
+    epochs = min(len(r.metrics) for r in group)
+    columns = []
+    for e in range(epochs):
+        per_run = [r.metrics[e].get("class_kept_fraction") or [] for r in group]
+        classes = max(len(p) for p in per_run)
+        column = []
+        for c in range(classes):
+            present = [p[c] for p in per_run if c < len(p) and p[c] is not None]
+            column.append(statistics.fmean(present) if present else float("nan"))
+        columns.append(column)
+    classes = max((len(c) for c in columns), default=0)
+    return [[col[c] if c < len(col) else float("nan") for col in columns] for c in range(classes)]
+
+
+def _line_plot(plt, groups, labels, field, cumulative, ylabel, path) -> bool:
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    drawn = False
+    for group, label in zip(groups, labels):
+        x, y = _per_epoch_mean(group, field, cumulative)
+        if all(v != v for v in y):  # nothing logged (e.g. no signal for this method)
+            continue
+        ax.plot(x, y, marker="o", markersize=3, label=label)
+        drawn = True
+    if drawn:
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path)
+    plt.close(fig)
+    return drawn
+
+
+def _heatmaps(plt, groups, labels, path) -> bool:
+    """Kept fraction per class (rows) per epoch (columns), one panel per method that blocks rows. Class
+    ticks are labelled up to 30 classes; beyond that the panel still shows every class as a pixel row."""
+    panels = [(label, class_kept_table(g)) for g, label in zip(groups, labels)
+              if any(m.get("samples_blocked", 0) > 0 for r in g for m in r.metrics)]
+    panels = [(label, table) for label, table in panels if table]
+    if not panels:
+        return False
+    cols = min(3, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), dpi=110, squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (label, table) in zip(axes.flat, panels):
+        image = ax.imshow(table, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0, vmax=1.0,
+                          origin="lower")
+        ax.set_title(label, fontsize=7)
+        ax.set_xlabel("epoch", fontsize=7)
+        ax.set_ylabel("class", fontsize=7)
+        if len(table) <= 30:
+            ax.set_yticks(range(len(table)))
+        ax.tick_params(labelsize=6)
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="kept fraction of the class's rows")
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def write_plots(runs: list[Run], out: Path) -> list[Path]:
-    """top-1 per epoch, cumulative training wall-clock per epoch, kept fraction per epoch (means over seeds)."""
+    """Per epoch, means over seeds: top-1, cumulative training time, kept fraction, selection signal;
+    and the kept fraction of each class per epoch as heatmaps."""
     try:
         import matplotlib
 
@@ -134,23 +284,17 @@ def write_plots(runs: list[Run], out: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    plots = [("top1.png", "top1", False, "top-1 (%)"),
+    groups = group_runs(runs)
+    labels = group_labels(groups)
+    lines = [("top1.png", "top1", False, "top-1 (%)"),
              ("wallclock.png", "epoch_seconds", True, "cumulative training time (s)"),
-             ("kept_fraction.png", "kept_fraction", False, "kept fraction of sample-passes")]
-    paths = []
-    for name, field, cumulative, ylabel in plots:
-        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-        for group in group_runs(runs):
-            x, y = _per_epoch_mean(group, field, cumulative)
-            ax.plot(x, y, marker="o", markersize=3, label=group[0].label)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / name)
-        plt.close(fig)
-        paths.append(out / name)
+             ("kept_fraction.png", "kept_fraction", False, "kept fraction of sample-passes"),
+             ("selection_signal.png", "selection_signal", False,
+              "selection signal (share of blocked rows the density alone picks)")]
+    paths = [out / name for name, field, cumulative, ylabel in lines
+             if _line_plot(plt, groups, labels, field, cumulative, ylabel, out / name)]
+    if _heatmaps(plt, groups, labels, out / "class_kept_fraction.png"):
+        paths.append(out / "class_kept_fraction.png")
     return paths
 
 

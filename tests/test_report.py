@@ -38,12 +38,16 @@ def test_report_table_and_plots_match_the_runs(runs, cli, tmp_path):
     assert float(row["top1_delta"]) == pytest.approx(pfb["top1"] - base_top1)
     assert float(row["blocked_fraction"]) == pytest.approx(pfb["blocked_fraction"]) == pytest.approx(0.25)
     assert float(row["selection_hours"]) == pytest.approx(pfb["selection_seconds"] / 3600)
+    # with two seeds the per-epoch median is their mean: robust time = the mean total
     base_hours = (full0["train_seconds"] + full1["train_seconds"]) / 2 / 3600
     assert float(row["time_reduction_pct"]) == pytest.approx(100 * (1 - pfb["train_seconds"] / 3600 / base_hours))
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert f"{pfb['top1']:.2f}" in md and "| pfb | 0.25 | 1 | 0.250 |" in md
+    signals = [m["selection_signal"] for m in read_metrics(pfb["run_dir"])]
+    signal = sum(signals) / len(signals)  # the row's signal: mean over its blocking epochs
+    assert f"{pfb['top1']:.2f}" in md and f"| pfb 0.25 | 1 | 0.250 | {signal:.2f} |" in md
+    assert "| full data | 2 | 0.000 | - |" in md
     assert md in result.stdout
-    for name in ("top1.png", "wallclock.png", "kept_fraction.png"):
+    for name in ("top1.png", "wallclock.png", "kept_fraction.png", "selection_signal.png", "class_kept_fraction.png"):
         assert (tmp_path / "rep" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -71,3 +75,84 @@ def test_missing_baseline_is_a_user_error(tmp_path):
 
     with pytest.raises(UserError, match="runtime.baseline"):
         run(load_config(None, [*TINY, f"runtime.baseline={tmp_path}/nope", f"runtime.output={tmp_path}"]))
+
+
+# -- grouping and robust time, on run directories written by hand ------------------------------------
+
+
+def fake_run(root, name, seed=0, epoch_seconds=(10.0, 10.0, 10.0), top1=80.0, method="pfb", ratio=0.5,
+             class_counts=None, class_top1=None, **blocking):
+    """A finished run directory as `pfb-train` writes it, with chosen numbers."""
+    import json
+
+    import yaml
+
+    from pfb_train.config import Config
+
+    path = root / name
+    path.mkdir(parents=True)
+    config = Config().to_dict()
+    config["name"], config["runtime"]["seed"], config["runtime"]["output"] = name, seed, str(root)
+    config["blocking"].update(method=method, ratio=ratio, **blocking)
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    blocked = 0.0 if method == "none" else ratio
+    records = [{"epoch": e, "epoch_seconds": t, "top1": top1, "kept_fraction": 1 - blocked,
+                "samples_blocked": int(100 * blocked), "class_kept_fraction": [1 - blocked] * 3,
+                **({"val_class_top1": class_top1} if class_top1 else {})} for e, t in enumerate(epoch_seconds)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = {"method": method, "ratio": ratio, "top1": top1, "blocked_fraction": blocked,
+               "train_seconds": sum(epoch_seconds), "selection_seconds": 0.0, "world_size": 1,
+               "train_class_counts": class_counts}
+    (path / "summary.json").write_text(json.dumps(summary))
+    return str(path)
+
+
+def test_rows_group_by_the_whole_config_and_are_labelled_by_what_differs(tmp_path):
+    from pfb_train.report import report
+
+    base = [fake_run(tmp_path, f"full{s}", seed=s, method="none", top1=80.0) for s in range(2)]
+    kde = [fake_run(tmp_path, f"kde{s}", seed=s, top1=70.0 + s, estimator="kde") for s in range(2)]
+    mlk = [fake_run(tmp_path, f"mlk{s}", seed=s, top1=60.0 + s, estimator="mean_log_kernel", noise=0.3)
+           for s in range(2)]
+    rows = {r["label"]: r for r in report(kde + mlk, base, str(tmp_path / "rep"))["rows"]}
+    assert set(rows) == {"full data", "pfb 0.5 (estimator=kde, noise=None)",
+                         "pfb 0.5 (estimator=mean_log_kernel, noise=0.3)"}
+    assert rows["pfb 0.5 (estimator=kde, noise=None)"]["seeds"] == 2
+    assert rows["pfb 0.5 (estimator=kde, noise=None)"]["top1"] == pytest.approx(70.5)
+    assert rows["pfb 0.5 (estimator=mean_log_kernel, noise=0.3)"]["top1"] == pytest.approx(60.5)
+
+
+def test_time_saved_ignores_one_stalled_epoch_of_one_seed(tmp_path):
+    from pfb_train.report import report
+
+    base = [fake_run(tmp_path, f"full{s}", seed=s, method="none", epoch_seconds=(10.0, 10.0, 10.0)) for s in range(3)]
+    pfb = [fake_run(tmp_path, f"pfb{s}", seed=s, epoch_seconds=(6.0, 6.0, 600.0 if s == 1 else 6.0))
+           for s in range(3)]
+    row = [r for r in report(pfb, base, str(tmp_path / "rep"))["rows"] if r["method"] == "pfb"][0]
+    assert row["time_reduction_pct"] == pytest.approx(40.0)  # medians 6 + 6 + 6 against 30
+    assert row["train_seconds"] == pytest.approx((18 + 612 + 18) / 3)  # the plain mean is kept beside it
+
+
+def test_head_and_tail_accuracy_on_a_long_tailed_run(tmp_path):
+    from pfb_train.report import report
+
+    counts, per_class = [50, 40, 20, 5], [90.0, 80.0, 60.0, 20.0]
+    base = [fake_run(tmp_path, "full", method="none", class_counts=counts, class_top1=per_class)]
+    result = report([], base, str(tmp_path / "rep"))
+    assert result["rows"][0]["top1_head"] == pytest.approx(85.0) and result["rows"][0]["top1_tail"] == pytest.approx(40.0)
+    assert "head top-1 | tail top-1" in result["markdown"]
+
+
+def test_class_heatmap_is_drawn_for_a_thousand_classes(tmp_path):
+    import json
+
+    from pfb_train.report import report
+
+    base = [fake_run(tmp_path, "full", method="none")]
+    run = fake_run(tmp_path, "pfb")
+    metrics = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
+    for m in metrics:
+        m["class_kept_fraction"] = [(c % 7) / 7 for c in range(1000)]
+    open(f"{run}/metrics.jsonl", "w").write("".join(json.dumps(m) + "\n" for m in metrics))
+    plots = report([run], base, str(tmp_path / "rep"))["plots"]
+    assert str(tmp_path / "rep" / "class_kept_fraction.png") in plots
