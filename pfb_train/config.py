@@ -314,9 +314,11 @@ def validate(cfg: Config) -> None:
     need(s.epochs >= 1, f"config key 'schedule.epochs' must be >= 1, got {s.epochs}")
     need(s.warmup_epochs >= 0, f"config key 'schedule.warmup_epochs' must be >= 0, got {s.warmup_epochs}")
     need(b.start_epoch >= 0, f"config key 'blocking.start_epoch' must be >= 0, got {b.start_epoch}")
+    # A run shorter than the warm-up (a quick check of a recipe) is full data; an explicit empty window is a mistake.
+    need(b.end_epoch is None or b.end_epoch > b.start_epoch,
+         f"config key 'blocking.end_epoch' ({b.end_epoch}) must be greater than 'blocking.start_epoch' ({b.start_epoch})")
     end = b.end_epoch if b.end_epoch is not None else s.epochs
-    need(end > b.start_epoch, f"config key 'blocking.end_epoch' ({end}) must be greater than 'blocking.start_epoch' ({b.start_epoch})")
-    if b.ramp == "linear_to_mid":
+    if b.ramp == "linear_to_mid" and b.start_epoch < end:
         need(end / 2 > b.start_epoch, f"blocking.ramp 'linear_to_mid' needs end_epoch/2 ({end / 2}) > start_epoch ({b.start_epoch})")
     need(b.centers >= 2, f"config key 'blocking.centers' must be >= 2, got {b.centers}")
     need(b.feature_dim >= 1, f"config key 'blocking.feature_dim' must be >= 1, got {b.feature_dim}")

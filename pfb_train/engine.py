@@ -83,7 +83,6 @@ class StepResult(NamedTuple):
     loss_sum: torch.Tensor  # unweighted sum of the kept rows' losses: train_loss compares across methods
     labels: torch.Tensor  # (B,) class of every row; under mixup/cutmix the dominant one
     keep: Optional[torch.Tensor]  # kept row indices, or None when every row was kept
-    num_classes: int
 
 
 def train_step(model, selector, x, y, idx, ctx: StepContext, schedule_at: float, timer=None) -> StepResult:
@@ -131,8 +130,7 @@ def train_step(model, selector, x, y, idx, ctx: StepContext, schedule_at: float,
     if timer is not None:
         timer.mark("observe")
     labels = y.argmax(dim=1) if y.dtype.is_floating_point else y
-    return StepResult(loss.detach(), out.logits.shape[0], finite, losses.detach().sum(), labels, out.keep,
-                      out.logits.shape[1])
+    return StepResult(loss.detach(), out.logits.shape[0], finite, losses.detach().sum(), labels, out.keep)
 
 
 def _backup_buffers(model, ctx: StepContext) -> None:
@@ -151,19 +149,19 @@ class EpochTally:
     FIELDS = ("batches", "rows_seen", "rows_kept", "bad_samples", "nonfinite", "nonfinite_in_row", "elapsed",
               "extra_selection_seconds")
 
-    def __init__(self, device, saved: Optional[dict] = None):
+    def __init__(self, device, num_classes: int, saved: Optional[dict] = None):
         self.batches = self.rows_seen = self.rows_kept = self.bad_samples = self.nonfinite = 0
         self.nonfinite_in_row = 0
         self.elapsed = self.extra_selection_seconds = 0.0
         self.loss_sum = torch.zeros((), device=device)
-        self.class_rows = None  # (2, classes): rows seen and rows kept per class, on the device
+        self.class_rows = torch.zeros(2, num_classes, dtype=torch.float64, device=device)  # rows seen, rows kept
         self.timer = PhaseTimer(device)
         if saved:
             for key in self.FIELDS:
                 setattr(self, key, saved[key])
             self.loss_sum += saved["loss_sum"]
-            if saved.get("class_rows") is not None:
-                self.class_rows = torch.tensor(saved["class_rows"], dtype=torch.float64, device=device)
+            if "class_rows" in saved:  # absent in checkpoints of earlier versions
+                self.class_rows += torch.tensor(saved["class_rows"], dtype=torch.float64, device=device)
             self.timer.seconds.update(saved["seconds"])
 
     def add(self, step: StepResult) -> None:
@@ -173,15 +171,13 @@ class EpochTally:
         self.rows_kept += step.kept
         if step.finite:
             self.loss_sum += step.loss_sum
-        if self.class_rows is None:
-            self.class_rows = torch.zeros(2, step.num_classes, dtype=torch.float64, device=self.loss_sum.device)
         kept = step.labels if step.keep is None else step.labels.index_select(0, step.keep)
         self.class_rows[0].index_add_(0, step.labels, torch.ones_like(step.labels, dtype=torch.float64))
         self.class_rows[1].index_add_(0, kept, torch.ones_like(kept, dtype=torch.float64))
 
     def state_dict(self) -> dict:
         return {**{k: getattr(self, k) for k in self.FIELDS}, "loss_sum": self.loss_sum.item(),
-                "class_rows": None if self.class_rows is None else self.class_rows.tolist(),
+                "class_rows": self.class_rows.tolist(),
                 "seconds": self.timer.totals()}
 
 
@@ -237,9 +233,7 @@ def train_one_epoch(model, selector, loader, ctx: StepContext, epoch: int, tally
             return None
 
     host = torch.tensor([tally.rows_seen, tally.rows_kept, tally.bad_samples, tally.nonfinite], dtype=torch.float64)
-    class_rows = tally.class_rows if tally.class_rows is not None else host.new_zeros(2, 0)
-    counts = all_reduce_sum(torch.cat([tally.loss_sum.double().view(1), host.to(ctx.device),
-                                       class_rows.to(ctx.device).flatten()]))
+    counts = all_reduce_sum(torch.cat([tally.loss_sum.double().view(1), host.to(ctx.device), tally.class_rows.flatten()]))
     (loss_total, seen, kept, bad, nonfinite), class_rows = _split(counts.tolist(), 5)
     diagnostics = selector.epoch_diagnostics(ctx.device)  # collective: every rank reads its tallies
     t = timer.totals()
@@ -266,7 +260,8 @@ def evaluate(model, loader, ctx: StepContext) -> dict:
     """Top-1/top-5 of the full model over every validation sample (counts summed over ranks)."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # correct1, correct5, loss
-    per_class = None  # (2, classes): top-1 hits and samples per class
+    # (2, classes): top-1 hits and samples per class; sized up front, as a rank may get no batch
+    per_class = torch.zeros(2, getattr(model, "module", model).num_classes, dtype=torch.float64, device=ctx.device)
     count = 0  # a shape: counted on the host
     for x, y, _ in loader:
         x, y = _to_device(x, y, ctx)
@@ -275,8 +270,6 @@ def evaluate(model, loader, ctx: StepContext) -> dict:
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top.eq(y.unsqueeze(1))
         totals += torch.stack([hits[:, :1].sum(), hits.sum(), F.cross_entropy(logits, y, reduction="sum")]).double()
-        if per_class is None:
-            per_class = torch.zeros(2, logits.shape[1], dtype=torch.float64, device=ctx.device)
         per_class[0].index_add_(0, y, hits[:, 0].double())
         per_class[1].index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
         count += y.shape[0]

@@ -234,6 +234,10 @@ class BlockedModel(nn.Module):
         if type(model).__name__ not in ADAPTERS:
             _verify_split(model, self)
 
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes  # every timm classifier has it
+
     def compile_parts(self, **options) -> None:
         """torch.compile shallow and deep separately; the selection between them stays eager."""
         self.__dict__["shallow"] = torch.compile(self.shallow, **options)

@@ -142,6 +142,9 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
               f"{len(train_loader)} steps/epoch, {dist.world_size} process(es) on {device.type} -> {state.run_dir}")
         if checkpoint is not None:
             print(f"resumed at epoch {state.epoch}, step {state.step}")
+        if cfg.blocking.method != "none" and cfg.blocking.start_epoch >= cfg.schedule.epochs:
+            print(f"note: blocking.start_epoch {cfg.blocking.start_epoch} is not within schedule.epochs "
+                  f"{cfg.schedule.epochs}: this run trains on full data")
     return state
 
 
@@ -198,7 +201,7 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
         for epoch in range(state.epoch, cfg.schedule.epochs):
             if until_epoch is not None and epoch >= until_epoch:
                 return None
-            tally = EpochTally(dist.device, state.partial)
+            tally = EpochTally(dist.device, state.blocked.num_classes, state.partial)
             resume = (state.subset, tally.batches * cfg.data.batch_size) if state.partial is not None else None
             tally.extra_selection_seconds += begin_epoch(state.selector, state.train_loader, epoch, resume)
             state.partial = None

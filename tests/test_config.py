@@ -43,7 +43,7 @@ def test_int_accepted_for_float_but_not_bool_for_int(tmp_path):
     ("model: {name: [unclosed\n", [], "is not valid YAML"),
     ("", ["data.dataset=imagefolder"], "'data.root' is required for dataset 'imagefolder'"),
     ("", ["blocking.method=pfb", "data.batch_size=16", "blocking.centers=32"], "must be >= 'blocking.centers'"),
-    ("", ["blocking.start_epoch=10", "schedule.epochs=5"], "must be greater than 'blocking.start_epoch'"),
+    ("", ["blocking.start_epoch=10", "blocking.end_epoch=5"], "must be greater than 'blocking.start_epoch'"),
 ])
 def test_bad_config_is_one_line_user_error(tmp_path, text, overrides, message):
     with pytest.raises(UserError) as err:

@@ -148,7 +148,7 @@ def test_epoch_reads_back_only_at_its_end():
     ctx = _context(model, check_finite=False)
     batches = [(torch.randn(10, 3, 32, 32), torch.arange(10) % 4, torch.arange(10) + 10 * i) for i in range(6)]
     with HostReads() as reads:
-        stats = train_one_epoch(model, selector, _Loader(batches), ctx, epoch=0, tally=EpochTally("cpu"))
+        stats = train_one_epoch(model, selector, _Loader(batches), ctx, epoch=0, tally=EpochTally("cpu", 4))
     assert stats["samples_kept"] == 36
     assert len(reads.ops) <= 2  # the loss total and the counts, once
 

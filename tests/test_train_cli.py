@@ -174,3 +174,12 @@ def test_fp16_with_gradient_scaling_on_cpu(tmp_path):
     assert state["scaler"]["scale"] > 0 and state["scaler"]["_growth_tracker"] == 2  # two scaled steps taken
     assert summary["blocked_fraction"] == pytest.approx(6 / 16)
     assert state["selector"]["centres"].dtype == torch.float32
+
+
+def test_a_run_shorter_than_the_warm_up_trains_on_full_data(cli, tiny_config, tmp_path):
+    """A quick check of a recipe (fewer epochs than blocking.start_epoch) runs, and says it did not block."""
+    result = cli("--config", str(tiny_config), "--set", "schedule.epochs=1", "--set", "blocking.start_epoch=3",
+                 "--set", f"runtime.output={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert "this run trains on full data" in result.stdout
+    assert json.loads((tmp_path / "tiny" / "summary.json").read_text())["blocked_fraction"] == 0.0

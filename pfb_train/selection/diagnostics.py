@@ -33,8 +33,8 @@ class SelectionStats:
     """Per-epoch totals of one rank; `read()` sums them over ranks (collective) and starts afresh."""
 
     def __init__(self):
-        self.totals = None  # (2 + 2 * len(QUANTILES),): overlap, blocked rows, kept quantile sums, blocked ones
-        self.steps = 0  # steps that blocked rows
+        self.totals = None  # on the device: overlap with the density's choice, kept quantile sums, blocked ones
+        self.blocked = self.steps = 0  # host integers: blocked rows and steps that blocked rows
 
     def add(self, clean: torch.Tensor, keep: torch.Tensor, blocked: torch.Tensor) -> None:
         """`clean`: (B,) scores without the random term (higher = blocked first); `keep`/`blocked`:
@@ -44,36 +44,36 @@ class SelectionStats:
             return
         chosen = torch.zeros_like(clean, dtype=torch.bool).index_fill_(0, blocked, True)
         by_density = torch.zeros_like(chosen).index_fill_(0, torch.topk(clean, n_blocked).indices, True)
-        overlap = (chosen & by_density).sum(dtype=torch.float32)
         pct = within_batch_rank(clean)
-        step = torch.cat([overlap.view(1), clean.new_tensor([n_blocked]),
+        step = torch.cat([(chosen & by_density).sum().view(1).to(pct.dtype),
                           _quantiles(pct.index_select(0, keep).sort().values),
                           _quantiles(pct.index_select(0, blocked).sort().values)]).double()
         self.totals = step if self.totals is None else self.totals + step
+        self.blocked += n_blocked
         self.steps += 1
 
     def read(self, device) -> dict:
         """This epoch's diagnostics over all ranks (every rank must call it), then reset.
         `device`: where the collective runs (the training device)."""
         n = len(QUANTILES)
-        totals = torch.zeros(2 + 2 * n, dtype=torch.float64, device=device)
+        totals = torch.zeros(1 + 2 * n, dtype=torch.float64, device=device)
         if self.totals is not None:
             totals += self.totals.to(device)
-        totals = torch.cat([totals, totals.new_tensor([self.steps])])
-        values = all_reduce_sum(totals).tolist()
-        overlap, blocked, steps = values[0], values[1], values[-1]
-        self.totals, self.steps = None, 0
+        counts = torch.tensor([self.blocked, self.steps], dtype=torch.float64).to(device)
+        overlap, *quantiles, blocked, steps = all_reduce_sum(torch.cat([totals, counts])).tolist()
+        self.totals, self.blocked, self.steps = None, 0, 0
         if steps == 0:
             return {"selection_signal": None}
         out = {"selection_signal": overlap / blocked}
         for i, q in enumerate(QUANTILES):
-            out[f"kept_density_q{round(100 * q)}"] = values[2 + i] / steps
-            out[f"blocked_density_q{round(100 * q)}"] = values[2 + n + i] / steps
+            out[f"kept_density_q{round(100 * q)}"] = quantiles[i] / steps
+            out[f"blocked_density_q{round(100 * q)}"] = quantiles[n + i] / steps
         return out
 
     def state_dict(self) -> dict:
-        return {"totals": None if self.totals is None else self.totals.cpu(), "steps": self.steps}
+        return {"totals": None if self.totals is None else self.totals.cpu(), "blocked": self.blocked,
+                "steps": self.steps}
 
     def load_state_dict(self, state) -> None:
         if state:
-            self.totals, self.steps = state["totals"], state["steps"]
+            self.totals, self.blocked, self.steps = state["totals"], state["blocked"], state["steps"]
