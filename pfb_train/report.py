@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,6 +229,8 @@ def class_kept_table(group: list[Run]) -> list[list[float]]:
 
 def _line_plot(plt, groups, labels, field, cumulative, ylabel, path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    if len(groups) > 10:  # the default cycle has 10 colours
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
     drawn = False
     for group, label in zip(groups, labels):
         x, y = _per_epoch_mean(group, field, cumulative)
@@ -239,7 +242,7 @@ def _line_plot(plt, groups, labels, field, cumulative, ylabel, path) -> bool:
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(path)
     plt.close(fig)
@@ -256,19 +259,20 @@ def _heatmaps(plt, groups, labels, path) -> bool:
         return False
     cols = min(3, len(panels))
     rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), dpi=110, squeeze=False,
+                             layout="constrained")
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     for ax, (label, table) in zip(axes.flat, panels):
         image = ax.imshow(table, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0, vmax=1.0,
                           origin="lower")
-        ax.set_title(label, fontsize=7)
+        ax.set_title(textwrap.fill(label, 48), fontsize=7)
         ax.set_xlabel("epoch", fontsize=7)
         ax.set_ylabel("class", fontsize=7)
         if len(table) <= 30:
             ax.set_yticks(range(len(table)))
         ax.tick_params(labelsize=6)
-    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="kept fraction of the class's rows")
+    fig.colorbar(image, ax=axes, shrink=0.6, label="kept fraction of the class's rows")
     fig.savefig(path)
     plt.close(fig)
     return True
@@ -290,7 +294,7 @@ def write_plots(runs: list[Run], out: Path) -> list[Path]:
              ("wallclock.png", "epoch_seconds", True, "cumulative training time (s)"),
              ("kept_fraction.png", "kept_fraction", False, "kept fraction of sample-passes"),
              ("selection_signal.png", "selection_signal", False,
-              "selection signal (share of blocked rows the density alone picks)")]
+              "selection signal")]
     paths = [out / name for name, field, cumulative, ylabel in lines
              if _line_plot(plt, groups, labels, field, cumulative, ylabel, out / name)]
     if _heatmaps(plt, groups, labels, out / "class_kept_fraction.png"):

@@ -13,11 +13,17 @@ def cluster_and_outliers(seed=0, dim=8, dense=120, far=8):
     return torch.cat([cluster, outliers]), set(range(dense, dense + far))
 
 
-@pytest.mark.parametrize("estimator", ["kde", "mean_log_kernel"])
+# (estimator, random term, level): the paper's, the authors' code's, and a low rank level
+DENSITY_DECIDES = [("kde", "density_floor", 0.01), ("mean_log_kernel", "max_abs", 0.1), ("kde", "rank", 0.05),
+                   ("mean_log_kernel", "rank", 0.05)]
+
+
+@pytest.mark.parametrize("estimator,noise_form,noise", DENSITY_DECIDES)
 @pytest.mark.parametrize("seed", range(5))
-def test_pfb_keeps_rare_points_and_blocks_dense_ones(estimator, seed):
+def test_pfb_keeps_rare_points_and_blocks_dense_ones(estimator, noise_form, noise, seed):
     feats, rare = cluster_and_outliers(seed)
-    selector = build_selector("pfb", ratio=0.5, centers=32, feature_dim=8, estimator=estimator, seed=seed)
+    selector = build_selector("pfb", ratio=0.5, centers=32, feature_dim=8, estimator=estimator, seed=seed,
+                              noise_form=noise_form, noise=noise)
     selector.observe(feats[:64], None, None, None)  # centres from the cluster (as after warm-up)
     keep = selector.select(feats)
     kept = set(keep.tolist())
@@ -210,7 +216,7 @@ def test_literal_forms_are_swamped_where_the_rank_form_is_not():
     blocked set close to random; the rank form's default does not."""
     assert signal_of(128, "kde", "density_floor") < 0.75
     assert signal_of(128, "mean_log_kernel", "max_abs") < 0.75
-    assert signal_of(128, "kde", "rank") > 0.85
+    assert signal_of(128, "kde", "rank", noise=0.1) > 0.85
 
 
 def test_signal_is_one_without_noise_and_the_ratio_when_noise_decides():
@@ -218,9 +224,9 @@ def test_signal_is_one_without_noise_and_the_ratio_when_noise_decides():
     assert abs(signal_of(32, noise=100.0, batches=20) - 0.5) < 0.06  # a random choice: about the ratio
 
 
-def test_two_default_selectors_seeded_differently_block_mostly_the_same_rows():
+def test_two_selectors_seeded_differently_block_mostly_the_same_rows_when_density_decides():
     def blocked(seed):
-        selector = build_selector("pfb", ratio=0.4, centers=32, feature_dim=64, seed=seed)
+        selector = build_selector("pfb", ratio=0.4, centers=32, feature_dim=64, noise=0.1, seed=seed)
         selector.observe(clustered(64, seed=100), None, None, None)
         feats = clustered(64, seed=1)
         return set(range(len(feats))) - set(selector.select(feats).tolist())
@@ -254,3 +260,12 @@ def test_random_blocking_reports_no_signal():
     selector = build_selector("random", ratio=0.4)
     selector.select(torch.randn(32, 8))
     assert selector.epoch_diagnostics("cpu") == {}
+
+
+def test_the_default_random_term_is_scale_free_and_leaves_density_a_say():
+    """Default: the rank form at the level the Fashion-MNIST study supports (docs/RESULTS.md); the
+    density still decides more of the blocked set than chance does, at any feature size."""
+    selector = build_selector("pfb", ratio=0.5)
+    assert (selector.noise_form, selector.noise) == ("rank", 0.5)
+    for dim in (32, 128):
+        assert 0.6 < signal_of(dim) < 0.8  # random blocking: 0.5
