@@ -17,6 +17,19 @@ def run_cli(*args, cwd=None, timeout=300):
                           cwd=cwd, env=env, timeout=timeout)
 
 
+class BatchList:
+    """The training loop's view of a DataLoader: a list of (x, y, index) batches, a batch size, a length."""
+
+    def __init__(self, batches):
+        self.batches, self.batch_size = batches, batches[0][0].shape[0]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
 @pytest.fixture
 def cli():
     return run_cli

@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pfb_train.engine import EpochTally, StepContext, train_one_epoch, train_step
 from pfb_train.models import split_model
 from pfb_train.selection import build_selector
+from conftest import BatchList
 
 # Ops that read device memory on the host (values or data-dependent shapes).
 SYNCING_OPS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::item", "aten::equal", "aten::nonzero",
@@ -128,19 +129,6 @@ def test_finite_guard_is_the_one_read_per_step():
     assert len(reads.ops) == 3
 
 
-class _Loader:
-    """The loop's view of a DataLoader: batches, a batch size and a length."""
-
-    def __init__(self, batches):
-        self.batches, self.batch_size = batches, batches[0][0].shape[0]
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
-
-
 def test_epoch_reads_back_only_at_its_end():
     torch.manual_seed(0)
     model = split_model(timm.create_model("resnet18", num_classes=4), stage=1)
@@ -148,7 +136,7 @@ def test_epoch_reads_back_only_at_its_end():
     ctx = _context(model, check_finite=False)
     batches = [(torch.randn(10, 3, 32, 32), torch.arange(10) % 4, torch.arange(10) + 10 * i) for i in range(6)]
     with HostReads() as reads:
-        stats = train_one_epoch(model, selector, _Loader(batches), ctx, epoch=0, tally=EpochTally("cpu", 4))
+        stats = train_one_epoch(model, selector, BatchList(batches), ctx, epoch=0, tally=EpochTally("cpu", 4))
     assert stats["samples_kept"] == 36
     assert len(reads.ops) <= 2  # the loss total and the counts, once
 
