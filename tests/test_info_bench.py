@@ -75,3 +75,33 @@ def test_bench_train_runs_the_harness_for_both_methods(data):
     assert out["time_ratio"] == pytest.approx(out["pfb"]["seconds"] / out["none"]["seconds"])
     assert out["baseline_vs_reference"] == pytest.approx(out["none"]["images_per_second"] /
                                                          out["reference"]["images_per_second"])
+
+
+def _json_lines(script, *args) -> list[dict]:
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_selection_agreement_measures_signal_and_seed_agreement():
+    rows = _json_lines("selection_agreement.py", "--data", "digits", "--models", "resnet18", "--feature-dims", "32",
+                       "--batches", "3", "--batch-size", "64", "--centers", "16")
+    by_setting = {(r["estimator"], r["noise_form"], r["noise"]): r for r in rows}
+    assert len(rows) == 7 and all(0.0 <= r["signal"] <= 1.0 and 0.0 <= r["seed_agreement"] <= 1.0 for r in rows)
+    low, high = by_setting[("kde", "rank", 0.05)], by_setting[("kde", "rank", 0.5)]
+    assert low["signal"] > high["signal"] and low["seed_agreement"] > high["seed_agreement"]
+
+
+def test_paired_difference_pairs_runs_by_seed(tmp_path):
+    for name, seed, top1, per_class in [("random_r5", 0, 80.0, [70.0, 90.0]), ("random_r5", 1, 84.0, [80.0, 88.0]),
+                                        ("pfb_r5", 0, 81.0, [72.0, 90.0]), ("pfb_r5", 1, 84.0, [78.0, 90.0]),
+                                        ("pfb_r5", 2, 99.0, [99.0, 99.0]), ("full", 0, 90.0, [90.0, 90.0])]:
+        run = tmp_path / f"{name}_s{seed}"
+        run.mkdir()
+        (run / "summary.json").write_text(json.dumps({"top1": top1}))
+        (run / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "val_class_top1": per_class}) + "\n")
+    rows = _json_lines("paired_difference.py", str(tmp_path), "--reference", "random_r5", "--match", "_r5$")
+    assert len(rows) == 1 and rows[0]["setting"] == "pfb_r5" and rows[0]["seeds"] == [0, 1]  # seed 2 has no pair
+    assert rows[0]["top1_diff"] == pytest.approx(0.5) and rows[0]["top1_diff_std"] == pytest.approx(0.7071, abs=1e-3)
+    assert rows[0]["class_top1_diff"] == [0.0, 1.0]
