@@ -234,7 +234,7 @@ def train_one_epoch(model, selector, loader, ctx: StepContext, epoch: int, tally
 
     host = torch.tensor([tally.rows_seen, tally.rows_kept, tally.bad_samples, tally.nonfinite], dtype=torch.float64)
     counts = all_reduce_sum(torch.cat([tally.loss_sum.double().view(1), host.to(ctx.device), tally.class_rows.flatten()]))
-    (loss_total, seen, kept, bad, nonfinite), class_rows = _split(counts.tolist(), 5)
+    (loss_total, seen, kept, bad, nonfinite), (seen_by_class, kept_by_class) = _split(counts.tolist(), 5)
     diagnostics = selector.epoch_diagnostics(ctx.device)  # collective: every rank reads its tallies
     t = timer.totals()
     seconds = time.perf_counter() - started
@@ -250,7 +250,7 @@ def train_one_epoch(model, selector, loader, ctx: StepContext, epoch: int, tally
         "deep_seconds": t.get("deep", 0.0) + t.get("observe", 0.0),  # deep forward, backward, step, observe
         "selection_seconds": t.get("select", 0.0) + t.get("observe", 0.0) + tally.extra_selection_seconds,
         "images_per_second": seen / seconds if seconds > 0 else 0.0,
-        "class_kept_fraction": class_fractions(*class_rows[::-1]),  # kept of each class's rows loaded
+        "class_kept_fraction": class_fractions(kept_by_class, seen_by_class),  # of each class's rows loaded
         **diagnostics,
     }
 

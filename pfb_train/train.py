@@ -246,8 +246,8 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
             barrier()
 
     summary = summarize(cfg, state.history, time.perf_counter() - wall_start,
-                        str(state.run_dir) if state.run_dir else None, dist.world_size, dist.device.type)
-    summary["train_class_counts"] = state.class_counts
+                        str(state.run_dir) if state.run_dir else None, dist.world_size, dist.device.type,
+                        state.class_counts)
     if dist.is_main:
         logger.write_summary(summary)
         print(f"done: top-1 {summary['top1']:.2f}%  blocked {summary['blocked_fraction']:.3f} of sample-passes  "
@@ -309,7 +309,8 @@ def save_checkpoints(state: RunState, epoch: int, tally: Optional[EpochTally], b
     save_checkpoint(checkpoint, state.run_dir, best=best)
 
 
-def summarize(cfg: Config, history: list[dict], wall_seconds: float, run_dir, world_size: int, device: str) -> dict:
+def summarize(cfg: Config, history: list[dict], wall_seconds: float, run_dir, world_size: int, device: str,
+              class_counts: Optional[list] = None) -> dict:
     slots = sum(r["samples_seen"] + r["samples_pruned"] for r in history)
     blocked = sum(r["samples_blocked"] + r["samples_pruned"] for r in history)
     evaluated = [r for r in history if "top1" in r]
@@ -333,4 +334,5 @@ def summarize(cfg: Config, history: list[dict], wall_seconds: float, run_dir, wo
         "wall_seconds": wall_seconds,
         "seconds_per_epoch": sum(r["epoch_seconds"] for r in history) / len(history),
         "run_dir": run_dir,
+        "train_class_counts": class_counts,  # training samples per class (long-tailed sets: head vs tail)
     }

@@ -18,6 +18,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from pfb_train.metrics import read_metrics
+
 
 def load(folder: Path) -> dict:
     """{setting: {seed: (top1, per-class top-1)}} of the finished runs in `folder`."""
@@ -26,7 +28,7 @@ def load(folder: Path) -> dict:
         match = re.fullmatch(r"(.+)_s(\d+)", summary.parent.name)
         if not match:
             continue
-        records = [json.loads(line) for line in (summary.parent / "metrics.jsonl").read_text().splitlines() if line]
+        records = read_metrics(summary.parent)
         per_class = next((r["val_class_top1"] for r in reversed(records) if "val_class_top1" in r), None)
         runs[match[1]][int(match[2])] = (json.loads(summary.read_text())["top1"], per_class)
     return runs

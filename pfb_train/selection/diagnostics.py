@@ -17,10 +17,14 @@ from pfb_train.distributed import all_reduce_sum
 QUANTILES = (0.1, 0.5, 0.9)
 
 
+def batch_ranks(s: torch.Tensor) -> torch.Tensor:
+    """Each score's rank in its batch: 0 for the lowest, B - 1 for the highest (ties by position)."""
+    return torch.argsort(torch.argsort(s, stable=True))
+
+
 def within_batch_rank(s: torch.Tensor) -> torch.Tensor:
     """Each score's rank in its batch, scaled to [0, 1] (0: lowest, 1: highest)."""
-    ranks = torch.argsort(torch.argsort(s, stable=True)).float()
-    return ranks / max(s.shape[0] - 1, 1)
+    return batch_ranks(s).float() / max(s.shape[0] - 1, 1)
 
 
 def _quantiles(sorted_values: torch.Tensor) -> torch.Tensor:
@@ -42,10 +46,11 @@ class SelectionStats:
         n_blocked = blocked.shape[0]
         if n_blocked == 0 or keep.shape[0] == 0:
             return
-        chosen = torch.zeros_like(clean, dtype=torch.bool).index_fill_(0, blocked, True)
-        by_density = torch.zeros_like(chosen).index_fill_(0, torch.topk(clean, n_blocked).indices, True)
-        pct = within_batch_rank(clean)
-        step = torch.cat([(chosen & by_density).sum().view(1).to(pct.dtype),
+        ranks = batch_ranks(clean)
+        by_density = ranks >= clean.shape[0] - n_blocked  # the rows the scores alone would block
+        overlap = by_density.index_select(0, blocked).sum()
+        pct = ranks.float() / (clean.shape[0] - 1)
+        step = torch.cat([overlap.view(1).to(pct.dtype),
                           _quantiles(pct.index_select(0, keep).sort().values),
                           _quantiles(pct.index_select(0, blocked).sort().values)]).double()
         self.totals = step if self.totals is None else self.totals + step
