@@ -24,6 +24,7 @@ from torchvision.datasets import ImageFolder
 from pfb_train.device_decode import DeviceDecodeLoader, all_unreadable, collate_bytes, read_bytes
 from pfb_train.errors import UserError
 from pfb_train.prefetch import DevicePrefetcher
+from pfb_train.resident import ResidentLoader, fits_on_device
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -422,6 +423,8 @@ def build_loaders(splits: DataSplits, data_cfg, seed: int, rank: int = 0, world_
                     fail_on_bad=d.bad_images == "fail")
         train = DeviceDecodeLoader(train, train=True, paths=[p for p, _ in splits.train.samples], **wrap)
         val = DeviceDecodeLoader(val, train=False, paths=[p for p, _ in splits.val.samples], **wrap)
+    if fits_on_device(splits.train, torch.device(device)) and fits_on_device(splits.val, torch.device(device)):
+        return ResidentLoader(train, splits.train, torch.device(device)), ResidentLoader(val, splits.val, torch.device(device))
     if torch.device(device).type == "cuda":  # copies (and device decoding) of the next batches overlap this step
         # A producer thread only where making a batch draws from no global RNG (see prefetch.py).
         threaded = d.workers > 0 or splits.decode_on_device

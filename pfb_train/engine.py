@@ -7,6 +7,7 @@ them only every `log_every` steps for the progress bar and once at the end.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -235,6 +236,9 @@ def train_one_epoch(model, selector, loader, ctx: StepContext, epoch: int, tally
     host = torch.tensor([tally.rows_seen, tally.rows_kept, tally.bad_samples, tally.nonfinite], dtype=torch.float64)
     counts = all_reduce_sum(torch.cat([tally.loss_sum.double().view(1), host.to(ctx.device), tally.class_rows.flatten()]))
     (loss_total, seen, kept, bad, nonfinite), (seen_by_class, kept_by_class) = _split(counts.tolist(), 5)
+    if not math.isfinite(loss_total):  # only without the per-step guard (runtime.check_finite: false)
+        raise TrainingStopped(f"the training loss of epoch {epoch} is not finite: lower optim.lr, set optim.clip_grad, "
+                              "or set runtime.check_finite=true to skip such steps")
     diagnostics = selector.epoch_diagnostics(ctx.device)  # collective: every rank reads its tallies
     t = timer.totals()
     seconds = time.perf_counter() - started

@@ -120,7 +120,7 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
                       label_smoothing=o.label_smoothing, num_classes=splits.num_classes)
     ctx = StepContext(optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=rt.amp == "fp16"), device,
                       AMP_DTYPES[rt.amp], rt.channels_last, o.label_smoothing, o.clip_grad, mixup, rt.log_every,
-                      updates_per_epoch=len(train_loader), ema=ema, check_finite=rt.check_finite,
+                      updates_per_epoch=len(train_loader), ema=ema, check_finite=device.type != "cuda" if rt.check_finite is None else rt.check_finite,
                       max_nonfinite=rt.max_nonfinite)
 
     nominal_rows = len(train_loader) * cfg.data.batch_size * dist.world_size

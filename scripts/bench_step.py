@@ -19,6 +19,7 @@ import json
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import timm
 import torch
@@ -50,6 +51,9 @@ def parse_args():
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-check-finite", dest="check_finite", action="store_false",
                    help="drop the non-finite-gradient guard (runtime.check_finite: false): its one host sync per step")
+    p.add_argument("--compile", action="store_true", help="torch.compile the shallow and deep parts (runtime.compile)")
+    p.add_argument("--profile", metavar="DIR", default=None,
+                   help="write torch.profiler tables of one full and one blocked step to DIR/profile_<method>.txt")
     return p.parse_args()
 
 
@@ -58,7 +62,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(blocked, selector, x, y, args, device) -> tuple[list[float], dict]:
+def profile_steps(blocked, selector, x, y, idx, ctx, step, path: Path, steps: int = 3) -> None:
+    """Kernel table of a few steps, sorted by device time: where a blocked step's time goes."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if ctx.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for i in range(steps):
+            train_step(blocked, selector, x, y, idx, ctx, step + i + 1)
+        sync(ctx.device)
+    sort = "self_cuda_time_total" if ctx.device.type == "cuda" else "self_cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
+
+
+def time_steps(blocked, selector, x, y, args, device, method: str) -> tuple[list[float], dict]:
     """Seconds per step of each timed repeat, and the seconds per phase of one more run."""
     optimizer = torch.optim.SGD(blocked.parameters(), lr=0.01, momentum=0.9)
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
@@ -84,7 +101,52 @@ def time_steps(blocked, selector, x, y, args, device) -> tuple[list[float], dict
         timer.reset_clock()
         train_step(blocked, selector, x, y, idx, ctx, step + 1, timer)
         step += 1
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        profile_steps(blocked, selector, x, y, idx, ctx, step, Path(args.profile) / f"profile_{method}.txt")
     return per_step, timer.totals()
+
+
+def median_seconds(fn, device, warmup: int = 3, repeats: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def shallow_time_share(blocked, x, args, device) -> dict:
+    """The shallow part's share of forward+backward time (the cost model's s, measured in seconds
+    rather than FLOPs), and its no-grad forward alone (recompute mode's extra pass)."""
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    cast = lambda: torch.autocast(device.type, dtype=amp, enabled=amp is not None)  # noqa: E731
+    with cast():
+        grad_h = torch.randn_like(blocked.shallow(x))
+
+    def shallow():
+        blocked.zero_grad(set_to_none=True)
+        with cast():
+            h = blocked.shallow(x)
+        h.backward(grad_h)
+
+    def full():
+        blocked.zero_grad(set_to_none=True)
+        with cast():
+            out = blocked.deep(blocked.shallow(x))
+        out.float().sum().backward()
+
+    def shallow_no_grad():
+        with torch.no_grad(), cast():
+            blocked.shallow(x)
+
+    t_shallow, t_full = median_seconds(shallow, device), median_seconds(full, device)
+    return {"shallow_time_share": t_shallow / t_full, "shallow_fwd_bwd_ms": 1e3 * t_shallow,
+            "model_fwd_bwd_ms": 1e3 * t_full, "shallow_no_grad_fwd_ms": 1e3 * median_seconds(shallow_no_grad, device)}
 
 
 def main() -> None:
@@ -105,8 +167,12 @@ def main() -> None:
     results, phases = {}, {}
     for method in ("none", args.method):
         blocked = split_model(copy.deepcopy(base), stage, args.mode).to(device, memory_format=memory_format)
+        if args.compile:
+            blocked.compile_parts()
         selector = build_selector(method, ratio=args.ratio, **({"centers": min(args.centers, args.batch_size)} if method == "pfb" else {}))
-        results[method], phases[method] = time_steps(blocked, selector, x, y, args, device)
+        results[method], phases[method] = time_steps(blocked, selector, x, y, args, device, method)
+        if method == "none":
+            timed_share = shallow_time_share(blocked, x, args, device)
 
     with torch.device("meta"):
         meta = split_model(timm.create_model(args.model, num_classes=1000), stage, args.mode)
@@ -131,9 +197,11 @@ def main() -> None:
         "predicted_ratio": predicted_cost_ratio(args.mode, share, realised),
         "predicted_ratio_ideal": predicted_cost_ratio("ideal", share, realised),
         "shallow_share": share,
+        **timed_share,
+        "predicted_ratio_timed": predicted_cost_ratio(args.mode, timed_share["shallow_time_share"], realised),
         "selection_share": selection_share,
         "phase_ms": {k: round(1000 * v / args.steps, 3) for k, v in timed.items()},
-        "check_finite": args.check_finite,
+        "check_finite": args.check_finite, "compile": args.compile,
         "images_per_second_none": args.batch_size / t_none,
         "repeats_ms_none": [round(1000 * t, 2) for t in results["none"]],
         f"repeats_ms_{args.method}": [round(1000 * t, 2) for t in results[args.method]],

@@ -54,6 +54,7 @@ def parse_args():
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--data", choices=["synthetic", "jpeg"], default="synthetic")
     p.add_argument("--decode", choices=["cpu", "device"], default="cpu", help="--data jpeg: where JPEGs are decoded")
+    p.add_argument("--folder", help="--data jpeg: an existing imagefolder root (default: generate one)")
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--num-classes", type=int, default=1000, help="--data synthetic: classes (the head's size)")
     p.add_argument("--reference", action="store_true", help="also time the plain reference loop")
@@ -82,8 +83,10 @@ def main() -> None:
     samples = args.batch_size * args.steps_per_epoch
     with tempfile.TemporaryDirectory() as tmp:
         if args.data == "jpeg":
-            make_folder(Path(tmp) / "images", samples, classes=JPEG_CLASSES)
-            data = ["data.dataset=imagefolder", f"data.root={Path(tmp) / 'images'}", f"data.decode={args.decode}"]
+            root = Path(args.folder) if args.folder else Path(tmp) / "images"
+            if not args.folder:
+                make_folder(root, samples, classes=JPEG_CLASSES)
+            data = ["data.dataset=imagefolder", f"data.root={root}", f"data.decode={args.decode}"]
         else:
             data = ["data.dataset=synthetic", f"data.train_samples={samples}", f"data.val_samples={args.batch_size}",
                     f"model.num_classes={args.num_classes}"]

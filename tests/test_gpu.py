@@ -107,3 +107,19 @@ def test_device_decoded_train_batches_match_the_cpu_run_of_the_same_code(tmp_pat
     for (xg, yg, ig), (xc, yc, ic) in zip(gpu_train, cpu_train, strict=True):
         assert xg.device.type == "cuda" and torch.equal(ig.cpu(), ic) and torch.equal(yg.cpu(), yc)
         assert ((xg * 1.0).cpu() - xc).abs().mean() < 0.05  # nvJPEG and libjpeg round differently
+
+
+def test_in_memory_dataset_is_served_from_gpu_memory(tmp_path):
+    from pfb_train.config import DataConfig
+    from pfb_train.data import build_datasets, build_loaders, start_epoch
+    from pfb_train.resident import ResidentLoader
+
+    cfg = DataConfig(dataset="synthetic", img_size=16, batch_size=8, train_samples=64, val_samples=16, workers=2)
+    splits = build_datasets(cfg, num_classes=4)
+    gpu_train, gpu_val = build_loaders(splits, cfg, seed=0, pin_memory=True, device="cuda")
+    cpu_train, _ = build_loaders(splits, cfg, seed=0, device="cpu")
+    assert isinstance(gpu_train, ResidentLoader) and isinstance(gpu_val, ResidentLoader)
+    start_epoch(gpu_train, 1)
+    start_epoch(cpu_train, 1)
+    for (xg, yg, ig), (xc, yc, ic) in zip(gpu_train, cpu_train, strict=True):
+        assert xg.is_cuda and torch.equal(xg.cpu(), xc) and torch.equal(yg.cpu(), yc) and torch.equal(ig.cpu(), ic)

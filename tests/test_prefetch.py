@@ -114,3 +114,23 @@ def test_a_producer_thread_only_where_batches_draw_from_no_global_rng(tmp_path):
             cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), img_size=32, batch_size=4, workers=workers)
             train, val = build_loaders(build_datasets(cfg), cfg, seed=0, device="cuda")
             assert isinstance(train, DevicePrefetcher) and (train.threaded, val.threaded) == (threaded, threaded)
+
+
+@pytest.mark.parametrize("skip", [0, 3])
+def test_resident_loader_gathers_what_the_dataloader_yields(skip):
+    """Same batches, order, subset and resume offset as the worker path (here on the CPU)."""
+    from pfb_train.resident import ResidentLoader
+
+    cfg = DataConfig(dataset="synthetic", img_size=8, batch_size=4, train_samples=40, val_samples=10, workers=0)
+    splits = build_datasets(cfg, num_classes=3)
+    plain, val = build_loaders(splits, cfg, seed=5)
+    resident = ResidentLoader(build_loaders(splits, cfg, seed=5)[0], splits.train, torch.device("cpu"))
+    subset = torch.arange(0, 40, 2)
+    start_epoch(plain, 2, subset, skip)
+    start_epoch(resident, 2, subset, skip)
+    got, want = list(resident), list(plain)
+    assert len(got) == len(want) == len(resident) == (20 - skip) // 4
+    for a, b in zip(got, want):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    resident_val = ResidentLoader(val, splits.val, torch.device("cpu"))
+    assert [len(b[0]) for b in resident_val] == [4, 4, 2]  # the last, partial batch is kept

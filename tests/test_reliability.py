@@ -214,3 +214,19 @@ def test_run_stops_after_too_many_nonfinite_steps_in_a_row(tmp_path):
     poison(state, slice(None))
     with pytest.raises(RuntimeError, match="3 non-finite losses in a row"):
         fit(state)
+
+
+def test_without_the_per_step_check_a_nonfinite_epoch_stops_the_run(tmp_path):
+    """runtime.check_finite: false (the CUDA default) has no per-step sync; the epoch's loss sum catches it."""
+    state = setup(load_config(None, [*TINY, f"runtime.output={tmp_path}", "runtime.check_finite=false",
+                                     "data.mixup=0.0"]), DistInfo())
+    assert state.ctx.check_finite is False
+    poison(state, [0])
+    with pytest.raises(RuntimeError, match="training loss of epoch 0 is not finite"):
+        fit(state)
+    assert not (state.run_dir / "metrics.jsonl").exists()  # the epoch was not logged as if it had trained
+
+
+def test_check_finite_default_is_on_for_the_cpu(tmp_path):
+    state = setup(load_config(None, [*TINY, f"runtime.output={tmp_path}"]), DistInfo())
+    assert state.cfg.runtime.check_finite is None and state.ctx.check_finite is True

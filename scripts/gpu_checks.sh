@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Every GPU measurement of docs/BENCHMARKS.md in one run, most important first, each step under
+# its own time limit so that one slow step cannot cost the others. JSON lines go to
+# $OUT/gpu.jsonl (one per benchmark, tagged with its step), everything else to $OUT/log.txt,
+# the profiler tables of one full and one blocked resnet50 step to $OUT/profile_*.txt.
+#
+#   OUT=/tmp/gpu bash scripts/gpu_checks.sh            # from the repository root, on a GPU machine
+#   STEPS="r50_recompute pytest_gpu" OUT=... bash scripts/gpu_checks.sh   # only the steps named
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_checks}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then  # pinned packages carried to a machine without an index
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+LOG=$OUT/log.txt
+JSONL=$OUT/gpu.jsonl
+WORKERS=${WORKERS:-12}
+BUDGET=${BUDGET:-500}  # seconds for all steps: a step gets at most what is left of it
+R50=(--model resnet50 --device cuda --img-size 224 --batch-size 256 --amp bf16 --channels-last)
+SWIN=(--model swin_tiny_patch4_window7_224 --device cuda --img-size 224 --batch-size 256 --amp bf16)
+
+step() {  # step NAME SECONDS CMD...: run CMD under a limit; its JSON line is tagged with NAME
+    local name=$1 limit=$2; shift 2
+    if [[ -n "${STEPS:-}" && " $STEPS " != *" $name "* ]]; then return; fi  # STEPS="a b": only those
+    local left=$((BUDGET - SECONDS))
+    if (( left < 15 )); then echo "== $name: skipped, budget spent" | tee -a "$LOG"; return; fi
+    (( limit > left )) && limit=$left
+    echo "== $name (limit $limit s): $*" | tee -a "$LOG"
+    local start=$SECONDS
+    timeout "$limit" "$@" > "$OUT/.stdout" 2>> "$LOG"
+    local rc=$?
+    python3 - "$name" "$rc" "$OUT/.stdout" >> "$JSONL" <<'EOF'
+import json, sys
+name, rc, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+lines = [l for l in open(path).read().splitlines() if l.startswith("{")]
+print(json.dumps({"step": name, "rc": rc, **(json.loads(lines[-1]) if lines else {})}))
+EOF
+    echo "   rc=$rc in $((SECONDS - start)) s" | tee -a "$LOG"
+    grep -v '^{' "$OUT/.stdout" | tail -5 | tee -a "$LOG"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+  python3 -c "import torch, timm, torchvision; print('torch', torch.__version__, 'timm', timm.__version__, 'tv', torchvision.__version__)"
+  nproc; df -h /dev/shm | tail -1; } 2>&1 | tee -a "$LOG"
+
+step r50_recompute 90 python3 scripts/bench_step.py "${R50[@]}" --mode recompute --profile "$OUT"
+step r50_reuse 90 python3 scripts/bench_step.py "${R50[@]}" --mode reuse
+step r50_recompute_nofinite 90 python3 scripts/bench_step.py "${R50[@]}" --mode recompute --no-check-finite
+step swin_reuse 120 python3 scripts/bench_step.py "${SWIN[@]}" --mode reuse
+step swin_recompute 120 python3 scripts/bench_step.py "${SWIN[@]}" --mode recompute
+step train_synthetic 150 python3 scripts/bench_train.py "${R50[@]}" --steps-per-epoch 20 --epochs 3 \
+    --workers "$WORKERS" --reference
+step pytest_gpu 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+step make_jpegs 90 python3 -c "import sys; sys.path.insert(0, 'scripts'); from pathlib import Path; \
+from bench_data import make_folder; make_folder(Path('/tmp/jpegs'), 5120, classes=10)"
+step data_pipelines 90 python3 scripts/bench_data.py --device cuda --workers "$WORKERS" --batch-size 256 \
+    --folder /tmp/jpegs --batches 12
+step train_jpeg_device 150 python3 scripts/bench_train.py "${R50[@]}" --steps-per-epoch 20 --epochs 3 \
+    --workers "$WORKERS" --data jpeg --decode device --folder /tmp/jpegs
+step train_jpeg_cpu 150 python3 scripts/bench_train.py "${R50[@]}" --steps-per-epoch 20 --epochs 3 \
+    --workers "$WORKERS" --data jpeg --decode cpu --folder /tmp/jpegs
+step r50_recompute_compile 180 python3 scripts/bench_step.py "${R50[@]}" --mode recompute --compile --no-check-finite
+rm -f "$OUT/.stdout"
+python3 - "$JSONL" <<'EOF'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    keys = ("time_ratio", "predicted_ratio", "step_ms_none", "selection_share", "baseline_vs_reference",
+            "images_per_second_cpu", "images_per_second_device")
+    print(r["step"], r["rc"], {k: round(r[k], 4) for k in keys if isinstance(r.get(k), float)})
+EOF
