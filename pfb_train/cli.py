@@ -8,9 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pfb_train.engine import TrainingStopped
-from pfb_train.errors import UserError
-from pfb_train.preemption import Preempted
+from pfb_train.errors import Preempted, TrainingStopped, UserError
 
 COMMANDS = ("train", "info", "report")
 

@@ -15,8 +15,9 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from pfb_train.data import start_epoch
+from pfb_train.data import set_loader_epoch
 from pfb_train.distributed import all_reduce_sum
+from pfb_train.errors import TrainingStopped
 from pfb_train.metrics import PhaseTimer
 
 
@@ -61,19 +62,15 @@ def _to_device(x, y, ctx: StepContext):
     return x, y.to(ctx.device, non_blocking=True)
 
 
-class TrainingStopped(RuntimeError):
-    """The run cannot go on (e.g. the loss keeps diverging); the message says why."""
-
-
 def begin_epoch(selector, loader, epoch: int, resume: Optional[tuple] = None) -> float:
     """Hand the epoch to the selector and its subset (if any) to the sampler; returns seconds spent.
     `resume`: (subset, rows done) of an interrupted epoch: the same subset, the done rows skipped."""
     started = time.perf_counter()
     selector.set_epoch(epoch)
     if resume is None:
-        start_epoch(loader, epoch, selector.epoch_indices(loader.sampler.size))
+        set_loader_epoch(loader, epoch, selector.epoch_indices(loader.sampler.size))
     else:
-        start_epoch(loader, epoch, *resume)
+        set_loader_epoch(loader, epoch, *resume)
     return time.perf_counter() - started
 
 

@@ -1,5 +1,17 @@
-"""The one exception type for mistakes a user can fix (bad config, missing path)."""
+"""The exceptions that end a run, and how the CLI reports each (one line, no traceback)."""
 
 
 class UserError(Exception):
-    """Raised for bad input. The CLI prints its message on one line and exits with 2."""
+    """Bad input a user can fix (config, path, data). The CLI prints the message and exits with 2."""
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. the loss keeps diverging); the message says why. Exit code 1."""
+
+
+class Preempted(Exception):
+    """A stop signal arrived and the checkpoint is written. The CLI exits with 128 + signal number."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum

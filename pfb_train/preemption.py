@@ -12,14 +12,6 @@ from pfb_train.distributed import all_reduce_sum, is_distributed
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-class Preempted(Exception):
-    """Raised once the checkpoint is written; the CLI exits with 128 + signal number."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.signum = signum
-
-
 class PreemptionSignals:
     """Records SIGTERM/SIGUSR1 instead of dying; `requested(step)` says when to stop.
 

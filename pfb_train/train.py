@@ -26,11 +26,11 @@ from pfb_train.config import Config, save_config
 from pfb_train.costs import blocking_mode
 from pfb_train.data import build_datasets, build_loaders, dataset_labels
 from pfb_train.distributed import DistInfo, barrier, cleanup, init_distributed
-from pfb_train.errors import UserError
+from pfb_train.errors import Preempted, UserError
 from pfb_train.engine import EpochTally, StepContext, begin_epoch, evaluate, train_one_epoch
 from pfb_train.metrics import BaselineComparison, RunLogger, make_run_dir, rewrite_metrics
 from pfb_train.models import BlockedModel, build_model
-from pfb_train.preemption import PreemptionSignals, Preempted
+from pfb_train.preemption import PreemptionSignals
 from pfb_train.selection import Selector, selector_from_config
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}

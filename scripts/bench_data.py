@@ -31,8 +31,8 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from pfb_train.config import DataConfig
-from pfb_train.data import build_datasets, build_loaders, start_epoch
-from pfb_train.device_decode import DeviceDecodeLoader
+from pfb_train.data import build_datasets, build_loaders, set_loader_epoch
+from pfb_train.data.device_decode import DeviceDecodeLoader
 
 
 def make_folder(root: Path, images: int, classes: int = 10, size=(500, 375)) -> None:
@@ -50,7 +50,7 @@ def make_folder(root: Path, images: int, classes: int = 10, size=(500, 375)) -> 
 
 
 def images_per_second(loader, device, warmup: int, batches: int) -> float:
-    start_epoch(loader, 0)
+    set_loader_epoch(loader, 0)
     it = iter(loader)
     for _ in range(warmup):
         x, _, _ = next(it)

@@ -126,14 +126,14 @@ def test_cifar_missing_files_is_one_line_without_download(tmp_path):
 def test_worker_augmentation_depends_on_epoch_and_sample_only(tmp_path):
     """Random crops/flips made in workers repeat for any worker count and after a mid-epoch restart."""
     from conftest import write_smooth_folder
-    from pfb_train.data import start_epoch
+    from pfb_train.data import set_loader_epoch
 
     write_smooth_folder(tmp_path, per_class=8)
 
     def epoch_images(workers, epoch=1, skip=0):
         cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), img_size=24, batch_size=4, workers=workers)
         train, _ = build_loaders(build_datasets(cfg), cfg, seed=5)
-        start_epoch(train, epoch, None, skip)
+        set_loader_epoch(train, epoch, None, skip)
         return {i: x for xs, _, idx in train for x, i in zip(xs, idx.tolist())}
 
     one = epoch_images(workers=1)

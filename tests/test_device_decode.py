@@ -7,8 +7,8 @@ from PIL import Image
 
 from conftest import smooth_image, write_smooth_folder
 from pfb_train.config import DataConfig, load_config
-from pfb_train.data import build_datasets, build_loaders, start_epoch
-from pfb_train.device_decode import random_resized_boxes
+from pfb_train.data import build_datasets, build_loaders, set_loader_epoch
+from pfb_train.data.device_decode import random_resized_boxes
 from pfb_train.errors import UserError
 from pfb_train.metrics import read_metrics
 from pfb_train.train import run
@@ -29,7 +29,7 @@ def loaders(root, **kw):
 
 def test_batches_are_normalised_images_with_their_labels(folder):
     splits, _, train, _ = loaders(folder, decode="device")
-    start_epoch(train, 0)
+    set_loader_epoch(train, 0)
     seen = []
     for x, y, idx in train:
         assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
@@ -52,7 +52,7 @@ def test_crops_follow_the_epoch_seed_and_leave_the_global_rng_alone(folder):
     _, _, train, _ = loaders(folder, decode="device")
 
     def epoch_batches(epoch):
-        start_epoch(train, epoch)
+        set_loader_epoch(train, epoch)
         return [x for x, _, _ in train]
 
     before = torch.get_rng_state()
@@ -67,10 +67,10 @@ def test_unreadable_files_are_dropped_or_fatal(folder):
     (folder / "train" / "b" / "zzz.jpg").write_bytes(b"")
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(folder / "train" / "b" / "good.jpg")
     _, _, train, _ = loaders(folder, decode="device")  # 16 files: 4 full batches visit every one
-    start_epoch(train, 0)
+    set_loader_epoch(train, 0)
     assert sum(len(idx) for _, _, idx in train) == 16 - 2
     _, _, train, _ = loaders(folder, decode="device", bad_images="fail")
-    start_epoch(train, 0)
+    set_loader_epoch(train, 0)
     with pytest.raises(UserError, match=r"unreadable image .*zz+\.jpg"):
         list(train)
 

@@ -76,14 +76,14 @@ def test_pfb_step_never_synchronises_the_gpu(mode):
 
 def test_prefetched_batches_equal_the_cpu_loaders():
     from pfb_train.config import DataConfig
-    from pfb_train.data import build_datasets, build_loaders, start_epoch
+    from pfb_train.data import build_datasets, build_loaders, set_loader_epoch
 
     cfg = DataConfig(dataset="synthetic", img_size=16, batch_size=8, train_samples=64, val_samples=16, workers=2)
     splits = build_datasets(cfg, num_classes=4)
     gpu_train, _ = build_loaders(splits, cfg, seed=0, pin_memory=True, device="cuda")
     cpu_train, _ = build_loaders(splits, cfg, seed=0, device="cpu")
-    start_epoch(gpu_train, 3)
-    start_epoch(cpu_train, 3)
+    set_loader_epoch(gpu_train, 3)
+    set_loader_epoch(cpu_train, 3)
     for (xg, yg, ig), (xc, yc, ic) in zip(gpu_train, cpu_train, strict=True):
         assert xg.device.type == "cuda" and yg.device.type == "cuda"
         xg = xg * 1.0  # a kernel on the compute stream must see the finished copy
@@ -94,7 +94,7 @@ def test_device_decoded_train_batches_match_the_cpu_run_of_the_same_code(tmp_pat
     """nvJPEG + crops on the prefetch thread's stream: same boxes, flips and order as on the CPU."""
     from conftest import write_smooth_folder
     from pfb_train.config import DataConfig
-    from pfb_train.data import build_datasets, build_loaders, start_epoch
+    from pfb_train.data import build_datasets, build_loaders, set_loader_epoch
 
     write_smooth_folder(tmp_path, per_class=8, size=lambda i: (40 + 5 * i, 64))
     cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), img_size=32, batch_size=4, workers=2, decode="device")
@@ -102,8 +102,8 @@ def test_device_decoded_train_batches_match_the_cpu_run_of_the_same_code(tmp_pat
     gpu_train, _ = build_loaders(splits, cfg, seed=0, pin_memory=True, device="cuda")
     cpu_train, _ = build_loaders(splits, cfg, seed=0, device="cpu")
     assert gpu_train.threaded  # crops draw from the loader's generator: safe on the producer thread
-    start_epoch(gpu_train, 2)
-    start_epoch(cpu_train, 2)
+    set_loader_epoch(gpu_train, 2)
+    set_loader_epoch(cpu_train, 2)
     for (xg, yg, ig), (xc, yc, ic) in zip(gpu_train, cpu_train, strict=True):
         assert xg.device.type == "cuda" and torch.equal(ig.cpu(), ic) and torch.equal(yg.cpu(), yc)
         assert ((xg * 1.0).cpu() - xc).abs().mean() < 0.05  # nvJPEG and libjpeg round differently
@@ -111,15 +111,15 @@ def test_device_decoded_train_batches_match_the_cpu_run_of_the_same_code(tmp_pat
 
 def test_in_memory_dataset_is_served_from_gpu_memory(tmp_path):
     from pfb_train.config import DataConfig
-    from pfb_train.data import build_datasets, build_loaders, start_epoch
-    from pfb_train.resident import ResidentLoader
+    from pfb_train.data import build_datasets, build_loaders, set_loader_epoch
+    from pfb_train.data.resident import ResidentLoader
 
     cfg = DataConfig(dataset="synthetic", img_size=16, batch_size=8, train_samples=64, val_samples=16, workers=2)
     splits = build_datasets(cfg, num_classes=4)
     gpu_train, gpu_val = build_loaders(splits, cfg, seed=0, pin_memory=True, device="cuda")
     cpu_train, _ = build_loaders(splits, cfg, seed=0, device="cpu")
     assert isinstance(gpu_train, ResidentLoader) and isinstance(gpu_val, ResidentLoader)
-    start_epoch(gpu_train, 1)
-    start_epoch(cpu_train, 1)
+    set_loader_epoch(gpu_train, 1)
+    set_loader_epoch(cpu_train, 1)
     for (xg, yg, ig), (xc, yc, ic) in zip(gpu_train, cpu_train, strict=True):
         assert xg.is_cuda and torch.equal(xg.cpu(), xc) and torch.equal(yg.cpu(), yc) and torch.equal(ig.cpu(), ic)

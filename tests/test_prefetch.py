@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from pfb_train.config import DataConfig
-from pfb_train.data import build_datasets, build_loaders, start_epoch
+from pfb_train.data import build_datasets, build_loaders, set_loader_epoch
 from pfb_train.errors import UserError
-from pfb_train.prefetch import DevicePrefetcher
+from pfb_train.data.prefetch import DevicePrefetcher
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def test_same_batches_in_order_read_ahead_at_most_depth(train_loader):
     prefetcher = DevicePrefetcher(recording, "cpu", depth=2)
     assert (len(prefetcher), prefetcher.batch_size, prefetcher.sampler, prefetcher.generator) == (
         8, 4, train_loader.sampler, train_loader.generator)
-    start_epoch(prefetcher, 1)
+    set_loader_epoch(prefetcher, 1)
     seen = []
     for i, (_, _, idx) in enumerate(prefetcher):
         seen.append(idx)
@@ -60,14 +60,14 @@ def test_same_batches_in_order_read_ahead_at_most_depth(train_loader):
             assert wait_for(lambda: len(recording.fetched) == 4)
             time.sleep(0.05)
         assert len(recording.fetched) <= len(seen) + 3
-    start_epoch(train_loader, 1)
+    set_loader_epoch(train_loader, 1)
     assert all(torch.equal(a, b) for a, b in zip(seen, [idx for _, _, idx in train_loader], strict=True))
     assert wait_for(lambda: not producers_alive())
 
 
 def test_loader_errors_reach_the_training_thread(train_loader):
     prefetcher = DevicePrefetcher(Recording(train_loader, fail_after=3), "cpu")
-    start_epoch(prefetcher, 0)
+    set_loader_epoch(prefetcher, 0)
     got = []
     with pytest.raises(UserError, match="broken.jpg"):
         for batch in prefetcher:
@@ -79,7 +79,7 @@ def test_loader_errors_reach_the_training_thread(train_loader):
 def test_stopping_early_ends_the_producer(train_loader):
     recording = Recording(train_loader)
     prefetcher = DevicePrefetcher(recording, "cpu", depth=1)
-    start_epoch(prefetcher, 0)
+    set_loader_epoch(prefetcher, 0)
     for _ in prefetcher:
         assert wait_for(lambda: len(recording.fetched) == 3)  # 1 taken, 1 queued, 1 waiting to be queued
         break
@@ -92,13 +92,13 @@ def test_without_a_thread_the_next_batch_is_staged_one_ahead(train_loader):
     """Used where the loader's transforms draw from the global RNG on the training thread."""
     recording = Recording(train_loader)
     prefetcher = DevicePrefetcher(recording, "cpu", threaded=False)
-    start_epoch(prefetcher, 1)
+    set_loader_epoch(prefetcher, 1)
     seen = []
     for _, _, idx in prefetcher:
         seen.append(idx)
         assert len(recording.fetched) == min(len(seen) + 1, 8)  # exactly one ahead, fetched on this thread
         assert not producers_alive()
-    start_epoch(train_loader, 1)
+    set_loader_epoch(train_loader, 1)
     assert all(torch.equal(a, b) for a, b in zip(seen, [idx for _, _, idx in train_loader], strict=True))
 
 
@@ -119,15 +119,15 @@ def test_a_producer_thread_only_where_batches_draw_from_no_global_rng(tmp_path):
 @pytest.mark.parametrize("skip", [0, 3])
 def test_resident_loader_gathers_what_the_dataloader_yields(skip):
     """Same batches, order, subset and resume offset as the worker path (here on the CPU)."""
-    from pfb_train.resident import ResidentLoader
+    from pfb_train.data.resident import ResidentLoader
 
     cfg = DataConfig(dataset="synthetic", img_size=8, batch_size=4, train_samples=40, val_samples=10, workers=0)
     splits = build_datasets(cfg, num_classes=3)
     plain, val = build_loaders(splits, cfg, seed=5)
     resident = ResidentLoader(build_loaders(splits, cfg, seed=5)[0], splits.train, torch.device("cpu"))
     subset = torch.arange(0, 40, 2)
-    start_epoch(plain, 2, subset, skip)
-    start_epoch(resident, 2, subset, skip)
+    set_loader_epoch(plain, 2, subset, skip)
+    set_loader_epoch(resident, 2, subset, skip)
     got, want = list(resident), list(plain)
     assert len(got) == len(want) == len(resident) == (20 - skip) // 4
     for a, b in zip(got, want):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import TensorDataset
 
-from pfb_train.wrapped_loader import WrappedLoader
+from pfb_train.data.wrapped import WrappedLoader
 
 MAX_FRACTION = 0.25  # of the device's memory: leave the rest to the model
 

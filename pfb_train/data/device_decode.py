@@ -28,7 +28,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from pfb_train.errors import UserError
-from pfb_train.wrapped_loader import WrappedLoader
+from pfb_train.data.wrapped import WrappedLoader
 
 JPEG_MAGIC = (0xFF, 0xD8)
 

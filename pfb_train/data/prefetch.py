@@ -25,7 +25,7 @@ import threading
 
 import torch
 
-from pfb_train.wrapped_loader import WrappedLoader
+from pfb_train.data.wrapped import WrappedLoader
 
 _END = object()  # the producer's last item: the epoch is over
 

@@ -1,0 +1,145 @@
+"""Loaders: every batch is (images, labels, dataset indices of its samples), the same on every run
+of a seed. Train order is shuffled per epoch and split over ranks (ShardedTrainSampler); on CUDA the
+batches arrive on the device (resident.py for in-memory datasets, prefetch.py for the rest)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
+
+from pfb_train.data.datasets import DataSplits
+from pfb_train.data.device_decode import DeviceDecodeLoader, all_unreadable, collate_bytes
+from pfb_train.data.prefetch import DevicePrefetcher
+from pfb_train.data.resident import ResidentLoader, fits_on_device
+from pfb_train.errors import UserError
+
+
+def collate_readable(items):
+    """Default collation of the items that are not None (unreadable files); the batch is then shorter."""
+    readable = [item for item in items if item is not None]
+    if not readable:
+        raise UserError(all_unreadable(len(items)))
+    return default_collate(readable)
+
+
+class IndexedDataset(Dataset):
+    """Wraps a dataset of (image, label) so items are (image, label, index).
+
+    Keys are an index, or (index, seed) from the train sampler. In a DataLoader worker the
+    seed restarts the RNGs the transforms draw from (Python's, NumPy's, torch's) before the
+    sample is made, so its augmentation depends on (run seed, epoch, index) alone: not on
+    which worker makes it, how many there are, or whether the run was resumed and its
+    workers restarted. In the training process (`workers: 0`) the transforms draw from the
+    run's own streams instead, which checkpoints save and restore."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        if seed is not None and get_worker_info() is not None:
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.default_generator.manual_seed(seed)  # torch.manual_seed also visits every accelerator: 80 us
+        item = self.dataset[index]
+        return None if item is None else (*item, index)
+
+
+
+class ShardedTrainSampler(Sampler):
+    """Shuffled each epoch and split over ranks, like DistributedSampler(drop_last=True), but able to
+    visit a subset (sampler-level selection). The subset and the shuffle are the same on every rank."""
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.size, self.rank, self.world_size, self.seed = size, rank, world_size, seed
+        self.epoch, self.subset, self.skip = 0, None, 0
+
+    def set_epoch(self, epoch: int, subset: torch.Tensor | None = None, skip: int = 0) -> None:
+        """`subset`: dataset indices to visit this epoch (None: all of them); `skip`: this rank's first
+        `skip` indices were already trained on (resuming inside the epoch)."""
+        self.epoch, self.subset, self.skip = epoch, subset, skip
+
+    def _pool(self) -> int:
+        return self.size if self.subset is None else len(self.subset)
+
+    def __iter__(self):
+        """Keys (dataset index, that sample's augmentation seed this epoch): see IndexedDataset."""
+        order = torch.randperm(self._pool(), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        indices = order if self.subset is None else self.subset.cpu()[order]
+        indices = indices[: self._share() * self.world_size]  # equal shares: every rank takes as many steps
+        mine = indices[self.rank :: self.world_size][self.skip :]
+        base = (self.seed * 1_000_003 + self.epoch) * 1_000_000_007 % 2**62  # epochs 1e9+7 apart: no overlap
+        seeds = (mine + base) % 2**62
+        return zip(mine.tolist(), seeds.tolist())
+
+    def _share(self) -> int:
+        return self._pool() // self.world_size
+
+    def __len__(self) -> int:
+        return self._share() - self.skip
+
+
+class ShardedEvalSampler(Sampler):
+    """Rank r visits indices r, r+W, r+2W, ...: every sample exactly once over all ranks (no padding)."""
+
+    def __init__(self, size: int, rank: int, world_size: int):
+        self.indices = range(rank, size, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def build_loaders(splits: DataSplits, data_cfg, seed: int, rank: int = 0, world_size: int = 1, pin_memory=False,
+                  device="cpu"):
+    """Train loader: shuffled per epoch (`loader.sampler.set_epoch(epoch, subset)`), fixed batch size (drop_last).
+    On CUDA both loaders yield batches already on the device, staged ahead on a side stream."""
+    d = data_cfg
+    if len(splits.train) < d.batch_size * world_size:
+        raise UserError(
+            f"training set has {len(splits.train)} samples, fewer than one global batch "
+            f"(data.batch_size {d.batch_size} x {world_size} processes)"
+        )
+    train_sampler = ShardedTrainSampler(len(splits.train), rank, world_size, seed)
+    common = dict(num_workers=d.workers, pin_memory=pin_memory, persistent_workers=d.workers > 0,
+                  collate_fn=collate_bytes if splits.decode_on_device else collate_readable)
+    # Its own generator: worker seeds are drawn from it, not from the global RNG (see start_epoch).
+    train = DataLoader(IndexedDataset(splits.train), batch_size=d.batch_size, sampler=train_sampler, drop_last=True,
+                       generator=torch.Generator(), **common)
+    val = DataLoader(
+        IndexedDataset(splits.val),
+        batch_size=d.eval_batch_size or d.batch_size,
+        sampler=ShardedEvalSampler(len(splits.val), rank, world_size),
+        **common,
+    )
+    if splits.decode_on_device:
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        wrap = dict(device=device, img_size=d.img_size, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                    fail_on_bad=d.bad_images == "fail")
+        train = DeviceDecodeLoader(train, train=True, paths=[p for p, _ in splits.train.samples], **wrap)
+        val = DeviceDecodeLoader(val, train=False, paths=[p for p, _ in splits.val.samples], **wrap)
+    if fits_on_device(splits.train, torch.device(device)) and fits_on_device(splits.val, torch.device(device)):
+        return ResidentLoader(train, splits.train, torch.device(device)), ResidentLoader(val, splits.val, torch.device(device))
+    if torch.device(device).type == "cuda":  # copies (and device decoding) of the next batches overlap this step
+        # A producer thread only where making a batch draws from no global RNG (see prefetch.py).
+        threaded = d.workers > 0 or splits.decode_on_device
+        train, val = DevicePrefetcher(train, device, threaded), DevicePrefetcher(val, device, threaded)
+    return train, val
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int, subset: torch.Tensor | None = None, skip: int = 0) -> None:
+    """Point the train loader at an epoch: its sampler's order and subset, and the seed its iterator
+    draws for the workers. That seed depends on (run seed, rank, epoch) only, so creating the
+    iterator leaves the global RNG alone and a resumed epoch draws what the original one did."""
+    sampler = loader.sampler
+    sampler.set_epoch(epoch, subset, skip)
+    loader.generator.manual_seed(sampler.seed * 1_000_003 + sampler.rank * 10_007 + epoch)
