@@ -10,7 +10,7 @@ import sys
 
 from pfb_train.errors import Preempted, TrainingStopped, UserError
 
-COMMANDS = ("train", "info", "report")
+COMMANDS = ("train", "info", "report", "methods")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,10 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--baseline", action="append", required=True, metavar="RUN_DIR",
                      help="full-data run(s) to compare against (repeat for several seeds)")
     rep.add_argument("--out", default="report", help="folder for report.md, report.csv and the PNG plots")
+    sub.add_parser("methods", help="the registered selection methods, their level and options with defaults")
     for p in (train, info):
         p.add_argument("--config", "-c", required=True, help="YAML file, or the name of a shipped config (e.g. demo)")
         p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set blocking.ratio=0.3 (repeatable)")
+                       help="override a config value, e.g. --set blocking.pfb.ratio=0.3 (repeatable)")
     train.add_argument("--resume", metavar="auto|RUN_DIR|CHECKPOINT",
                        help="continue a run: auto = runs/<name> if it holds a checkpoint (same as --set runtime.resume=...)")
     return parser
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
         if args.command is None:
             build_parser().print_help()
             return 2
-        return {"train": _train, "info": _info, "report": _report}[args.command](args)
+        return {"train": _train, "info": _info, "report": _report, "methods": _methods}[args.command](args)
     except UserError as e:
         print(f"pfb-train: error: {one_line(e)}", file=sys.stderr)
         return 2
@@ -96,11 +97,24 @@ def _info(args) -> int:
     print(f"split            after stage {info['stage']} ({info['stage_name']}) of {info['num_stages']}")
     print(f"forward FLOPs    {info['gflops_per_image']:.3f} GFLOPs/image at {info['img_size']} px; "
           f"shallow share {info['shallow_share']:.3f}")
-    print(f"blocked per step {info['blocked_per_batch']} of {info['batch_size']} rows (ratio {info['ratio']})")
+    print(f"method           {info['method']} ({info['level']} level, ratio {info['ratio']}); "
+          f"blocked per step {info['blocked_per_batch']} of {info['batch_size']} rows")
     print("predicted cost of a blocked step, relative to full data (cost model, pfb_train/costs.py):")
     for mode, value in info["predicted_ratio"].items():
         marker = "  <- blocking.mode" if mode == info["mode"] else ""
         print(f"  {mode:<10} {value:.3f}{marker}")
+    return 0
+
+
+def _methods(args) -> int:
+    import dataclasses
+
+    from pfb_train.selection import methods
+
+    for method in methods().values():
+        print(f"{method.name} ({method.level} level): {method.summary}")
+        for f in dataclasses.fields(method.options):
+            print(f"    blocking.{method.name}.{f.name} = {f.default!r}")
     return 0
 
 

@@ -30,23 +30,27 @@ class ModelConfig:
     cifar_stem: bool = False  # ResNet family: 3x3 stride-1 first conv and no max-pool, for 32 px inputs
 
 
+def _all_method_options() -> dict:
+    from pfb_train.selection import methods  # the built-in methods register on import
+
+    return {name: method.options() for name, method in methods().items()}
+
+
 @dataclass
 class BlockingConfig:
-    method: Literal["none", "random", "pfb", "infobatch", "static_random"] = "none"
-    ratio: float = 0.4  # pfb/random: fraction of each batch blocked; infobatch: of the candidates; static_random: of the data
+    """Which selection method runs and where the model is split. Each registered method's own
+    options are a section `blocking.<method>` (e.g. `blocking.pfb.ratio`), typed by the dataclass the
+    method declares; sections of methods not chosen are kept (a recipe can hold every method it is
+    compared with) but do nothing."""
+
+    method: str = "none"  # a registered method: `pfb-train methods` lists them
     stage: Union[int, str] = 1  # split after this body stage (index from 1, or module name)
-    start_epoch: int = 0  # blocking active for epochs [start_epoch, end_epoch)
-    end_epoch: Optional[int] = None  # None: until the last epoch
-    ramp: Literal["constant", "linear_to_mid"] = "constant"
-    centers: int = 64
-    feature_dim: int = 128
-    ema: float = 0.01  # ADE step size
-    estimator: Literal["kde", "mean_log_kernel"] = "kde"
-    noise: Optional[float] = None  # level of the random term; None: the noise form's default
-    noise_form: Literal["rank", "density_floor", "max_abs"] = "rank"  # scale-free | paper | authors' code
-    weights: Literal["counts", "uniform"] = "counts"  # centre weights: paper (counts) or code (uniform)
-    delta: float = 0.875  # infobatch: prune during the first delta of the epochs, then full data
     mode: Literal["auto", "reuse", "recompute"] = "auto"  # auto: the cheaper by the cost model (pfb_train/costs.py)
+    options: dict = field(default_factory=_all_method_options)  # method name -> its options dataclass
+
+    def chosen(self):
+        """The options of the method that runs."""
+        return self.options[self.method]
 
 
 @dataclass
@@ -123,8 +127,15 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def to_dict(self, chosen_only: bool = False) -> dict:
+        """Plain nested dicts, as the YAML is written (`blocking.<method>` sections); `chosen_only`
+        keeps only the section of the method that runs (what tells experiments apart)."""
+        data = dataclasses.asdict(self)
+        sections = data["blocking"].pop("options")
+        if chosen_only:
+            sections = {self.blocking.method: sections[self.blocking.method]}
+        data["blocking"].update(sections)
+        return data
 
 
 # ---------------------------------------------------------------- type checking
@@ -176,16 +187,63 @@ def _coerce(value, tp, key: str):
     raise UserError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
 
 
-def _unknown_key(key: str, prefix: str, valid: list[str]) -> UserError:
+def _unknown_key(key: str, prefix: str, valid: list[str], also_accepted: list[str] = ()) -> UserError:
     full = f"{prefix}{key}"
-    close = difflib.get_close_matches(key, valid, n=1)
+    close = difflib.get_close_matches(key, [*valid, *also_accepted], n=1)
     hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(valid)})"
     return UserError(f"unknown config key '{full}'{hint}")
 
 
-def _build(cls, data: dict, prefix: str = ""):
+def coerce_fields(cls, data: dict, prefix: str) -> dict:
+    """`data`'s values typed by the dataclass `cls`'s fields (keys already known to be fields)."""
+    hints = typing.get_type_hints(cls)
+    return {key: _coerce(value, hints[key], f"{prefix}.{key}") for key, value in data.items()}
+
+
+BLOCKING_KEYS = ("method", "stage", "mode")
+
+
+def _legacy_keys(known: dict) -> list[str]:
+    return sorted({key for method in known.values() for key in method.legacy_keys})
+
+
+def _build_blocking(data: dict) -> BlockingConfig:
+    """`blocking:` with one section per method. Flat keys of earlier versions (`blocking.ratio`,
+    `blocking.centers`, ...) still work: each sets the option it became in every method that reads it
+    (Method.legacy_keys); a section's own value wins over a flat key in the same file."""
+    from pfb_train.selection.registry import get_method, make_options, methods
+
+    known = methods()
+    plain = {k: v for k, v in data.items() if k in BLOCKING_KEYS}
+    cfg = _build(BlockingConfig, plain, "blocking.", custom=False)
+    get_method(cfg.method)  # an unknown method is one line listing the registered ones
+    sections: dict = {}
+    for key, value in data.items():
+        if key in BLOCKING_KEYS:
+            continue
+        if key in known:
+            if value is not None and not isinstance(value, dict):
+                raise UserError(f"config section 'blocking.{key}' must be a mapping of method '{key}' options, got {value!r}")
+            sections.setdefault(key, {}).update(value or {})
+            continue
+        claimed = [m for m in known.values() if key in m.legacy_keys]
+        if not claimed:
+            raise _unknown_key(str(key), "blocking.", [*BLOCKING_KEYS, *known], _legacy_keys(known))
+        for m in claimed:
+            sections.setdefault(m.name, {}).setdefault(m.legacy_keys[key], value)
+    # sections given in this mapping override the flat keys collected above
+    for key, value in data.items():
+        if key in known and isinstance(value, dict):
+            sections[key].update(value)
+    cfg.options = {name: make_options(m, sections.get(name, {}), f"blocking.{name}") for name, m in known.items()}
+    return cfg
+
+
+def _build(cls, data: dict, prefix: str = "", custom: bool = True):
     if not isinstance(data, dict):
         raise UserError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}")
+    if cls is BlockingConfig and custom:
+        return _build_blocking(data)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -207,6 +265,9 @@ def _set_dotted(data: dict, dotted: str, value) -> None:
     for i, part in enumerate(parts):
         hints = typing.get_type_hints(cls)
         prefix = ".".join(parts[:i]) + "." if i else ""
+        if cls is BlockingConfig and part not in BLOCKING_KEYS:
+            _set_blocking(node, parts, i, dotted, value)
+            return
         if part not in hints:
             raise _unknown_key(part, prefix, list(hints))
         tp = hints[part]
@@ -223,6 +284,30 @@ def _set_dotted(data: dict, dotted: str, value) -> None:
             raise UserError(f"--set {dotted}: '{'.'.join(parts[: i + 1])}' is not a section")
         else:
             node[part] = value
+
+
+def _set_blocking(node: dict, parts: list[str], i: int, dotted: str, value) -> None:
+    """`--set blocking.<method>.<option>=v`, or a flat key of earlier versions (`blocking.ratio=v`),
+    which sets the option it became in every method that reads it."""
+    from pfb_train.selection.registry import methods
+
+    known = methods()
+    part, rest = parts[i], parts[i + 1:]
+    if part in known:
+        if len(rest) != 1:
+            raise UserError(f"--set {dotted}: give one option of method '{part}', e.g. blocking.{part}."
+                            f"{(known[part].option_names() or ['<none>'])[0]}=...")
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node[part][rest[0]] = value  # checked against the method's options when the config is built
+        return
+    claimed = [m for m in known.values() if part in m.legacy_keys]
+    if not claimed or rest:
+        raise _unknown_key(part, "blocking.", [*BLOCKING_KEYS, *known], _legacy_keys(known))
+    for m in claimed:
+        if not isinstance(node.get(m.name), dict):
+            node[m.name] = {}
+        node[m.name][m.legacy_keys[part]] = value
 
 
 # ---------------------------------------------------------------- loading
@@ -305,29 +390,29 @@ def load_config(path: Optional[str] = None, overrides: list[str] = ()) -> Config
     return cfg
 
 
+def experiment_settings(raw: dict) -> dict:
+    """A run directory's config.yaml as the resolved settings of what was trained: earlier flat
+    `blocking` keys read as today's sections, and only the chosen method's section kept."""
+    try:
+        return _build(Config, raw).to_dict(chosen_only=True)
+    except UserError:  # written by a version with keys this one does not know: compare it as written
+        return raw
+
+
 def validate(cfg: Config) -> None:
-    """Range and consistency checks that types alone cannot express."""
+    """Range and consistency checks that types alone cannot express; the method checks its own options."""
+    from pfb_train.selection.registry import RunFacts, check_options, get_method
+
     b, d, s, o, r = cfg.blocking, cfg.data, cfg.schedule, cfg.optim, cfg.runtime
 
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise UserError(message)
 
-    need(0.0 <= b.ratio < 1.0, f"config key 'blocking.ratio' must be in [0, 1), got {b.ratio}")
     need(s.epochs >= 1, f"config key 'schedule.epochs' must be >= 1, got {s.epochs}")
     need(s.warmup_epochs >= 0, f"config key 'schedule.warmup_epochs' must be >= 0, got {s.warmup_epochs}")
-    need(b.start_epoch >= 0, f"config key 'blocking.start_epoch' must be >= 0, got {b.start_epoch}")
-    # A run shorter than the warm-up (a quick check of a recipe) is full data; an explicit empty window is a mistake.
-    need(b.end_epoch is None or b.end_epoch > b.start_epoch,
-         f"config key 'blocking.end_epoch' ({b.end_epoch}) must be greater than 'blocking.start_epoch' ({b.start_epoch})")
-    end = b.end_epoch if b.end_epoch is not None else s.epochs
-    if b.ramp == "linear_to_mid" and b.start_epoch < end:
-        need(end / 2 > b.start_epoch, f"blocking.ramp 'linear_to_mid' needs end_epoch/2 ({end / 2}) > start_epoch ({b.start_epoch})")
-    need(b.centers >= 2, f"config key 'blocking.centers' must be >= 2, got {b.centers}")
-    need(b.feature_dim >= 1, f"config key 'blocking.feature_dim' must be >= 1, got {b.feature_dim}")
-    need(0.0 < b.ema <= 1.0, f"config key 'blocking.ema' must be in (0, 1], got {b.ema}")
-    need(0.0 < b.delta <= 1.0, f"config key 'blocking.delta' must be in (0, 1], got {b.delta}")
-    need(b.noise is None or b.noise >= 0, f"config key 'blocking.noise' must be >= 0, got {b.noise}")
+    method = get_method(b.method)
+    check_options(method, b.chosen(), RunFacts(epochs=s.epochs, batch_size=d.batch_size, seed=r.seed))
     need(d.img_size >= 8, f"config key 'data.img_size' must be >= 8, got {d.img_size}")
     need(d.batch_size >= 1, f"config key 'data.batch_size' must be >= 1, got {d.batch_size}")
     need(d.workers >= 0, f"config key 'data.workers' must be >= 0, got {d.workers}")
@@ -339,12 +424,6 @@ def validate(cfg: Config) -> None:
     need(d.imbalance == 1.0 or d.dataset not in ("imagefolder", "synthetic"),
          f"config key 'data.imbalance' does not apply to dataset '{d.dataset}'")
     need(d.mixup >= 0 and d.cutmix >= 0, "config keys 'data.mixup' and 'data.cutmix' must be >= 0")
-    if b.method == "pfb":
-        need(d.batch_size >= b.centers,
-             f"config key 'data.batch_size' ({d.batch_size}) must be >= 'blocking.centers' ({b.centers}): "
-             "centres are initialised from the first batch")
-    if b.method in ("pfb", "random") and b.ratio > 0:
-        need(round(b.ratio * d.batch_size) < d.batch_size, f"blocking.ratio {b.ratio} would block every row of a batch of {d.batch_size}")
     if d.dataset in ("imagefolder", "cifar10", "cifar100"):
         need(d.root is not None, f"config key 'data.root' is required for dataset '{d.dataset}'")
     if d.decode == "device":

@@ -60,7 +60,11 @@ def cheaper_mode(ratio: float) -> str:
 
 
 def blocking_mode(blocking) -> str:
-    """Resolve `blocking.mode`; `auto` is the cheaper mode at the ratio (only pfb/random block rows)."""
+    """Resolve `blocking.mode`; `auto` is the cheaper mode at the fraction of each batch the method
+    blocks (methods that block no rows run the plain model: `reuse` costs nothing there)."""
     if blocking.mode != "auto":
         return blocking.mode
-    return cheaper_mode(blocking.ratio) if blocking.method in ("pfb", "random") else "reuse"
+    from pfb_train.selection import get_method
+
+    fraction = get_method(blocking.method).blocked_per_batch(blocking.chosen())
+    return cheaper_mode(fraction) if fraction > 0 else "reuse"

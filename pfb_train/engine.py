@@ -15,37 +15,44 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from pfb_train import blocking
 from pfb_train.data import set_loader_epoch
 from pfb_train.distributed import all_reduce_sum
 from pfb_train.errors import TrainingStopped
 from pfb_train.metrics import PhaseTimer
 
 
-@dataclass
-class StepContext:
-    """What a step needs besides the model and the data."""
+@dataclass(frozen=True)
+class StepSettings:
+    """How steps run: fixed for the whole run."""
 
-    optimizer: torch.optim.Optimizer
-    scheduler: object  # timm scheduler (step_update per optimizer step) or None
-    scaler: torch.amp.GradScaler
     device: torch.device
     amp_dtype: Optional[torch.dtype] = None  # None: float32
     channels_last: bool = False
     label_smoothing: float = 0.0
     clip_grad: Optional[float] = None
-    mixup: object = None  # timm Mixup or None
     log_every: int = 50
     updates_per_epoch: int = 1  # full-data optimizer steps per epoch: the LR schedule's unit
-    ema: object = None  # timm ModelEmaV3 of the (unwrapped) model, or None
     check_finite: bool = True  # skip (and count) steps with non-finite gradients
     max_nonfinite: int = 10  # stop the run after this many in a row
-    buffer_backup: Optional[tuple] = None  # (buffers, copies): BatchNorm statistics before the step
 
 
-def autocast(ctx: StepContext):
-    if ctx.amp_dtype is None:
+@dataclass
+class Trainer:
+    """The live objects a step updates (all of them checkpointed, except the backup)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: object  # timm scheduler (step_update per optimizer step) or None
+    scaler: torch.amp.GradScaler
+    ema: object = None  # timm ModelEmaV3 of the (unwrapped) model, or None
+    mixup: object = None  # timm Mixup or None
+    backup: Optional["BufferBackup"] = None  # BatchNorm statistics before the step (the non-finite guard)
+
+
+def autocast(settings: StepSettings):
+    if settings.amp_dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(ctx.device.type, dtype=ctx.amp_dtype)
+    return torch.autocast(settings.device.type, dtype=settings.amp_dtype)
 
 
 def per_sample_loss(logits, target, label_smoothing: float) -> torch.Tensor:
@@ -55,14 +62,14 @@ def per_sample_loss(logits, target, label_smoothing: float) -> torch.Tensor:
     return F.cross_entropy(logits.float(), target, reduction="none", label_smoothing=label_smoothing)
 
 
-def _to_device(x, y, ctx: StepContext):
-    x = x.to(ctx.device, non_blocking=True)
-    if ctx.channels_last:
+def _to_device(x, y, settings: StepSettings):
+    x = x.to(settings.device, non_blocking=True)
+    if settings.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    return x, y.to(ctx.device, non_blocking=True)
+    return x, y.to(settings.device, non_blocking=True)
 
 
-def begin_epoch(selector, loader, epoch: int, resume: Optional[tuple] = None) -> float:
+def prepare_epoch(selector, loader, epoch: int, resume: Optional[tuple] = None) -> float:
     """Hand the epoch to the selector and its subset (if any) to the sampler; returns seconds spent.
     `resume`: (subset, rows done) of an interrupted epoch: the same subset, the done rows skipped."""
     started = time.perf_counter()
@@ -83,62 +90,66 @@ class StepResult(NamedTuple):
     keep: Optional[torch.Tensor]  # kept row indices, or None when every row was kept
 
 
-def train_step(model, selector, x, y, idx, ctx: StepContext, schedule_at: float, timer=None) -> StepResult:
-    """One optimizer step on the rows the selector keeps.
+def train_step(model, selector, x, y, idx, settings: StepSettings, trainer: Trainer, schedule_at: float,
+               timer=None) -> StepResult:
+    """One optimizer step on the rows the selector keeps (blocking.forward / weighted_mean / observe:
+    the same calls a loop of one's own makes).
 
     `schedule_at`: the LR schedule's position after this step, in full-data updates. A step
     whose gradients are not finite changes nothing (no update, no selector observation)."""
-    guard = ctx.check_finite and not ctx.scaler.is_enabled()
+    guard = settings.check_finite and not trainer.scaler.is_enabled()
     if guard:
-        _backup_buffers(model, ctx)
-    with autocast(ctx):
-        # Epochs without blocking run the plain model: no second shallow pass in recompute mode.
-        select = selector.select if selector.blocks_rows() else None
-        out = model(x, select=select, features=selector.needs_features(), timer=timer)
-    kept_idx = idx if out.keep is None else idx.index_select(0, out.keep)
-    target = y if out.keep is None else y.index_select(0, out.keep)
-    losses = per_sample_loss(out.logits, target, ctx.label_smoothing)
-    weights = selector.loss_weights(kept_idx)
-    loss = (losses * weights).mean() if weights is not None else losses.mean()
+        trainer.backup = trainer.backup or BufferBackup(model)
+        trainer.backup.save()
+    with autocast(settings):
+        batch = blocking.forward(model, selector, x, y, idx, timer)
+    losses = per_sample_loss(batch.logits, batch.targets, settings.label_smoothing)
+    loss = blocking.weighted_mean(selector, batch, losses)
 
-    ctx.optimizer.zero_grad(set_to_none=True)
-    ctx.scaler.scale(loss).backward()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.scaler.scale(loss).backward()
     finite = True
-    if ctx.clip_grad is not None or guard:
-        ctx.scaler.unscale_(ctx.optimizer)
+    if settings.clip_grad is not None or guard:
+        trainer.scaler.unscale_(trainer.optimizer)
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads)  # after DDP's all-reduce: the same on every rank
         if guard:
             finite = bool(torch.isfinite(norm))  # the step's one host sync (fp16's scaler makes its own)
             if not finite:  # the forward already folded this batch into the BatchNorm statistics
-                torch._foreach_copy_(*ctx.buffer_backup)
-        if finite and ctx.clip_grad is not None:
-            torch.nn.utils.clip_grads_with_norm_(grads, ctx.clip_grad, norm)
+                trainer.backup.restore()
+        if finite and settings.clip_grad is not None:
+            torch.nn.utils.clip_grads_with_norm_(grads, settings.clip_grad, norm)
     if finite:
-        ctx.scaler.step(ctx.optimizer)
-    ctx.scaler.update()
-    if ctx.scheduler is not None:
-        ctx.scheduler.step_update(num_updates=schedule_at)
-    if finite and ctx.ema is not None:
-        ctx.ema.update(getattr(model, "module", model))  # unwrap DDP: the EMA holds a plain copy
+        trainer.scaler.step(trainer.optimizer)
+    trainer.scaler.update()
+    if trainer.scheduler is not None:
+        trainer.scheduler.step_update(num_updates=schedule_at)
+    if finite and trainer.ema is not None:
+        trainer.ema.update(getattr(model, "module", model))  # unwrap DDP: the EMA holds a plain copy
     if timer is not None:
         timer.mark("deep")
     if finite:
-        selector.observe(out.feats, out.keep, kept_idx, losses.detach())
+        blocking.observe(selector, batch, losses)
     if timer is not None:
         timer.mark("observe")
     labels = y.argmax(dim=1) if y.dtype.is_floating_point else y
-    return StepResult(loss.detach(), out.logits.shape[0], finite, losses.detach().sum(), labels, out.keep)
+    return StepResult(loss.detach(), batch.logits.shape[0], finite, losses.detach().sum(), labels, batch.keep)
 
 
-def _backup_buffers(model, ctx: StepContext) -> None:
-    """Copy the model's buffers (BatchNorm statistics: small) so a non-finite step can be undone."""
-    if ctx.buffer_backup is None:
-        buffers = list(model.buffers())
-        ctx.buffer_backup = (buffers, [b.clone() for b in buffers])
-    buffers, copies = ctx.buffer_backup
-    if buffers:
-        torch._foreach_copy_(copies, buffers)
+class BufferBackup:
+    """A copy of the model's buffers (BatchNorm statistics: small), so a non-finite step can be undone."""
+
+    def __init__(self, model):
+        self.buffers = list(model.buffers())
+        self.copies = [b.clone() for b in self.buffers]
+
+    def save(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.copies, self.buffers)
+
+    def restore(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.buffers, self.copies)
 
 
 class EpochTally:
@@ -191,9 +202,9 @@ def class_fractions(numerator: list, denominator: list, scale: float = 1.0) -> l
     return [round(scale * n / d, 4) if d > 0 else None for n, d in zip(numerator, denominator)]
 
 
-def train_one_epoch(model, selector, loader, ctx: StepContext, epoch: int, tally: EpochTally,
+def train_one_epoch(model, selector, loader, settings: StepSettings, trainer: Trainer, epoch: int, tally: EpochTally,
                     after_step=None, progress=None) -> Optional[dict]:
-    """Train the rest of one epoch (call `begin_epoch` first); returns its statistics, or None when
+    """Train the rest of one epoch (call `prepare_epoch` first); returns its statistics, or None when
     `after_step(tally)` asked to stop early.
 
     Sampler-level selection shortens the epoch; the LR schedule then advances by epoch
@@ -204,39 +215,39 @@ def train_one_epoch(model, selector, loader, ctx: StepContext, epoch: int, tally
     started = time.perf_counter() - tally.elapsed
     timer.reset_clock()
     for x, y, idx in loader:
-        x, y = _to_device(x, y, ctx)
-        idx = idx.to(ctx.device, non_blocking=True)
+        x, y = _to_device(x, y, settings)
+        idx = idx.to(settings.device, non_blocking=True)
         tally.bad_samples += loader.batch_size - x.shape[0]  # unreadable files were dropped from the batch
-        if ctx.mixup is not None:
-            x, y = ctx.mixup(x, y)
+        if trainer.mixup is not None:
+            x, y = trainer.mixup(x, y)
         timer.mark("data")
-        schedule_at = ctx.updates_per_epoch * (epoch + (tally.batches + 1) / steps)
-        step = train_step(model, selector, x, y, idx, ctx, schedule_at, timer)
+        schedule_at = settings.updates_per_epoch * (epoch + (tally.batches + 1) / steps)
+        step = train_step(model, selector, x, y, idx, settings, trainer, schedule_at, timer)
         tally.add(step)
         if step.finite:
             tally.nonfinite_in_row = 0
         else:
             tally.nonfinite += 1
             tally.nonfinite_in_row += 1
-            if tally.nonfinite_in_row >= ctx.max_nonfinite:
+            if tally.nonfinite_in_row >= settings.max_nonfinite:
                 raise TrainingStopped(f"{tally.nonfinite_in_row} non-finite losses in a row (epoch {epoch}, "
                                       f"batch {tally.batches}): lower optim.lr, set optim.clip_grad, or check the data")
         tally.elapsed = time.perf_counter() - started
         if progress is not None:
             progress.update(1)
-            if tally.batches % ctx.log_every == 0:
+            if tally.batches % settings.log_every == 0:
                 progress.set_postfix(loss=f"{step.loss.item():.3f}", kept=f"{tally.rows_kept / tally.rows_seen:.2f}",
                                      img_s=f"{tally.rows_seen / tally.elapsed:.0f}")
         if after_step is not None and after_step(tally):
             return None
 
     host = torch.tensor([tally.rows_seen, tally.rows_kept, tally.bad_samples, tally.nonfinite], dtype=torch.float64)
-    counts = all_reduce_sum(torch.cat([tally.loss_sum.double().view(1), host.to(ctx.device), tally.class_rows.flatten()]))
+    counts = all_reduce_sum(torch.cat([tally.loss_sum.double().view(1), host.to(settings.device), tally.class_rows.flatten()]))
     (loss_total, seen, kept, bad, nonfinite), (seen_by_class, kept_by_class) = _split(counts.tolist(), 5)
     if not math.isfinite(loss_total):  # only without the per-step guard (runtime.check_finite: false)
         raise TrainingStopped(f"the training loss of epoch {epoch} is not finite: lower optim.lr, set optim.clip_grad, "
                               "or set runtime.check_finite=true to skip such steps")
-    diagnostics = selector.epoch_diagnostics(ctx.device)  # collective: every rank reads its tallies
+    diagnostics = selector.epoch_diagnostics(settings.device)  # collective: every rank reads its tallies
     t = timer.totals()
     seconds = time.perf_counter() - started
     return {
@@ -257,16 +268,16 @@ def train_one_epoch(model, selector, loader, ctx: StepContext, epoch: int, tally
 
 
 @torch.no_grad()
-def evaluate(model, loader, ctx: StepContext) -> dict:
+def evaluate(model, loader, settings: StepSettings) -> dict:
     """Top-1/top-5 of the full model over every validation sample (counts summed over ranks)."""
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # correct1, correct5, loss
+    totals = torch.zeros(3, dtype=torch.float64, device=settings.device)  # correct1, correct5, loss
     # (2, classes): top-1 hits and samples per class; sized up front, as a rank may get no batch
-    per_class = torch.zeros(2, getattr(model, "module", model).num_classes, dtype=torch.float64, device=ctx.device)
+    per_class = torch.zeros(2, getattr(model, "module", model).num_classes, dtype=torch.float64, device=settings.device)
     count = 0  # a shape: counted on the host
     for x, y, _ in loader:
-        x, y = _to_device(x, y, ctx)
-        with autocast(ctx):
+        x, y = _to_device(x, y, settings)
+        with autocast(settings):
             logits = model(x).logits.float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top.eq(y.unsqueeze(1))

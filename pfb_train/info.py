@@ -8,6 +8,7 @@ import torch
 
 from pfb_train.costs import MODES, blocking_mode, count_flops, predicted_cost_ratio, shallow_flop_share
 from pfb_train.models import build_model, split_spec
+from pfb_train.selection import get_method
 
 
 def _num_classes(cfg) -> int:
@@ -27,7 +28,8 @@ def model_info(cfg) -> dict:
     with torch.no_grad():
         flops = count_flops(lambda: blocked(x))
     batch = cfg.data.batch_size
-    blocked_rows = round(cfg.blocking.ratio * batch) if cfg.blocking.method != "none" else 0
+    method = get_method(cfg.blocking.method)
+    blocked_rows = round(method.blocked_per_batch(cfg.blocking.chosen()) * batch)  # 0 unless rows are blocked
     realised = blocked_rows / batch
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     return {
@@ -42,7 +44,8 @@ def model_info(cfg) -> dict:
         "gflops_per_image": flops / 1e9,
         "shallow_share": share,
         "method": cfg.blocking.method,
-        "ratio": cfg.blocking.ratio,
+        "level": method.level,
+        "ratio": method.ratio(cfg.blocking.chosen()),
         "batch_size": batch,
         "blocked_per_batch": blocked_rows,
         "mode": blocked.mode,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from pfb_train.config import experiment_settings
 from pfb_train.errors import UserError
 from pfb_train.metrics import read_metrics
 
@@ -56,7 +57,19 @@ class Run:
 
     @property
     def settings(self) -> dict:
-        return {k: v for k, v in flatten(self.config).items() if k not in NOT_THE_EXPERIMENT}
+        return {k: v for k, v in flatten(experiment_settings(self.config)).items() if k not in NOT_THE_EXPERIMENT}
+
+    @property
+    def full_data(self) -> bool:
+        """Summaries name the method's ratio option (None: nothing dropped); older ones only the method."""
+        if "ratio_option" in self.summary:
+            return self.summary["ratio_option"] is None
+        return self.method == "none"
+
+    @property
+    def ratio_key(self) -> str:
+        """The config key of the method's own ratio option (the label shows it already)."""
+        return f"blocking.{self.method}.{self.summary.get('ratio_option') or 'ratio'}"
 
     @property
     def method(self) -> str:
@@ -95,10 +108,10 @@ def group_labels(groups: list[list[Run]]) -> list[str]:
     labels = []
     for group, own in zip(groups, settings):
         same_method = [s for g, s in zip(groups, settings) if g[0].method == group[0].method]
-        within = [k for k in varying(same_method) if k.startswith("blocking.") and k != "blocking.ratio"]
+        within = [k for k in varying(same_method) if k.startswith("blocking.") and k != group[0].ratio_key]
         extra = ", ".join(f"{k.rsplit('.', 1)[-1]}={own.get(k)}" for k in within + everywhere)
         method, ratio = group[0].method, group[0].summary["ratio"]
-        base = "full data" if method == "none" else f"{method} {ratio:g}"
+        base = "full data" if group[0].full_data else f"{method} {ratio:g}"
         labels.append(f"{base} ({extra})" if extra else base)
     return labels
 

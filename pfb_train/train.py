@@ -9,7 +9,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -27,11 +27,11 @@ from pfb_train.costs import blocking_mode
 from pfb_train.data import build_datasets, build_loaders, dataset_labels
 from pfb_train.distributed import DistInfo, barrier, cleanup, init_distributed
 from pfb_train.errors import Preempted, UserError
-from pfb_train.engine import EpochTally, StepContext, begin_epoch, evaluate, train_one_epoch
+from pfb_train.engine import EpochTally, StepSettings, Trainer, evaluate, prepare_epoch, train_one_epoch
 from pfb_train.metrics import BaselineComparison, RunLogger, make_run_dir, rewrite_metrics
 from pfb_train.models import BlockedModel, build_model
 from pfb_train.preemption import PreemptionSignals
-from pfb_train.selection import Selector, selector_from_config
+from pfb_train.selection import Selector, get_method, selector_from_config
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,28 +42,47 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@dataclass
-class RunState:
-    """Everything one run holds between `setup` and `fit`; `fit` resumes from `epoch`/`step`."""
+@dataclass(frozen=True)
+class RunSettings:
+    """What stays fixed for the whole run."""
 
     cfg: Config
     dist: DistInfo
-    blocked: BlockedModel  # the model itself (checkpoints, EMA, state comparisons)
-    model: torch.nn.Module  # what the steps call: `blocked`, or DDP around it
-    selector: Selector
-    train_loader: DataLoader
-    val_loader: DataLoader
-    ctx: StepContext
-    run_dir: Optional[Path]  # rank 0 only
+    step: StepSettings
     nominal_rows: int  # rows a full-data epoch trains on, over all ranks
-    class_counts: Optional[list]  # training samples per class (None: the dataset does not say)
-    baseline: Optional[BaselineComparison] = None
-    partial: Optional[dict] = None  # EpochTally state when resuming inside an epoch
-    subset: Optional[torch.Tensor] = None  # that epoch's sampler subset
+    class_counts: Optional[tuple]  # training samples per class (None: the dataset does not say)
+
+
+@dataclass
+class Progress:
+    """Where the run is; `fit` goes on from `epoch` / `step`."""
+
     epoch: int = 0  # next epoch to train
     step: int = 0  # optimizer steps so far
     best_top1: float = float("-inf")
     history: list = field(default_factory=list)
+    partial: Optional[dict] = None  # EpochTally state when resuming inside an epoch
+    subset: Optional[torch.Tensor] = None  # that epoch's sampler subset
+
+
+@dataclass
+class RunState:
+    """One run between `setup` and `fit`: its settings, the live objects, and its progress."""
+
+    settings: RunSettings
+    net: BlockedModel  # the split model itself: checkpoints, EMA, state comparisons
+    train_module: torch.nn.Module  # what the steps call: `net`, or DDP around it
+    selector: Selector
+    trainer: Trainer
+    train_loader: DataLoader
+    val_loader: DataLoader
+    baseline: Optional[BaselineComparison] = None
+    run_dir: Optional[Path] = None  # rank 0 only
+    progress: Progress = field(default_factory=Progress)
+
+    @property
+    def cfg(self) -> Config:
+        return self.settings.cfg
 
 
 def run(cfg: Config) -> dict:
@@ -97,20 +116,20 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
     splits = build_datasets(cfg.data, cfg.model.num_classes, seed=rt.seed)
     train_loader, val_loader = build_loaders(splits, cfg.data, rt.seed, dist.rank, dist.world_size,
                                              pin_memory=device.type == "cuda", device=device)
-    blocked = build_model(cfg.model, cfg.blocking.stage, splits.num_classes, blocking_mode(cfg.blocking),
-                          sync_bn=rt.sync_bn and dist.world_size > 1).to(device)
+    net = build_model(cfg.model, cfg.blocking.stage, splits.num_classes, blocking_mode(cfg.blocking),
+                      sync_bn=rt.sync_bn and dist.world_size > 1).to(device)
     if rt.channels_last:
-        blocked = blocked.to(memory_format=torch.channels_last)
-    ema = ModelEmaV3(blocked, decay=o.ema_decay) if o.ema_decay else None  # a plain copy: before DDP/compile
+        net = net.to(memory_format=torch.channels_last)
+    ema = ModelEmaV3(net, decay=o.ema_decay) if o.ema_decay else None  # a plain copy: before DDP/compile
     seed_everything(rt.seed + dist.rank)  # dropout, drop-path and mixup draws differ between ranks
-    model = blocked
+    train_module = net
     if dist.world_size > 1:
-        model = DistributedDataParallel(blocked, device_ids=[device.index] if device.type == "cuda" else None)
+        train_module = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     if rt.compile:
-        blocked.compile_parts()  # after DDP wrapping: DDP hooks stay on the original parameters
+        net.compile_parts()  # after DDP wrapping: DDP hooks stay on the original parameters
     selector = selector_from_config(cfg)
 
-    optimizer = create_optimizer_v2(blocked, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
+    optimizer = create_optimizer_v2(net, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
     scheduler, _ = create_scheduler_v2(optimizer, sched=s.name, num_epochs=s.epochs, warmup_epochs=s.warmup_epochs,
                                        warmup_lr=s.warmup_lr, min_lr=s.min_lr, step_on_epochs=False,
                                        updates_per_epoch=len(train_loader))
@@ -118,16 +137,15 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
     if cfg.data.mixup > 0 or cfg.data.cutmix > 0:
         mixup = Mixup(mixup_alpha=cfg.data.mixup, cutmix_alpha=cfg.data.cutmix,
                       label_smoothing=o.label_smoothing, num_classes=splits.num_classes)
-    ctx = StepContext(optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=rt.amp == "fp16"), device,
-                      AMP_DTYPES[rt.amp], rt.channels_last, o.label_smoothing, o.clip_grad, mixup, rt.log_every,
-                      updates_per_epoch=len(train_loader), ema=ema, check_finite=device.type != "cuda" if rt.check_finite is None else rt.check_finite,
-                      max_nonfinite=rt.max_nonfinite)
+    trainer = Trainer(optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=rt.amp == "fp16"), ema, mixup)
+    check_finite = device.type != "cuda" if rt.check_finite is None else rt.check_finite  # None: see config.py
+    step = StepSettings(device, AMP_DTYPES[rt.amp], rt.channels_last, o.label_smoothing, o.clip_grad, rt.log_every,
+                        updates_per_epoch=len(train_loader), check_finite=check_finite, max_nonfinite=rt.max_nonfinite)
 
-    nominal_rows = len(train_loader) * cfg.data.batch_size * dist.world_size
     labels = dataset_labels(splits.train)
-    class_counts = None if labels is None else torch.bincount(labels, minlength=splits.num_classes).tolist()
-    state = RunState(cfg, dist, blocked, model, selector, train_loader, val_loader, ctx, None, nominal_rows,
-                     class_counts, baseline)
+    class_counts = None if labels is None else tuple(torch.bincount(labels, minlength=splits.num_classes).tolist())
+    settings = RunSettings(cfg, dist, step, len(train_loader) * cfg.data.batch_size * dist.world_size, class_counts)
+    state = RunState(settings, net, train_module, selector, trainer, train_loader, val_loader, baseline)
     run_dir, checkpoint = resume_point(rt.resume, rt.output, cfg.name)
     if checkpoint is not None:
         restore(state, checkpoint)
@@ -136,16 +154,25 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
         state.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, state.run_dir / "config.yaml")
         if rt.resume is not None:  # the checkpoint's history is the truth: drop epochs logged after it
-            rewrite_metrics(state.run_dir, state.history)
-        print(f"run {cfg.name}: {cfg.model.name} split after {blocked.stage_name} (stage {blocked.stage}), "
-              f"blocking {cfg.blocking.method} ratio {cfg.blocking.ratio} ({blocked.mode}), "
+            rewrite_metrics(state.run_dir, state.progress.history)
+        print(f"run {cfg.name}: {cfg.model.name} split after {net.stage_name} (stage {net.stage}), "
+              f"blocking {describe_options(cfg)} ({net.mode}), "
               f"{len(train_loader)} steps/epoch, {dist.world_size} process(es) on {device.type} -> {state.run_dir}")
         if checkpoint is not None:
-            print(f"resumed at epoch {state.epoch}, step {state.step}")
-        if cfg.blocking.method != "none" and cfg.blocking.start_epoch >= cfg.schedule.epochs:
-            print(f"note: blocking.start_epoch {cfg.blocking.start_epoch} is not within schedule.epochs "
+            print(f"resumed at epoch {state.progress.epoch}, step {state.progress.step}")
+        start = getattr(cfg.blocking.chosen(), "start_epoch", 0)
+        if start >= cfg.schedule.epochs:
+            print(f"note: blocking.{cfg.blocking.method}.start_epoch {start} is not within schedule.epochs "
                   f"{cfg.schedule.epochs}: this run trains on full data")
     return state
+
+
+def describe_options(cfg: Config) -> str:
+    """The chosen method and its ratio option, e.g. 'pfb ratio 0.4', 'infobatch prune_ratio 0.5', 'none'."""
+    method = get_method(cfg.blocking.method)
+    if not method.ratio_option:
+        return method.name
+    return f"{method.name} {method.ratio_option} {method.ratio(cfg.blocking.chosen())}"
 
 
 def resume_point(resume: Optional[str], output: str, name: str):
@@ -163,23 +190,56 @@ def resume_point(resume: Optional[str], output: str, name: str):
     return (path if path.is_dir() else path.parent), checkpoint
 
 
-def restore(state: RunState, checkpoint: dict) -> None:
-    """Put a run back where `checkpoint` left it: weights, optimizer, schedule, selector, RNG, progress."""
-    ctx = state.ctx
-    state.blocked.load_state_dict(checkpoint["model"])
-    ctx.optimizer.load_state_dict(checkpoint["optimizer"])
-    if checkpoint["config"]["schedule"] == state.cfg.to_dict()["schedule"]:  # else: the new schedule applies
-        ctx.scheduler.load_state_dict(checkpoint["scheduler"])
-    ctx.scaler.load_state_dict(checkpoint["scaler"])
-    if ctx.ema is not None and checkpoint.get("ema") is not None:
-        ctx.ema.load_state_dict(checkpoint["ema"])
-    state.selector.load_state_dict(checkpoint["selector"])
-    state.epoch, state.step = checkpoint["epoch"], checkpoint["step"]
-    state.history, state.best_top1 = checkpoint["history"], checkpoint["best_top1"]
-    state.partial, state.subset = checkpoint.get("partial"), checkpoint.get("subset")
-    if not restore_rng(checkpoint["rng"]):
+class Part(NamedTuple):
+    """One entry of a checkpoint: how it is read from a run and put back into one."""
+
+    key: str
+    save: Callable  # (state) -> value
+    load: Callable  # (state, value) -> None
+
+
+def _load_ema(state: RunState, value) -> None:
+    if state.trainer.ema is not None and value is not None:
+        state.trainer.ema.load_state_dict(value)
+
+
+def _set_progress(name: str) -> Callable:
+    return lambda state, value: setattr(state.progress, name, value)
+
+
+def _restore_rng(state: RunState, value) -> None:
+    if not restore_rng(value):
         print("pfb-train: warning: the world size changed since the checkpoint; random streams restart",
               file=sys.stderr)
+
+
+# Everything a checkpoint holds, in one list: `save_checkpoints` writes these keys and `restore` reads
+# them back. `partial` and `subset` are set only by a checkpoint written inside an epoch.
+CHECKPOINT_PARTS = (
+    Part("model", lambda s: s.net.state_dict(), lambda s, v: s.net.load_state_dict(v)),
+    Part("optimizer", lambda s: s.trainer.optimizer.state_dict(), lambda s, v: s.trainer.optimizer.load_state_dict(v)),
+    Part("scheduler", lambda s: s.trainer.scheduler.state_dict(), lambda s, v: s.trainer.scheduler.load_state_dict(v)),
+    Part("scaler", lambda s: s.trainer.scaler.state_dict(), lambda s, v: s.trainer.scaler.load_state_dict(v)),
+    Part("ema", lambda s: s.trainer.ema.state_dict() if s.trainer.ema is not None else None, _load_ema),
+    Part("selector", lambda s: s.selector.state_dict(), lambda s, v: s.selector.load_state_dict(v)),
+    Part("epoch", lambda s: s.progress.epoch, _set_progress("epoch")),
+    Part("step", lambda s: s.progress.step, _set_progress("step")),
+    Part("history", lambda s: s.progress.history, _set_progress("history")),
+    Part("best_top1", lambda s: s.progress.best_top1, _set_progress("best_top1")),
+    Part("partial", lambda s: s.progress.partial, _set_progress("partial")),
+    Part("subset", lambda s: s.progress.subset, _set_progress("subset")),
+    Part("rng", lambda s: all_rng_states(), _restore_rng),
+    Part("config", lambda s: s.cfg.to_dict(), lambda s, v: None),  # what was trained; read by `restore`
+)
+
+
+def restore(state: RunState, checkpoint: dict) -> None:
+    """Put a run back where `checkpoint` left it: weights, optimizer, schedule, selector, RNG, progress."""
+    same_schedule = checkpoint["config"]["schedule"] == state.cfg.to_dict()["schedule"]
+    for part in CHECKPOINT_PARTS:
+        if part.key == "scheduler" and not same_schedule:
+            continue  # a changed schedule (e.g. more epochs) applies from here on
+        part.load(state, checkpoint.get(part.key))
 
 
 def fit(state: RunState, until_epoch: Optional[int] = None, until_step: Optional[int] = None) -> Optional[dict]:
@@ -187,7 +247,7 @@ def fit(state: RunState, until_epoch: Optional[int] = None, until_step: Optional
 
     `until_epoch` / `until_step` stop early (after a checkpoint) and return None, as a preempted
     job would; SIGTERM/SIGUSR1 do the same and raise Preempted."""
-    logger = RunLogger(state.run_dir, enabled=state.dist.is_main)
+    logger = RunLogger(state.run_dir, enabled=state.settings.dist.is_main)
     try:
         return _fit(state, logger, until_epoch, until_step)
     finally:
@@ -195,59 +255,60 @@ def fit(state: RunState, until_epoch: Optional[int] = None, until_step: Optional
 
 
 def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optional[dict]:
-    cfg, dist, rt = state.cfg, state.dist, state.cfg.runtime
-    wall_start = time.perf_counter() - (state.history[-1]["wall_seconds"] if state.history else 0.0)
+    cfg, dist, rt, progress = state.cfg, state.settings.dist, state.cfg.runtime, state.progress
+    wall_start = time.perf_counter() - (progress.history[-1]["wall_seconds"] if progress.history else 0.0)
     with PreemptionSignals(every=rt.log_every, device=dist.device) as signals:
-        for epoch in range(state.epoch, cfg.schedule.epochs):
+        for epoch in range(progress.epoch, cfg.schedule.epochs):
             if until_epoch is not None and epoch >= until_epoch:
                 return None
-            tally = EpochTally(dist.device, state.blocked.num_classes, state.partial)
-            resume = (state.subset, tally.batches * cfg.data.batch_size) if state.partial is not None else None
-            tally.extra_selection_seconds += begin_epoch(state.selector, state.train_loader, epoch, resume)
-            state.partial = None
+            tally = EpochTally(dist.device, state.net.num_classes, progress.partial)
+            resume = (progress.subset, tally.batches * cfg.data.batch_size) if progress.partial is not None else None
+            tally.extra_selection_seconds += prepare_epoch(state.selector, state.train_loader, epoch, resume)
+            progress.partial = progress.subset = None
 
             def after_step(tally: EpochTally, epoch: int = epoch) -> bool:
-                state.step += 1
-                signum = signals.requested(state.step)
-                stop = signum or (until_step is not None and state.step >= until_step)
-                if stop or (rt.checkpoint_every and state.step % rt.checkpoint_every == 0):
+                progress.step += 1
+                signum = signals.requested(progress.step)
+                stop = signum or (until_step is not None and progress.step >= until_step)
+                if stop or (rt.checkpoint_every and progress.step % rt.checkpoint_every == 0):
                     save_checkpoints(state, epoch, tally)
                 if signum:
                     name = signal.Signals(signum).name
-                    raise Preempted(signum, f"stopped by {name} at epoch {epoch}, step {state.step}; checkpoint "
+                    raise Preempted(signum, f"stopped by {name} at epoch {epoch}, step {progress.step}; checkpoint "
                                             f"saved in {state.run_dir}; run the same command with --resume auto to continue")
                 return bool(stop)
 
             bar = tqdm(total=tally.batches + len(state.train_loader), initial=tally.batches, desc=f"epoch {epoch}",
                        leave=False, dynamic_ncols=True, disable=True if not (rt.progress and dist.is_main) else None)
-            stats = train_one_epoch(state.model, state.selector, state.train_loader, state.ctx, epoch, tally,
+            stats = train_one_epoch(state.train_module, state.selector, state.train_loader, state.settings.step,
+                                    state.trainer, epoch, tally,
                                     after_step, bar)
             bar.close()
             if stats is None:
                 return None
-            stats.update(sample_accounting(stats.pop("samples_seen"), stats.pop("samples_kept"), state.nominal_rows))
+            stats.update(sample_accounting(stats.pop("samples_seen"), stats.pop("samples_kept"),
+                                            state.settings.nominal_rows))
             if dist.world_size > 1 and not rt.sync_bn:  # ranks saw different batches: average BN statistics
-                distribute_bn(state.blocked, dist.world_size, reduce=True)
-            record = {"epoch": epoch, "lr": state.ctx.optimizer.param_groups[0]["lr"], **stats}
+                distribute_bn(state.net, dist.world_size, reduce=True)
+            record = {"epoch": epoch, "lr": state.trainer.optimizer.param_groups[0]["lr"], **stats}
             if (epoch + 1) % rt.eval_every == 0 or epoch == cfg.schedule.epochs - 1:
-                record.update(evaluate(state.model, state.val_loader, state.ctx))
-                if state.ctx.ema is not None:
-                    ema = evaluate(state.ctx.ema.module, state.val_loader, state.ctx)
+                record.update(evaluate(state.train_module, state.val_loader, state.settings.step))
+                if state.trainer.ema is not None:
+                    ema = evaluate(state.trainer.ema.module, state.val_loader, state.settings.step)
                     record.update(top1_ema=ema["top1"], top5_ema=ema["top5"])
             record["wall_seconds"] = time.perf_counter() - wall_start
-            state.history.append(record)
+            progress.history.append(record)
             if state.baseline is not None:
-                record.update(state.baseline.compare(record, sum(r["epoch_seconds"] for r in state.history)))
-            state.epoch = epoch + 1
-            save_checkpoints(state, epoch + 1, None, best=record.get("top1", float("-inf")) > state.best_top1)
+                record.update(state.baseline.compare(record, sum(r["epoch_seconds"] for r in progress.history)))
+            save_checkpoints(state, epoch + 1, None, best=record.get("top1", float("-inf")) > progress.best_top1)
             if dist.is_main:
                 logger.log_epoch(record)
                 print(epoch_line(record), flush=True)
             barrier()
 
-    summary = summarize(cfg, state.history, time.perf_counter() - wall_start,
+    summary = summarize(cfg, progress.history, time.perf_counter() - wall_start,
                         str(state.run_dir) if state.run_dir else None, dist.world_size, dist.device.type,
-                        state.class_counts)
+                        state.settings.class_counts)
     if dist.is_main:
         logger.write_summary(summary)
         print(f"done: top-1 {summary['top1']:.2f}%  blocked {summary['blocked_fraction']:.3f} of sample-passes  "
@@ -283,29 +344,16 @@ def sample_accounting(seen: int, kept: int, nominal: int) -> dict:
 def save_checkpoints(state: RunState, epoch: int, tally: Optional[EpochTally], best: bool = False) -> None:
     """Everything needed to go on exactly; `epoch` is the next epoch to start (tally None) or the one
     under way (tally: its progress). Collective (every rank's RNG state); rank 0 writes."""
-    ctx = state.ctx
-    rng = all_rng_states()
-    partial = tally.state_dict() if tally is not None else None
-    if not state.dist.is_main:
+    progress = state.progress
+    progress.epoch = epoch
+    progress.partial = tally.state_dict() if tally is not None else None
+    progress.subset = state.train_loader.sampler.subset if tally is not None else None
+    checkpoint = {part.key: part.save(state) for part in CHECKPOINT_PARTS}  # rng: collective, every rank
+    progress.partial = progress.subset = None  # they describe the checkpoint, not the live run
+    if not state.settings.dist.is_main:
         return
     if best:
-        state.best_top1 = state.history[-1]["top1"]
-    checkpoint = {
-        "model": state.blocked.state_dict(),
-        "optimizer": ctx.optimizer.state_dict(),
-        "scheduler": ctx.scheduler.state_dict(),
-        "scaler": ctx.scaler.state_dict(),
-        "ema": ctx.ema.state_dict() if ctx.ema is not None else None,
-        "selector": state.selector.state_dict(),
-        "epoch": epoch,
-        "step": state.step,
-        "partial": partial,
-        "subset": state.train_loader.sampler.subset if tally is not None else None,
-        "history": state.history,
-        "best_top1": state.best_top1,
-        "rng": rng,
-        "config": state.cfg.to_dict(),
-    }
+        progress.best_top1 = checkpoint["best_top1"] = progress.history[-1]["top1"]
     save_checkpoint(checkpoint, state.run_dir, best=best)
 
 
@@ -317,7 +365,8 @@ def summarize(cfg: Config, history: list[dict], wall_seconds: float, run_dir, wo
     return {
         "name": cfg.name,
         "method": cfg.blocking.method,
-        "ratio": cfg.blocking.ratio,
+        "ratio": get_method(cfg.blocking.method).ratio(cfg.blocking.chosen()),  # as the method's own option says
+        "ratio_option": get_method(cfg.blocking.method).ratio_option,
         "model": cfg.model.name,
         "dataset": cfg.data.dataset,
         "epochs": len(history),
@@ -334,5 +383,5 @@ def summarize(cfg: Config, history: list[dict], wall_seconds: float, run_dir, wo
         "wall_seconds": wall_seconds,
         "seconds_per_epoch": sum(r["epoch_seconds"] for r in history) / len(history),
         "run_dir": run_dir,
-        "train_class_counts": class_counts,  # training samples per class (long-tailed sets: head vs tail)
+        "train_class_counts": list(class_counts) if class_counts is not None else None,  # training samples per class (long-tailed sets: head vs tail)
     }

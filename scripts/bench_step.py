@@ -25,7 +25,7 @@ import timm
 import torch
 
 from pfb_train.costs import cheaper_mode, predicted_cost_ratio, shallow_flop_share, step_flops
-from pfb_train.engine import StepContext, train_step
+from pfb_train.engine import StepSettings, Trainer, train_step
 from pfb_train.metrics import PhaseTimer
 from pfb_train.models import split_model
 from pfb_train.selection import build_selector
@@ -42,7 +42,7 @@ def parse_args():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--centers", type=int, default=64, help="pfb centres (at most the batch size)")
+    p.add_argument("--centres", type=int, default=64, help="pfb centres (at most the batch size)")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--warmup", type=int, default=5)
@@ -65,13 +65,13 @@ def sync(device: torch.device) -> None:
 def profile_steps(blocked, selector, x, y, idx, ctx, step, path: Path, steps: int = 3) -> None:
     """Kernel table of a few steps, sorted by device time: where a blocked step's time goes."""
     activities = [torch.profiler.ProfilerActivity.CPU]
-    if ctx.device.type == "cuda":
+    if ctx[0].device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         for i in range(steps):
-            train_step(blocked, selector, x, y, idx, ctx, step + i + 1)
-        sync(ctx.device)
-    sort = "self_cuda_time_total" if ctx.device.type == "cuda" else "self_cpu_time_total"
+            train_step(blocked, selector, x, y, idx, *ctx, step + i + 1)
+        sync(ctx[0].device)
+    sort = "self_cuda_time_total" if ctx[0].device.type == "cuda" else "self_cpu_time_total"
     path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
 
 
@@ -79,27 +79,27 @@ def time_steps(blocked, selector, x, y, args, device, method: str) -> tuple[list
     """Seconds per step of each timed repeat, and the seconds per phase of one more run."""
     optimizer = torch.optim.SGD(blocked.parameters(), lr=0.01, momentum=0.9)
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    ctx = StepContext(optimizer, None, torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"), device, amp,
-                      args.channels_last, check_finite=args.check_finite)
+    ctx = (StepSettings(device, amp, args.channels_last, check_finite=args.check_finite),
+           Trainer(optimizer, None, torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")))
     idx = torch.arange(x.shape[0], device=device)
     blocked.train()
     step = 0
     for _ in range(args.warmup):
-        train_step(blocked, selector, x, y, idx, ctx, step + 1)
+        train_step(blocked, selector, x, y, idx, *ctx, step + 1)
         step += 1
     per_step = []
     for _ in range(args.repeats):
         sync(device)
         start = time.perf_counter()
         for _ in range(args.steps):
-            train_step(blocked, selector, x, y, idx, ctx, step + 1)
+            train_step(blocked, selector, x, y, idx, *ctx, step + 1)
             step += 1
         sync(device)
         per_step.append((time.perf_counter() - start) / args.steps)
     timer = PhaseTimer(device)
     for _ in range(args.steps):
         timer.reset_clock()
-        train_step(blocked, selector, x, y, idx, ctx, step + 1, timer)
+        train_step(blocked, selector, x, y, idx, *ctx, step + 1, timer)
         step += 1
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
@@ -169,7 +169,10 @@ def main() -> None:
         blocked = split_model(copy.deepcopy(base), stage, args.mode).to(device, memory_format=memory_format)
         if args.compile:
             blocked.compile_parts()
-        selector = build_selector(method, ratio=args.ratio, **({"centers": min(args.centers, args.batch_size)} if method == "pfb" else {}))
+        options = {} if method == "none" else {"ratio": args.ratio}
+        if method == "pfb":
+            options["centres"] = min(args.centres, args.batch_size)
+        selector = build_selector(method, **options)
         results[method], phases[method] = time_steps(blocked, selector, x, y, args, device, method)
         if method == "none":
             timed_share = shallow_time_share(blocked, x, args, device)

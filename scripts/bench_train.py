@@ -99,8 +99,9 @@ def main() -> None:
             f"blocking.mode={args.mode}", *data,
         ]
         blocking = {"none": ["blocking.method=none"],
-                    args.method: [f"blocking.method={args.method}", f"blocking.ratio={args.ratio}",
-                                  "blocking.start_epoch=0", f"blocking.centers={min(64, args.batch_size)}"]}
+                    args.method: [f"blocking.method={args.method}", f"blocking.{args.method}.ratio={args.ratio}",
+                                  f"blocking.{args.method}.start_epoch=0"]
+                    + ([f"blocking.pfb.centres={min(64, args.batch_size)}"] if args.method == "pfb" else [])}
         runs = {}
         for method, options in blocking.items():
             cfg = load_config(None, [*common, *options, f"name={method}", *args.overrides])

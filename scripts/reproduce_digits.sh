@@ -16,9 +16,10 @@ train() {  # name, then overrides
 for seed in $SEEDS; do
   train "full_s$seed" --set runtime.seed="$seed"
   for ratio in 0.3 0.5 0.7; do
-    for method in random pfb infobatch; do
-      train "${method}${ratio#0.}_s$seed" --set runtime.seed="$seed" --set blocking.method="$method" --set blocking.ratio="$ratio"
-    done
+    train "random${ratio#0.}_s$seed" --set runtime.seed="$seed" --set blocking.method=random --set blocking.random.ratio="$ratio"
+    train "pfb${ratio#0.}_s$seed" --set runtime.seed="$seed" --set blocking.method=pfb --set blocking.pfb.ratio="$ratio"
+    train "infobatch${ratio#0.}_s$seed" --set runtime.seed="$seed" --set blocking.method=infobatch \
+      --set blocking.infobatch.prune_ratio="$ratio"
   done
 done
 baselines=()

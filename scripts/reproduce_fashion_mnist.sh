@@ -35,30 +35,30 @@ train() {  # folder, run name, seed, overrides...
 
 pfb_variants() {  # folder, ratio, seed, extra overrides...: every PFB form at one ratio
   local dir=$1 r=$2 seed=$3; shift 3
-  train "$dir" "pfb_paper_r$r" "$seed" --set blocking.method=pfb --set "blocking.ratio=0.$r" "$@" \
-    --set blocking.noise_form=density_floor --set blocking.noise=0.01 --set blocking.estimator=kde \
-    --set blocking.weights=counts
-  train "$dir" "pfb_code_r$r" "$seed" --set blocking.method=pfb --set "blocking.ratio=0.$r" "$@" \
-    --set blocking.noise_form=max_abs --set blocking.noise=0.1 --set blocking.estimator=mean_log_kernel \
-    --set blocking.weights=uniform
+  train "$dir" "pfb_paper_r$r" "$seed" --set blocking.method=pfb --set "blocking.pfb.ratio=0.$r" "$@" \
+    --set blocking.pfb.noise_form=density_floor --set blocking.pfb.noise=0.01 --set blocking.pfb.estimator=kde \
+    --set blocking.pfb.centre_weights=counts
+  train "$dir" "pfb_code_r$r" "$seed" --set blocking.method=pfb --set "blocking.pfb.ratio=0.$r" "$@" \
+    --set blocking.pfb.noise_form=max_abs --set blocking.pfb.noise=0.1 --set blocking.pfb.estimator=mean_log_kernel \
+    --set blocking.pfb.centre_weights=uniform
   for level in 0.05 0.2 0.5; do
-    train "$dir" "pfb_rank${level#0.}_r$r" "$seed" --set blocking.method=pfb --set "blocking.ratio=0.$r" "$@" \
-      --set blocking.noise_form=rank --set "blocking.noise=$level"
+    train "$dir" "pfb_rank${level#0.}_r$r" "$seed" --set blocking.method=pfb --set "blocking.pfb.ratio=0.$r" "$@" \
+      --set blocking.pfb.noise_form=rank --set "blocking.pfb.noise=$level"
   done
 }
 
 for seed in $SEEDS; do
   train balanced full "$seed"
   for r in 3 5; do
-    train balanced "random_r$r" "$seed" --set blocking.method=random --set "blocking.ratio=0.$r"
+    train balanced "random_r$r" "$seed" --set blocking.method=random --set "blocking.random.ratio=0.$r"
     ib=IB${r}0
-    train balanced "infobatch_r$r" "$seed" --set blocking.method=infobatch --set "blocking.ratio=${!ib}"
+    train balanced "infobatch_r$r" "$seed" --set blocking.method=infobatch --set "blocking.infobatch.prune_ratio=${!ib}"
     pfb_variants balanced "$r" "$seed"
   done
   tail=(--set data.imbalance=0.1)
   train long_tail full "$seed" "${tail[@]}"
-  train long_tail random_r5 "$seed" --set blocking.method=random --set blocking.ratio=0.5 "${tail[@]}"
-  train long_tail infobatch_r5 "$seed" --set blocking.method=infobatch --set "blocking.ratio=$IB50" "${tail[@]}"
+  train long_tail random_r5 "$seed" --set blocking.method=random --set blocking.random.ratio=0.5 "${tail[@]}"
+  train long_tail infobatch_r5 "$seed" --set blocking.method=infobatch --set "blocking.infobatch.prune_ratio=$IB50" "${tail[@]}"
   pfb_variants long_tail 5 "$seed" "${tail[@]}"
 done
 

@@ -49,7 +49,7 @@ def parse_args():
     p.add_argument("--batches", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument("--centers", type=int, default=64)
+    p.add_argument("--centres", type=int, default=64)
     return p.parse_args()
 
 
@@ -66,9 +66,9 @@ def blocked_rows(selector, feats: torch.Tensor) -> set:
     return set(range(feats.shape[0])) - set(keep.tolist())
 
 
-def measure(batches, ratio, centers, dim, estimator, form, noise) -> dict:
-    pair = [build_selector("pfb", ratio=ratio, centers=centers, feature_dim=dim, estimator=estimator,
-                           noise_form=form, noise=noise, weights="uniform" if form == "max_abs" else "counts",
+def measure(batches, ratio, centres, dim, estimator, form, noise) -> dict:
+    pair = [build_selector("pfb", ratio=ratio, centres=centres, feature_dim=dim, estimator=estimator,
+                           noise_form=form, noise=noise, centre_weights="uniform" if form == "max_abs" else "counts",
                            seed=seed) for seed in (0, 1)]
     shared = blocked_total = 0
     for feats in batches:
@@ -89,7 +89,7 @@ def main():
         batches = shallow_features(model_name, images, args.batch_size)
         channels = batches[0].shape[1]
         for dim, (estimator, form, noise) in itertools.product(args.feature_dims, SETTINGS):
-            result = measure(batches, args.ratio, args.centers, dim, estimator, form, noise)
+            result = measure(batches, args.ratio, args.centres, dim, estimator, form, noise)
             print(json.dumps({"data": args.data, "model": model_name, "feature_dim": min(dim, channels),
                               "estimator": estimator, "noise_form": form, **result, "ratio": args.ratio}),
                   flush=True)

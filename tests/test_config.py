@@ -13,9 +13,9 @@ def write(tmp_path, text):
 
 def test_defaults_and_overrides_are_typed(tmp_path):
     cfg = load_config(write(tmp_path, "blocking: {method: pfb}\n"),
-                      ["blocking.ratio=0.3", "schedule.epochs=7", "optim.lr=1e-3", "blocking.stage=layer2",
+                      ["blocking.pfb.ratio=0.3", "schedule.epochs=7", "optim.lr=1e-3", "blocking.stage=layer2",
                        "runtime.channels_last=true", "model.num_classes=null"])
-    assert cfg.blocking.ratio == 0.3 and cfg.schedule.epochs == 7
+    assert cfg.blocking.chosen().ratio == 0.3 and cfg.schedule.epochs == 7
     assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1e-3  # "1e-3" is a YAML string: coerced
     assert cfg.blocking.stage == "layer2" and cfg.runtime.channels_last is True
     assert cfg.model.num_classes is None
@@ -29,21 +29,30 @@ def test_int_accepted_for_float_but_not_bool_for_int(tmp_path):
 
 
 @pytest.mark.parametrize("text,overrides,message", [
-    ("blocking: {ratoi: 0.4}\n", [], "unknown config key 'blocking.ratoi' (did you mean 'blocking.ratio'?)"),
+    ("blocking: {pfb: {ratoi: 0.4}}\n", [], "config key 'blocking.pfb.ratoi' is not an option of method 'pfb' (did you mean 'blocking.pfb.ratio'? "
+                                          "its options: ratio,"),
+    ("blocking: {metod: pfb}\n", [], "unknown config key 'blocking.metod' (did you mean 'blocking.method'?)"),
+    ("", ["blocking.random.centres=3"], "config key 'blocking.random.centres' is not an option of method 'random' "
+                                        "(its options: ratio, start_epoch, end_epoch, ramp)"),
+    ("blocking: {pfb: 3}\n", [], "config section 'blocking.pfb' must be a mapping of method 'pfb' options"),
+    ("", ["blocking.pfb=3"], "--set blocking.pfb: give one option of method 'pfb', e.g. blocking.pfb.ratio="),
     ("modle: {name: resnet18}\n", [], "unknown config key 'modle' (did you mean 'model'?)"),
     ("", ["data.batchsize=3"], "unknown config key 'data.batchsize' (did you mean 'data.batch_size'?)"),
-    ("", ["blocking.ratio=abc"], "config key 'blocking.ratio': expected float, got 'abc'"),
-    ("", ["blocking.method=pfbb"], "config key 'blocking.method': expected one of 'none', 'random', 'pfb'"),
-    ("", ["blocking.ratio=1.0"], "'blocking.ratio' must be in [0, 1)"),
-    ("", ["blocking.ratio=-0.1"], "'blocking.ratio' must be in [0, 1)"),
+    ("", ["blocking.pfb.ratio=abc"], "config key 'blocking.pfb.ratio': expected float, got 'abc'"),
+    ("", ["blocking.method=pfbb"], "unknown blocking.method 'pfbb'; choose one of: none, random, pfb, infobatch"),
+    ("", ["blocking.method=pfb", "blocking.pfb.ratio=1.0"], "'blocking.pfb.ratio' must be in [0, 1)"),
+    ("", ["blocking.method=random", "blocking.ratio=-0.1"], "'blocking.random.ratio' must be in [0, 1)"),
+    ("", ["blocking.method=infobatch", "blocking.infobatch.prune_ratio=1"], "'blocking.infobatch.prune_ratio' must be"),
     ("", ["blocking=3"], "'blocking' is a section"),
     ("", ["ratio"], "--set expects key=value"),
     ("blocking: 3\n", [], "config section 'blocking' must be a mapping"),
     ("- a\n- b\n", [], "must hold a mapping of sections"),
     ("model: {name: [unclosed\n", [], "is not valid YAML"),
     ("", ["data.dataset=imagefolder"], "'data.root' is required for dataset 'imagefolder'"),
-    ("", ["blocking.method=pfb", "data.batch_size=16", "blocking.centers=32"], "must be >= 'blocking.centers'"),
-    ("", ["blocking.start_epoch=10", "blocking.end_epoch=5"], "must be greater than 'blocking.start_epoch'"),
+    ("", ["blocking.method=pfb", "data.batch_size=16", "blocking.pfb.centres=32"], "must be >= 'blocking.pfb.centres'"),
+    ("", ["blocking.method=pfb", "data.batch_size=16", "blocking.centers=32"], "must be >= 'blocking.pfb.centres'"),
+    ("", ["blocking.method=random", "blocking.random.start_epoch=10", "blocking.random.end_epoch=5"],
+     "must be greater than 'blocking.random.start_epoch'"),
 ])
 def test_bad_config_is_one_line_user_error(tmp_path, text, overrides, message):
     with pytest.raises(UserError) as err:
@@ -67,10 +76,10 @@ def test_shipped_configs_load():
 
 
 def test_saved_config_round_trips(tmp_path):
-    cfg = load_config("demo", ["blocking.ratio=0.3"])
+    cfg = load_config("demo", ["blocking.pfb.ratio=0.3"])
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(str(tmp_path / "config.yaml")) == cfg
-    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["blocking"]["ratio"] == 0.3
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["blocking"]["pfb"]["ratio"] == 0.3
 
 
 def test_base_key_merges_recipe_and_variant(tmp_path):
@@ -78,8 +87,8 @@ def test_base_key_merges_recipe_and_variant(tmp_path):
                                           "schedule: {epochs: 7}\n")
     (tmp_path / "variant.yaml").write_text("base: recipe.yaml\nname: pfb30\nblocking: {method: pfb, ratio: 0.3}\n")
     cfg = load_config(str(tmp_path / "variant.yaml"))
-    assert cfg.name == "pfb30" and cfg.blocking.method == "pfb" and cfg.blocking.ratio == 0.3
-    assert cfg.blocking.centers == 16 and cfg.schedule.epochs == 7  # kept from the recipe
+    assert cfg.name == "pfb30" and cfg.blocking.method == "pfb" and cfg.blocking.chosen().ratio == 0.3
+    assert cfg.blocking.chosen().centres == 16 and cfg.schedule.epochs == 7  # kept from the recipe
 
 
 def test_base_loop_and_missing_base_are_user_errors(tmp_path):
@@ -94,8 +103,32 @@ def test_base_loop_and_missing_base_are_user_errors(tmp_path):
 
 def test_shipped_paper_variants_differ_from_their_recipe_only_where_stated():
     full, pfb = load_config("resnet50_imagenet"), load_config("resnet50_pfb40")
-    assert (pfb.blocking.method, pfb.blocking.ratio, pfb.name) == ("pfb", 0.4, "resnet50_pfb40")
+    assert (pfb.blocking.method, pfb.blocking.chosen().ratio, pfb.name) == ("pfb", 0.4, "resnet50_pfb40")
     assert pfb.optim == full.optim and pfb.schedule == full.schedule and pfb.data == full.data
     swin = load_config("swin_tiny_pfb40")
-    assert (swin.blocking.start_epoch, swin.blocking.end_epoch, swin.schedule.epochs) == (16, 260, 300)
+    window = swin.blocking.chosen()
+    assert (window.start_epoch, window.end_epoch, swin.schedule.epochs) == (16, 260, 300)
     assert swin.optim.ema_decay and swin.data.mixup > 0 and swin.optim.clip_grad
+
+
+def test_flat_blocking_keys_of_earlier_versions_set_the_options_they_became(tmp_path):
+    """A config written before method sections: each flat key goes to every method that reads it."""
+    old = "blocking: {method: pfb, ratio: 0.3, centers: 16, ema: 0.2, weights: uniform, delta: 0.5, start_epoch: 2}\n"
+    cfg = load_config(write(tmp_path, old))
+    pfb, options = cfg.blocking.chosen(), cfg.blocking.options
+    assert (pfb.ratio, pfb.centres, pfb.update_rate, pfb.centre_weights, pfb.start_epoch) == (0.3, 16, 0.2, "uniform", 2)
+    assert options["random"].ratio == 0.3 and options["random"].start_epoch == 2
+    assert options["infobatch"].prune_ratio == 0.3 and options["infobatch"].delta == 0.5
+    assert options["static_random"].drop_fraction == 0.3
+    # an explicit section wins over a flat key in the same file; a later --set of a flat key wins over both
+    cfg = load_config(write(tmp_path, "blocking: {method: pfb, ratio: 0.3, pfb: {ratio: 0.2}}\n"))
+    assert cfg.blocking.chosen().ratio == 0.2
+    cfg = load_config(write(tmp_path, "blocking: {method: pfb, pfb: {ratio: 0.2}}\n"), ["blocking.ratio=0.1"])
+    assert cfg.blocking.chosen().ratio == 0.1
+
+
+def test_sections_of_other_methods_are_kept_but_do_nothing(tmp_path):
+    text = "blocking: {method: random, random: {ratio: 0.2}, pfb: {ratio: 0.5, centres: 999}}\n"
+    cfg = load_config(write(tmp_path, text))  # pfb's centres > batch size: not checked, pfb does not run
+    assert cfg.blocking.chosen().ratio == 0.2 and cfg.blocking.options["pfb"].centres == 999
+    assert list(cfg.to_dict(chosen_only=True)["blocking"]) == ["method", "stage", "mode", "random"]

@@ -23,7 +23,7 @@ def test_amp_channels_last_run_on_gpu(tmp_path, amp):
 
 
 def test_density_is_float32_under_autocast_on_gpu():
-    selector = build_selector("pfb", ratio=0.5, centers=16, feature_dim=64)
+    selector = build_selector("pfb", ratio=0.5, centres=16, feature_dim=64)
     feats = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         keep = selector.select(feats)
@@ -52,23 +52,23 @@ def test_pfb_step_never_synchronises_the_gpu(mode):
     """CUDA's own detector: any host wait inside the step (item, nonzero, copies to the host) raises."""
     import timm
 
-    from pfb_train.engine import StepContext, train_step
+    from pfb_train.engine import StepSettings, Trainer, train_step
     from pfb_train.models import split_model
 
     model = split_model(timm.create_model("resnet18", num_classes=4), stage=1, mode=mode).cuda()
     model = model.to(memory_format=torch.channels_last)
-    selector = build_selector("pfb", ratio=0.4, centers=8, feature_dim=16)
+    selector = build_selector("pfb", ratio=0.4, centres=8, feature_dim=16)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    ctx = StepContext(optimizer, None, torch.amp.GradScaler("cuda", enabled=False), torch.device("cuda"),
-                      torch.bfloat16, channels_last=True, clip_grad=1.0, check_finite=False)
+    ctx = (StepSettings(torch.device("cuda"), torch.bfloat16, channels_last=True, clip_grad=1.0, check_finite=False),
+           Trainer(optimizer, None, torch.amp.GradScaler("cuda", enabled=False)))
     x = torch.randn(20, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
     y, idx = torch.arange(20, device="cuda") % 4, torch.arange(20, device="cuda")
-    train_step(model, selector, x, y, idx, ctx, schedule_at=1)  # first step: lazy initialisation may sync
+    train_step(model, selector, x, y, idx, *ctx, schedule_at=1)  # first step: lazy initialisation may sync
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step in range(3):
-            kept = train_step(model, selector, x, y, idx, ctx, schedule_at=step + 2).kept
+            kept = train_step(model, selector, x, y, idx, *ctx, schedule_at=step + 2).kept
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert kept == 12

@@ -31,7 +31,7 @@ def test_info_bad_model_is_one_line(cli):
 def test_bench_step_prints_json_with_ratios():
     """The benchmark runs and reports; its timings are for docs/BENCHMARKS.md, not asserted here."""
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_step.py"), "--model", "resnet18", "--device", "cpu",
-           "--img-size", "32", "--batch-size", "16", "--centers", "8", "--warmup", "1", "--steps", "1",
+           "--img-size", "32", "--batch-size", "16", "--centres", "8", "--warmup", "1", "--steps", "1",
            "--repeats", "1", "--mode", "recompute"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -86,7 +86,7 @@ def _json_lines(script, *args) -> list[dict]:
 
 def test_selection_agreement_measures_signal_and_seed_agreement():
     rows = _json_lines("selection_agreement.py", "--data", "digits", "--models", "resnet18", "--feature-dims", "32",
-                       "--batches", "3", "--batch-size", "64", "--centers", "16")
+                       "--batches", "3", "--batch-size", "64", "--centres", "16")
     by_setting = {(r["estimator"], r["noise_form"], r["noise"]): r for r in rows}
     assert len(rows) == 7 and all(0.0 <= r["signal"] <= 1.0 and 0.0 <= r["seed_agreement"] <= 1.0 for r in rows)
     low, high = by_setting[("kde", "rank", 0.05)], by_setting[("kde", "rank", 0.5)]

@@ -8,7 +8,7 @@ from pfb_train.train import run
 
 
 def infobatch_with_scores(scores, ratio=0.3, epochs=8, delta=0.875):
-    selector = build_selector("infobatch", ratio=ratio, epochs=epochs, delta=delta, seed=0)
+    selector = build_selector("infobatch", prune_ratio=ratio, epochs=epochs, delta=delta, seed=0)
     selector.epoch_indices(len(scores))  # epoch 0: creates the score table (all 3.0)
     selector.observe(None, None, torch.arange(len(scores)), torch.as_tensor(scores, dtype=torch.float32))
     selector.set_epoch(1)
@@ -48,7 +48,7 @@ def test_full_data_in_annealing_epochs():
 
 
 def test_first_epoch_is_full_data_and_observe_records_losses():
-    selector = build_selector("infobatch", ratio=0.5, epochs=4)
+    selector = build_selector("infobatch", prune_ratio=0.5, epochs=4)
     assert selector.epoch_indices(10) is None  # all scores 3.0: nothing below the mean
     selector.observe(None, None, torch.tensor([2, 7]), torch.tensor([0.5, 9.0]))
     assert selector.scores[2] == 0.5 and selector.scores[7] == 9.0 and selector.scores[0] == 3.0
@@ -61,7 +61,7 @@ def test_subset_does_not_depend_on_the_rank_seed_only_on_run_seed_and_epoch():
 
 
 def test_static_random_is_one_fixed_subset():
-    selector = build_selector("static_random", ratio=0.3, seed=4)
+    selector = build_selector("static_random", drop_fraction=0.3, seed=4)
     first = selector.epoch_indices(1000)
     selector.set_epoch(5)
     assert torch.equal(first, selector.epoch_indices(1000)) and len(first) == 700

@@ -200,13 +200,13 @@ def poison(state, rows):
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
     state = setup(load_config(None, [*TINY, f"runtime.output={tmp_path}", "schedule.epochs=1",
                                      "blocking.start_epoch=0", "data.mixup=0.0"]), DistInfo())
-    before = {k: v.clone() for k, v in state.blocked.state_dict().items()}
+    before = {k: v.clone() for k, v in state.net.state_dict().items()}
     poison(state, [0])  # one sample: exactly one batch per epoch is non-finite
     summary = fit(state)
     record = read_metrics(summary["run_dir"])[0]
     assert record["nonfinite_steps"] == 1
-    assert all(torch.isfinite(v).all() for v in state.blocked.state_dict().values() if v.is_floating_point())
-    assert any(not torch.equal(before[k], v) for k, v in state.blocked.state_dict().items())
+    assert all(torch.isfinite(v).all() for v in state.net.state_dict().values() if v.is_floating_point())
+    assert any(not torch.equal(before[k], v) for k, v in state.net.state_dict().items())
 
 
 def test_run_stops_after_too_many_nonfinite_steps_in_a_row(tmp_path):
@@ -220,7 +220,7 @@ def test_without_the_per_step_check_a_nonfinite_epoch_stops_the_run(tmp_path):
     """runtime.check_finite: false (the CUDA default) has no per-step sync; the epoch's loss sum catches it."""
     state = setup(load_config(None, [*TINY, f"runtime.output={tmp_path}", "runtime.check_finite=false",
                                      "data.mixup=0.0"]), DistInfo())
-    assert state.ctx.check_finite is False
+    assert state.settings.step.check_finite is False
     poison(state, [0])
     with pytest.raises(RuntimeError, match="training loss of epoch 0 is not finite"):
         fit(state)
@@ -229,4 +229,4 @@ def test_without_the_per_step_check_a_nonfinite_epoch_stops_the_run(tmp_path):
 
 def test_check_finite_default_is_on_for_the_cpu(tmp_path):
     state = setup(load_config(None, [*TINY, f"runtime.output={tmp_path}"]), DistInfo())
-    assert state.cfg.runtime.check_finite is None and state.ctx.check_finite is True
+    assert state.cfg.runtime.check_finite is None and state.settings.step.check_finite is True

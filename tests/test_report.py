@@ -1,4 +1,5 @@
 import csv
+from pathlib import Path
 
 import pytest
 
@@ -93,14 +94,16 @@ def fake_run(root, name, seed=0, epoch_seconds=(10.0, 10.0, 10.0), top1=80.0, me
     path.mkdir(parents=True)
     config = Config().to_dict()
     config["name"], config["runtime"]["seed"], config["runtime"]["output"] = name, seed, str(root)
-    config["blocking"].update(method=method, ratio=ratio, **blocking)
+    config["blocking"]["method"] = method
+    if method != "none":
+        config["blocking"][method].update(ratio=ratio, **blocking)
     (path / "config.yaml").write_text(yaml.safe_dump(config))
     blocked = 0.0 if method == "none" else ratio
     records = [{"epoch": e, "epoch_seconds": t, "top1": top1, "kept_fraction": 1 - blocked,
                 "samples_blocked": int(100 * blocked), "class_kept_fraction": [1 - blocked] * 3,
                 **({"val_class_top1": class_top1} if class_top1 else {})} for e, t in enumerate(epoch_seconds)]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    summary = {"method": method, "ratio": ratio, "top1": top1, "blocked_fraction": blocked,
+    summary = {"method": method, "ratio": ratio, "ratio_option": None if method == "none" else "ratio", "top1": top1, "blocked_fraction": blocked,
                "train_seconds": sum(epoch_seconds), "selection_seconds": 0.0, "world_size": 1,
                "train_class_counts": class_counts}
     (path / "summary.json").write_text(json.dumps(summary))
@@ -156,3 +159,25 @@ def test_class_heatmap_is_drawn_for_a_thousand_classes(tmp_path):
     open(f"{run}/metrics.jsonl", "w").write("".join(json.dumps(m) + "\n" for m in metrics))
     plots = report([run], base, str(tmp_path / "rep"))["plots"]
     assert str(tmp_path / "rep" / "class_kept_fraction.png") in plots
+
+
+def test_runs_logged_before_method_sections_group_with_runs_logged_after(tmp_path):
+    """An earlier version's flat `blocking` section reads as today's pfb section; other methods' sections are ignored."""
+    import yaml
+
+    from pfb_train.report import report
+
+    base = [fake_run(tmp_path, "full0", method="none")]
+    new = fake_run(tmp_path, "new", seed=0, top1=70.0, centres=16)
+    old = fake_run(tmp_path, "old", seed=1, top1=72.0)
+    config = yaml.safe_load((Path(old) / "config.yaml").read_text())
+    pfb = config["blocking"].pop("pfb")
+    for name in ("none", "random", "infobatch", "static_random"):
+        config["blocking"].pop(name)
+    flat = {**{k: v for k, v in pfb.items() if k not in ("centres", "update_rate", "centre_weights")},
+            "centers": 16, "ema": pfb["update_rate"], "weights": pfb["centre_weights"], "delta": 0.5}
+    config["blocking"].update(flat)  # as an earlier version wrote it (delta: infobatch's, ignored for pfb)
+    (Path(old) / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = report([new, old], base, str(tmp_path / "rep"))["rows"]
+    pfb_rows = [r for r in rows if r["label"] != "full data"]
+    assert len(pfb_rows) == 1 and pfb_rows[0]["seeds"] == 2 and pfb_rows[0]["top1"] == pytest.approx(71.0)

@@ -11,7 +11,7 @@ from pfb_train.train import run
 TINY = """
 name: tiny
 model: {name: resnet18}
-blocking: {method: pfb, ratio: 0.25, start_epoch: 1, centers: 16, feature_dim: 16}
+blocking: {method: pfb, pfb: {ratio: 0.25, start_epoch: 1, centres: 16, feature_dim: 16}}
 data: {dataset: synthetic, img_size: 32, batch_size: 32, train_samples: 128, val_samples: 40, workers: 0}
 optim: {lr: 0.05}
 schedule: {epochs: 2, warmup_epochs: 0}
@@ -42,7 +42,7 @@ def test_cli_two_epoch_run_writes_run_directory(cli, tiny_config, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["blocked_fraction"] == pytest.approx(32 / 256)
     assert summary["top1"] == records[-1]["top1"]
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["blocking"]["ratio"] == 0.25
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["blocking"]["pfb"]["ratio"] == 0.25
     assert list(run_dir.glob("events.out.tfevents.*"))
     state = torch.load(run_dir / "checkpoint-last.pt", weights_only=False)
     assert state["epoch"] == 2 and state["selector"]["centres"].shape == (16, 16)  # epochs completed
@@ -98,9 +98,9 @@ BAD_INPUTS = [
     (["--config", "demo", "--set", "modle.name=resnet18"], "did you mean 'model'", {}),
     (["--config", "demo", "--set", "schedule.epochs=ten"], "'schedule.epochs': expected int, got 'ten'", {}),
     (["--config", "demo", "--set", "schedule.epochs=0"], "'schedule.epochs' must be >= 1", {}),
-    (["--config", "demo", "--set", "blocking.ratio=1.5"], "'blocking.ratio' must be in [0, 1)", {}),
-    (["--config", "demo", "--set", "blocking.method=pfb2"], "'blocking.method': expected one of", {}),
-    (["--config", "demo", "--set", "data.batch_size=16"], "must be >= 'blocking.centers' (32)", {}),
+    (["--config", "demo", "--set", "blocking.ratio=1.5"], "'blocking.pfb.ratio' must be in [0, 1)", {}),
+    (["--config", "demo", "--set", "blocking.method=pfb2"], "unknown blocking.method 'pfb2'; choose one of: none, random, pfb", {}),
+    (["--config", "demo", "--set", "data.batch_size=16"], "must be >= 'blocking.pfb.centres' (32)", {}),
     (["--config", "demo", "--set", "data.mixup=0.2", "--set", "data.batch_size=33"], "even 'data.batch_size'", {}),
     (["--config", "demo", "--set", "blocking.stage=5", "--set", "blocking.start_epoch=0"],
      "invalid blocking.stage 5; choose one of: 1 (layer1), 2 (layer2), 3 (layer3)", {}),
@@ -126,7 +126,7 @@ BAD_INPUTS = [
     (["--config", "demo", "--set", "data.imbalance=0"], "'data.imbalance' must be in (0, 1]", {}),
     (["--config", "demo", "--set", "data.dataset=imagefolder", "--set", "data.root=x", "--set", "data.val_samples=9"],
      "'data.val_samples' does not apply to dataset 'imagefolder'", {}),
-    (["--config", "demo", "--set", "blocking.noise_form=gauss"], "'blocking.noise_form': expected one of 'rank'", {}),
+    (["--config", "demo", "--set", "blocking.noise_form=gauss"], "'blocking.pfb.noise_form': expected one of 'rank'", {}),
     (["--config", "demo", "--set", "runtime.baseline={tmp}/nothing"], "'runtime.baseline': no metrics.jsonl", {}),
     (["--config", "demo", "--resume", "{tmp}/missing.pt"], "cannot resume from", {}),
     (["report", "{tmp}", "--baseline", "{tmp}"], "not a finished run directory", {}),

@@ -1,45 +1,30 @@
-"""Selection methods behind one interface: `build_selector(name, ratio=..., **options)`."""
+"""Selection methods behind one interface (base.Selector), found by name in the registry.
+
+Importing this package registers the built-in methods; plug-ins register themselves through the
+`pfb_train.methods` entry point group (registry.py)."""
 
 from __future__ import annotations
 
-from pfb_train.errors import UserError
-from pfb_train.selection.base import BlockingSchedule, Selector
-from pfb_train.selection.infobatch import InfoBatchSelector, StaticRandomSelector
-from pfb_train.selection.none import NoSelector
-from pfb_train.selection.pfb import PFBSelector
-from pfb_train.selection.random import RandomSelector
+from typing import Optional
 
-METHODS = {"none": NoSelector, "random": RandomSelector, "pfb": PFBSelector, "infobatch": InfoBatchSelector,
-           "static_random": StaticRandomSelector}
+# Importing a method's module registers it; this order is the order `methods()` lists them in.
+from pfb_train.selection import none, random, pfb, infobatch, static_random  # noqa: F401, I001
+from pfb_train.selection.base import BlockingSchedule, Selector, WindowOptions
+from pfb_train.selection.registry import Method, RunFacts, build, get_method, methods, register, unregister
 
 
-def build_selector(name: str, ratio: float = 0.0, start_epoch: int = 0, end_epoch=None, ramp: str = "constant",
-                   seed: int = 0, **options) -> Selector:
-    if name not in METHODS:
-        raise UserError(f"unknown blocking.method '{name}'; choose one of: {', '.join(METHODS)}")
-    if name == "none":
-        return NoSelector(seed)
-    if name == "infobatch":
-        return InfoBatchSelector(ratio, seed=seed, **options)
-    if name == "static_random":
-        return StaticRandomSelector(ratio, seed=seed)
-    schedule = BlockingSchedule(ratio, start_epoch, end_epoch, ramp)
-    if name == "random":
-        return RandomSelector(schedule, seed=seed)
-    return PFBSelector(schedule, seed=seed, **options)
+def build_selector(name: str, seed: int = 0, epochs: Optional[int] = None, batch_size: Optional[int] = None,
+                   **options) -> Selector:
+    """A method by name, its options by keyword, validated as the config would validate them.
+    `epochs` / `batch_size` describe the run where a method needs them (None: not known)."""
+    return build(name, RunFacts(epochs=epochs, batch_size=batch_size, seed=seed), **options)
 
 
 def selector_from_config(cfg) -> Selector:
-    b = cfg.blocking
-    end = b.end_epoch if b.end_epoch is not None else cfg.schedule.epochs
-    options = {}
-    if b.method == "infobatch":
-        options = dict(epochs=cfg.schedule.epochs, delta=b.delta)
-    if b.method == "pfb":
-        options = dict(centers=b.centers, feature_dim=b.feature_dim, ema=b.ema, estimator=b.estimator,
-                       noise=b.noise, noise_form=b.noise_form, weights=b.weights)
-    return build_selector(b.method, ratio=b.ratio, start_epoch=b.start_epoch, end_epoch=end, ramp=b.ramp,
-                          seed=cfg.runtime.seed, **options)
+    method = get_method(cfg.blocking.method)
+    run = RunFacts(epochs=cfg.schedule.epochs, batch_size=cfg.data.batch_size, seed=cfg.runtime.seed)
+    return method.build(cfg.blocking.chosen(), run)
 
 
-__all__ = ["BlockingSchedule", "Selector", "build_selector", "selector_from_config", "METHODS"]
+__all__ = ["BlockingSchedule", "Method", "RunFacts", "Selector", "WindowOptions", "build_selector", "get_method",
+           "methods", "register", "selector_from_config", "unregister"]

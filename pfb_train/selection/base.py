@@ -6,11 +6,12 @@ The training loop calls these hooks and nothing else; it never asks which method
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
 from pfb_train.distributed import get_rank
+from pfb_train.errors import UserError
 
 
 @dataclass
@@ -36,6 +37,46 @@ class BlockingSchedule:
     def kept(self, batch: int, epoch: int) -> int:
         """Rows kept of a batch of `batch`: fixed per step, so DDP ranks agree and nothing syncs."""
         return batch - round(self.ratio_at(epoch) * batch)
+
+
+@dataclass
+class WindowOptions:
+    """Options of a batch-level method that blocks a fixed fraction of each batch during an epoch window."""
+
+    ratio: float = 0.4  # fraction of each batch blocked while active
+    start_epoch: int = 0  # blocking is active for epochs [start_epoch, end_epoch)
+    end_epoch: Optional[int] = None  # None: until the last epoch
+    ramp: Literal["constant", "linear_to_mid"] = "constant"
+
+    def schedule(self, epochs: Optional[int]) -> BlockingSchedule:
+        end = self.end_epoch if self.end_epoch is not None else epochs
+        return BlockingSchedule(self.ratio, self.start_epoch, end, self.ramp)
+
+    def check(self, run, key) -> None:
+        """`key(option)`: the option's full config key, for messages."""
+        need(0.0 <= self.ratio < 1.0, f"config key '{key('ratio')}' must be in [0, 1), got {self.ratio}")
+        need(self.start_epoch >= 0, f"config key '{key('start_epoch')}' must be >= 0, got {self.start_epoch}")
+        # A run shorter than the warm-up (a quick check of a recipe) is full data; an explicit empty window is a mistake.
+        need(self.end_epoch is None or self.end_epoch > self.start_epoch,
+             f"config key '{key('end_epoch')}' ({self.end_epoch}) must be greater than '{key('start_epoch')}' "
+             f"({self.start_epoch})")
+        end = self.end_epoch if self.end_epoch is not None else run.epochs
+        if self.ramp == "linear_to_mid":
+            need(end is not None, f"{key('ramp')} 'linear_to_mid' needs an end: set {key('end_epoch')}")
+            if self.start_epoch < end:
+                need(end / 2 > self.start_epoch,
+                     f"{key('ramp')} 'linear_to_mid' needs end_epoch/2 ({end / 2}) > start_epoch ({self.start_epoch})")
+        if self.ratio > 0 and run.batch_size is not None:
+            need(round(self.ratio * run.batch_size) < run.batch_size,
+                 f"{key('ratio')} {self.ratio} would block every row of a batch of {run.batch_size}")
+
+
+WINDOW_LEGACY_KEYS = {k: k for k in ("ratio", "start_epoch", "end_epoch", "ramp")}
+
+
+def need(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
 
 
 class Selector:

@@ -1,18 +1,21 @@
 """InfoBatch (Qin et al., ICLR 2024): prune well-learned samples at the sampler, rescale the rest.
 
 Score of a sample = its latest unreduced loss (3.0 before it is first seen). Each epoch the
-samples scoring below the mean are candidates; a random `ratio` of the candidates is
-skipped for the epoch and the kept candidates' losses are multiplied by 1 / (1 - ratio).
-The last (1 - delta) of the epochs use full data (annealing). `ratio` is a fraction of the
-candidates, not of the data: the harness reports the realised fraction skipped.
+samples scoring below the mean are candidates; a random `prune_ratio` of the candidates is
+skipped for the epoch and the kept candidates' losses are multiplied by 1 / (1 - prune_ratio).
+The last (1 - delta) of the epochs use full data (annealing). `prune_ratio` is a fraction of
+the candidates, not of the data: the harness reports the realised fraction skipped.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from pfb_train.distributed import all_gather_cat
-from pfb_train.selection.base import Selector
+from pfb_train.selection.base import Selector, need
+from pfb_train.selection.registry import Method, register
 
 INITIAL_SCORE = 3.0
 
@@ -20,15 +23,15 @@ INITIAL_SCORE = 3.0
 class InfoBatchSelector(Selector):
     name = "infobatch"
 
-    def __init__(self, ratio: float, epochs: int, delta: float = 0.875, seed: int = 0):
+    def __init__(self, prune_ratio: float, epochs: int, delta: float = 0.875, seed: int = 0):
         super().__init__(seed)
-        self.ratio, self.delta, self.epochs = ratio, delta, epochs
+        self.prune_ratio, self.delta, self.epochs = prune_ratio, delta, epochs
         self.shared_seed = seed  # the subset must be the same on every rank: no rank in this seed
         self.scores = None  # (N,) latest loss per sample, on the training device
         self.weights = None  # (N,) loss multiplier for this epoch
 
     def pruning(self, epoch: int) -> bool:
-        return self.ratio > 0 and epoch < self.delta * self.epochs
+        return self.prune_ratio > 0 and epoch < self.delta * self.epochs
 
     def epoch_indices(self, num_samples: int):
         if self.scores is None:
@@ -38,8 +41,8 @@ class InfoBatchSelector(Selector):
             return None
         candidates = (self.scores < self.scores.mean()).nonzero().flatten()  # once per epoch: sync is fine
         gen = torch.Generator().manual_seed(self.shared_seed * 10_007 + self.epoch)
-        skip = (torch.rand(len(candidates), generator=gen) < self.ratio).to(candidates.device)
-        self.weights[candidates[~skip]] = 1.0 / (1.0 - self.ratio)
+        skip = (torch.rand(len(candidates), generator=gen) < self.prune_ratio).to(candidates.device)
+        self.weights[candidates[~skip]] = 1.0 / (1.0 - self.prune_ratio)
         if not skip.any():
             return None
         keep = torch.ones(num_samples, dtype=torch.bool)
@@ -68,17 +71,20 @@ class InfoBatchSelector(Selector):
         self.scores, self.weights = state["scores"], state["weights"]
 
 
-class StaticRandomSelector(Selector):
-    """Train on one fixed random subset of (1 - ratio) of the data, every epoch."""
+@dataclass
+class InfoBatchOptions:
+    prune_ratio: float = 0.4  # fraction of the below-mean-loss candidates skipped each epoch (InfoBatch's r)
+    delta: float = 0.875  # prune during the first delta of the epochs, then full data
 
-    name = "static_random"
+    def check(self, run, key) -> None:
+        need(0.0 <= self.prune_ratio < 1.0, f"config key '{key('prune_ratio')}' must be in [0, 1), got {self.prune_ratio}")
+        need(0.0 < self.delta <= 1.0, f"config key '{key('delta')}' must be in (0, 1], got {self.delta}")
+        need(run.epochs is not None, "method 'infobatch' needs the run's number of epochs (its delta is a share of them)")
 
-    def __init__(self, ratio: float, seed: int = 0):
-        super().__init__(seed)
-        self.ratio, self.shared_seed = ratio, seed
 
-    def epoch_indices(self, num_samples: int):
-        if self.ratio == 0:
-            return None
-        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(self.shared_seed))
-        return order[: num_samples - round(self.ratio * num_samples)].sort().values
+register(Method(
+    "infobatch", level="sampler", options=InfoBatchOptions, ratio_option="prune_ratio",
+    build=lambda o, run: InfoBatchSelector(o.prune_ratio, epochs=run.epochs, delta=o.delta, seed=run.seed),
+    legacy_keys={"ratio": "prune_ratio", "delta": "delta"},
+    summary="well-learned samples (loss below the mean) are skipped at the sampler and the rest reweighted (ICLR 2024)",
+))

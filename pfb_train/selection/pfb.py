@@ -8,14 +8,16 @@ log-kernels of 128-dim features underflow in half precision.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
 from pfb_train.distributed import all_reduce_sum, broadcast
-from pfb_train.selection.base import BlockingSchedule, Selector
+from pfb_train.selection.base import WINDOW_LEGACY_KEYS, BlockingSchedule, Selector, WindowOptions, need
 from pfb_train.selection.diagnostics import SelectionStats, within_batch_rank
+from pfb_train.selection.registry import Method, register
 
 
 def reduce_features(feats: torch.Tensor, dim: int) -> torch.Tensor:
@@ -93,21 +95,21 @@ class PFBSelector(Selector):
     def __init__(
         self,
         schedule: BlockingSchedule,
-        centers: int = 64,
+        centres: int = 64,
         feature_dim: int = 128,
-        ema: float = 0.01,
+        update_rate: float = 0.01,
         estimator: str = "kde",
         noise: Optional[float] = None,
         noise_form: str = "rank",
-        weights: str = "counts",
+        centre_weights: str = "counts",
         seed: int = 0,
     ):
         super().__init__(seed)
         if noise_form not in NOISE_FORMS:
             raise ValueError(f"unknown noise form {noise_form!r}; choose one of: {', '.join(NOISE_FORMS)}")
         self.schedule = schedule
-        self.num_centres, self.feature_dim, self.ema = centers, feature_dim, ema
-        self.estimator, self.weighting = estimator, weights
+        self.num_centres, self.feature_dim, self.update_rate = centres, feature_dim, update_rate
+        self.estimator, self.weighting = estimator, centre_weights
         self.noise_form = noise_form
         self.noise = noise if noise is not None else DEFAULT_NOISE[noise_form]
         self.centres: Optional[torch.Tensor] = None  # (K, D) float32, identical on every rank
@@ -118,7 +120,7 @@ class PFBSelector(Selector):
 
     def _init_centres(self, v: torch.Tensor) -> None:
         if v.shape[0] < self.num_centres:
-            raise ValueError(f"pfb needs a first batch of at least {self.num_centres} samples (blocking.centers), got {v.shape[0]}")
+            raise ValueError(f"pfb needs a first batch of at least {self.num_centres} samples (blocking.pfb.centres), got {v.shape[0]}")
         self.centres = broadcast(v[: self.num_centres].clone().contiguous())
         self.counts = torch.zeros(self.num_centres, device=v.device)
 
@@ -177,7 +179,7 @@ class PFBSelector(Selector):
         packed = all_reduce_sum(torch.cat([sums, counts.unsqueeze(1)], dim=1))
         sums, counts = packed[:, :-1], packed[:, -1]
         means = sums / counts.clamp_min(1).unsqueeze(1)
-        moved = torch.lerp(self.centres, means, self.ema)
+        moved = torch.lerp(self.centres, means, self.update_rate)
         self.centres = torch.where(counts.unsqueeze(1) > 0, moved, self.centres)
         self.counts = self.counts + counts
 
@@ -191,3 +193,38 @@ class PFBSelector(Selector):
         super().load_state_dict(state)
         self.centres, self.counts = state["centres"], state["counts"]
         self.stats.load_state_dict(state.get("stats"))
+
+
+@dataclass
+class PFBOptions(WindowOptions):
+    centres: int = 64  # K: centres of the online density model, initialised from the first batch
+    feature_dim: int = 128  # D: pooled shallow features are reduced to this many dims
+    update_rate: float = 0.01  # step size of the centre update (Adaptive Distribution Estimation)
+    estimator: Literal["kde", "mean_log_kernel"] = "kde"
+    noise: Optional[float] = None  # level of the random term; None: the noise form's default
+    noise_form: Literal["rank", "density_floor", "max_abs"] = "rank"  # scale-free | paper | authors' code
+    centre_weights: Literal["counts", "uniform"] = "counts"  # paper (counts) or authors' code (uniform)
+
+    def check(self, run, key) -> None:
+        super().check(run, key)
+        need(self.centres >= 2, f"config key '{key('centres')}' must be >= 2, got {self.centres}")
+        need(self.feature_dim >= 1, f"config key '{key('feature_dim')}' must be >= 1, got {self.feature_dim}")
+        need(0.0 < self.update_rate <= 1.0, f"config key '{key('update_rate')}' must be in (0, 1], got {self.update_rate}")
+        need(self.noise is None or self.noise >= 0, f"config key '{key('noise')}' must be >= 0, got {self.noise}")
+        need(run.batch_size is None or run.batch_size >= self.centres,
+             f"config key 'data.batch_size' ({run.batch_size}) must be >= '{key('centres')}' ({self.centres}): "
+             "centres are initialised from the first batch")
+
+
+def build(o: PFBOptions, run) -> PFBSelector:
+    return PFBSelector(o.schedule(run.epochs), centres=o.centres, feature_dim=o.feature_dim, update_rate=o.update_rate,
+                       estimator=o.estimator, noise=o.noise, noise_form=o.noise_form, centre_weights=o.centre_weights,
+                       seed=run.seed)
+
+
+register(Method(
+    "pfb", level="batch", options=PFBOptions, build=build, ratio_option="ratio",
+    legacy_keys={**WINDOW_LEGACY_KEYS, "centers": "centres", "feature_dim": "feature_dim", "ema": "update_rate",
+                 "estimator": "estimator", "noise": "noise", "noise_form": "noise_form", "weights": "centre_weights"},
+    summary="the `ratio` of each batch with the highest shallow-feature density is blocked (ICCV 2025)",
+))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from pfb_train.selection.base import BlockingSchedule, Selector
+from pfb_train.selection.base import WINDOW_LEGACY_KEYS, BlockingSchedule, Selector, WindowOptions
+from pfb_train.selection.registry import Method, register
 
 
 class RandomSelector(Selector):
@@ -24,3 +25,8 @@ class RandomSelector(Selector):
             return None
         order = torch.randperm(batch, device=feats.device, generator=self.generator(feats.device))
         return order[:k].sort().values
+
+
+register(Method("random", level="batch", options=WindowOptions, ratio_option="ratio", legacy_keys=WINDOW_LEGACY_KEYS,
+                build=lambda o, run: RandomSelector(o.schedule(run.epochs), seed=run.seed),
+                summary="a uniformly random `ratio` of each batch is blocked (the control for pfb)"))

@@ -1,0 +1,115 @@
+"""Blocking inside a training loop: the public API, and the one implementation the harness uses too.
+
+A step with blocking is: run the split model on the batch (the method picks the rows that go
+on past the shallow part), compute the per-sample loss of the kept rows, take the method's
+weighted mean, step, and let the method observe what happened. In a loop of one's own:
+
+    blocking = pfb_train.Blocking(model, "pfb", ratio=0.4, epochs=epochs)   # splits the model
+    net = blocking.model                                                   # or DDP(blocking.model)
+    ...
+        blocking.set_epoch(epoch)                                          # once per epoch
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            batch = blocking.forward(net, x, y)                            # kept rows only
+        losses = F.cross_entropy(batch.logits.float(), batch.targets, reduction="none")
+        blocking.loss(batch, losses).backward(); optimizer.step()
+        blocking.observe(batch, losses)
+
+(examples/own_loop.py is a complete script.) The harness's engine calls the same functions
+(`forward`, `weighted_mean`, `observe` below) with its own selector.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch import nn
+
+from pfb_train.costs import cheaper_mode
+from pfb_train.models import BlockedModel, split_model
+from pfb_train.selection import RunFacts, Selector, get_method
+from pfb_train.selection.registry import check_options, make_options
+
+
+class BlockedBatch(NamedTuple):
+    """What one blocked forward pass gives the loss and the selector."""
+
+    logits: torch.Tensor  # (kept, classes): the rows that took the full forward
+    targets: torch.Tensor  # their targets (class indices, or mixup's soft targets)
+    indices: Optional[torch.Tensor]  # their dataset indices (None if the caller passed none)
+    keep: Optional[torch.Tensor]  # kept row positions in the batch; None when every row was kept
+    feats: Optional[torch.Tensor]  # (B, C) pooled shallow features of every row (float32), if the method uses them
+
+
+def forward(model: nn.Module, selector: Selector, x: torch.Tensor, y: torch.Tensor,
+            indices: Optional[torch.Tensor] = None, timer=None) -> BlockedBatch:
+    """Run `model` (a BlockedModel, or DDP around one) on a batch, blocking as `selector` decides.
+    Epochs without blocking run the plain model: no second shallow pass in recompute mode."""
+    select = selector.select if selector.blocks_rows() else None
+    out = model(x, select=select, features=selector.needs_features(), timer=timer)
+    if out.keep is None:
+        return BlockedBatch(out.logits, y, indices, None, out.feats)
+    kept_indices = None if indices is None else indices.index_select(0, out.keep)
+    return BlockedBatch(out.logits, y.index_select(0, out.keep), kept_indices, out.keep, out.feats)
+
+
+def weighted_mean(selector: Selector, batch: BlockedBatch, losses: torch.Tensor) -> torch.Tensor:
+    """The loss to optimise: the mean of the kept rows' losses, weighted where the method weights rows."""
+    weights = selector.loss_weights(batch.indices) if batch.indices is not None else None
+    return (losses * weights).mean() if weights is not None else losses.mean()
+
+
+def observe(selector: Selector, batch: BlockedBatch, losses: torch.Tensor) -> None:
+    """After the optimizer step: the method updates its state (PFB's centres, InfoBatch's scores)."""
+    selector.observe(batch.feats, batch.keep, batch.indices, losses.detach())
+
+
+class Blocking:
+    """A model split for blocking plus a selection method, for a training loop of one's own.
+
+    `model`: a timm model (split after `stage`) or a BlockedModel. `method` and `**options`: a
+    registered method and its options, as in the config's `blocking.<method>` section (checked
+    the same way). `mode`: reuse | recompute | auto (the cheaper for the method's ratio). `epochs`:
+    the run's length, for methods whose options are stated in epochs (start_epoch, delta).
+
+    Under DDP, wrap `blocking.model` once and pass the wrapper to `forward`; every rank blocks the
+    same number of rows, so gradients all-reduce as usual. Under autocast, run `forward` inside it
+    and compute the loss on `logits.float()`: the density math runs in float32 regardless.
+    """
+
+    def __init__(self, model: nn.Module, method: str = "pfb", stage: Union[int, str] = 1, mode: str = "auto",
+                 epochs: Optional[int] = None, batch_size: Optional[int] = None, seed: int = 0, **options):
+        spec = get_method(method)
+        values = make_options(spec, options, f"blocking.{method}")
+        run = RunFacts(epochs=epochs, batch_size=batch_size, seed=seed)
+        check_options(spec, values, run)
+        self.selector = spec.build(values, run)
+        if isinstance(model, BlockedModel):
+            self.model = model
+        else:
+            if mode == "auto":
+                fraction = spec.blocked_per_batch(values)
+                mode = cheaper_mode(fraction) if fraction > 0 else "reuse"
+            self.model = split_model(model, stage, mode)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.selector.set_epoch(epoch)
+
+    def epoch_indices(self, num_samples: int) -> Optional[torch.Tensor]:
+        """Sampler-level methods: the dataset indices to visit this epoch (None: all)."""
+        return self.selector.epoch_indices(num_samples)
+
+    def forward(self, model: nn.Module, x, y, indices=None) -> BlockedBatch:
+        return forward(model, self.selector, x, y, indices)
+
+    def loss(self, batch: BlockedBatch, losses: torch.Tensor) -> torch.Tensor:
+        return weighted_mean(self.selector, batch, losses)
+
+    def observe(self, batch: BlockedBatch, losses: torch.Tensor) -> None:
+        observe(self.selector, batch, losses)
+
+    def state_dict(self) -> dict:
+        return self.selector.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.selector.load_state_dict(state)

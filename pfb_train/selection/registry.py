@@ -1,0 +1,142 @@
+"""Selection methods by name. A method is one module that declares a `Method` and registers it.
+
+A method declares:
+- `name`: the value of `blocking.method`;
+- `level`: where it drops work. `batch`: rows are blocked after the shallow part (the model is
+  split, `blocking.mode` applies); `sampler`: samples are left out of the epoch before loading;
+  `none`: nothing is dropped;
+- `options`: a dataclass of its own settings with their defaults, read from `blocking.<name>`;
+  its `check(run)` method (optional) validates them against the run and raises UserError;
+- `build(options, run)`: the Selector for a run.
+
+Registration is one line in the method's module (`register(Method(...))`), or an entry point in the
+`pfb_train.methods` group, so a method can live in another package:
+
+    [options.entry_points]
+    pfb_train.methods =
+        my_method = my_package.my_module      # importing the module registers the method
+
+Nothing outside a method's module names it: config, costs, info, report and engine ask this registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, Callable, Literal, Optional
+
+from pfb_train.errors import UserError
+
+LEVELS = ("none", "batch", "sampler")
+ENTRY_POINT_GROUP = "pfb_train.methods"
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What a method may know about the run it is built for."""
+
+    epochs: Optional[int] = None  # schedule.epochs (None: open-ended, e.g. a loop of one's own)
+    batch_size: Optional[int] = None  # per process (None: not known in advance)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    level: Literal["none", "batch", "sampler"]
+    options: type  # a dataclass; every field has a default
+    build: Callable[[Any, RunFacts], Any]  # (options, run) -> Selector
+    summary: str = ""  # one line for `pfb-train methods` and the README table
+    ratio_option: Optional[str] = None  # the option that says how much it drops (reports label runs by it)
+    # Keys of the flat `blocking:` section of earlier versions that this method reads, and the
+    # option each became: such configs keep working (see config.py, "flat blocking keys").
+    legacy_keys: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.level not in LEVELS:
+            raise ValueError(f"method {self.name!r}: level must be one of {LEVELS}, got {self.level!r}")
+        if not dataclasses.is_dataclass(self.options):
+            raise ValueError(f"method {self.name!r}: options must be a dataclass")
+
+    def option_names(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self.options)]
+
+    def ratio(self, options) -> float:
+        """How much the method drops, as its own option says (0 for full data)."""
+        return float(getattr(options, self.ratio_option)) if self.ratio_option else 0.0
+
+    def blocked_per_batch(self, options) -> float:
+        """The fraction of each batch blocked while a batch-level method is active; 0 for the others."""
+        return self.ratio(options) if self.level == "batch" else 0.0
+
+
+_METHODS: dict[str, Method] = {}
+_entry_points_loaded = False
+
+
+def register(method: Method) -> Method:
+    """Add a method; registering the same name again replaces it (a reloaded module)."""
+    _METHODS[method.name] = method
+    return method
+
+
+def unregister(name: str) -> None:
+    _METHODS.pop(name, None)
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            point.load()  # importing the module registers its method(s)
+        except Exception as e:  # a broken plug-in names itself instead of breaking every run
+            raise UserError(f"selection method plug-in '{point.name}' ({point.value}) failed to load: {e}") from None
+
+
+def methods() -> dict[str, Method]:
+    """Every registered method, by name (built-ins first, then plug-ins)."""
+    _load_entry_points()
+    return dict(_METHODS)
+
+
+def get_method(name: str) -> Method:
+    known = methods()
+    if name not in known:
+        raise UserError(f"unknown blocking.method '{name}'; choose one of: {', '.join(known)}")
+    return known[name]
+
+
+def make_options(method: Method, values: dict, where: str):
+    """The method's options dataclass from a mapping; an unknown key is one line naming the valid ones."""
+    valid = method.option_names()
+    for key in values:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), [*valid, *method.legacy_keys], n=1)
+            close = method.legacy_keys.get(close[0], close[0]) if close else None
+            hint = f"did you mean '{where}.{close}'? " if close else ""
+            listed = ", ".join(valid) if valid else "none"
+            raise UserError(f"config key '{where}.{key}' is not an option of method '{method.name}' "
+                            f"({hint}its options: {listed})")
+    from pfb_train.config import coerce_fields  # typed like every other config key
+
+    return method.options(**coerce_fields(method.options, values, where))
+
+
+def check_options(method: Method, options, run: RunFacts) -> None:
+    """The method's own validation against the run; messages name the full config key."""
+    check = getattr(options, "check", None)
+    if check is not None:
+        check(run, lambda option: f"blocking.{method.name}.{option}")
+
+
+def build(name: str, run: RunFacts, **options):
+    """A Selector from a method name and its options by keyword (validated as a config would be)."""
+    method = get_method(name)
+    values = make_options(method, options, f"blocking.{name}")
+    check_options(method, values, run)
+    return method.build(values, run)

@@ -1,0 +1,254 @@
+"""The contract every registered selection method meets, checked for each one the registry lists.
+
+A method that passes these needs nothing outside its own module: the last tests register a toy
+method defined here and train it through the CLI, and load one through the entry point group.
+"""
+
+import copy
+import dataclasses
+import importlib.metadata
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from pfb_train.config import load_config
+from pfb_train.distributed import DistInfo
+from pfb_train.engine import StepSettings, Trainer, train_step
+from pfb_train.errors import UserError
+from pfb_train.metrics import read_metrics
+from pfb_train.models import split_model
+from pfb_train.selection import Method, Selector, build_selector, methods, register, unregister
+from pfb_train.selection import registry
+from pfb_train.train import fit, setup
+from test_hot_path import HostReads
+
+HERE = Path(__file__).resolve().parent
+BATCH, SAMPLES, EPOCHS = 8, 64, 3
+# Options that make each built-in method drop something in a run this small (the defaults otherwise).
+SMALL_RUN = {"pfb": {"centres": 4, "feature_dim": 8, "ratio": 0.25}, "random": {"ratio": 0.25},
+             "infobatch": {"prune_ratio": 0.5}, "static_random": {"drop_fraction": 0.25}}
+METHODS = list(methods())
+
+
+def overrides(method: str, tmp_path, name: str) -> list[str]:
+    return ["model.name=resnet18", "data.dataset=synthetic", "data.img_size=16", f"data.batch_size={BATCH}",
+            f"data.train_samples={SAMPLES}", "data.val_samples=16", "data.workers=0", f"schedule.epochs={EPOCHS}",
+            "schedule.warmup_epochs=0", "runtime.device=cpu", "runtime.progress=false", f"runtime.output={tmp_path}",
+            f"name={name}", f"blocking.method={method}",
+            *(f"blocking.{method}.{k}={v}" for k, v in SMALL_RUN.get(method, {}).items())]
+
+
+def train(method, tmp_path, name, resume=False, **until):
+    extra = ["runtime.resume=auto"] if resume else []
+    state = setup(load_config(None, [*overrides(method, tmp_path, name), *extra]), DistInfo())
+    summary = fit(state, **until)
+    return state, summary
+
+
+def shared(state: dict) -> dict:
+    """A selector's state without its random generators (those are per rank and per device)."""
+    return {k: v for k, v in state.items() if k != "generators"}
+
+
+def assert_equal(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference run of each method, trained once per module."""
+    cache = {}
+
+    def get(method):
+        if method not in cache:
+            state, summary = train(method, tmp_path_factory.mktemp(method), "whole")
+            cache[method] = (state, summary)
+        return cache[method]
+
+    return get
+
+
+@pytest.mark.parametrize("until", [{"until_epoch": 1}, {"until_step": SAMPLES // BATCH + 3}],
+                         ids=["epoch_end", "inside_epoch"])
+@pytest.mark.parametrize("method", METHODS)
+def test_resume_is_exact(method, until, tmp_path, uninterrupted):
+    whole, whole_summary = uninterrupted(method)
+    first, stopped = train(method, tmp_path, "cut", **until)
+    assert stopped is None  # it stopped early, after a checkpoint
+    resumed, summary = train(method, tmp_path, "cut", resume=True)
+    assert_equal(whole.net.state_dict(), resumed.net.state_dict(), "model")
+    assert_equal(whole.selector.state_dict(), resumed.selector.state_dict(), "selector")
+    assert summary["blocked_fraction"] == whole_summary["blocked_fraction"]
+    assert [r["samples_seen"] for r in read_metrics(summary["run_dir"])] == \
+           [r["samples_seen"] for r in read_metrics(whole_summary["run_dir"])]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_realised_blocked_fraction_is_reported(method, uninterrupted):
+    state, summary = uninterrupted(method)
+    records = read_metrics(summary["run_dir"])
+    nominal = SAMPLES // BATCH * BATCH
+    dropped = sum(r["samples_blocked"] + r["samples_pruned"] for r in records)
+    for r in records:
+        assert r["samples_seen"] + r["samples_pruned"] == nominal
+        kept = r["samples_seen"] - r["samples_blocked"]
+        assert r["kept_fraction"] == pytest.approx(kept / nominal)
+        assert r["blocked_fraction"] == pytest.approx((nominal - kept) / nominal)
+    assert summary["blocked_fraction"] == pytest.approx(dropped / (nominal * len(records)))
+    spec = methods()[method]
+    if spec.ratio(state.cfg.blocking.chosen()) > 0:
+        assert summary["blocked_fraction"] > 0  # a method with a ratio drops something
+    else:
+        assert summary["blocked_fraction"] == 0
+    if spec.level == "batch":  # a fixed count per step while active: ranks never disagree on shapes
+        per_step = round(spec.blocked_per_batch(state.cfg.blocking.chosen()) * BATCH)
+        assert all(r["samples_blocked"] in (0, per_step * SAMPLES // BATCH) for r in records)
+
+
+def _selector(method: str, seed: int = 0) -> Selector:
+    return build_selector(method, seed=seed, epochs=EPOCHS, batch_size=BATCH, **SMALL_RUN.get(method, {}))
+
+
+def _steps(selector: Selector, generator: torch.Generator, steps: int, epoch: int) -> list:
+    """Drive a selector through the hooks the engine calls; returns what it decided."""
+    decisions = []
+    selector.set_epoch(epoch)
+    decisions.append(selector.epoch_indices(SAMPLES))
+    for _ in range(steps):
+        feats = torch.randn(BATCH, 16, generator=generator)
+        idx = torch.randperm(SAMPLES, generator=generator)[:BATCH]
+        keep = selector.select(feats) if selector.blocks_rows() else None
+        kept_idx = idx if keep is None else idx[keep]
+        weights = selector.loss_weights(kept_idx)
+        losses = torch.rand(len(kept_idx), generator=generator)
+        selector.observe(feats if selector.needs_features() else None, keep, kept_idx, losses)
+        decisions.append((keep, weights))
+    return decisions
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_state_dict_round_trip_continues_identically(method):
+    a = _selector(method)
+    _steps(a, torch.Generator().manual_seed(0), steps=4, epoch=1)
+    b = _selector(method)  # a fresh object of the same configuration: the state dict carries the rest
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    assert_equal(a.state_dict(), b.state_dict())
+    after_a = _steps(a, torch.Generator().manual_seed(1), steps=3, epoch=2)
+    after_b = _steps(b, torch.Generator().manual_seed(1), steps=3, epoch=2)
+    assert_equal(after_a, after_b, "decisions")
+    assert_equal(a.state_dict(), b.state_dict(), "state")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_training_steps_never_read_device_values_back(method):
+    torch.manual_seed(0)
+    model = split_model(timm.create_model("resnet18", num_classes=4), stage=1, mode="recompute")
+    selector = _selector(method)
+    selector.set_epoch(1)
+    selector.epoch_indices(SAMPLES)  # once per epoch, off the hot path
+    settings = StepSettings(torch.device("cpu"), check_finite=False, clip_grad=1.0)
+    trainer = Trainer(torch.optim.SGD(model.parameters(), lr=0.01), None, torch.amp.GradScaler("cpu", enabled=False))
+    x, y, idx = torch.randn(BATCH, 3, 32, 32), torch.arange(BATCH) % 4, torch.arange(BATCH)
+    with HostReads() as reads:
+        for step in range(3):  # the first step also initialises state (pfb's centres)
+            train_step(model, selector, x, y, idx, settings, trainer, schedule_at=step + 1)
+    assert reads.ops == []
+
+
+def test_every_method_keeps_ranks_in_agreement_under_two_processes(tmp_path):
+    """One torchrun job of 2 gloo processes trains every registered method in turn."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(HERE / "methods_worker.py"), str(tmp_path), *METHODS]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for method in METHODS:
+        r0, r1 = (torch.load(tmp_path / f"{method}_rank{r}.pt", weights_only=False) for r in range(2))
+        assert_equal(r0["model"], r1["model"], f"{method} model")
+        assert_equal(shared(r0["selector"]), shared(r1["selector"]), f"{method} selector")
+        assert r0["summary"]["blocked_fraction"] == r1["summary"]["blocked_fraction"]
+        records = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+        assert [r["samples_seen"] + r["samples_pruned"] for r in records] == [SAMPLES // BATCH * BATCH] * EPOCHS
+
+
+# ---------------------------------------------------------------- a method from outside the package
+
+@dataclass
+class KeepHeadOptions:
+    keep_every: int = 2  # keep rows 0, k, 2k, ...
+
+    def check(self, run, key):
+        if self.keep_every < 2:
+            raise UserError(f"config key '{key('keep_every')}' must be >= 2, got {self.keep_every}")
+
+
+class KeepHead(Selector):
+    """Blocks all rows but every k-th: deterministic, so the test knows the blocked count."""
+
+    def __init__(self, keep_every: int, seed: int = 0):
+        super().__init__(seed)
+        self.keep_every = keep_every
+
+    def blocks_rows(self) -> bool:
+        return True
+
+    def select(self, feats):
+        return torch.arange(0, feats.shape[0], self.keep_every, device=feats.device)
+
+
+TOY = Method("keep_head", level="batch", options=KeepHeadOptions, ratio_option=None,
+             build=lambda o, run: KeepHead(o.keep_every, seed=run.seed), summary="a test's own method")
+
+
+@pytest.fixture
+def toy_method():
+    register(TOY)
+    yield TOY
+    unregister(TOY.name)
+
+
+def test_a_method_defined_outside_the_package_trains_through_the_cli(toy_method, tmp_path, capsys):
+    from pfb_train.cli import main
+
+    args = ["--config", "demo", "--set", "blocking.method=keep_head", "--set", "blocking.keep_head.keep_every=4",
+            "--set", "schedule.epochs=1", "--set", f"runtime.output={tmp_path}", "--set", "runtime.progress=false",
+            "--set", "name=toy"]
+    assert main(args) == 0
+    record = read_metrics(tmp_path / "toy")[0]
+    assert record["samples_blocked"] == record["samples_seen"] * 3 // 4  # 16 of 64 rows kept per step
+    assert main([*args[:-1], "name=toy2", "--set", "blocking.keep_head.keep_every=1"]) == 2
+    assert "'blocking.keep_head.keep_every' must be >= 2" in capsys.readouterr().err
+    assert main([*args[:-1], "name=toy3", "--set", "blocking.keep_head.ratio=0.3"]) == 2
+    assert "is not an option of method 'keep_head' (its options: keep_every)" in capsys.readouterr().err
+
+
+def test_a_plugin_registers_through_the_entry_point_group(monkeypatch, tmp_path):
+    module = tmp_path / "toy_plugin.py"
+    module.write_text("import dataclasses\n\nfrom pfb_train.selection import register\nfrom test_methods_contract import TOY\n\n"
+                      "register(dataclasses.replace(TOY, name='plugged'))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    point = importlib.metadata.EntryPoint(name="plugged", value="toy_plugin", group=registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [point] if group == registry.ENTRY_POINT_GROUP else [])
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    try:
+        assert "plugged" in methods()
+        cfg = load_config(None, ["blocking.method=plugged", "blocking.plugged.keep_every=3"])
+        assert dataclasses.asdict(cfg.blocking.chosen()) == {"keep_every": 3}
+    finally:
+        unregister("plugged")
