@@ -53,14 +53,25 @@ def forward(model: nn.Module, selector: Selector, x: torch.Tensor, y: torch.Tens
     return BlockedBatch(out.logits, y.index_select(0, out.keep), kept_indices, out.keep, out.feats)
 
 
+def holds_sample(indices: torch.Tensor) -> torch.Tensor:
+    """Rows that hold a sample; an unreadable file's stand-in has index MISSING (< 0), see data/missing.py."""
+    return indices >= 0
+
+
 def weighted_mean(selector: Selector, batch: BlockedBatch, losses: torch.Tensor) -> torch.Tensor:
-    """The loss to optimise: the mean of the kept rows' losses, weighted where the method weights rows."""
-    weights = selector.loss_weights(batch.indices) if batch.indices is not None else None
-    return (losses * weights).mean() if weights is not None else losses.mean()
+    """The loss to optimise: the mean of the kept samples' losses, weighted where the method weights rows.
+    Stand-ins of unreadable files weigh nothing (and the mean is over the samples that are there)."""
+    if batch.indices is None:
+        return losses.mean()
+    present = holds_sample(batch.indices).to(losses.dtype)
+    weights = selector.loss_weights(batch.indices)
+    weighted = losses * present if weights is None else losses * weights * present
+    return weighted.sum() / present.sum().clamp_min(1)
 
 
 def observe(selector: Selector, batch: BlockedBatch, losses: torch.Tensor) -> None:
-    """After the optimizer step: the method updates its state (PFB's centres, InfoBatch's scores)."""
+    """After the optimizer step: the method updates its state (PFB's centres, InfoBatch's scores).
+    Methods leave rows with a negative index (stand-ins) out of their update."""
     selector.observe(batch.feats, batch.keep, batch.indices, losses.detach())
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from pfb_train.distributed import all_gather_objects, get_rank, get_world_size
+from pfb_train.errors import UserError
 
 LAST, PREVIOUS, BEST = "checkpoint-last.pt", "checkpoint-prev.pt", "checkpoint-best.pt"
 
@@ -45,10 +47,20 @@ def save_atomic(obj, path: Path, keep_previous: Path | None = None) -> None:
 
 def save_checkpoint(state: dict, run_dir: Path, best: bool = False) -> Path:
     path = Path(run_dir) / LAST
-    save_atomic(state, path, keep_previous=Path(run_dir) / PREVIOUS)
-    if best:
-        save_atomic(state, Path(run_dir) / BEST)
+    try:
+        save_atomic(state, path, keep_previous=Path(run_dir) / PREVIOUS)
+        if best:
+            save_atomic(state, Path(run_dir) / BEST)
+    except (OSError, RuntimeError) as e:  # a full disk (torch's writer raises RuntimeError), a read-only mount
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed"
+        free = shutil.disk_usage(run_dir).free / 2**20
+        raise UserError(f"cannot write a checkpoint in {run_dir} ({reason}; {free:.1f} MiB free); the checkpoints "
+                        "already there are kept: make room, then run the same command with --resume auto") from None
     return path
+
+
+def has_checkpoint_files(run_dir) -> bool:
+    return any((Path(run_dir) / name).exists() for name in (LAST, PREVIOUS))
 
 
 def load_checkpoint(path: Path):

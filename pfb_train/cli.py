@@ -52,6 +52,9 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"pfb-train: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine's side: a path that cannot be made or written, a full disk
+        print(f"pfb-train: error: {e}", file=sys.stderr)
+        return 2
     except Preempted as e:
         print(f"pfb-train: {e}", file=sys.stderr)
         return 128 + e.signum

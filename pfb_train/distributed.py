@@ -6,7 +6,10 @@ Every helper is a no-op in a single process, so callers never branch on world si
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -88,7 +91,82 @@ def barrier() -> None:
         dist.barrier()
 
 
-def cleanup() -> None:
+# ---------------------------------------------------------------- stopping every rank together
+#
+# An error on one rank (an unreadable batch, a failed checkpoint write, a bug) must end every rank
+# promptly, with the same message, instead of leaving the others in a collective until the NCCL or
+# gloo timeout. The failing rank leaves its message in torchrun's key-value store and breaks the
+# process group; every rank watches the store from a thread and breaks its side too, so a pending
+# collective fails at once; `stopped_elsewhere` then reads the message and the rank raises it.
+
+STOP_KEY = "pfb_train/stop"
+_watcher: Optional[threading.Thread] = None
+_stopping = threading.Event()
+
+
+def _store():
+    return dist.distributed_c10d._get_default_store()
+
+
+def _break_group() -> None:
+    try:
+        dist.distributed_c10d._abort_process_group()  # pending NCCL collectives fail at once
+    except Exception:  # a backend without abort (gloo): its peers see the closed connections instead
+        pass
+
+
+def _watch(store) -> None:
+    while not _stopping.wait(0.2):
+        try:
+            if store.check([STOP_KEY]):
+                _break_group()
+                return
+        except Exception:  # the store went away: the job is ending anyway
+            return
+
+
+def watch_for_stops() -> None:
+    """Start the watcher thread (multi-process runs only; once)."""
+    global _watcher
+    if is_distributed() and get_world_size() > 1 and _watcher is None:
+        _stopping.clear()
+        _watcher = threading.Thread(target=_watch, args=(_store(),), daemon=True, name="pfb-stop-watch")
+        _watcher.start()
+
+
+def announce_stop(kind: str, message: str) -> None:
+    """This rank cannot go on: tell every rank why (`kind`: the exception's class name), then break the group."""
+    if not (is_distributed() and get_world_size() > 1):
+        return
+    store = _store()
+    if not store.check([STOP_KEY]):  # the first rank to fail names the cause
+        store.set(STOP_KEY, f"{kind}\t{get_rank()}\t{message}")
+    _break_group()
+
+
+def stopped_elsewhere(wait_seconds: float = 10.0) -> Optional[tuple[str, int, str]]:
+    """(kind, rank, message) if a rank announced a stop; waits a little, since a collective can fail
+    before the failing rank has written its message."""
+    if not (is_distributed() and get_world_size() > 1):
+        return None
+    store = _store()
+    try:
+        store.wait([STOP_KEY], timedelta(seconds=wait_seconds))
+    except Exception:
+        return None
+    kind, rank, message = store.get(STOP_KEY).decode().split("\t", 2)
+    return kind, int(rank), message
+
+
+def cleanup(clean: bool = True) -> None:
+    """`clean`: every rank finished; a stop skips the barrier (a broken group cannot hold one)."""
+    global _watcher
+    _stopping.set()
+    _watcher = None
     if is_distributed():
-        dist.barrier()  # no rank tears the group down while another is still in a collective
-        dist.destroy_process_group()
+        if clean:
+            dist.barrier()  # no rank tears the group down while another is still in a collective
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass

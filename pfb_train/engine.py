@@ -83,11 +83,12 @@ def prepare_epoch(selector, loader, epoch: int, resume: Optional[tuple] = None) 
 
 class StepResult(NamedTuple):
     loss: torch.Tensor  # the loss that was optimised (weighted, if the method weights rows)
-    kept: int  # rows kept: a shape, known on the host
+    kept: int  # rows through the deep part, stand-ins included: a shape, known on the host
     finite: bool
-    loss_sum: torch.Tensor  # unweighted sum of the kept rows' losses: train_loss compares across methods
+    loss_sum: torch.Tensor  # unweighted sum of the kept samples' losses: train_loss compares across methods
     labels: torch.Tensor  # (B,) class of every row; under mixup/cutmix the dominant one
     keep: Optional[torch.Tensor]  # kept row indices, or None when every row was kept
+    present: torch.Tensor  # (B,) float64: 1 for a row that holds a sample, 0 for an unreadable file's stand-in
 
 
 def train_step(model, selector, x, y, idx, settings: StepSettings, trainer: Trainer, schedule_at: float,
@@ -104,7 +105,7 @@ def train_step(model, selector, x, y, idx, settings: StepSettings, trainer: Trai
     with autocast(settings):
         batch = blocking.forward(model, selector, x, y, idx, timer)
     losses = per_sample_loss(batch.logits, batch.targets, settings.label_smoothing)
-    loss = blocking.weighted_mean(selector, batch, losses)
+    loss = blocking.weighted_mean(selector, batch, losses)  # stand-ins (index MISSING) weigh nothing
 
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.scaler.scale(loss).backward()
@@ -133,7 +134,10 @@ def train_step(model, selector, x, y, idx, settings: StepSettings, trainer: Trai
     if timer is not None:
         timer.mark("observe")
     labels = y.argmax(dim=1) if y.dtype.is_floating_point else y
-    return StepResult(loss.detach(), batch.logits.shape[0], finite, losses.detach().sum(), labels, batch.keep)
+    present = blocking.holds_sample(idx).double()
+    kept_present = present if batch.keep is None else present.index_select(0, batch.keep)
+    loss_sum = (losses.detach() * kept_present).sum()
+    return StepResult(loss.detach(), batch.logits.shape[0], finite, loss_sum, labels, batch.keep, present)
 
 
 class BufferBackup:
@@ -155,15 +159,17 @@ class BufferBackup:
 class EpochTally:
     """Running totals of one epoch. Checkpointed mid-epoch, so a resumed epoch reports as a whole one."""
 
-    FIELDS = ("batches", "rows_seen", "rows_kept", "bad_samples", "nonfinite", "nonfinite_in_row", "elapsed",
+    # rows_seen / rows_kept count rows, stand-ins of unreadable files included (host counts, for the
+    # progress bar); the epoch's statistics count samples, from class_rows, which leaves stand-ins out.
+    FIELDS = ("batches", "rows_seen", "rows_kept", "nonfinite", "nonfinite_in_row", "elapsed",
               "extra_selection_seconds")
 
     def __init__(self, device, num_classes: int, saved: Optional[dict] = None):
-        self.batches = self.rows_seen = self.rows_kept = self.bad_samples = self.nonfinite = 0
+        self.batches = self.rows_seen = self.rows_kept = self.nonfinite = 0
         self.nonfinite_in_row = 0
         self.elapsed = self.extra_selection_seconds = 0.0
         self.loss_sum = torch.zeros((), device=device)
-        self.class_rows = torch.zeros(2, num_classes, dtype=torch.float64, device=device)  # rows seen, rows kept
+        self.class_rows = torch.zeros(2, num_classes, dtype=torch.float64, device=device)  # samples seen, kept
         self.timer = PhaseTimer(device)
         if saved:
             for key in self.FIELDS:
@@ -180,9 +186,11 @@ class EpochTally:
         self.rows_kept += step.kept
         if step.finite:
             self.loss_sum += step.loss_sum
-        kept = step.labels if step.keep is None else step.labels.index_select(0, step.keep)
-        self.class_rows[0].index_add_(0, step.labels, torch.ones_like(step.labels, dtype=torch.float64))
-        self.class_rows[1].index_add_(0, kept, torch.ones_like(kept, dtype=torch.float64))
+        kept, kept_present = step.labels, step.present
+        if step.keep is not None:
+            kept, kept_present = step.labels.index_select(0, step.keep), step.present.index_select(0, step.keep)
+        self.class_rows[0].index_add_(0, step.labels, step.present)
+        self.class_rows[1].index_add_(0, kept, kept_present)
 
     def state_dict(self) -> dict:
         return {**{k: getattr(self, k) for k in self.FIELDS}, "loss_sum": self.loss_sum.item(),
@@ -217,7 +225,6 @@ def train_one_epoch(model, selector, loader, settings: StepSettings, trainer: Tr
     for x, y, idx in loader:
         x, y = _to_device(x, y, settings)
         idx = idx.to(settings.device, non_blocking=True)
-        tally.bad_samples += loader.batch_size - x.shape[0]  # unreadable files were dropped from the batch
         if trainer.mixup is not None:
             x, y = trainer.mixup(x, y)
         timer.mark("data")
@@ -241,9 +248,11 @@ def train_one_epoch(model, selector, loader, settings: StepSettings, trainer: Tr
         if after_step is not None and after_step(tally):
             return None
 
-    host = torch.tensor([tally.rows_seen, tally.rows_kept, tally.bad_samples, tally.nonfinite], dtype=torch.float64)
+    host = torch.tensor([tally.rows_seen, tally.nonfinite], dtype=torch.float64)
     counts = all_reduce_sum(torch.cat([tally.loss_sum.double().view(1), host.to(settings.device), tally.class_rows.flatten()]))
-    (loss_total, seen, kept, bad, nonfinite), (seen_by_class, kept_by_class) = _split(counts.tolist(), 5)
+    (loss_total, rows, nonfinite), (seen_by_class, kept_by_class) = _split(counts.tolist(), 3)
+    seen, kept = sum(seen_by_class), sum(kept_by_class)  # samples: stand-ins of unreadable files left out
+    bad = rows - seen
     if not math.isfinite(loss_total):  # only without the per-step guard (runtime.check_finite: false)
         raise TrainingStopped(f"the training loss of epoch {epoch} is not finite: lower optim.lr, set optim.clip_grad, "
                               "or set runtime.check_finite=true to skip such steps")
@@ -252,9 +261,9 @@ def train_one_epoch(model, selector, loader, settings: StepSettings, trainer: Tr
     seconds = time.perf_counter() - started
     return {
         "train_loss": loss_total / max(kept, 1),  # unweighted mean over the kept rows
-        "samples_seen": int(seen),
-        "samples_kept": int(kept),
-        "bad_samples": int(bad),
+        "samples_seen": round(seen),
+        "samples_kept": round(kept),
+        "bad_samples": round(bad),
         "nonfinite_steps": int(nonfinite),
         "epoch_seconds": seconds + tally.extra_selection_seconds,
         "data_seconds": t.get("data", 0.0),
@@ -271,21 +280,22 @@ def train_one_epoch(model, selector, loader, settings: StepSettings, trainer: Tr
 def evaluate(model, loader, settings: StepSettings) -> dict:
     """Top-1/top-5 of the full model over every validation sample (counts summed over ranks)."""
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=settings.device)  # correct1, correct5, loss
+    totals = torch.zeros(4, dtype=torch.float64, device=settings.device)  # correct1, correct5, loss, samples
     # (2, classes): top-1 hits and samples per class; sized up front, as a rank may get no batch
     per_class = torch.zeros(2, getattr(model, "module", model).num_classes, dtype=torch.float64, device=settings.device)
-    count = 0  # a shape: counted on the host
-    for x, y, _ in loader:
+    for x, y, idx in loader:
         x, y = _to_device(x, y, settings)
+        present = (torch.ones_like(y, dtype=torch.float64) if idx is None  # stand-ins of unreadable files: 0
+                   else blocking.holds_sample(idx.to(settings.device, non_blocking=True)).double())
         with autocast(settings):
             logits = model(x).logits.float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top.eq(y.unsqueeze(1))
-        totals += torch.stack([hits[:, :1].sum(), hits.sum(), F.cross_entropy(logits, y, reduction="sum")]).double()
-        per_class[0].index_add_(0, y, hits[:, 0].double())
-        per_class[1].index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
-        count += y.shape[0]
-    totals = all_reduce_sum(torch.cat([totals, totals.new_tensor([count]), per_class.flatten()]))
+        hits = top.eq(y.unsqueeze(1)).double() * present.unsqueeze(1)
+        losses = F.cross_entropy(logits, y, reduction="none").double() * present
+        totals += torch.stack([hits[:, 0].sum(), hits.sum(), losses.sum(), present.sum()])
+        per_class[0].index_add_(0, y, hits[:, 0])
+        per_class[1].index_add_(0, y, present)
+    totals = all_reduce_sum(torch.cat([totals, per_class.flatten()]))
     (correct1, correct5, loss, count), (hits, samples) = _split(totals.tolist(), 4)
     return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count, "val_loss": loss / count,
-            "val_samples": int(count), "val_class_top1": class_fractions(hits, samples, scale=100.0)}
+            "val_samples": round(count), "val_class_top1": class_fractions(hits, samples, scale=100.0)}

@@ -21,12 +21,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pfb_train.checkpoint import all_rng_states, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from pfb_train.checkpoint import (all_rng_states, has_checkpoint_files, latest_checkpoint, load_checkpoint,
+                                  restore_rng, save_checkpoint)
 from pfb_train.config import Config, save_config
 from pfb_train.costs import blocking_mode
 from pfb_train.data import build_datasets, build_loaders, dataset_labels
-from pfb_train.distributed import DistInfo, barrier, cleanup, init_distributed
-from pfb_train.errors import Preempted, UserError
+from pfb_train.distributed import (DistInfo, announce_stop, barrier, cleanup, get_rank, get_world_size,
+                                   init_distributed, stopped_elsewhere, watch_for_stops)
+from pfb_train.errors import Preempted, TrainingStopped, UserError
 from pfb_train.engine import EpochTally, StepSettings, Trainer, evaluate, prepare_epoch, train_one_epoch
 from pfb_train.metrics import BaselineComparison, RunLogger, make_run_dir, rewrite_metrics
 from pfb_train.models import BlockedModel, build_model
@@ -90,13 +92,40 @@ def run(cfg: Config) -> dict:
     if cfg.runtime.device == "cuda" and not torch.cuda.is_available():
         raise UserError("config key 'runtime.device' is 'cuda' but no CUDA device is available")
     dist = init_distributed(cfg.runtime.device)
+    watch_for_stops()
+    clean = False
     try:
-        return fit(setup(cfg, dist))
+        summary = fit(setup(cfg, dist))
+        clean = True
+        return summary
     except BaseException as e:
         traceback.clear_frames(e.__traceback__)  # frees the DDP model before its process group goes
-        raise
+        raise stop_every_rank(e) from None
     finally:
-        cleanup()
+        cleanup(clean)
+
+
+RUN_ENDING = {cls.__name__: cls for cls in (UserError, TrainingStopped)}
+
+
+def stop_every_rank(error: BaseException) -> BaseException:
+    """Under DDP one rank's error ends every rank with the same one-line message (distributed.py):
+    a rank that failed itself announces it; a rank whose collective broke raises what was announced.
+    Signals are already collective (preemption.py): every rank raises Preempted at the same step."""
+    if isinstance(error, (Preempted, KeyboardInterrupt)):
+        return error
+    if get_world_size() == 1:
+        return error
+    announced = stopped_elsewhere(wait_seconds=0.0)
+    if announced is None and isinstance(error, RuntimeError) and not isinstance(error, TrainingStopped):
+        announced = stopped_elsewhere()  # likely a broken collective: the failing rank is writing why
+    if announced is None:  # this rank failed first: say why, to every rank
+        kind = type(error).__name__ if type(error).__name__ in RUN_ENDING else "TrainingStopped"
+        message = str(error) if kind == type(error).__name__ else f"{type(error).__name__}: {error}"
+        announced = (kind, get_rank(), message)  # the rank first: the announcement breaks the group
+        announce_stop(kind, message)
+    kind, rank, message = announced
+    return RUN_ENDING[kind](f"{message} (on rank {rank})")
 
 
 def setup(cfg: Config, dist: DistInfo) -> RunState:
@@ -182,7 +211,11 @@ def resume_point(resume: Optional[str], output: str, name: str):
         return None, None
     if resume == "auto":
         run_dir = Path(output).expanduser() / name
-        return run_dir, latest_checkpoint(run_dir)[1]
+        checkpoint = latest_checkpoint(run_dir)[1]
+        if checkpoint is None and has_checkpoint_files(run_dir):  # starting afresh would overwrite its metrics
+            raise UserError(f"no checkpoint in {run_dir} is readable (checkpoint-last.pt and checkpoint-prev.pt): "
+                            "move the run directory away to start afresh, or give another name")
+        return run_dir, checkpoint
     path = Path(resume).expanduser()
     checkpoint = latest_checkpoint(path)[1] if path.is_dir() else load_checkpoint(path)
     if checkpoint is None:
@@ -233,8 +266,25 @@ CHECKPOINT_PARTS = (
 )
 
 
+# Settings a checkpoint cannot be continued under: its weights or its selector state would not fit.
+MUST_MATCH = ("model.name", "model.num_classes", "model.cifar_stem", "blocking.method", "blocking.stage")
+
+
+def check_resumable(cfg: Config, checkpoint: dict) -> None:
+    saved, now = checkpoint.get("config", {}), cfg.to_dict()
+    for key in MUST_MATCH:
+        section, option = key.split(".")
+        before, after = saved.get(section, {}).get(option), now[section][option]
+        if option == "num_classes" and before is None:  # taken from the dataset: compared through the weights
+            continue
+        if before != after:
+            raise UserError(f"cannot resume: the checkpoint was trained with {key} {before!r}, this config has "
+                            f"{after!r}; use another run name (name=...) to start a new run")
+
+
 def restore(state: RunState, checkpoint: dict) -> None:
     """Put a run back where `checkpoint` left it: weights, optimizer, schedule, selector, RNG, progress."""
+    check_resumable(state.cfg, checkpoint)
     same_schedule = checkpoint["config"]["schedule"] == state.cfg.to_dict()["schedule"]
     for part in CHECKPOINT_PARTS:
         if part.key == "scheduler" and not same_schedule:
@@ -286,7 +336,7 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
             bar.close()
             if stats is None:
                 return None
-            stats.update(sample_accounting(stats.pop("samples_seen"), stats.pop("samples_kept"),
+            stats.update(sample_accounting(stats.pop("samples_seen"), stats.pop("samples_kept"), stats["bad_samples"],
                                             state.settings.nominal_rows))
             if dist.world_size > 1 and not rt.sync_bn:  # ranks saw different batches: average BN statistics
                 distribute_bn(state.net, dist.world_size, reduce=True)
@@ -329,15 +379,16 @@ def epoch_line(record: dict) -> str:
     return line
 
 
-def sample_accounting(seen: int, kept: int, nominal: int) -> dict:
-    """What happened to the sample slots of a full-data epoch: pruned by the sampler, blocked in
-    the batch, or kept (full forward and backward). Methods are compared at equal blocked_fraction."""
+def sample_accounting(seen: int, kept: int, bad: int, nominal: int) -> dict:
+    """What happened to the sample slots of a full-data epoch: pruned by the sampler, blocked in the
+    batch, kept (full forward and backward), or unreadable (`bad_samples`, counted in the epoch
+    record). Methods are compared at equal blocked_fraction; unreadable files are neither."""
     return {
         "samples_seen": seen,  # loaded and run through the shallow part
-        "samples_pruned": nominal - seen,  # never loaded this epoch (sampler-level selection)
+        "samples_pruned": nominal - seen - bad,  # never loaded this epoch (sampler-level selection)
         "samples_blocked": seen - kept,  # loaded, stopped after the shallow part
         "kept_fraction": kept / nominal,
-        "blocked_fraction": (nominal - kept) / nominal,
+        "blocked_fraction": (nominal - kept - bad) / nominal,
     }
 
 
@@ -359,7 +410,7 @@ def save_checkpoints(state: RunState, epoch: int, tally: Optional[EpochTally], b
 
 def summarize(cfg: Config, history: list[dict], wall_seconds: float, run_dir, world_size: int, device: str,
               class_counts: Optional[list] = None) -> dict:
-    slots = sum(r["samples_seen"] + r["samples_pruned"] for r in history)
+    slots = sum(r["samples_seen"] + r["samples_pruned"] + r.get("bad_samples", 0) for r in history)
     blocked = sum(r["samples_blocked"] + r["samples_pruned"] for r in history)
     evaluated = [r for r in history if "top1" in r]
     return {

@@ -1,5 +1,7 @@
 """The device-decode input path (data.decode: device), run on the CPU here; CUDA in test_gpu.py."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -62,13 +64,20 @@ def test_crops_follow_the_epoch_seed_and_leave_the_global_rng_alone(folder):
     assert not torch.equal(first[0], other[0])
 
 
-def test_unreadable_files_are_dropped_or_fatal(folder):
+def test_unreadable_files_are_stood_in_for_or_fatal(folder):
     (folder / "train" / "b" / "zz.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     (folder / "train" / "b" / "zzz.jpg").write_bytes(b"")
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(folder / "train" / "b" / "good.jpg")
     _, _, train, _ = loaders(folder, decode="device")  # 16 files: 4 full batches visit every one
     set_loader_epoch(train, 0)
-    assert sum(len(idx) for _, _, idx in train) == 16 - 2
+    batches = list(train)
+    assert [len(idx) for _, _, idx in batches] == [4] * 4  # batches keep their size
+    assert sum(int((idx < 0).sum()) for _, _, idx in batches) == 2  # two stand-ins (index MISSING)
+    (folder / "val" / "a" / os.listdir(folder / "val" / "a")[0]).write_bytes(b"")  # val: no random crops
+    _, _, _, val = loaders(folder, decode="device")
+    for x, y, idx in val:  # a stand-in repeats a readable image of its own batch, with that image's label
+        for row in (idx < 0).nonzero().flatten().tolist():
+            assert any(torch.equal(x[row], x[o]) and y[row] == y[o] for o in range(len(idx)) if idx[o] >= 0)
     _, _, train, _ = loaders(folder, decode="device", bad_images="fail")
     set_loader_epoch(train, 0)
     with pytest.raises(UserError, match=r"unreadable image .*zz+\.jpg"):

@@ -166,12 +166,19 @@ FOLDER = ["model.name=resnet18", "data.dataset=imagefolder", "data.img_size=32",
           "runtime.device=cpu"]
 
 
-def test_corrupt_images_are_skipped_and_counted(tmp_path):
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_corrupt_images_are_stood_in_for_and_counted(tmp_path, decode):
     root = write_folder(tmp_path / "data", corrupt=4)  # 16 good + 4 bad = 5 batches of 4: every file visited
-    summary = run(load_config(None, [*FOLDER, f"data.root={root}", f"runtime.output={tmp_path}"]))
+    summary = run(load_config(None, [*FOLDER, f"data.root={root}", f"runtime.output={tmp_path}", f"data.decode={decode}",
+                                     "data.mixup=0.2", "blocking.method=pfb", "blocking.pfb.centres=2",
+                                     "blocking.pfb.ratio=0.25", "blocking.pfb.start_epoch=0"]))
     record = read_metrics(summary["run_dir"])[0]
     assert record["bad_samples"] == 4 and summary["bad_samples"] == 4
-    assert record["samples_seen"] == 16  # the shortened batches trained on the readable files
+    # full-size batches (mixup needs them); stand-ins are neither kept nor blocked
+    assert record["samples_seen"] == 16 and record["samples_pruned"] == 0
+    kept = round(record["kept_fraction"] * 20)  # 5 steps x 3 kept rows, less the stand-ins among them
+    assert 15 - 4 <= kept <= 15 and kept + record["samples_blocked"] == 16
+    assert record["blocked_fraction"] == pytest.approx((20 - kept - 4) / 20)
 
 
 def test_corrupt_images_fail_the_run_when_configured(tmp_path):
@@ -187,7 +194,7 @@ def test_a_batch_with_no_readable_image_stops_the_run_with_one_line(tmp_path, de
     for good in (root / "train").rglob("[0-9].jpg"):
         good.unlink()
     (root / "train" / "b" / "bad.jpg").write_bytes(b"")
-    with pytest.raises(UserError, match="all 4 images of a batch are unreadable: check the files under data.root"):
+    with pytest.raises(UserError, match=r"all 4 images of a batch are unreadable, e.g. .*bad.*\.jpg: check the files"):
         run(load_config(None, [*FOLDER, f"data.root={root}", f"data.decode={decode}", f"runtime.output={tmp_path}"]))
 
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,13 +22,14 @@ from torch.utils.data import Dataset, TensorDataset
 from torchvision.datasets import ImageFolder
 
 from pfb_train.data.device_decode import read_bytes
+from pfb_train.data.missing import Unreadable
 from pfb_train.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class CheckedImageFolder(ImageFolder):
-    """ImageFolder that turns an unreadable file into a skipped sample (None) or, with `fail`, a UserError."""
+    """ImageFolder that turns an unreadable file into an `Unreadable` item or, with `fail`, a UserError."""
 
     def __init__(self, root: str, transform, fail: bool = False):
         super().__init__(root, transform=transform)
@@ -36,11 +38,11 @@ class CheckedImageFolder(ImageFolder):
     def __getitem__(self, index: int):
         try:
             return super().__getitem__(index)
-        except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for broken files
+        except (OSError, ValueError, SyntaxError, RuntimeError) as e:  # what PIL raises for broken files
             if self.fail:
                 raise UserError(f"unreadable image {self.samples[index][0]} ({type(e).__name__}); "
                                 "set data.bad_images=skip to skip such files") from None
-            return None
+            return Unreadable(self.samples[index][0], type(e).__name__)
 
 
 @dataclass
@@ -84,9 +86,21 @@ def digits(img_size: int, val_fraction: float = 0.2) -> DataSplits:
     return DataSplits(TensorDataset(images[train], labels[train]), TensorDataset(images[val], labels[val]), 10)
 
 
+def _check_no_link_loops(split_dir: Path) -> None:
+    """ImageFolder follows symbolic links; a link back up the tree would list the same images again
+    and again (until paths grow too long), so a loop is a one-line error instead."""
+    seen = set()
+    for folder, subfolders, _ in os.walk(split_dir, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            raise UserError(f"symbolic link loop in the data folder: {folder} leads back to {real}")
+        seen.add(real)
+
+
 def _check_class_folders(split_dir: Path) -> list[str]:
     if not split_dir.is_dir():
         raise UserError(f"dataset folder not found: {split_dir} (data.root must hold train/ and val/)")
+    _check_no_link_loops(split_dir)
     classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
     if not classes:
         raise UserError(f"no class folders in {split_dir}")

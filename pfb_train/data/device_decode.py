@@ -5,8 +5,9 @@ thread: prefetch.py) hands a whole batch of JPEGs to torchvision's batched
 `decode_jpeg(device=...)` (nvJPEG on a GPU), then crops, resizes, flips and normalises
 there: a 224-px batch leaves the host as ~30 KB per image of JPEG instead of 150 KB of
 pixels, and no CPU core decodes or resizes. Other formats (PNG, ...) are decoded on the CPU
-one by one and moved; unreadable files are dropped from the batch (counted by the engine as
-a shorter batch) or, with `data.bad_images: fail`, stop the run.
+one by one and moved; an unreadable file is replaced by a readable image of its batch with index
+MISSING (see loaders.fill_unreadable: batches keep their size) or, with `data.bad_images: fail`,
+stops the run.
 
 Train: RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) + horizontal flip; eval: resize the
 shorter side to size / crop_pct, centre crop. The crop boxes and flips of a whole batch are
@@ -27,6 +28,7 @@ from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
+from pfb_train.data.missing import MISSING, all_unreadable
 from pfb_train.errors import UserError
 from pfb_train.data.wrapped import WrappedLoader
 
@@ -49,12 +51,6 @@ def collate_bytes(items):
     return data, labels, indices
 
 
-def all_unreadable(count: int) -> str:
-    # An empty batch cannot be trained on, and under DDP one rank skipping a step would stall the others.
-    return (f"all {count} images of a batch are unreadable: check the files under data.root "
-            "(data.bad_images=skip skips single files, not whole batches)")
-
-
 def _is_jpeg(data: torch.Tensor) -> bool:
     return data.numel() > 2 and (int(data[0]), int(data[1])) == JPEG_MAGIC
 
@@ -75,14 +71,22 @@ class DeviceDecodeLoader(WrappedLoader):
     def __iter__(self):
         for data, labels, indices in self.loader:
             images, good = self.decode(data, indices)
-            if not images:
-                raise UserError(all_unreadable(len(data)))
-            if not good.all():
-                labels, indices = labels[good], indices[good]
+            if not good.all():  # stand-ins: a readable item of the batch (image and label), index MISSING
+                if not good.any():
+                    raise UserError(all_unreadable(len(data), self._where(int(indices[0]))))
+                readable = good.nonzero().flatten().tolist()
+                source = torch.arange(len(images))
+                source[~good] = torch.tensor(readable * len(images))[: int((~good).sum())]
+                images = [images[i] for i in source.tolist()]
+                labels = labels[source]
+                indices = torch.where(good, indices, torch.full_like(indices, MISSING))
             yield self.augment(images), labels, indices
 
+    def _where(self, index: int) -> str:
+        return self.paths[index] if self.paths is not None else f"sample {index}"
+
     def decode(self, data: list, indices: torch.Tensor) -> tuple[list, torch.Tensor]:
-        """Decoded CHW uint8 images on the device, and which items decoded."""
+        """Decoded CHW uint8 images on the device (None where a file did not decode), and which decoded."""
         jpeg = [i for i, d in enumerate(data) if _is_jpeg(d)]
         images: list = [None] * len(data)
         try:  # one batched call for all JPEGs; a broken file fails it, then decode one by one
@@ -94,8 +98,7 @@ class DeviceDecodeLoader(WrappedLoader):
             rest = list(range(len(data)))
         for i in rest:
             images[i] = self._decode_one(data[i], int(indices[i]))
-        good = torch.tensor([image is not None for image in images])
-        return [image for image in images if image is not None], good
+        return images, torch.tensor([image is not None for image in images])
 
     def _decode_one(self, data: torch.Tensor, index: int):
         try:
@@ -103,11 +106,13 @@ class DeviceDecodeLoader(WrappedLoader):
                 raise RuntimeError("empty or unreadable file")
             if _is_jpeg(data):
                 return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-            return decode_image(data, mode=ImageReadMode.RGB).to(self.device, non_blocking=True)
+            image = decode_image(data, mode=ImageReadMode.RGB)
+            if image.dtype == torch.uint16:  # 16-bit PNG: keep the top 8 bits (the pipeline is uint8)
+                image = (image.to(torch.int32) >> 8).to(torch.uint8)
+            return image.to(self.device, non_blocking=True)
         except RuntimeError as e:
             if self.fail_on_bad:
-                where = self.paths[index] if self.paths is not None else f"sample {index}"
-                raise UserError(f"unreadable image {where} ({type(e).__name__}); set data.bad_images=skip "
+                raise UserError(f"unreadable image {self._where(index)} ({type(e).__name__}); set data.bad_images=skip "
                                 "to skip such files") from None
             return None
 

@@ -11,18 +11,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 from pfb_train.data.datasets import DataSplits
-from pfb_train.data.device_decode import DeviceDecodeLoader, all_unreadable, collate_bytes
+from pfb_train.data.device_decode import DeviceDecodeLoader, collate_bytes
+from pfb_train.data.missing import MISSING, Unreadable, fill_unreadable
 from pfb_train.data.prefetch import DevicePrefetcher
 from pfb_train.data.resident import ResidentLoader, fits_on_device
 from pfb_train.errors import UserError
 
 
 def collate_readable(items):
-    """Default collation of the items that are not None (unreadable files); the batch is then shorter."""
-    readable = [item for item in items if item is not None]
-    if not readable:
-        raise UserError(all_unreadable(len(items)))
-    return default_collate(readable)
+    """Default collation, unreadable items replaced by stand-ins (fill_unreadable)."""
+    return default_collate(fill_unreadable(items, lambda item: (*item[:-1], MISSING)))
 
 
 class IndexedDataset(Dataset):
@@ -48,7 +46,7 @@ class IndexedDataset(Dataset):
             np.random.seed(seed % 2**32)
             torch.default_generator.manual_seed(seed)  # torch.manual_seed also visits every accelerator: 80 us
         item = self.dataset[index]
-        return None if item is None else (*item, index)
+        return item if isinstance(item, Unreadable) else (*item, index)
 
 
 

@@ -111,7 +111,8 @@ class Selector:
         return None
 
     def observe(self, feats, keep, sample_idx, losses) -> None:
-        """After the step: feats of all rows (or None), kept rows, their dataset indices and losses."""
+        """After the step: feats of all rows (or None), kept rows, their dataset indices and losses.
+        A negative index marks a row that holds no sample (an unreadable file's stand-in): leave it out."""
 
     def epoch_diagnostics(self, device) -> dict:
         """Once per epoch, on every rank (it may be collective): what decided this epoch's selection,

@@ -61,7 +61,12 @@ class InfoBatchSelector(Selector):
         idx, values = all_gather_cat(sample_idx), all_gather_cat(losses.float())
         if self.scores.device != values.device:
             self.scores = self.scores.to(values.device)
-        self.scores[idx] = values
+        # Stand-ins of unreadable files (index < 0) write to a spare slot past the end, then dropped:
+        # filtering them out instead would make the host wait for the device.
+        n = self.scores.shape[0]
+        slots = torch.cat([self.scores, self.scores.new_zeros(1)])
+        slots[torch.where(idx >= 0, idx, n)] = values
+        self.scores = slots[:n]
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "scores": self.scores, "weights": self.weights}

@@ -169,12 +169,16 @@ class PFBSelector(Selector):
         with torch.autocast(feats.device.type, enabled=False):
             v = reduce_features(feats if keep is None else feats.index_select(0, keep), self.feature_dim)
             self._ensure_centres(v)
-            self.update_centres(v)
+            # stand-ins of unreadable files (index < 0) move no centre
+            weight = None if sample_idx is None else (sample_idx >= 0).to(v.dtype)
+            self.update_centres(v, weight)
 
-    def update_centres(self, v: torch.Tensor) -> None:
+    def update_centres(self, v: torch.Tensor, weight: Optional[torch.Tensor] = None) -> None:
+        """`weight`: (rows,) 1 for a sample, 0 for a row to leave out (None: all count)."""
+        weight = torch.ones_like(v[:, 0]) if weight is None else weight
         nearest = torch.cdist(v, self.centres).argmin(dim=1)
-        sums = torch.zeros_like(self.centres).index_add_(0, nearest, v)
-        counts = torch.zeros_like(self.counts).index_add_(0, nearest, torch.ones_like(v[:, 0]))  # bincount would sync
+        sums = torch.zeros_like(self.centres).index_add_(0, nearest, v * weight.unsqueeze(1))
+        counts = torch.zeros_like(self.counts).index_add_(0, nearest, weight)  # bincount would sync
         # One all-reduce of sums and counts keeps the centres bit-identical across ranks.
         packed = all_reduce_sum(torch.cat([sums, counts.unsqueeze(1)], dim=1))
         sums, counts = packed[:, :-1], packed[:, -1]

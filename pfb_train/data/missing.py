@@ -1,0 +1,41 @@
+"""Unreadable samples: batches keep their size.
+
+An unreadable file becomes an `Unreadable` item; collation replaces it by a readable item of the same
+batch whose index is MISSING (a stand-in). Shapes never change (mixup, DDP, InfoBatch's gathers,
+compiled graphs, resume offsets); stand-ins get zero weight in the loss, are left out of the
+selector's update and of every count, and are counted as `bad_samples`. A batch with no readable
+item at all stops the run, naming a file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pfb_train.errors import UserError
+
+MISSING = -1  # the index of a row that holds no sample
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """Stands in for a sample whose file could not be read."""
+
+    path: str
+    reason: str
+
+
+def all_unreadable(count: int, path) -> str:
+    return (f"all {count} images of a batch are unreadable, e.g. {path}: check the files under data.root "
+            "(data.bad_images=skip stands in for single files, not whole batches)")
+
+
+def fill_unreadable(items: list, copy_item) -> list:
+    """`items` with each Unreadable replaced by `copy_item(readable item)` (a stand-in, index MISSING)."""
+    bad = [item for item in items if isinstance(item, Unreadable)]
+    if not bad:
+        return items
+    readable = [item for item in items if not isinstance(item, Unreadable)]
+    if not readable:
+        raise UserError(all_unreadable(len(items), bad[0].path))
+    spare = iter(readable * len(bad))
+    return [copy_item(next(spare)) if isinstance(item, Unreadable) else item for item in items]

@@ -1,0 +1,337 @@
+"""Fault injection: what a user with real, slightly dirty data and a real cluster runs into.
+
+Every case asserts the exit code, that stderr holds one `pfb-train:` line and no traceback, and
+that nothing finished is lost (the run finishes, or its checkpoints and metrics are still there).
+The README's bad-input table lists each case with what the user sees. Cases marked `slow` start
+subprocesses (signals, torchrun); they run in CI too.
+"""
+
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pfb_train.cli import main
+from pfb_train.metrics import read_metrics
+
+HERE = Path(__file__).resolve().parent
+
+
+def one_line(err: str) -> str:
+    """The single `pfb-train:` line of stderr; fails on a traceback or several lines."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("pfb-train:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def jpeg_bytes(array) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def write_folder(root: Path, per_class: int = 6) -> Path:
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class if split == "val" or c == "a" else per_class - 1):
+                (root / split / c / f"{i}.jpg").write_bytes(jpeg_bytes(rng.integers(0, 255, (24, 24, 3), np.uint8)))
+    return root  # train: 6 + 5 files, so one more makes 12 = 3 full batches of 4: every file is visited
+
+
+def odd_image(kind: str, path_stem: Path) -> Path:
+    """One unusual file in the training set, by kind."""
+    rng = np.random.default_rng(1)
+    if kind == "zero_bytes":
+        path = path_stem.with_suffix(".jpg")
+        path.write_bytes(b"")
+    elif kind == "truncated_jpeg":
+        path = path_stem.with_suffix(".jpg")
+        data = jpeg_bytes(rng.integers(0, 255, (64, 64, 3), np.uint8))
+        path.write_bytes(data[: len(data) // 3])
+    elif kind == "not_an_image":
+        path = path_stem.with_suffix(".jpg")
+        path.write_text("these are notes, saved with the wrong suffix\n")
+    elif kind == "cmyk_jpeg":
+        path = path_stem.with_suffix(".jpg")
+        Image.new("CMYK", (24, 24), (10, 200, 30, 0)).save(path)
+    elif kind == "png_16_bit":
+        path = path_stem.with_suffix(".png")
+        Image.fromarray((rng.integers(0, 65535, (24, 24))).astype(np.uint16)).save(path)
+    elif kind == "rgba_png":
+        path = path_stem.with_suffix(".png")
+        Image.fromarray(rng.integers(0, 255, (24, 24, 4), np.uint8), "RGBA").save(path)
+    elif kind == "one_pixel":
+        path = path_stem.with_suffix(".jpg")
+        Image.new("RGB", (1, 1), (200, 10, 10)).save(path)
+    elif kind == "huge_6000px":
+        path = path_stem.with_suffix(".jpg")
+        Image.new("RGB", (6000, 6000), (90, 120, 30)).save(path, quality=50)
+    else:
+        raise ValueError(kind)
+    return path
+
+
+TRAIN = ["data.dataset=imagefolder", "data.img_size=16", "data.batch_size=4", "data.workers=0",
+         "schedule.epochs=1", "schedule.warmup_epochs=0", "runtime.progress=false", "runtime.device=cpu",
+         "model.num_classes=null", "blocking.method=pfb", "blocking.pfb.centres=2", "blocking.pfb.ratio=0.25",
+         "blocking.pfb.start_epoch=0", "data.mixup=0.2"]
+
+
+def train_args(root, out, *extra):
+    args = ["--config", "demo"]
+    for item in (*TRAIN, f"data.root={root}", f"runtime.output={out}", *extra):
+        args += ["--set", item]
+    return args
+
+
+UNREADABLE = ["zero_bytes", "truncated_jpeg", "not_an_image"]
+READABLE = ["cmyk_jpeg", "png_16_bit", "rgba_png", "one_pixel", "huge_6000px"]
+
+
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+@pytest.mark.parametrize("kind", UNREADABLE + READABLE)
+def test_an_unusual_image_never_ends_the_run(kind, decode, tmp_path, capsys):
+    root = write_folder(tmp_path / "data")
+    odd_image(kind, root / "train" / "a" / "odd")
+    code, out, err = cli(capsys, *train_args(root, tmp_path / "runs", f"data.decode={decode}"))
+    assert code == 0 and "Traceback" not in err, err
+    record = read_metrics(tmp_path / "runs" / "demo")[0]
+    assert record["bad_samples"] == (1 if kind in UNREADABLE else 0)
+    assert record["samples_seen"] + record["bad_samples"] == 12  # full batches: every file once
+
+
+def test_unicode_and_spaces_in_paths(tmp_path, capsys):
+    root = write_folder(tmp_path / "dätä sets" / "ImageNet – mini")
+    os.rename(root / "train" / "a", root / "train" / "clàss a")
+    os.rename(root / "val" / "a", root / "val" / "clàss a")
+    code, _, err = cli(capsys, *train_args(root, tmp_path / "rüns out"))
+    assert code == 0, err
+    assert read_metrics(tmp_path / "rüns out" / "demo")[0]["bad_samples"] == 0
+
+
+def test_a_symlink_loop_in_the_data_folder(tmp_path, capsys):
+    root = write_folder(tmp_path / "data")
+    os.symlink("..", root / "train" / "a" / "loop")
+    code, _, err = cli(capsys, *train_args(root, tmp_path / "runs"))
+    assert code == 2 and "symbolic link loop in the data folder" in one_line(err)
+
+
+def test_an_empty_class_folder(tmp_path, capsys):
+    root = write_folder(tmp_path / "data")
+    (root / "train" / "c").mkdir()
+    (root / "val" / "c").mkdir()
+    code, _, err = cli(capsys, *train_args(root, tmp_path / "runs"))
+    assert code == 2 and "holds no images" in one_line(err)
+
+
+def test_val_classes_differ_from_train(tmp_path, capsys):
+    root = write_folder(tmp_path / "data")
+    os.rename(root / "val" / "b", root / "val" / "bee")
+    code, _, err = cli(capsys, *train_args(root, tmp_path / "runs"))
+    assert code == 2 and "have different class folders" in one_line(err)
+
+
+# ---------------------------------------------------------------- checkpoints and resuming
+
+DEMO = ["--config", "demo", "--set", "schedule.epochs=2", "--set", "runtime.progress=false",
+        "--set", "data.train_samples=128", "--set", "data.val_samples=64",
+        "--set", "data.batch_size=32", "--set", "blocking.pfb.start_epoch=0", "--set", "blocking.pfb.centres=8"]
+
+
+def finished_run(capsys, out, *extra):
+    code, _, err = cli(capsys, *DEMO, "--set", f"runtime.output={out}", *extra)
+    assert code == 0, err
+    return out / "demo"
+
+
+def test_a_truncated_last_checkpoint_resumes_from_the_previous(tmp_path, capsys):
+    run_dir = finished_run(capsys, tmp_path)
+    last = run_dir / "checkpoint-last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    code, _, err = cli(capsys, *DEMO, "--set", f"runtime.output={tmp_path}", "--set", "schedule.epochs=3",
+                       "--resume", "auto")
+    assert code == 0 and "skipping unreadable checkpoint" in one_line(err)
+    assert [r["epoch"] for r in read_metrics(run_dir)] == [0, 1, 2]  # epoch 1 again, from checkpoint-prev
+
+
+def test_both_checkpoints_unreadable_stops_instead_of_starting_over(tmp_path, capsys):
+    run_dir = finished_run(capsys, tmp_path)
+    for name in ("checkpoint-last.pt", "checkpoint-prev.pt"):
+        (run_dir / name).write_bytes(b"garbage")
+    before = (run_dir / "metrics.jsonl").read_text()
+    code, _, err = cli(capsys, *DEMO, "--set", f"runtime.output={tmp_path}", "--resume", "auto")
+    assert code == 2
+    assert "no checkpoint in" in [line for line in err.splitlines() if "error" in line][0]
+    assert (run_dir / "metrics.jsonl").read_text() == before  # the logged epochs are still there
+
+
+@pytest.mark.parametrize("change,key", [("model.name=resnet34", "model.name"), ("blocking.method=random", "blocking.method")])
+def test_resuming_with_a_changed_model_or_method(change, key, tmp_path, capsys):
+    run_dir = finished_run(capsys, tmp_path)
+    code, _, err = cli(capsys, *DEMO, "--set", f"runtime.output={tmp_path}", "--set", change, "--resume", "auto")
+    assert code == 2 and f"cannot resume: the checkpoint was trained with {key}" in one_line(err)
+    assert (run_dir / "checkpoint-last.pt").is_file()
+
+
+def test_an_output_folder_that_cannot_be_made(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    code, _, err = cli(capsys, *DEMO, "--set", f"runtime.output={tmp_path / 'a_file' / 'runs'}")
+    assert code == 2 and "a_file" in one_line(err)
+
+
+def _tmpfs(path: Path, size: str, options: str = "") -> bool:
+    path.mkdir()
+    opts = f"size={size}" + (f",{options}" if options else "")
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True).returncode == 0
+
+
+def test_a_read_only_output_folder(tmp_path, capsys):
+    mount = tmp_path / "ro"
+    if not _tmpfs(mount, "1m", "ro"):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        code, _, err = cli(capsys, *DEMO, "--set", f"runtime.output={mount}")
+        assert code == 2 and "Read-only file system" in one_line(err)
+    finally:
+        subprocess.run(["umount", str(mount)])
+
+
+def test_a_full_output_folder_keeps_the_checkpoints_already_written(tmp_path, capsys):
+    mount = tmp_path / "small"
+    if not _tmpfs(mount, "600k"):
+        pytest.skip("cannot mount a tmpfs here")
+    try:  # demo's resnet18 checkpoint is ~4 MB: no checkpoint fits; the run stops at its first
+        code, _, err = cli(capsys, *DEMO, "--set", f"runtime.output={mount}", "--set", "model.name=resnet10t")
+        assert code == 2 and "cannot write a checkpoint in" in one_line(err)
+        assert not list((mount / "demo").glob(".checkpoint*.tmp"))  # no half-written file left behind
+    finally:
+        subprocess.run(["umount", str(mount)])
+
+
+# ---------------------------------------------------------------- config and report mistakes
+
+@pytest.mark.parametrize("args,message", [
+    (["--config", "{tmp}/a.yaml"], "loops back"),
+    (["--config", "demo", "--set", "schedule.epochs"], "--set expects key=value"),
+    (["--config", "demo", "--set", "name=runs/evil"], "config key 'name' must be a plain folder name"),
+    (["--config", "demo", "--set", "name=.."], "config key 'name' must be a plain folder name"),
+    (["report", "{tmp}/nowhere", "--baseline", "{tmp}/nowhere"], "not a finished run directory"),
+    (["report", "{tmp}/empty", "--baseline", "{tmp}/empty"], "not a finished run directory"),
+    (["report", "{tmp}/unfinished", "--baseline", "{tmp}/unfinished"], "not a finished run directory"),
+])
+def test_config_and_report_mistakes(args, message, tmp_path, capsys):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "metrics.jsonl").write_text(json.dumps({"epoch": 0}) + "\n")
+    code, _, err = cli(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert code == 2 and message in one_line(err)
+
+
+# ---------------------------------------------------------------- signals and multi-process stops
+
+def popen(*args, **kwargs):
+    return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kwargs)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_auto(tmp_path):
+    """Killed without warning, twice, with a checkpoint every step: each epoch is logged once and the run ends."""
+    args = ["-m", "pfb_train", *DEMO, "--set", f"runtime.output={tmp_path}", "--set", "schedule.epochs=3",
+            "--set", "runtime.checkpoint_every=1", "--resume", "auto"]
+    rng = random.Random(0)
+    for _ in range(2):
+        proc = popen(*args)
+        for line in proc.stdout:  # kill somewhere in the first or second epoch
+            if line.startswith("run demo"):
+                time.sleep(rng.uniform(0.5, 2.5))
+                break
+        proc.kill()
+        proc.wait(timeout=60)
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [r["epoch"] for r in read_metrics(tmp_path / "demo")] == [0, 1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["first_step", "evaluation"])
+def test_sigterm_during_the_first_step_or_evaluation(moment, tmp_path):
+    args = [str(HERE / "signal_worker.py"), moment, "--", *DEMO, "--set", f"runtime.output={tmp_path}",
+            "--resume", "auto"]
+    first = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 128 + signal.SIGTERM, first.stderr
+    assert "stopped by SIGTERM" in one_line(first.stderr)
+    again = subprocess.run([sys.executable, "-m", "pfb_train", *args[3:]], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert [r["epoch"] for r in read_metrics(tmp_path / "demo")] == [0, 1]
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+DDP_CONFIG = """name: ddp
+model: {name: resnet18}
+blocking: {method: pfb, pfb: {ratio: 0.25, start_epoch: 0, centres: 8, feature_dim: 16}}
+data: {dataset: synthetic, img_size: 16, batch_size: 8, train_samples: 96, val_samples: 16, workers: 0}
+optim: {lr: 0.05}
+schedule: {epochs: 2, warmup_epochs: 0}
+runtime: {device: cpu, seed: 0, progress: false, threads: 1}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault,code,message", [
+    ("data", 2, "pfb-train: error: all 8 images of a batch are unreadable, e.g. /data/bad.jpg (on rank 1)"),
+    ("bug", 1, "pfb-train: stopped: ZeroDivisionError: injected (on rank 1)"),
+])
+def test_a_fault_on_one_rank_stops_every_rank_with_the_same_line(fault, code, message, tmp_path):
+    (tmp_path / "ddp.yaml").write_text(DDP_CONFIG)
+    started = time.monotonic()
+    result = subprocess.run([*TORCHRUN, str(HERE / "fault_worker.py"), fault, "1", "--", "--config",
+                             str(tmp_path / "ddp.yaml"), "--set", f"runtime.output={tmp_path}"],
+                            capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - started < 60  # promptly: no collective timeout
+    lines = [line for line in result.stderr.splitlines() if line.startswith("pfb-train:")]
+    assert lines == [message, message]  # both ranks, one line each
+    assert f"exitcode  : {code}" in result.stderr and "exitcode  : 0" not in result.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_torchrun_job_then_its_resume(tmp_path):
+    (tmp_path / "ddp.yaml").write_text(DDP_CONFIG.replace("epochs: 2", "epochs: 30"))
+    args = [*TORCHRUN, "-m", "pfb_train", "--config", str(tmp_path / "ddp.yaml"), "--set",
+            f"runtime.output={tmp_path}", "--resume", "auto"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith("epoch 0:"):
+            break
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it to both workers
+    _, err = proc.communicate(timeout=120)
+    assert err.count("pfb-train: stopped by SIGTERM") == 2
+    assert "pfb_train/" not in err  # no traceback through the workers' code (torchrun's agent prints its own)
+    stopped_at = len(read_metrics(tmp_path / "ddp"))
+    assert 1 <= stopped_at < 30
+    args[args.index(str(tmp_path / "ddp.yaml"))] = str(tmp_path / "short.yaml")
+    (tmp_path / "short.yaml").write_text(DDP_CONFIG.replace("epochs: 2", f"epochs: {stopped_at + 1}"))
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [r["epoch"] for r in read_metrics(tmp_path / "ddp")] == list(range(stopped_at + 1))
