@@ -229,12 +229,8 @@ def _build_blocking(data: dict) -> BlockingConfig:
         claimed = [m for m in known.values() if key in m.legacy_keys]
         if not claimed:
             raise _unknown_key(str(key), "blocking.", [*BLOCKING_KEYS, *known], _legacy_keys(known))
-        for m in claimed:
+        for m in claimed:  # setdefault: a section's own value wins, whichever comes first in the file
             sections.setdefault(m.name, {}).setdefault(m.legacy_keys[key], value)
-    # sections given in this mapping override the flat keys collected above
-    for key, value in data.items():
-        if key in known and isinstance(value, dict):
-            sections[key].update(value)
     cfg.options = {name: make_options(m, sections.get(name, {}), f"blocking.{name}") for name, m in known.items()}
     return cfg
 
