@@ -135,20 +135,38 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("args,message,files", BAD_INPUTS, ids=[m[:40] for _, m, _ in BAD_INPUTS])
-def test_bad_input_exits_2_with_one_line(cli, tmp_path, args, message, files):
+def _bad_input_args(tmp_path, args, files) -> list:
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if args[0] != "report":
         args += ["--set", f"runtime.output={tmp_path}/runs"]
-    result = cli(*args)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("pfb-train: error: "), result.stderr
+    return args
+
+
+@pytest.mark.parametrize("args,message,files", BAD_INPUTS, ids=[m[:40] for _, m, _ in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line(capsys, tmp_path, args, message, files):
+    """In-process, through the CLI's own entry point (an uncaught exception would fail the test)."""
+    from pfb_train.cli import main
+
+    code = main(_bad_input_args(tmp_path, args, files))
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pfb-train: error: "), err
     assert message in lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
+    assert "Traceback" not in err + out
+
+
+@pytest.mark.parametrize("case", [0, 12], ids=["missing config file", "invalid stage"])
+def test_bad_input_as_a_real_process(cli, tmp_path, case):
+    """The same, as a user runs it: a process's exit code, and nothing else on stderr."""
+    args, message, files = BAD_INPUTS[case]
+    result = cli(*_bad_input_args(tmp_path, args, files))
+    assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.strip().splitlines() == [line for line in result.stderr.strip().splitlines()
+                                                  if line.startswith("pfb-train: error: ") and message in line]
 
 
 def test_ema_is_evaluated_and_checkpointed(tiny_config, tmp_path):
