@@ -255,7 +255,14 @@ def dataset_labels(dataset: Dataset):
         return dataset.tensors[1]
     if isinstance(dataset, ImageFolder):
         return torch.tensor(dataset.targets, dtype=torch.long)
+    if hasattr(dataset, "labels"):  # hf: one column read
+        return dataset.labels()
     return None
+
+
+def sample_names(dataset: Dataset):
+    """What messages call each sample: its file path, or the reader's own names (hf)."""
+    return dataset.names if hasattr(dataset, "names") else [path for path, _ in dataset.samples]
 
 
 def _take(dataset: Dataset, index: torch.Tensor) -> Dataset:
@@ -316,9 +323,14 @@ def build_datasets(data_cfg, num_classes=None, seed: int = 0) -> DataSplits:
         splits = fashion_mnist(d.root, d.img_size)
     elif d.dataset in CIFAR:
         splits = cifar(d.dataset, d.root, d.img_size, d.download)
+    elif d.dataset == "hf":
+        from pfb_train.data.hf import hf  # the datasets package is an optional extra
+
+        splits = hf(d.root, d.train_split, d.val_split, d.image_key, d.label_key, d.img_size, d.auto_augment,
+                    d.bad_images == "fail", d.decode)
     else:
         splits = imagefolder(d.root, d.img_size, d.auto_augment, d.bad_images == "fail", d.decode)
-    if d.dataset != "imagefolder":
+    if d.dataset not in ("imagefolder", "hf"):
         splits = subsample(splits, d.train_samples, d.val_samples, d.imbalance)
     if num_classes is not None and num_classes != splits.num_classes:
         raise UserError(f"config key 'model.num_classes' is {num_classes} but dataset '{d.dataset}' has {splits.num_classes} classes")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
-from pfb_train.data.datasets import DataSplits
+from pfb_train.data.datasets import DataSplits, sample_names
 from pfb_train.data.device_decode import DeviceDecodeLoader, collate_bytes
 from pfb_train.data.missing import MISSING, Unreadable, fill_unreadable
 from pfb_train.data.prefetch import DevicePrefetcher
@@ -123,8 +123,8 @@ def build_loaders(splits: DataSplits, data_cfg, seed: int, rank: int = 0, world_
 
         wrap = dict(device=device, img_size=d.img_size, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
                     fail_on_bad=d.bad_images == "fail")
-        train = DeviceDecodeLoader(train, train=True, paths=[p for p, _ in splits.train.samples], **wrap)
-        val = DeviceDecodeLoader(val, train=False, paths=[p for p, _ in splits.val.samples], **wrap)
+        train = DeviceDecodeLoader(train, train=True, paths=sample_names(splits.train), **wrap)
+        val = DeviceDecodeLoader(val, train=False, paths=sample_names(splits.val), **wrap)
     if fits_on_device(splits.train, torch.device(device)) and fits_on_device(splits.val, torch.device(device)):
         return ResidentLoader(train, splits.train, torch.device(device)), ResidentLoader(val, splits.val, torch.device(device))
     if torch.device(device).type == "cuda":  # copies (and device decoding) of the next batches overlap this step
