@@ -90,6 +90,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def as_hf_dataset(folder: Path, out: Path) -> Path:
+    """The imagefolder's files, byte for byte, as a Hugging Face DatasetDict saved to `out`."""
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(
+        names=sorted(p.name for p in (folder / "train").iterdir()))})
+    splits = {}
+    for split, name in (("train", "train"), ("val", "validation")):
+        files = sorted((folder / split).rglob("*.jpg"))
+        names = features["label"].names
+        splits[name] = datasets.Dataset.from_dict(
+            {"image": [{"bytes": f.read_bytes(), "path": None} for f in files],
+             "label": [names.index(f.parent.name) for f in files]}, features=features)
+    datasets.DatasetDict(splits).save_to_disk(str(out))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -99,6 +116,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--folder", help="an existing imagefolder root (default: generate one)")
+    p.add_argument("--data", choices=["imagefolder", "hf"], default="imagefolder",
+                   help="hf: the same JPEG bytes as a Hugging Face dataset (save_to_disk) read by data.dataset: hf")
     args = p.parse_args()
     device = torch.device(args.device)
     needed = args.batch_size * (args.warmup + args.batches)
@@ -106,12 +125,14 @@ def main() -> None:
         root = Path(args.folder) if args.folder else Path(tmp)
         if not args.folder:
             make_folder(root, needed)
-        result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+        if args.data == "hf":
+            root = as_hf_dataset(root, Path(tmp) / "hf")
+        result = {"data": args.data, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
                   f"cpu x{os.cpu_count()} ({platform.machine()})", "workers": args.workers,
                   "batch_size": args.batch_size, "img_size": args.img_size, "images": needed,
                   "torch": torch.__version__}
         for decode in ("cpu", "device"):
-            cfg = DataConfig(dataset="imagefolder", root=str(root), img_size=args.img_size,
+            cfg = DataConfig(dataset=args.data, root=str(root), img_size=args.img_size,
                              batch_size=args.batch_size, workers=args.workers, decode=decode)
             train, _ = build_loaders(build_datasets(cfg), cfg, seed=0, pin_memory=device.type == "cuda", device=device)
             result[f"images_per_second_{decode}"] = images_per_second(train, device, args.warmup, args.batches)

@@ -43,13 +43,17 @@ def test_bench_step_prints_json_with_ratios():
     assert set(out["phase_ms"]) == {"shallow", "select", "deep", "observe"} and 0 < out["selection_share"] < 1
 
 
-def test_bench_data_prints_both_paths():
+@pytest.mark.parametrize("data", ["imagefolder", "hf"])
+def test_bench_data_prints_both_paths(data):
+    if data == "hf":
+        pytest.importorskip("datasets")
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_data.py"), "--device", "cpu", "--workers", "0",
-           "--batch-size", "4", "--img-size", "32", "--warmup", "1", "--batches", "1"]
+           "--batch-size", "4", "--img-size", "32", "--warmup", "1", "--batches", "1", "--data", data]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout)
+    out = json.loads(result.stdout.splitlines()[-1])
     assert out["images_per_second_cpu"] > 0 and out["images_per_second_device"] > 0 and out["images"] == 8
+    assert out["data"] == data
     assert 0 < out["augment_host_ms"] <= out["augment_ms"]
 
 
