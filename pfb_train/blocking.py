@@ -27,8 +27,8 @@ from torch import nn
 
 from pfb_train.costs import cheaper_mode
 from pfb_train.models import BlockedModel, split_model
-from pfb_train.selection import RunFacts, Selector, get_method
-from pfb_train.selection.registry import check_options, make_options
+from pfb_train.selection import RunFacts, Selector
+from pfb_train.selection.registry import configure
 
 
 class BlockedBatch(NamedTuple):
@@ -90,10 +90,8 @@ class Blocking:
 
     def __init__(self, model: nn.Module, method: str = "pfb", stage: Union[int, str] = 1, mode: str = "auto",
                  epochs: Optional[int] = None, batch_size: Optional[int] = None, seed: int = 0, **options):
-        spec = get_method(method)
-        values = make_options(spec, options, f"blocking.{method}")
         run = RunFacts(epochs=epochs, batch_size=batch_size, seed=seed)
-        check_options(spec, values, run)
+        spec, values = configure(method, run, **options)
         self.selector = spec.build(values, run)
         if isinstance(model, BlockedModel):
             self.model = model

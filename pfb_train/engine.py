@@ -89,6 +89,7 @@ class StepResult(NamedTuple):
     labels: torch.Tensor  # (B,) class of every row; under mixup/cutmix the dominant one
     keep: Optional[torch.Tensor]  # kept row indices, or None when every row was kept
     present: torch.Tensor  # (B,) float64: 1 for a row that holds a sample, 0 for an unreadable file's stand-in
+    kept_present: torch.Tensor  # the same for the kept rows
 
 
 def train_step(model, selector, x, y, idx, settings: StepSettings, trainer: Trainer, schedule_at: float,
@@ -137,7 +138,7 @@ def train_step(model, selector, x, y, idx, settings: StepSettings, trainer: Trai
     present = blocking.holds_sample(idx).double()
     kept_present = present if batch.keep is None else present.index_select(0, batch.keep)
     loss_sum = (losses.detach() * kept_present).sum()
-    return StepResult(loss.detach(), batch.logits.shape[0], finite, loss_sum, labels, batch.keep, present)
+    return StepResult(loss.detach(), batch.logits.shape[0], finite, loss_sum, labels, batch.keep, present, kept_present)
 
 
 class BufferBackup:
@@ -186,11 +187,9 @@ class EpochTally:
         self.rows_kept += step.kept
         if step.finite:
             self.loss_sum += step.loss_sum
-        kept, kept_present = step.labels, step.present
-        if step.keep is not None:
-            kept, kept_present = step.labels.index_select(0, step.keep), step.present.index_select(0, step.keep)
+        kept = step.labels if step.keep is None else step.labels.index_select(0, step.keep)
         self.class_rows[0].index_add_(0, step.labels, step.present)
-        self.class_rows[1].index_add_(0, kept, kept_present)
+        self.class_rows[1].index_add_(0, kept, step.kept_present)
 
     def state_dict(self) -> dict:
         return {**{k: getattr(self, k) for k in self.FIELDS}, "loss_sum": self.loss_sum.item(),

@@ -134,9 +134,15 @@ def check_options(method: Method, options, run: RunFacts) -> None:
         check(run, lambda option: f"blocking.{method.name}.{option}")
 
 
-def build(name: str, run: RunFacts, **options):
-    """A Selector from a method name and its options by keyword (validated as a config would be)."""
+def configure(name: str, run: RunFacts, **options):
+    """(method, its options dataclass) from a name and options by keyword, validated as a config would be."""
     method = get_method(name)
     values = make_options(method, options, f"blocking.{name}")
     check_options(method, values, run)
+    return method, values
+
+
+def build(name: str, run: RunFacts, **options):
+    """A Selector from a method name and its options by keyword."""
+    method, values = configure(name, run, **options)
     return method.build(values, run)
