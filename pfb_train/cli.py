@@ -10,7 +10,7 @@ import sys
 
 from pfb_train.errors import Preempted, TrainingStopped, UserError
 
-COMMANDS = ("train", "info", "report", "methods")
+COMMANDS = ("train", "info", "report", "methods", "shards")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,7 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="full-data run(s) to compare against (repeat for several seeds)")
     rep.add_argument("--out", default="report", help="folder for report.md, report.csv and the PNG plots")
     sub.add_parser("methods", help="the registered selection methods, their level and options with defaults")
-    for p in (train, info):
+    shards = sub.add_parser("shards", help="write the config's train and validation splits as WebDataset shards "
+                                           "(timm's layout, data.dataset: wds)")
+    shards.add_argument("--out", required=True, metavar="DIR", help="folder for the .tar shards and _info.json "
+                        "(a half-written one is finished)")
+    shards.add_argument("--samples-per-shard", type=int, default=1000, metavar="N", help="default: 1000")
+    for p in (train, info, shards):
         p.add_argument("--config", "-c", required=True, help="YAML file, or the name of a shipped config (e.g. demo)")
         p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set blocking.pfb.ratio=0.3 (repeatable)")
@@ -48,7 +53,8 @@ def main(argv=None) -> int:
         if args.command is None:
             build_parser().print_help()
             return 2
-        return {"train": _train, "info": _info, "report": _report, "methods": _methods}[args.command](args)
+        return {"train": _train, "info": _info, "report": _report, "methods": _methods,
+                "shards": _shards}[args.command](args)
     except UserError as e:
         print(f"pfb-train: error: {one_line(e)}", file=sys.stderr)
         return 2
@@ -118,6 +124,18 @@ def _methods(args) -> int:
         print(f"{method.name} ({method.level} level): {method.summary}")
         for f in dataclasses.fields(method.options):
             print(f"    blocking.{method.name}.{f.name} = {f.default!r}")
+    return 0
+
+
+def _shards(args) -> int:
+    from pfb_train.config import load_config
+    from pfb_train.shards import write_shards
+
+    cfg = load_config(args.config, args.overrides)
+    info = write_shards(cfg.data, args.out, args.samples_per_shard, progress=cfg.runtime.progress)
+    for name, split in info["splits"].items():
+        print(f"{name}: {split['num_samples']} samples in {len(split['filenames'])} shards")
+    print(f"wrote {args.out} (train with data.dataset=wds data.root={args.out})")
     return 0
 
 

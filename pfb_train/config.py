@@ -17,6 +17,8 @@ import yaml
 
 from pfb_train.errors import UserError
 
+FILE_DATASETS = ("imagefolder", "hf", "wds")  # read as they are stored: no subsets, data.decode applies
+
 SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -55,7 +57,7 @@ class BlockingConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["synthetic", "digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "hf"] = "synthetic"
+    dataset: Literal["synthetic", "digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "hf", "wds"] = "synthetic"
     root: Optional[str] = None  # imagefolder: folder holding train/ and val/; cifar: torchvision's root; fashion_mnist: idx files
     download: bool = False  # cifar only: fetch the files if they are missing
     img_size: int = 224
@@ -69,11 +71,12 @@ class DataConfig:
     cutmix: float = 0.0
     auto_augment: Optional[str] = None  # timm policy string, e.g. "rand-m9-mstd0.5"
     bad_images: Literal["skip", "fail"] = "skip"  # imagefolder: unreadable files are skipped and counted, or fatal
-    decode: Literal["cpu", "device"] = "cpu"  # imagefolder, hf: decode + augment in CPU workers, or on the training device
-    train_split: str = "train"  # hf: the split names
+    decode: Literal["cpu", "device"] = "cpu"  # imagefolder, hf, wds: decode + augment in CPU workers, or on the training device
+    train_split: str = "train"  # hf, wds: the split names
     val_split: str = "validation"
     image_key: Optional[str] = None  # hf: the Image column (None: the only one)
     label_key: Optional[str] = None  # hf: the ClassLabel column (None: the only one)
+    shuffle_window: int = 8192  # wds: a sample moves at most this many places from its place in the shard stream
 
 
 @dataclass
@@ -421,17 +424,18 @@ def validate(cfg: Config) -> None:
     for key in ("train_samples", "val_samples"):
         value = getattr(d, key)
         need(value is None or value >= 1, f"config key 'data.{key}' must be >= 1, got {value}")
-        need(value is None or d.dataset not in ("imagefolder", "hf"),
+        need(value is None or d.dataset not in FILE_DATASETS,
              f"config key 'data.{key}' does not apply to dataset '{d.dataset}'")
     need(0.0 < d.imbalance <= 1.0, f"config key 'data.imbalance' must be in (0, 1], got {d.imbalance}")
-    need(d.imbalance == 1.0 or d.dataset not in ("imagefolder", "hf", "synthetic"),
+    need(d.imbalance == 1.0 or d.dataset not in (*FILE_DATASETS, "synthetic"),
          f"config key 'data.imbalance' does not apply to dataset '{d.dataset}'")
     need(d.mixup >= 0 and d.cutmix >= 0, "config keys 'data.mixup' and 'data.cutmix' must be >= 0")
-    if d.dataset in ("imagefolder", "hf", "cifar10", "cifar100"):
+    if d.dataset in (*FILE_DATASETS, "cifar10", "cifar100"):
         need(d.root is not None, f"config key 'data.root' is required for dataset '{d.dataset}'")
+    need(d.shuffle_window >= 1, f"config key 'data.shuffle_window' must be >= 1, got {d.shuffle_window}")
     if d.decode == "device":
-        need(d.dataset in ("imagefolder", "hf"),
-             f"config key 'data.decode' 'device' applies to datasets 'imagefolder' and 'hf', not '{d.dataset}'")
+        need(d.dataset in FILE_DATASETS,
+             f"config key 'data.decode' 'device' applies to datasets {', '.join(FILE_DATASETS)}, not '{d.dataset}'")
         need(d.auto_augment is None, "config key 'data.auto_augment' needs data.decode 'cpu' (the device path crops and flips only)")
     if d.mixup > 0 or d.cutmix > 0:
         need(d.batch_size % 2 == 0, f"mixup/cutmix need an even 'data.batch_size', got {d.batch_size}")

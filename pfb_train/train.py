@@ -189,6 +189,12 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
               f"{len(train_loader)} steps/epoch, {dist.world_size} process(es) on {device.type} -> {state.run_dir}")
         if checkpoint is not None:
             print(f"resumed at epoch {state.progress.epoch}, step {state.progress.step}")
+        for note in splits.notes:
+            print(note)
+        left_out = len(splits.train) - settings.nominal_rows
+        if left_out > 0:  # equal whole batches on every rank; the rest is not silently lost, it rotates
+            print(f"note: {left_out} of {len(splits.train)} training samples sit out each epoch (less than one "
+                  f"global batch of {dist.world_size} x {cfg.data.batch_size}); which ones changes every epoch")
         start = getattr(cfg.blocking.chosen(), "start_epoch", 0)
         if start >= cfg.schedule.epochs:
             print(f"note: blocking.{cfg.blocking.method}.start_epoch {start} is not within schedule.epochs "

@@ -1,4 +1,9 @@
-"""Images per second of the two ImageNet input paths, on a generated JPEG folder.
+"""Images per second of the two ImageNet input paths and three data layouts, on the same JPEG bytes.
+
+Layouts (--data, comma-separated, measured in one process, alternated for --rounds rounds):
+  imagefolder: the generated folder of .jpg files;
+  hf:          the same bytes as a Hugging Face dataset (save_to_disk), data.dataset: hf;
+  wds:         the same bytes as WebDataset shards written by `pfb-train shards`, data.dataset: wds.
 
   cpu:    DataLoader workers decode with PIL and run timm's train transform (RandomResizedCrop,
           flip, normalise); the batch is moved to the device.
@@ -7,8 +12,9 @@
 
 Each path runs --warmup batches, then times --batches batches (device-synchronised). The images
 are smooth colour fields plus noise at ImageNet's typical size (500 x 375, JPEG quality 90), so
-decode cost is realistic. It also times the device path's augmentation of one batch alone
-(`augment_host_ms`: host time; `augment_ms`: to completion). Prints one JSON object.
+decode cost is realistic. `worker_cpu_s_per_image` is the CPU time the DataLoader workers spent
+(user + system, read from /proc) per timed image. It also times the device path's augmentation of
+one batch alone (`augment_host_ms`: host time; `augment_ms`: to completion). Prints one JSON object.
 
     python scripts/bench_data.py --device cuda --workers 8 --batch-size 256
 """
@@ -49,22 +55,36 @@ def make_folder(root: Path, images: int, classes: int = 10, size=(500, 375)) -> 
         Image.new("RGB", (64, 48)).save(root / "val" / f"c{c}" / "v.jpg")
 
 
-def images_per_second(loader, device, warmup: int, batches: int) -> float:
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's live children (the DataLoader workers); Linux only."""
+    total, me = 0, str(os.getpid())
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a process that just ended
+            continue
+        if fields[1] == me:  # fields after the name: state, ppid, ..., utime (12), stime (13)
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def measure(loader, device, warmup: int, batches: int) -> tuple[float, float]:
+    """(images per second, workers' CPU seconds per image) over `batches` batches after `warmup`."""
     set_loader_epoch(loader, 0)
     it = iter(loader)
     for _ in range(warmup):
         x, _, _ = next(it)
         x.to(device, non_blocking=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start, count = time.perf_counter(), 0
+    sync(device)
+    start, cpu_start, count = time.perf_counter(), children_cpu_seconds(), 0
     for _ in range(batches):
         x, _, _ = next(it)
         x = x.to(device, non_blocking=True)
         count += x.shape[0]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return count / (time.perf_counter() - start)
+    sync(device)
+    seconds, cpu = time.perf_counter() - start, children_cpu_seconds() - cpu_start
+    del it  # the workers end with the iterator
+    return count / seconds, cpu / count
 
 
 def augment_ms(device: torch.device, batch_size: int, img_size: int, repeats: int = 5) -> dict:
@@ -107,6 +127,18 @@ def as_hf_dataset(folder: Path, out: Path) -> Path:
     return out
 
 
+def layout_root(name: str, folder: Path, tmp: Path) -> Path:
+    if name == "hf":
+        return as_hf_dataset(folder, tmp / "hf")
+    if name == "wds":
+        from pfb_train.shards import write_shards
+
+        write_shards(DataConfig(dataset="imagefolder", root=str(folder), val_split="validation"), str(tmp / "wds"),
+                     samples_per_shard=256, progress=False)
+        return tmp / "wds"
+    return folder
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -115,27 +147,33 @@ def main() -> None:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=2, help="each layout and path is measured once a round")
     p.add_argument("--folder", help="an existing imagefolder root (default: generate one)")
-    p.add_argument("--data", choices=["imagefolder", "hf"], default="imagefolder",
-                   help="hf: the same JPEG bytes as a Hugging Face dataset (save_to_disk) read by data.dataset: hf")
+    p.add_argument("--data", default="imagefolder,hf,wds", help="layouts to compare, comma-separated")
     args = p.parse_args()
     device = torch.device(args.device)
+    layouts = args.data.split(",")
     needed = args.batch_size * (args.warmup + args.batches)
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+              f"cpu x{os.cpu_count()} ({platform.machine()})", "workers": args.workers, "batch_size": args.batch_size,
+              "img_size": args.img_size, "images": needed, "rounds": args.rounds, "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(args.folder) if args.folder else Path(tmp)
+        folder = Path(args.folder) if args.folder else Path(tmp) / "folder"
         if not args.folder:
-            make_folder(root, needed)
-        if args.data == "hf":
-            root = as_hf_dataset(root, Path(tmp) / "hf")
-        result = {"data": args.data, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-                  f"cpu x{os.cpu_count()} ({platform.machine()})", "workers": args.workers,
-                  "batch_size": args.batch_size, "img_size": args.img_size, "images": needed,
-                  "torch": torch.__version__}
-        for decode in ("cpu", "device"):
-            cfg = DataConfig(dataset=args.data, root=str(root), img_size=args.img_size,
-                             batch_size=args.batch_size, workers=args.workers, decode=decode)
-            train, _ = build_loaders(build_datasets(cfg), cfg, seed=0, pin_memory=device.type == "cuda", device=device)
-            result[f"images_per_second_{decode}"] = images_per_second(train, device, args.warmup, args.batches)
+            make_folder(folder, needed)
+        roots = {name: layout_root(name, folder, Path(tmp)) for name in layouts}
+        rows = {f"{name}_{decode}": [] for name in layouts for decode in ("cpu", "device")}
+        for _ in range(args.rounds):
+            for name in layouts:
+                for decode in ("cpu", "device"):
+                    cfg = DataConfig(dataset=name, root=str(roots[name]), img_size=args.img_size,
+                                     batch_size=args.batch_size, workers=args.workers, decode=decode)
+                    splits = build_datasets(cfg, num_classes=len(list((folder / "train").iterdir())))
+                    train, _ = build_loaders(splits, cfg, seed=0, pin_memory=device.type == "cuda", device=device)
+                    rows[f"{name}_{decode}"].append(measure(train, device, args.warmup, args.batches))
+        for key, values in rows.items():
+            result[f"images_per_second_{key}"] = [round(v[0], 1) for v in values]
+            result[f"worker_cpu_s_per_image_{key}"] = [round(v[1], 5) for v in values]
         result.update(augment_ms(device, args.batch_size, args.img_size))
     print(json.dumps(result))
 

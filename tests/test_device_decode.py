@@ -95,7 +95,7 @@ def test_training_run_with_device_decode(folder, tmp_path):
 
 
 def test_device_decode_config_errors():
-    with pytest.raises(UserError, match="applies to datasets 'imagefolder' and 'hf'"):
+    with pytest.raises(UserError, match="applies to datasets imagefolder, hf, wds, not 'digits'"):
         load_config(None, ["data.decode=device", "data.dataset=digits"])
     with pytest.raises(UserError, match="auto_augment"):
         load_config(None, ["data.decode=device", "data.dataset=imagefolder", "data.root=/x",

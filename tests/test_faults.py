@@ -13,6 +13,7 @@ import random
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -147,6 +148,117 @@ def test_val_classes_differ_from_train(tmp_path, capsys):
     os.rename(root / "val" / "b", root / "val" / "bee")
     code, _, err = cli(capsys, *train_args(root, tmp_path / "runs"))
     assert code == 2 and "have different class folders" in one_line(err)
+
+
+# ---------------------------------------------------------------- WebDataset shards (data.dataset: wds)
+
+
+def make_shards(capsys, tmp_path) -> Path:
+    """A folder of real JPEGs (12 train, 12 val) written as shards of 4 by `pfb-train shards`."""
+    folder = write_folder(tmp_path / "folder")
+    odd_image("one_pixel", folder / "train" / "b" / "extra")
+    code, _, err = cli(capsys, "shards", "--config", "demo", "--set", "data.dataset=imagefolder", "--set",
+                       f"data.root={folder}", "--set", "runtime.progress=false", "--out", str(tmp_path / "shards"),
+                       "--samples-per-shard", "4")
+    assert code == 0, err
+    return tmp_path / "shards"
+
+
+def rewrite_shard(path: Path, change) -> None:
+    """Write the shard again with `change(members)` applied to its list of (name, bytes)."""
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(path, "w") as tar:
+        for name, data in change(members):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def set_member(extension: str, data: bytes):
+    """A change that gives the shard's first sample's `extension` member these bytes."""
+    def change(members):
+        first = members[0][0].split(".")[0]
+        return [(n, data if n == f"{first}.{extension}" else d) for n, d in members]
+    return change
+
+
+def wds_args(root, out, *extra):
+    return train_args(root, out, "data.dataset=wds", "data.batch_size=2", *extra)  # 12 samples: all 6 steps
+
+
+def test_shards_needs_the_webdataset_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "webdataset", None)  # as if it were not installed
+    code, _, err = cli(capsys, "shards", "--config", "demo", "--set", "data.dataset=imagefolder", "--set",
+                       f"data.root={write_folder(tmp_path / 'folder')}", "--out", str(tmp_path / "shards"))
+    assert code == 2 and "needs the webdataset package: pip install 'pfb-train[data]'" in one_line(err)
+
+
+@pytest.mark.parametrize("fault,message", [
+    ("missing_split", "split 'test' not found in"),
+    ("missing_shard", "shard file not found:"),
+    ("truncated_shard", "is truncated"),
+    ("label_outside_num_classes", "has label 7, outside 0..1 (model.num_classes 2)"),
+    ("info_not_json", "_info.json is not valid JSON"),
+])
+def test_shard_mistakes_are_one_line(fault, message, tmp_path, capsys):
+    root = make_shards(capsys, tmp_path)
+    extra = []
+    if fault == "missing_split":
+        extra = ["data.val_split=test"]
+    elif fault == "missing_shard":
+        (root / "train-000001.tar").unlink()
+    elif fault == "truncated_shard":
+        data = (root / "train-000001.tar").read_bytes()
+        (root / "train-000001.tar").write_bytes(data[: len(data) * 2 // 3])
+    elif fault == "label_outside_num_classes":
+        rewrite_shard(root / "train-000001.tar", set_member("cls", b"7"))
+    else:
+        (root / "_info.json").write_text("{ not json")
+    code, _, err = cli(capsys, *wds_args(root, tmp_path / "runs", *extra))
+    assert code == 2 and message in one_line(err)
+
+
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+@pytest.mark.parametrize("fault", ["image_does_not_decode", "cls_is_not_a_number", "shorter_than_info_says"])
+def test_a_broken_sample_in_a_shard_is_counted_not_fatal(fault, decode, tmp_path, capsys):
+    root = make_shards(capsys, tmp_path)
+    if fault == "image_does_not_decode":
+        rewrite_shard(root / "train-000000.tar", set_member("jpg", b"not a jpeg"))
+    elif fault == "cls_is_not_a_number":
+        rewrite_shard(root / "train-000000.tar", set_member("cls", b"cat"))
+    else:  # a timm-made _info.json (no shard_bytes) that promises one sample more than the shard holds
+        rewrite_shard(root / "train-000000.tar", lambda members: members[2:])
+        info = json.loads((root / "_info.json").read_text())
+        del info["splits"]["train"]["shard_bytes"]
+        (root / "_info.json").write_text(json.dumps(info))
+    code, _, err = cli(capsys, *wds_args(root, tmp_path / "runs", f"data.decode={decode}"))
+    assert code == 0 and "Traceback" not in err, err
+    record = read_metrics(tmp_path / "runs" / "demo")[0]
+    assert record["bad_samples"] == 1 and record["samples_seen"] == 11
+
+
+@pytest.mark.parametrize("fault,note", [
+    ("info_absent", "_info.json in {root}: counted split 'train' from its 3 shard(s) instead (12 samples)"),
+    ("shard_replaced", "_info.json says train-000001.tar has"),
+    ("count_disagrees", "_info.json gives num_samples 13 but its shard_lengths add up to 12"),
+])
+def test_an_absent_or_disagreeing_info_file_is_counted_once_and_said(fault, note, tmp_path, capsys):
+    root = make_shards(capsys, tmp_path)
+    info = json.loads((root / "_info.json").read_text())
+    if fault == "info_absent":
+        (root / "_info.json").unlink()
+    elif fault == "shard_replaced":  # one sample fewer than _info.json gives it: counted, none missing
+        rewrite_shard(root / "train-000001.tar", lambda members: members[2:])
+    else:
+        info["splits"]["train"]["num_samples"] = 13
+        (root / "_info.json").write_text(json.dumps(info))
+    code, out, err = cli(capsys, *wds_args(root, tmp_path / "runs", "model.num_classes=2"))
+    assert code == 0, err
+    assert out.count(note.format(root=root)) == 1 and "Traceback" not in err
+    record = read_metrics(tmp_path / "runs" / "demo")[0]
+    assert record["bad_samples"] == 0
+    assert record["samples_seen"] == (10 if fault == "shard_replaced" else 12)
 
 
 # ---------------------------------------------------------------- checkpoints and resuming

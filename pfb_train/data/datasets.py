@@ -6,6 +6,7 @@
 - `fashion_mnist`: the four standard idx files (plain or gzipped), by default where Debian's
   `dataset-fashion-mnist` package puts them.
 - `imagefolder`: ImageNet layout `root/train/<class>/*.JPEG`, `root/val/<class>/*`, timm transforms.
+- `hf` (data/hf.py): a Hugging Face dataset; `wds` (data/wds.py): WebDataset tar shards.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 from torchvision.datasets import ImageFolder
 
+from pfb_train.config import FILE_DATASETS
 from pfb_train.data.device_decode import read_bytes
 from pfb_train.data.missing import Unreadable
 from pfb_train.errors import UserError
@@ -51,6 +53,7 @@ class DataSplits:
     val: Dataset
     num_classes: int
     decode_on_device: bool = False  # items are file bytes (data.decode: device)
+    notes: tuple = ()  # what the reader found and worked around, printed once at the start (wds)
 
 
 def synthetic(num_classes: int, img_size: int, train_samples: int, val_samples: int, seed: int = 0) -> DataSplits:
@@ -328,9 +331,14 @@ def build_datasets(data_cfg, num_classes=None, seed: int = 0) -> DataSplits:
 
         splits = hf(d.root, d.train_split, d.val_split, d.image_key, d.label_key, d.img_size, d.auto_augment,
                     d.bad_images == "fail", d.decode)
+    elif d.dataset == "wds":
+        from pfb_train.data.wds import wds
+
+        splits = wds(d.root, d.train_split, d.val_split, num_classes, d.img_size, d.auto_augment,
+                     d.bad_images == "fail", d.decode)
     else:
         splits = imagefolder(d.root, d.img_size, d.auto_augment, d.bad_images == "fail", d.decode)
-    if d.dataset not in ("imagefolder", "hf"):
+    if d.dataset not in FILE_DATASETS:
         splits = subsample(splits, d.train_samples, d.val_samples, d.imbalance)
     if num_classes is not None and num_classes != splits.num_classes:
         raise UserError(f"config key 'model.num_classes' is {num_classes} but dataset '{d.dataset}' has {splits.num_classes} classes")

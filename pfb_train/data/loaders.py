@@ -15,6 +15,7 @@ from pfb_train.data.device_decode import DeviceDecodeLoader, collate_bytes
 from pfb_train.data.missing import MISSING, Unreadable, fill_unreadable
 from pfb_train.data.prefetch import DevicePrefetcher
 from pfb_train.data.resident import ResidentLoader, fits_on_device
+from pfb_train.data.wds import ShardedTars, local_shuffle, shard_stream
 from pfb_train.errors import UserError
 
 
@@ -71,7 +72,9 @@ class ShardedTrainSampler(Sampler):
         order = torch.randperm(self._pool(), generator=torch.Generator().manual_seed(self.seed + self.epoch))
         indices = order if self.subset is None else self.subset.cpu()[order]
         indices = indices[: self._share() * self.world_size]  # equal shares: every rank takes as many steps
-        mine = indices[self.rank :: self.world_size][self.skip :]
+        return self._keys(indices[self.rank :: self.world_size][self.skip :])
+
+    def _keys(self, mine: torch.Tensor):
         base = (self.seed * 1_000_003 + self.epoch) * 1_000_000_007 % 2**62  # epochs 1e9+7 apart: no overlap
         seeds = (mine + base) % 2**62
         return zip(mine.tolist(), seeds.tolist())
@@ -83,11 +86,38 @@ class ShardedTrainSampler(Sampler):
         return self._share() - self.skip
 
 
+class ShardOrderSampler(ShardedTrainSampler):
+    """ShardedTrainSampler's contract for tar shards (data/wds.py): the epoch's shards laid end to end
+    in a seeded order, pruned samples taken out, an equal contiguous piece per rank (whole batches:
+    every rank takes as many steps; the rest waits at the end of the stream), shuffled within
+    `window` places so that reads stay within a few neighbouring shards."""
+
+    def __init__(self, shard_lengths, batch_size: int, window: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0):
+        super().__init__(sum(shard_lengths), rank, world_size, seed)
+        self.shard_lengths, self.batch_size, self.window = list(shard_lengths), batch_size, window
+
+    def __iter__(self):
+        stream = torch.from_numpy(shard_stream(self.shard_lengths, self.seed, self.epoch))
+        if self.subset is not None:
+            kept = torch.zeros(self.size, dtype=torch.bool)
+            kept[self.subset.cpu()] = True
+            stream = stream[kept[stream]]
+        share = self._share()
+        mine = stream[self.rank * share : (self.rank + 1) * share]
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_007 + self.rank)
+        return self._keys(mine[local_shuffle(len(mine), self.window, generator)][self.skip :])
+
+    def _share(self) -> int:
+        return self._pool() // (self.world_size * self.batch_size) * self.batch_size
+
+
 class ShardedEvalSampler(Sampler):
-    """Rank r visits indices r, r+W, r+2W, ...: every sample exactly once over all ranks (no padding)."""
+    """Rank r visits one contiguous block of indices, the blocks differing by at most one in size:
+    every sample exactly once over all ranks (no padding), and reads of neighbouring samples."""
 
     def __init__(self, size: int, rank: int, world_size: int):
-        self.indices = range(rank, size, world_size)
+        self.indices = range(size * rank // world_size, size * (rank + 1) // world_size)
 
     def __iter__(self):
         return iter(self.indices)
@@ -106,7 +136,11 @@ def build_loaders(splits: DataSplits, data_cfg, seed: int, rank: int = 0, world_
             f"training set has {len(splits.train)} samples, fewer than one global batch "
             f"(data.batch_size {d.batch_size} x {world_size} processes)"
         )
-    train_sampler = ShardedTrainSampler(len(splits.train), rank, world_size, seed)
+    if isinstance(splits.train, ShardedTars):
+        train_sampler = ShardOrderSampler(splits.train.shard_lengths, d.batch_size, d.shuffle_window, rank,
+                                          world_size, seed)
+    else:
+        train_sampler = ShardedTrainSampler(len(splits.train), rank, world_size, seed)
     common = dict(num_workers=d.workers, pin_memory=pin_memory, persistent_workers=d.workers > 0,
                   collate_fn=collate_bytes if splits.decode_on_device else collate_readable)
     # Its own generator: worker seeds are drawn from it, not from the global RNG (see start_epoch).

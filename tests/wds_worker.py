@@ -1,0 +1,33 @@
+"""Run under torchrun (or plain python for one process) by tests/test_wds.py: the sample indices
+each rank's train loader yields in epochs 0 and 1, and the validation count, to OUT/rank<r>.pt."""
+
+import sys
+
+import torch
+
+from pfb_train.config import load_config
+from pfb_train.data import set_loader_epoch
+from pfb_train.distributed import cleanup, init_distributed
+from pfb_train.engine import evaluate
+from pfb_train.train import setup
+
+
+def main(shards, out, dist):
+    cfg = load_config(None, ["model.name=resnet18", "model.num_classes=null", "data.dataset=wds",
+                             f"data.root={shards}", "data.img_size=16", "data.batch_size=4", "data.workers=1",
+                             "runtime.device=cpu", "runtime.progress=false", "runtime.seed=0", "runtime.threads=1",
+                             f"runtime.output={out}/runs", "blocking.method=none"])
+    state = setup(cfg, dist)
+    epochs = []
+    for epoch in range(2):
+        set_loader_epoch(state.train_loader, epoch)
+        epochs.append([indices.tolist() for _, _, indices in state.train_loader])
+    result = evaluate(state.train_module, state.val_loader, state.settings.step)
+    torch.save({"epochs": epochs, "val_samples": result["val_samples"]}, f"{out}/rank{dist.rank}.pt")
+
+
+dist = init_distributed("cpu")
+try:
+    main(sys.argv[1], sys.argv[2], dist)
+finally:
+    cleanup()
