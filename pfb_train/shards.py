@@ -92,15 +92,11 @@ def encoded_splits(d) -> tuple[list[EncodedSplit], int]:
     """The (train, val) splits of the config's dataset as encoded images, and its number of classes."""
     names = (d.train_split, d.val_split)
     if d.dataset == "imagefolder":
-        from pfb_train.data.datasets import _check_class_folders
+        from pfb_train.data.datasets import folder_classes
 
         base = Path(d.root).expanduser()
-        if not base.is_dir():
-            raise UserError(f"data.root does not exist: {base}")
-        classes = [_check_class_folders(base / split) for split in ("train", "val")]
-        if classes[0] != classes[1]:
-            raise UserError(f"train/ and val/ in {base} have different class folders")
-        return [_folder_split(base / split, name) for split, name in zip(("train", "val"), names)], len(classes[0])
+        classes = folder_classes(base)
+        return [_folder_split(base / split, name) for split, name in zip(("train", "val"), names)], len(classes)
     if d.dataset == "hf":
         from pfb_train.data.hf import HFImages, find_columns, load_splits
 
@@ -117,20 +113,20 @@ def encoded_splits(d) -> tuple[list[EncodedSplit], int]:
             splits.append(EncodedSplit(name, len(table), read))
         return splits, loaded[names[0]].features[label_key].num_classes
     if d.dataset in ("cifar10", "cifar100"):
-        from pfb_train.data.datasets import CIFAR, _read_cifar_batches, cifar
+        from pfb_train.data.datasets import CIFAR, cifar, read_cifar_batches
 
         spec = CIFAR[d.dataset]
         cifar(d.dataset, d.root, 32, d.download)  # checks (and fetches, if asked) the files
         folder = Path(d.root).expanduser() / spec["folder"]
-        parts = [_read_cifar_batches(folder, spec[part], spec["label_key"]) for part in ("train", "test")]
+        parts = [read_cifar_batches(folder, spec[part], spec["label_key"]) for part in ("train", "test")]
         return [_pixel_split(x.numpy(), y.numpy(), name) for (x, y), name in zip(parts, names)], spec["classes"]
     if d.dataset == "fashion_mnist":
-        from pfb_train.data.datasets import FASHION_MNIST_FILES, FASHION_MNIST_ROOT, _idx_file, read_idx
+        from pfb_train.data.datasets import FASHION_MNIST_FILES, FASHION_MNIST_ROOT, idx_file, read_idx
 
         base = Path(d.root or FASHION_MNIST_ROOT).expanduser()
         splits = []
         for (images, labels), name in zip(FASHION_MNIST_FILES.values(), names):
-            x, y = read_idx(_idx_file(base, images)), read_idx(_idx_file(base, labels))
+            x, y = read_idx(idx_file(base, images)), read_idx(idx_file(base, labels))
             splits.append(_pixel_split(x.unsqueeze(1).numpy(), y.numpy(), name))
         return splits, 10
     raise UserError(f"dataset '{d.dataset}' has no stored images to write; `pfb-train shards` reads "

@@ -240,24 +240,33 @@ def test_shards_from_a_hugging_face_dataset_keep_its_bytes(tmp_path, capsys):
         assert ShardedTars(split, 2).encoded(i) == (source[i]["image"]["bytes"], source[i]["label"])
 
 
-def test_shards_from_pixels_are_lossless_png(tmp_path, capsys):
-    from test_data import write_fashion_mnist
+@pytest.mark.parametrize("dataset", ["fashion_mnist", "cifar10"])
+def test_shards_from_pixels_are_lossless_png(dataset, tmp_path):
+    from test_data import write_cifar, write_fashion_mnist
 
-    root = write_fashion_mnist(tmp_path / "fm", train_per_class=2, val_per_class=1)
-    assert main(["shards", "--config", "demo", "--set", "data.dataset=fashion_mnist", "--set", f"data.root={root}",
-                 "--set", "runtime.progress=false", "--out", str(tmp_path / "shards")]) == 0
-    from pfb_train.data.datasets import read_idx
+    from pfb_train.data.datasets import CIFAR, idx_file, read_cifar_batches, read_idx
     from pfb_train.data.wds import ShardSplit, ShardedTars, read_info
 
+    if dataset == "fashion_mnist":
+        root = write_fashion_mnist(tmp_path / "fm", train_per_class=2, val_per_class=1)
+        images = read_idx(idx_file(root, "t10k-images-idx3-ubyte")).unsqueeze(1)
+        labels = read_idx(idx_file(root, "t10k-labels-idx1-ubyte"))
+    else:
+        root = tmp_path / "cifar"
+        write_cifar(root)
+        spec = CIFAR["cifar10"]
+        images, labels = read_cifar_batches(root / spec["folder"], spec["test"], spec["label_key"])
+    assert main(["shards", "--config", "demo", "--set", f"data.dataset={dataset}", "--set", f"data.root={root}",
+                 "--set", "runtime.progress=false", "--out", str(tmp_path / "shards")]) == 0
     entry = read_info(tmp_path / "shards")["splits"]["validation"]
     split = ShardSplit("validation", tuple(str(tmp_path / "shards" / f) for f in entry["filenames"]),
                        tuple(entry["shard_lengths"]))
-    images = read_idx(next(root.glob("t10k-images*")))
-    labels = read_idx(next(root.glob("t10k-labels*")))
-    for i in range(entry["num_samples"]):
+    assert entry["num_samples"] == len(labels)
+    for i in range(len(labels)):  # validation keeps the source's order
         data, label = ShardedTars(split, 10).encoded(i)
         assert data[:4] == b"\x89PNG" and label == int(labels[i])
-        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), images[i].numpy())
+        pixels = np.asarray(Image.open(io.BytesIO(data)))
+        assert np.array_equal(pixels.reshape(*pixels.shape[:2], -1), images[i].permute(1, 2, 0).numpy())
 
 
 @pytest.mark.parametrize("layout", ["webdataset_pax", "ustar", "gnu_long_names", "pax_long_names"])

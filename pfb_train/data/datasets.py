@@ -113,11 +113,8 @@ def _check_class_folders(split_dir: Path) -> list[str]:
     return classes
 
 
-def imagefolder(root: str, img_size: int, auto_augment=None, fail_on_bad: bool = False,
-                decode: str = "cpu") -> DataSplits:
-    from timm.data import create_transform
-
-    base = Path(root).expanduser()
+def folder_classes(base: Path) -> list[str]:
+    """The class folder names of an ImageNet-layout root, checked: train/ and val/ hold the same, none empty."""
     if not base.is_dir():
         raise UserError(f"data.root does not exist: {base}")
     train_classes = _check_class_folders(base / "train")
@@ -125,6 +122,15 @@ def imagefolder(root: str, img_size: int, auto_augment=None, fail_on_bad: bool =
     if val_classes != train_classes:
         missing = sorted(set(train_classes) ^ set(val_classes))[:5]
         raise UserError(f"train/ and val/ in {base} have different class folders (e.g. {', '.join(missing)})")
+    return train_classes
+
+
+def imagefolder(root: str, img_size: int, auto_augment=None, fail_on_bad: bool = False,
+                decode: str = "cpu") -> DataSplits:
+    from timm.data import create_transform
+
+    base = Path(root).expanduser()
+    train_classes = folder_classes(base)
     if decode == "device":  # workers read bytes; DeviceDecodeLoader decodes and augments
         train, val = (ImageFolder(str(base / split), loader=read_bytes) for split in ("train", "val"))
         return DataSplits(train, val, len(train_classes), decode_on_device=True)
@@ -156,7 +162,7 @@ class TensorImages(Dataset):
         return self.transform(self.images[index]), int(self.labels[index])
 
 
-def _read_cifar_batches(folder: Path, names: list[str], label_key: bytes):
+def read_cifar_batches(folder: Path, names: list[str], label_key: bytes):
     import pickle
 
     images, labels = [], []
@@ -187,8 +193,8 @@ def cifar(name: str, root: str, img_size: int, download: bool = False) -> DataSp
     normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec["mean"], spec["std"])]
     train_tf = v2.Compose([*resize, v2.RandomCrop(img_size, padding=img_size // 8), v2.RandomHorizontalFlip(), *normalize])
     val_tf = v2.Compose([*resize, *normalize])
-    train = TensorImages(*_read_cifar_batches(folder, spec["train"], spec["label_key"]), train_tf)
-    val = TensorImages(*_read_cifar_batches(folder, spec["test"], spec["label_key"]), val_tf)
+    train = TensorImages(*read_cifar_batches(folder, spec["train"], spec["label_key"]), train_tf)
+    val = TensorImages(*read_cifar_batches(folder, spec["test"], spec["label_key"]), val_tf)
     return DataSplits(train, val, spec["classes"])
 
 
@@ -215,7 +221,7 @@ def read_idx(path: Path) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=offset).view(*dims)
 
 
-def _idx_file(root: Path, name: str) -> Path:
+def idx_file(root: Path, name: str) -> Path:
     for candidate in (root / name, root / f"{name}.gz"):
         if candidate.is_file():
             return candidate
@@ -235,7 +241,7 @@ def fashion_mnist(root, img_size: int) -> DataSplits:
     base = Path(root or FASHION_MNIST_ROOT).expanduser()
     splits = {}
     for split, (images, labels) in FASHION_MNIST_FILES.items():
-        x, y = read_idx(_idx_file(base, images)), read_idx(_idx_file(base, labels))
+        x, y = read_idx(idx_file(base, images)), read_idx(idx_file(base, labels))
         if x.dim() != 3 or y.dim() != 1 or len(x) != len(y):
             raise UserError(f"fashion_mnist files in {base} disagree: images {tuple(x.shape)}, labels {tuple(y.shape)}")
         splits[split] = (x.unsqueeze(1), y.long())  # (N, 1, 28, 28) uint8
