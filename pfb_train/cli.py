@@ -135,7 +135,7 @@ def _shards(args) -> int:
     info = write_shards(cfg.data, args.out, args.samples_per_shard, progress=cfg.runtime.progress)
     for name, split in info["splits"].items():
         print(f"{name}: {split['num_samples']} samples in {len(split['filenames'])} shards")
-    print(f"wrote {args.out} (train with data.dataset=wds data.root={args.out})")
+    print(f"train from them with: --set data.dataset=wds --set data.root={args.out}")
     return 0
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 from PIL import Image
 
 from pfb_train.data.wds import INFO_FILE, check_complete, scan_shard
@@ -129,8 +130,14 @@ def encoded_splits(d) -> tuple[list[EncodedSplit], int]:
             x, y = read_idx(idx_file(base, images)), read_idx(idx_file(base, labels))
             splits.append(_pixel_split(x.unsqueeze(1).numpy(), y.numpy(), name))
         return splits, 10
+    if d.dataset == "digits":  # 8x8 images of 17 grey levels, written at their own size
+        from pfb_train.data.datasets import load_digits
+
+        images, labels, *split = load_digits()
+        pixels = (images * 255).round().to(torch.uint8).numpy()
+        return [_pixel_split(pixels[index], labels[index].numpy(), name) for index, name in zip(split, names)], 10
     raise UserError(f"dataset '{d.dataset}' has no stored images to write; `pfb-train shards` reads "
-                    "imagefolder, hf, cifar10, cifar100 and fashion_mnist")
+                    "imagefolder, hf, cifar10, cifar100, fashion_mnist and digits")
 
 
 def _tar_writer():

@@ -240,7 +240,7 @@ def test_shards_from_a_hugging_face_dataset_keep_its_bytes(tmp_path, capsys):
         assert ShardedTars(split, 2).encoded(i) == (source[i]["image"]["bytes"], source[i]["label"])
 
 
-@pytest.mark.parametrize("dataset", ["fashion_mnist", "cifar10"])
+@pytest.mark.parametrize("dataset", ["fashion_mnist", "cifar10", "digits"])
 def test_shards_from_pixels_are_lossless_png(dataset, tmp_path):
     from test_data import write_cifar, write_fashion_mnist
 
@@ -251,13 +251,18 @@ def test_shards_from_pixels_are_lossless_png(dataset, tmp_path):
         root = write_fashion_mnist(tmp_path / "fm", train_per_class=2, val_per_class=1)
         images = read_idx(idx_file(root, "t10k-images-idx3-ubyte")).unsqueeze(1)
         labels = read_idx(idx_file(root, "t10k-labels-idx1-ubyte"))
+    elif dataset == "digits":
+        from pfb_train.data.datasets import load_digits
+
+        root, (images, labels, _, val) = None, load_digits()
+        images, labels = (images[val] * 255).round().to(torch.uint8), labels[val]
     else:
         root = tmp_path / "cifar"
         write_cifar(root)
         spec = CIFAR["cifar10"]
         images, labels = read_cifar_batches(root / spec["folder"], spec["test"], spec["label_key"])
-    assert main(["shards", "--config", "demo", "--set", f"data.dataset={dataset}", "--set", f"data.root={root}",
-                 "--set", "runtime.progress=false", "--out", str(tmp_path / "shards")]) == 0
+    assert main(["shards", "--config", "demo", "--set", f"data.dataset={dataset}", "--set", "runtime.progress=false",
+                 *(["--set", f"data.root={root}"] if root else []), "--out", str(tmp_path / "shards")]) == 0
     entry = read_info(tmp_path / "shards")["splits"]["validation"]
     split = ShardSplit("validation", tuple(str(tmp_path / "shards" / f) for f in entry["filenames"]),
                        tuple(entry["shard_lengths"]))

@@ -72,20 +72,26 @@ def synthetic(num_classes: int, img_size: int, train_samples: int, val_samples: 
     return DataSplits(draw(train_samples), draw(val_samples), num_classes)
 
 
-def digits(img_size: int, val_fraction: float = 0.2) -> DataSplits:
-    """scikit-learn's 1,797 digit images; the split is fixed (seed 0) whatever the run's seed."""
+def load_digits(val_fraction: float = 0.2):
+    """scikit-learn's 1,797 digit images (N, 1, 8, 8) in [0, 1], labels, and the fixed (seed 0) train
+    and validation indices."""
     try:
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits as load
     except ImportError:
         raise UserError("dataset 'digits' needs scikit-learn: pip install scikit-learn") from None
-    bunch = load_digits()
-    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
-    images = F.interpolate(images, size=(img_size, img_size), mode="bilinear", align_corners=False)
-    images = ((images - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
+    bunch = load()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(bunch.target, dtype=torch.long)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     n_val = int(round(val_fraction * len(labels)))
-    val, train = order[:n_val], order[n_val:]
+    return images, labels, order[n_val:], order[:n_val]
+
+
+def digits(img_size: int) -> DataSplits:
+    """The digits upsampled to img_size; the split is fixed whatever the run's seed."""
+    images, labels, train, val = load_digits()
+    images = F.interpolate(images, size=(img_size, img_size), mode="bilinear", align_corners=False)
+    images = ((images - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
     return DataSplits(TensorDataset(images[train], labels[train]), TensorDataset(images[val], labels[val]), 10)
 
 
