@@ -56,20 +56,27 @@ def main(argv=None) -> int:
         return {"train": _train, "info": _info, "report": _report, "methods": _methods,
                 "shards": _shards}[args.command](args)
     except UserError as e:
-        print(f"pfb-train: error: {one_line(e)}", file=sys.stderr)
+        say(f"pfb-train: error: {one_line(e)}")
         return 2
     except OSError as e:  # the machine's side: a path that cannot be made or written, a full disk
-        print(f"pfb-train: error: {e}", file=sys.stderr)
+        say(f"pfb-train: error: {e}")
         return 2
     except Preempted as e:
-        print(f"pfb-train: {e}", file=sys.stderr)
+        say(f"pfb-train: {e}")
         return 128 + e.signum
     except TrainingStopped as e:
-        print(f"pfb-train: stopped: {e}", file=sys.stderr)
+        say(f"pfb-train: stopped: {e}")
         return 1
     except KeyboardInterrupt:
-        print("pfb-train: interrupted", file=sys.stderr)
+        say("pfb-train: interrupted")
         return 130
+
+
+def say(line: str) -> None:
+    """One write of the whole line: the ranks of a job share stderr, and a line split in two writes
+    can be cut by another rank's."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def one_line(error: Exception) -> str:

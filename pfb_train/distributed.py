@@ -102,10 +102,17 @@ def barrier() -> None:
 STOP_KEY = "pfb_train/stop"
 _watcher: Optional[threading.Thread] = None
 _stopping = threading.Event()
+_stop_store = None  # torchrun's store, held: breaking the group also drops it from torch.distributed
 
 
 def _store():
     return dist.distributed_c10d._get_default_store()
+
+
+def sharing_stops() -> bool:
+    """Whether this rank's stops are shared with other ranks (a multi-process run, watched). Not
+    `is_distributed()`: once a rank's group is broken, that says False."""
+    return _stop_store is not None
 
 
 def _break_group() -> None:
@@ -127,42 +134,51 @@ def _watch(store) -> None:
 
 def watch_for_stops() -> None:
     """Start the watcher thread (multi-process runs only; once)."""
-    global _watcher
+    global _watcher, _stop_store
     if is_distributed() and get_world_size() > 1 and _watcher is None:
         _stopping.clear()
-        _watcher = threading.Thread(target=_watch, args=(_store(),), daemon=True, name="pfb-stop-watch")
+        _stop_store = _store()
+        _watcher = threading.Thread(target=_watch, args=(_stop_store,), daemon=True, name="pfb-stop-watch")
         _watcher.start()
 
 
-def announce_stop(kind: str, message: str) -> None:
-    """This rank cannot go on: tell every rank why (`kind`: the exception's class name), then break the group."""
-    if not (is_distributed() and get_world_size() > 1):
-        return
-    store = _store()
-    if not store.check([STOP_KEY]):  # the first rank to fail names the cause
-        store.set(STOP_KEY, f"{kind}\t{get_rank()}\t{message}")
+def announce_stop(kind: str, message: str) -> Optional[tuple[str, int, str]]:
+    """This rank cannot go on: tell every rank why (`kind`: the exception's class name), then break the
+    group. Returns the announcement that stands: the first rank's to announce (this one's, unless
+    another rank's error came first and this one is its echo)."""
+    if not sharing_stops():
+        return None
+    standing = _stop_store.compare_set(STOP_KEY, "", f"{kind}\t{get_rank()}\t{message}")  # atomic: first one wins
     _break_group()
+    return _parse_stop(standing)
 
 
 def stopped_elsewhere(wait_seconds: float = 10.0) -> Optional[tuple[str, int, str]]:
     """(kind, rank, message) if a rank announced a stop; waits a little, since a collective can fail
     before the failing rank has written its message."""
-    if not (is_distributed() and get_world_size() > 1):
+    if not sharing_stops():
         return None
-    store = _store()
+    store = _stop_store
     try:
-        store.wait([STOP_KEY], timedelta(seconds=wait_seconds))
+        if wait_seconds > 0:
+            store.wait([STOP_KEY], timedelta(seconds=wait_seconds))
+        elif not store.check([STOP_KEY]):  # wait() with no time raises even when the key is there
+            return None
     except Exception:
         return None
-    kind, rank, message = store.get(STOP_KEY).decode().split("\t", 2)
+    return _parse_stop(store.get(STOP_KEY))
+
+
+def _parse_stop(value: bytes) -> tuple[str, int, str]:
+    kind, rank, message = value.decode().split("\t", 2)
     return kind, int(rank), message
 
 
 def cleanup(clean: bool = True) -> None:
     """`clean`: every rank finished; a stop skips the barrier (a broken group cannot hold one)."""
-    global _watcher
+    global _watcher, _stop_store
     _stopping.set()
-    _watcher = None
+    _watcher = _stop_store = None
     if is_distributed():
         if clean:
             dist.barrier()  # no rank tears the group down while another is still in a collective

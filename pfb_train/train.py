@@ -26,8 +26,8 @@ from pfb_train.checkpoint import (all_rng_states, has_checkpoint_files, latest_c
 from pfb_train.config import Config, save_config
 from pfb_train.costs import blocking_mode
 from pfb_train.data import build_datasets, build_loaders, dataset_labels
-from pfb_train.distributed import (DistInfo, announce_stop, barrier, cleanup, get_rank, get_world_size,
-                                   init_distributed, stopped_elsewhere, watch_for_stops)
+from pfb_train.distributed import (DistInfo, announce_stop, barrier, cleanup,
+                                   init_distributed, sharing_stops, stopped_elsewhere, watch_for_stops)
 from pfb_train.errors import Preempted, TrainingStopped, UserError
 from pfb_train.engine import EpochTally, StepSettings, Trainer, evaluate, prepare_epoch, train_one_epoch
 from pfb_train.metrics import BaselineComparison, RunLogger, make_run_dir, rewrite_metrics
@@ -112,9 +112,7 @@ def stop_every_rank(error: BaseException) -> BaseException:
     """Under DDP one rank's error ends every rank with the same one-line message (distributed.py):
     a rank that failed itself announces it; a rank whose collective broke raises what was announced.
     Signals are already collective (preemption.py): every rank raises Preempted at the same step."""
-    if isinstance(error, (Preempted, KeyboardInterrupt)):
-        return error
-    if get_world_size() == 1:
+    if isinstance(error, (Preempted, KeyboardInterrupt)) or not sharing_stops():
         return error
     announced = stopped_elsewhere(wait_seconds=0.0)
     if announced is None and isinstance(error, RuntimeError) and not isinstance(error, TrainingStopped):
@@ -122,8 +120,7 @@ def stop_every_rank(error: BaseException) -> BaseException:
     if announced is None:  # this rank failed first: say why, to every rank
         kind = type(error).__name__ if type(error).__name__ in RUN_ENDING else "TrainingStopped"
         message = str(error) if kind == type(error).__name__ else f"{type(error).__name__}: {error}"
-        announced = (kind, get_rank(), message)  # the rank first: the announcement breaks the group
-        announce_stop(kind, message)
+        announced = announce_stop(kind, message)  # another rank's, if it announced first
     kind, rank, message = announced
     return RUN_ENDING[kind](f"{message} (on rank {rank})")
 

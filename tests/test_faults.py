@@ -428,6 +428,23 @@ def test_a_fault_on_one_rank_stops_every_rank_with_the_same_line(fault, code, me
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("faults", ["data+echo", "data+bug"])
+def test_two_errors_at_once_still_give_every_rank_one_line(faults, tmp_path):
+    """The first announcement stands on every rank: an error that is the echo of another rank's stop
+    (a collective on an aborted group), or a second real error at the same moment, does not replace it."""
+    (tmp_path / "ddp.yaml").write_text(DDP_CONFIG)
+    result = subprocess.run([*TORCHRUN, str(HERE / "fault_worker.py"), faults, "1", "--", "--config",
+                             str(tmp_path / "ddp.yaml"), "--set", f"runtime.output={tmp_path}"],
+                            capture_output=True, text=True, timeout=120)
+    data = "pfb-train: error: all 8 images of a batch are unreadable, e.g. /data/bad.jpg (on rank 1)"
+    bug = "pfb-train: stopped: ValueError: injected at the same time (on rank 0)"
+    # counted, not split into lines: two processes may write to stderr at the same moment
+    assert result.stderr.count("pfb-train:") == 2, result.stderr[-3000:]
+    assert result.stderr.count(data) == 2 or (faults == "data+bug" and result.stderr.count(bug) == 2), result.stderr[-3000:]
+    assert "pfb_train/" not in result.stderr and "exitcode  : 0" not in result.stderr
+
+
+@pytest.mark.slow
 def test_sigterm_to_a_torchrun_job_then_its_resume(tmp_path):
     (tmp_path / "ddp.yaml").write_text(DDP_CONFIG.replace("epochs: 2", "epochs: 30"))
     args = [*TORCHRUN, "-m", "pfb_train", "--config", str(tmp_path / "ddp.yaml"), "--set",
