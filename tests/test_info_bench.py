@@ -5,27 +5,30 @@ from pathlib import Path
 
 import pytest
 
+from pfb_train.cli import main
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_info_reports_split_share_and_predictions(cli):
-    result = cli("info", "--config", "demo", "--set", "model.name=resnet50", "--set", "data.img_size=224",
-                 "--set", "data.batch_size=10", "--set", "blocking.centers=8", "--set", "blocking.mode=recompute", "--json")
-    assert result.returncode == 0, result.stderr
-    info = json.loads(result.stdout)
+def test_info_reports_split_share_and_predictions(capsys):
+    assert main(["info", "--config", "demo", "--set", "model.name=resnet50", "--set", "data.img_size=224",
+                 "--set", "data.batch_size=10", "--set", "blocking.centers=8", "--set", "blocking.mode=recompute",
+                 "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
     assert info["stage_name"] == "layer1" and info["num_stages"] == 4
     assert info["shallow_share"] == pytest.approx(0.192, abs=0.001)
     assert info["blocked_per_batch"] == 4
     assert info["predicted_ratio"]["recompute"] == pytest.approx(0.664, abs=0.001)
     assert info["params"] == info["shallow_params"] + info["deep_params"]
-    text = cli("info", "--config", "demo")
-    assert text.returncode == 0 and "shallow share" in text.stdout and "<- blocking.mode" in text.stdout
+    assert main(["info", "--config", "demo"]) == 0
+    text = capsys.readouterr().out
+    assert "shallow share" in text and "<- blocking.mode" in text
 
 
-def test_info_bad_model_is_one_line(cli):
-    result = cli("info", "--config", "demo", "--set", "model.name=levit_128s")
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
-    assert "cannot split model 'levit_128s'" in result.stderr
+def test_info_bad_model_is_one_line(capsys):
+    assert main(["info", "--config", "demo", "--set", "model.name=levit_128s"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "cannot split model 'levit_128s'" in err
 
 
 def test_bench_step_prints_json_with_ratios():
