@@ -12,7 +12,7 @@ HERE = Path(__file__).resolve().parent
 
 CONFIG = """
 name: ddp
-model: {name: resnet18}
+model: {name: test_resnet}
 blocking: {method: pfb, pfb: {ratio: 0.25, start_epoch: 0, centres: 8, feature_dim: 16}}
 data: {dataset: synthetic, img_size: 32, batch_size: 16, train_samples: 96, val_samples: 41,
        eval_batch_size: 8, workers: 0}

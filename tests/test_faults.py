@@ -90,7 +90,7 @@ def odd_image(kind: str, path_stem: Path) -> Path:
     return path
 
 
-TRAIN = ["data.dataset=imagefolder", "data.img_size=16", "data.batch_size=4", "data.workers=0",
+TRAIN = ["model.name=test_resnet", "data.dataset=imagefolder", "data.img_size=16", "data.batch_size=4", "data.workers=0",
          "schedule.epochs=1", "schedule.warmup_epochs=0", "runtime.progress=false", "runtime.device=cpu",
          "model.num_classes=null", "blocking.method=pfb", "blocking.pfb.centres=2", "blocking.pfb.ratio=0.25",
          "blocking.pfb.start_epoch=0", "data.mixup=0.2"]
@@ -400,7 +400,7 @@ def test_sigterm_during_the_first_step_or_evaluation(moment, tmp_path):
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 DDP_CONFIG = """name: ddp
-model: {name: resnet18}
+model: {name: test_resnet}
 blocking: {method: pfb, pfb: {ratio: 0.25, start_epoch: 0, centres: 8, feature_dim: 16}}
 data: {dataset: synthetic, img_size: 16, batch_size: 8, train_samples: 96, val_samples: 16, workers: 0}
 optim: {lr: 0.05}

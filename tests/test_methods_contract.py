@@ -37,7 +37,7 @@ METHODS = list(methods())
 
 
 def overrides(method: str, tmp_path, name: str) -> list[str]:
-    return ["model.name=resnet18", "data.dataset=synthetic", "data.img_size=16", f"data.batch_size={BATCH}",
+    return ["model.name=test_resnet", "data.dataset=synthetic", "data.img_size=16", f"data.batch_size={BATCH}",
             f"data.train_samples={SAMPLES}", "data.val_samples=16", "data.workers=0", f"schedule.epochs={EPOCHS}",
             "schedule.warmup_epochs=0", "runtime.device=cpu", "runtime.progress=false", f"runtime.output={tmp_path}",
             f"name={name}", f"blocking.method={method}",

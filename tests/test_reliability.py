@@ -18,7 +18,7 @@ from pfb_train.metrics import read_metrics
 from pfb_train.train import fit, run, setup
 from pfb_train.distributed import DistInfo
 
-TINY = ["model.name=resnet18", "model.drop_rate=0.2", "data.dataset=synthetic", "data.img_size=32",
+TINY = ["model.name=test_resnet", "model.drop_rate=0.2", "data.dataset=synthetic", "data.img_size=32",
         "data.batch_size=16", "data.train_samples=96", "data.val_samples=32", "data.workers=0",
         "data.mixup=0.4", "schedule.epochs=4", "schedule.warmup_epochs=1", "runtime.progress=false",
         "runtime.device=cpu", "blocking.method=pfb", "blocking.ratio=0.25", "blocking.centers=8",
@@ -74,7 +74,7 @@ def test_resume_mid_epoch_with_workers_and_random_crops_is_exact(tmp_path):
     from conftest import write_smooth_folder
 
     write_smooth_folder(tmp_path / "data", per_class=10)  # 20 images: 5 steps of 4 per epoch
-    cfg = ["model.name=resnet18", "data.dataset=imagefolder", f"data.root={tmp_path}/data", "data.img_size=32",
+    cfg = ["model.name=test_resnet", "data.dataset=imagefolder", f"data.root={tmp_path}/data", "data.img_size=32",
            "data.batch_size=4", "data.workers=2", "schedule.epochs=2", "schedule.warmup_epochs=0",
            "runtime.progress=false", "runtime.device=cpu", "blocking.method=pfb", "blocking.ratio=0.25",
            "blocking.centers=4", "runtime.checkpoint_every=3", "name=folder"]
@@ -161,7 +161,7 @@ def write_folder(root, corrupt=0):
     return root
 
 
-FOLDER = ["model.name=resnet18", "data.dataset=imagefolder", "data.img_size=32", "data.batch_size=4",
+FOLDER = ["model.name=test_resnet", "data.dataset=imagefolder", "data.img_size=32", "data.batch_size=4",
           "data.workers=0", "schedule.epochs=1", "schedule.warmup_epochs=0", "runtime.progress=false",
           "runtime.device=cpu"]
 

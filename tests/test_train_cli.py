@@ -10,7 +10,7 @@ from pfb_train.train import run
 
 TINY = """
 name: tiny
-model: {name: resnet18}
+model: {name: test_resnet}
 blocking: {method: pfb, pfb: {ratio: 0.25, start_epoch: 1, centres: 16, feature_dim: 16},
            random: {ratio: 0.25, start_epoch: 1}}
 data: {dataset: synthetic, img_size: 32, batch_size: 32, train_samples: 128, val_samples: 40, workers: 0}

@@ -54,7 +54,7 @@ def shards(folder):
 
 
 def overrides(root, out, method="pfb", *extra):
-    return ["model.name=resnet18", "model.num_classes=null", "data.dataset=wds", f"data.root={root}",
+    return ["model.name=test_resnet", "model.num_classes=null", "data.dataset=wds", f"data.root={root}",
             "data.img_size=16", "data.batch_size=4", "data.workers=0", "schedule.epochs=2", "schedule.warmup_epochs=0",
             "runtime.device=cpu", "runtime.progress=false", f"runtime.output={out}", f"blocking.method={method}",
             *(f"blocking.{method}.{k}={v}" for k, v in SMALL_RUN.get(method, {}).items()), *extra]

@@ -13,7 +13,7 @@ from pfb_train.train import setup
 
 
 def main(shards, out, dist):
-    cfg = load_config(None, ["model.name=resnet18", "model.num_classes=null", "data.dataset=wds",
+    cfg = load_config(None, ["model.name=test_resnet", "model.num_classes=null", "data.dataset=wds",
                              f"data.root={shards}", "data.img_size=16", "data.batch_size=4", "data.workers=1",
                              "runtime.device=cpu", "runtime.progress=false", "runtime.seed=0", "runtime.threads=1",
                              f"runtime.output={out}/runs", "blocking.method=none"])
