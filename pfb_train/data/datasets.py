@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 from torchvision.datasets import ImageFolder
 
 from pfb_train.config import FILE_DATASETS
 from pfb_train.data.device_decode import read_bytes
-from pfb_train.data.missing import Unreadable
+from pfb_train.data.missing import skip_or_fail
 from pfb_train.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -41,10 +43,19 @@ class CheckedImageFolder(ImageFolder):
         try:
             return super().__getitem__(index)
         except (OSError, ValueError, SyntaxError, RuntimeError) as e:  # what PIL raises for broken files
-            if self.fail:
-                raise UserError(f"unreadable image {self.samples[index][0]} ({type(e).__name__}); "
-                                "set data.bad_images=skip to skip such files") from None
-            return Unreadable(self.samples[index][0], type(e).__name__)
+            return skip_or_fail(self.samples[index][0], type(e).__name__, self.fail)
+
+
+def decode_stored(data: bytes, label: int, name: str, transform, fail: bool):
+    """The item of an image held as encoded bytes (hf, wds). For the device decoder (`transform`
+    None) the bytes as a uint8 tensor, which it counts as unreadable when empty; else the
+    transformed image, or a stand-in if it does not decode."""
+    if transform is None:
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8), label
+    try:
+        return transform(Image.open(io.BytesIO(data)).convert("RGB")), label
+    except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for broken images
+        return skip_or_fail(name, type(e).__name__, fail)
 
 
 @dataclass

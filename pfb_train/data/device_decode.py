@@ -28,7 +28,7 @@ from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from pfb_train.data.missing import MISSING, all_unreadable
+from pfb_train.data.missing import MISSING, all_unreadable, skip_or_fail
 from pfb_train.errors import UserError
 from pfb_train.data.wrapped import WrappedLoader
 
@@ -111,9 +111,7 @@ class DeviceDecodeLoader(WrappedLoader):
                 image = (image.to(torch.int32) >> 8).to(torch.uint8)
             return image.to(self.device, non_blocking=True)
         except RuntimeError as e:
-            if self.fail_on_bad:
-                raise UserError(f"unreadable image {self._where(index)} ({type(e).__name__}); set data.bad_images=skip "
-                                "to skip such files") from None
+            skip_or_fail(self._where(index), type(e).__name__, self.fail_on_bad)
             return None
 
     def augment(self, images: list) -> torch.Tensor:

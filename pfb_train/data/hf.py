@@ -14,15 +14,13 @@ bytes to the batched device decoder without a PIL round trip. An image that does
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from pfb_train.data.missing import Unreadable
+from pfb_train.data.datasets import DataSplits, decode_stored
 from pfb_train.errors import UserError
 
 
@@ -108,17 +106,7 @@ class HFImages(Dataset):
         return data or b"", row[self.label_key]
 
     def __getitem__(self, index: int):
-        data, label = self.encoded(index)
-        if self.transform is None:  # data.decode: device
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8), label
-        try:
-            image = Image.open(io.BytesIO(data)).convert("RGB")
-        except (OSError, ValueError, SyntaxError) as e:
-            if self.fail:
-                raise UserError(f"unreadable image {self.names[index]} ({type(e).__name__}); "
-                                "set data.bad_images=skip to stand in for such images") from None
-            return Unreadable(self.names[index], type(e).__name__)
-        return self.transform(image), label
+        return decode_stored(*self.encoded(index), self.names[index], self.transform, self.fail)
 
 
 class _Names:
@@ -138,7 +126,6 @@ def hf(root: str, train_split: str, val_split: str, image_key, label_key, img_si
        fail_on_bad: bool = False, decode: str = "cpu"):
     from timm.data import create_transform
 
-    from pfb_train.data.datasets import DataSplits
 
     if root is None:
         raise UserError("config key 'data.root' is required for dataset 'hf' (a folder or a Hub name)")

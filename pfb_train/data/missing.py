@@ -24,6 +24,13 @@ class Unreadable:
     reason: str
 
 
+def skip_or_fail(path, reason: str, fail: bool) -> Unreadable:
+    """An unreadable sample's stand-in or, with `data.bad_images: fail`, a one-line error."""
+    if fail:
+        raise UserError(f"unreadable image {path} ({reason}); set data.bad_images=skip to stand in for such images")
+    return Unreadable(path, reason)
+
+
 def all_unreadable(count: int, path) -> str:
     return (f"all {count} images of a batch are unreadable, e.g. {path}: check the files under data.root "
             "(data.bad_images=skip stands in for single files, not whole batches)")

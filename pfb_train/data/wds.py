@@ -29,7 +29,6 @@ from any dataset the harness reads (pfb_train/shards.py).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -42,10 +41,10 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from pfb_train.data.missing import Unreadable
+from pfb_train.data.datasets import DataSplits, decode_stored
+from pfb_train.data.missing import Unreadable, skip_or_fail
 from pfb_train.errors import UserError
 
 INFO_FILE = "_info.json"
@@ -297,19 +296,11 @@ class ShardedTars(Dataset):
 
     def __getitem__(self, index: int):
         found = self.encoded(index)
-        if not isinstance(found, Unreadable):
-            data, label = found
-            if self.transform is None:  # data.decode: device
-                return torch.frombuffer(bytearray(data), dtype=torch.uint8), label
-            try:
-                return self.transform(Image.open(io.BytesIO(data)).convert("RGB")), label
-            except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for broken images
-                found = Unreadable(self.names[index], type(e).__name__)
-        if self.fail:
-            raise UserError(f"unreadable image {found.path} ({found.reason}); "
-                            "set data.bad_images=skip to stand in for such images")
-        # The device decoder counts an empty tensor as unreadable; the CPU loader's collate, an Unreadable.
-        return (torch.empty(0, dtype=torch.uint8), 0) if self.transform is None else found
+        if isinstance(found, Unreadable):  # nothing to decode
+            found = skip_or_fail(found.path, found.reason, self.fail)
+            # the device decoder counts empty bytes as unreadable; the CPU loader's collate, an Unreadable
+            return found if self.transform is not None else (torch.empty(0, dtype=torch.uint8), 0)
+        return decode_stored(*found, self.names[index], self.transform, self.fail)
 
 
 class _Names:
@@ -330,7 +321,6 @@ def wds(root: Optional[str], train_split: str, val_split: str, num_classes: Opti
         auto_augment=None, fail_on_bad: bool = False, decode: str = "cpu"):
     from timm.data import create_transform
 
-    from pfb_train.data.datasets import DataSplits
 
     base = Path(root).expanduser()
     if not base.is_dir():
