@@ -71,7 +71,9 @@ class DataConfig:
     cutmix: float = 0.0
     auto_augment: Optional[str] = None  # timm policy string, e.g. "rand-m9-mstd0.5"
     bad_images: Literal["skip", "fail"] = "skip"  # imagefolder: unreadable files are skipped and counted, or fatal
-    decode: Literal["cpu", "device"] = "cpu"  # imagefolder, hf, wds: decode + augment in CPU workers, or on the training device
+    # imagefolder, hf, wds: decode + augment in CPU workers (cpu), on the training device with torchvision
+    # (device), or in NVIDIA DALI (dali: nvJPEG on a GPU, DALI's CPU operators without one)
+    decode: Literal["cpu", "device", "dali"] = "cpu"
     train_split: str = "train"  # hf, wds: the split names
     val_split: str = "validation"
     image_key: Optional[str] = None  # hf: the Image column (None: the only one)
@@ -433,10 +435,11 @@ def validate(cfg: Config) -> None:
     if d.dataset in (*FILE_DATASETS, "cifar10", "cifar100"):
         need(d.root is not None, f"config key 'data.root' is required for dataset '{d.dataset}'")
     need(d.shuffle_window >= 1, f"config key 'data.shuffle_window' must be >= 1, got {d.shuffle_window}")
-    if d.decode == "device":
+    if d.decode != "cpu":
         need(d.dataset in FILE_DATASETS,
-             f"config key 'data.decode' 'device' applies to datasets {', '.join(FILE_DATASETS)}, not '{d.dataset}'")
-        need(d.auto_augment is None, "config key 'data.auto_augment' needs data.decode 'cpu' (the device path crops and flips only)")
+             f"config key 'data.decode' '{d.decode}' applies to datasets {', '.join(FILE_DATASETS)}, not '{d.dataset}'")
+        need(d.auto_augment is None,
+             f"config key 'data.auto_augment' needs data.decode 'cpu' (the {d.decode} path crops and flips only)")
     if d.mixup > 0 or d.cutmix > 0:
         need(d.batch_size % 2 == 0, f"mixup/cutmix need an even 'data.batch_size', got {d.batch_size}")
     need(o.ema_decay is None or 0 < o.ema_decay < 1, f"config key 'optim.ema_decay' must be in (0, 1), got {o.ema_decay}")

@@ -141,7 +141,8 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
 
     splits = build_datasets(cfg.data, cfg.model.num_classes, seed=rt.seed)
     train_loader, val_loader = build_loaders(splits, cfg.data, rt.seed, dist.rank, dist.world_size,
-                                             pin_memory=device.type == "cuda", device=device)
+                                             pin_memory=device.type == "cuda", device=device,
+                                             channels_last=rt.channels_last)
     net = build_model(cfg.model, cfg.blocking.stage, splits.num_classes, blocking_mode(cfg.blocking),
                       sync_bn=rt.sync_bn and dist.world_size > 1).to(device)
     if rt.channels_last:

@@ -6,15 +6,21 @@ Layouts (--data, comma-separated, measured in one process, alternated for --roun
   wds:         the same bytes as WebDataset shards written by `pfb-train shards`, data.dataset: wds.
 
   cpu:    DataLoader workers decode with PIL and run timm's train transform (RandomResizedCrop,
-          flip, normalise); the batch is moved to the device.
+          flip) and ship uint8; the batch is moved to the device and normalised there.
   device: workers only read file bytes; torchvision's batched decode_jpeg runs on the device
           (nvJPEG on a GPU), then crop, resize, flip and normalise there.
+  dali:   workers read file bytes and image sizes; NVIDIA DALI decodes the crop's region
+          (`mixed` on a GPU, its CPU operators without one), resizes, flips and normalises.
+          --decode chooses the paths (comma-separated; default all three).
 
 Each path runs --warmup batches, then times --batches batches (device-synchronised). The images
 are smooth colour fields plus noise at ImageNet's typical size (500 x 375, JPEG quality 90), so
 decode cost is realistic. `worker_cpu_s_per_image` is the CPU time the DataLoader workers spent
-(user + system, read from /proc) per timed image. It also times the device path's augmentation of
-one batch alone (`augment_host_ms`: host time; `augment_ms`: to completion). Prints one JSON object.
+(user + system, read from /proc) per timed image; `main_cpu_s_per_image` the training process's
+own (all its threads: DALI's, the prefetcher's); `bytes_per_batch` what the workers hand over per
+batch (uint8 pixels on the cpu path, file bytes on the others). It also times the device path's
+augmentation of one batch alone (`augment_host_ms`: host time; `augment_ms`: to completion).
+Prints one JSON object.
 
     python scripts/bench_data.py --device cuda --workers 8 --batch-size 256
 """
@@ -34,6 +40,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from pfb_train.config import DataConfig
@@ -68,8 +75,9 @@ def children_cpu_seconds() -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def measure(loader, device, warmup: int, batches: int) -> tuple[float, float]:
-    """(images per second, workers' CPU seconds per image) over `batches` batches after `warmup`."""
+def measure(loader, device, warmup: int, batches: int) -> tuple[float, float, float]:
+    """(images per second, workers' and the training process's CPU seconds per image) over `batches`
+    batches after `warmup`."""
     set_loader_epoch(loader, 0)
     it = iter(loader)
     for _ in range(warmup):
@@ -77,14 +85,26 @@ def measure(loader, device, warmup: int, batches: int) -> tuple[float, float]:
         x.to(device, non_blocking=True)
     sync(device)
     start, cpu_start, count = time.perf_counter(), children_cpu_seconds(), 0
+    main_start = time.process_time()
     for _ in range(batches):
         x, _, _ = next(it)
         x = x.to(device, non_blocking=True)
         count += x.shape[0]
     sync(device)
     seconds, cpu = time.perf_counter() - start, children_cpu_seconds() - cpu_start
+    main_cpu = time.process_time() - main_start
     del it  # the workers end with the iterator
-    return count / seconds, cpu / count
+    return count / seconds, cpu / count, main_cpu / count
+
+
+def shipped_bytes(loader) -> int:
+    """Bytes of one batch as the DataLoader workers hand it to the training process: uint8 images on
+    the cpu path, encoded files on the device paths (labels and indices included)."""
+    while not isinstance(loader, DataLoader):  # the wrappers (normalising, decoding) hold the DataLoader
+        loader = loader.loader
+    batch = next(iter(loader))
+    tensors = [t for part in batch for t in (part if isinstance(part, (list, tuple)) else [part])]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def augment_ms(device: torch.device, batch_size: int, img_size: int, repeats: int = 5) -> dict:
@@ -150,9 +170,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="each layout and path is measured once a round")
     p.add_argument("--folder", help="an existing imagefolder root (default: generate one)")
     p.add_argument("--data", default="imagefolder,hf,wds", help="layouts to compare, comma-separated")
+    p.add_argument("--decode", default="cpu,device,dali", help="decode paths to compare, comma-separated")
     args = p.parse_args()
     device = torch.device(args.device)
-    layouts = args.data.split(",")
+    layouts, decodes = args.data.split(","), args.decode.split(",")
     needed = args.batch_size * (args.warmup + args.batches)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
               f"cpu x{os.cpu_count()} ({platform.machine()})", "workers": args.workers, "batch_size": args.batch_size,
@@ -162,18 +183,22 @@ def main() -> None:
         if not args.folder:
             make_folder(folder, needed)
         roots = {name: layout_root(name, folder, Path(tmp)) for name in layouts}
-        rows = {f"{name}_{decode}": [] for name in layouts for decode in ("cpu", "device")}
+        rows = {f"{name}_{decode}": [] for name in layouts for decode in decodes}
+        shipped = {}  # bytes per batch from the workers, per path
         for _ in range(args.rounds):
             for name in layouts:
-                for decode in ("cpu", "device"):
+                for decode in decodes:
                     cfg = DataConfig(dataset=name, root=str(roots[name]), img_size=args.img_size,
                                      batch_size=args.batch_size, workers=args.workers, decode=decode)
                     splits = build_datasets(cfg, num_classes=len(list((folder / "train").iterdir())))
                     train, _ = build_loaders(splits, cfg, seed=0, pin_memory=device.type == "cuda", device=device)
                     rows[f"{name}_{decode}"].append(measure(train, device, args.warmup, args.batches))
+                    shipped.setdefault(f"{name}_{decode}", shipped_bytes(train))
         for key, values in rows.items():
             result[f"images_per_second_{key}"] = [round(v[0], 1) for v in values]
             result[f"worker_cpu_s_per_image_{key}"] = [round(v[1], 5) for v in values]
+            result[f"main_cpu_s_per_image_{key}"] = [round(v[2], 5) for v in values]
+            result[f"bytes_per_batch_{key}"] = shipped[key]
         result.update(augment_ms(device, args.batch_size, args.img_size))
     print(json.dumps(result))
 

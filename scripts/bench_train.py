@@ -9,12 +9,15 @@ batch on the device) at the same batch and precision.
 
   --data synthetic   the synthetic dataset: float tensors in host memory, nothing to decode
   --data jpeg        a generated JPEG folder (500 x 375, as bench_data.py) read through the
-                     real imagefolder pipeline, decoded as `--decode cpu|device` says
+                     real imagefolder pipeline, decoded as `--decode cpu|device|dali` says
 
 Prints one JSON object on stdout (the harness's own lines go to stderr).
 
     python scripts/bench_train.py --model resnet50 --batch-size 256 --amp bf16 --channels-last --reference
-    python scripts/bench_train.py --data jpeg --decode device --workers 8 ...
+    python scripts/bench_train.py --data jpeg --decode dali --workers 8 ...
+
+Flat fields for tables: images_per_second_none / _<method>, time_ratio, data_wait_share (the
+full-data run's share of wall-clock spent waiting for the next batch) and data_wait_share_<method>.
 """
 
 from __future__ import annotations
@@ -53,7 +56,9 @@ def parse_args():
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--data", choices=["synthetic", "jpeg"], default="synthetic")
-    p.add_argument("--decode", choices=["cpu", "device"], default="cpu", help="--data jpeg: where JPEGs are decoded")
+    p.add_argument("--decode", choices=["cpu", "device", "dali"], default="cpu",
+                   help="--data jpeg: where JPEGs are decoded")
+    p.add_argument("--compile", action="store_true", help="runtime.compile=true for both runs")
     p.add_argument("--folder", help="--data jpeg: an existing imagefolder root (default: generate one)")
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--num-classes", type=int, default=1000, help="--data synthetic: classes (the head's size)")
@@ -96,7 +101,7 @@ def main() -> None:
             "schedule.warmup_epochs=0", f"runtime.device={args.device}", f"runtime.amp={args.amp}",
             f"runtime.channels_last={str(args.channels_last).lower()}", f"runtime.output={tmp}/runs",
             "runtime.progress=false", f"runtime.eval_every={args.epochs}", f"blocking.stage={args.stage}",
-            f"blocking.mode={args.mode}", *data,
+            f"blocking.mode={args.mode}", f"runtime.compile={str(args.compile).lower()}", *data,
         ]
         blocking = {"none": ["blocking.method=none"],
                     args.method: [f"blocking.method={args.method}", f"blocking.{args.method}.ratio={args.ratio}",
@@ -112,11 +117,14 @@ def main() -> None:
     result = {
         "model": args.model, "data": args.data, "decode": args.decode if args.data == "jpeg" else None,
         "batch_size": args.batch_size, "img_size": args.img_size, "amp": args.amp,
-        "channels_last": args.channels_last, "workers": args.workers, "steps_per_epoch": args.steps_per_epoch,
+        "channels_last": args.channels_last, "compile": args.compile, "workers": args.workers, "steps_per_epoch": args.steps_per_epoch,
         "timed_epochs": args.epochs - 1, "method": args.method, "ratio": args.ratio, "overrides": args.overrides,
         "device": device_name(args.device), "torch": torch.__version__, "timm": timm.__version__,
         "none": runs["none"], args.method: runs[args.method],
         "time_ratio": runs[args.method]["seconds"] / runs["none"]["seconds"],
+        "images_per_second_none": runs["none"]["images_per_second"],
+        f"images_per_second_{args.method}": runs[args.method]["images_per_second"],
+        "data_wait_share": runs["none"]["data_share"], f"data_wait_share_{args.method}": runs[args.method]["data_share"],
     }
     if args.reference:
         ref = reference_rate(args.model, args.device, args.batch_size, args.img_size, args.amp, args.channels_last,

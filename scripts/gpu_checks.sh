@@ -6,12 +6,24 @@
 #
 #   OUT=/tmp/gpu bash scripts/gpu_checks.sh            # from the repository root, on a GPU machine
 #   STEPS="r50_recompute pytest_gpu" OUT=... bash scripts/gpu_checks.sh   # only the steps named
+#
+# Input paths: every `data.decode` (cpu, device, dali) is measured alone (bench_data.py) and in
+# training from the same JPEG folder (bench_train.py: images_per_second_none/_pfb, time_ratio,
+# data_wait_share), next to training on GPU-resident synthetic data (train_synthetic), the rate
+# the JPEG runs should reach. DALI is not in the GPU machine's image and its wheel (~200 MB) is
+# larger than one call may carry: set DALI_WHEEL to a copy assembled on the machine (for example
+# from parts carried in earlier calls of the same warm machine: `cat part* > /tmp/dali.whl`), or
+# put it in .whl/. Without DALI the dali steps are skipped, with a line in the log.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_checks}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then  # pinned packages carried to a machine without an index
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+if [[ -n "${DALI_WHEEL:-}" && -f "$DALI_WHEEL" ]]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$DALI_WHEEL" \
         && export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
 LOG=$OUT/log.txt
@@ -55,8 +67,13 @@ step train_synthetic 150 python3 scripts/bench_train.py "${R50[@]}" --steps-per-
 step pytest_gpu 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
 step make_jpegs 90 python3 -c "import sys; sys.path.insert(0, 'scripts'); from pathlib import Path; \
 from bench_data import make_folder; make_folder(Path('/tmp/jpegs'), 5120, classes=10)"
-step data_pipelines 90 python3 scripts/bench_data.py --device cuda --workers "$WORKERS" --batch-size 256 \
-    --folder /tmp/jpegs --batches 12
+DECODES=cpu,device
+if python3 -c "import nvidia.dali" 2>/dev/null; then DECODES=cpu,device,dali
+else echo "== DALI not importable: the dali steps are skipped (see DALI_WHEEL above)" | tee -a "$LOG"; fi
+step data_pipelines 120 python3 scripts/bench_data.py --device cuda --workers "$WORKERS" --batch-size 256 \
+    --folder /tmp/jpegs --batches 12 --data imagefolder --decode "$DECODES"
+[[ $DECODES == *dali* ]] && step train_jpeg_dali 150 python3 scripts/bench_train.py "${R50[@]}" --steps-per-epoch 20 \
+    --epochs 3 --workers "$WORKERS" --data jpeg --decode dali --folder /tmp/jpegs
 step train_jpeg_device 150 python3 scripts/bench_train.py "${R50[@]}" --steps-per-epoch 20 --epochs 3 \
     --workers "$WORKERS" --data jpeg --decode device --folder /tmp/jpegs
 step train_jpeg_cpu 150 python3 scripts/bench_train.py "${R50[@]}" --steps-per-epoch 20 --epochs 3 \
@@ -68,6 +85,6 @@ import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
     keys = ("time_ratio", "predicted_ratio", "step_ms_none", "selection_share", "baseline_vs_reference",
-            "images_per_second_cpu", "images_per_second_device")
+            "images_per_second_none", "images_per_second_pfb", "data_wait_share")
     print(r["step"], r["rc"], {k: round(r[k], 4) for k in keys if isinstance(r.get(k), float)})
 EOF

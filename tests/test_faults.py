@@ -107,7 +107,7 @@ UNREADABLE = ["zero_bytes", "truncated_jpeg", "not_an_image"]
 READABLE = ["cmyk_jpeg", "png_16_bit", "rgba_png", "one_pixel", "huge_6000px"]
 
 
-@pytest.mark.parametrize("decode", ["cpu", "device"])
+@pytest.mark.parametrize("decode", ["cpu", "device", "dali"])
 @pytest.mark.parametrize("kind", UNREADABLE + READABLE)
 def test_an_unusual_image_never_ends_the_run(kind, decode, tmp_path, capsys):
     root = write_folder(tmp_path / "data")
@@ -219,7 +219,7 @@ def test_shard_mistakes_are_one_line(fault, message, tmp_path, capsys):
     assert code == 2 and message in one_line(err)
 
 
-@pytest.mark.parametrize("decode", ["cpu", "device"])
+@pytest.mark.parametrize("decode", ["cpu", "device", "dali"])
 @pytest.mark.parametrize("fault", ["image_does_not_decode", "cls_is_not_a_number", "shorter_than_info_says"])
 def test_a_broken_sample_in_a_shard_is_counted_not_fatal(fault, decode, tmp_path, capsys):
     root = make_shards(capsys, tmp_path)

@@ -95,7 +95,7 @@ def test_resume_inside_an_epoch_is_exact(saved, tmp_path):
     assert_equal(whole.selector.state_dict(), resumed.selector.state_dict(), "selector")
 
 
-@pytest.mark.parametrize("decode", ["cpu", "device"])
+@pytest.mark.parametrize("decode", ["cpu", "device", "dali"])
 def test_an_image_that_does_not_decode_stands_in(decode, tmp_path):
     make_dataset(bad=1).save_to_disk(str(tmp_path / "data"))
     state = setup(load_config(None, overrides(tmp_path / "data", tmp_path, "none", f"data.decode={decode}")), DistInfo())

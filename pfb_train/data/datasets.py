@@ -7,15 +7,21 @@
   `dataset-fashion-mnist` package puts them.
 - `imagefolder`: ImageNet layout `root/train/<class>/*.JPEG`, `root/val/<class>/*`, timm transforms.
 - `hf` (data/hf.py): a Hugging Face dataset; `wds` (data/wds.py): WebDataset tar shards.
+
+The file datasets' items are uint8 images (worker_transforms), normalised on the training device
+(normalize.py); CIFAR and Fashion-MNIST are uint8 in memory (TensorImages), made into batches on
+the device when they fit (resident.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -25,6 +31,7 @@ from torch.utils.data import Dataset, TensorDataset
 from torchvision.datasets import ImageFolder
 
 from pfb_train.config import FILE_DATASETS
+from pfb_train.data.augment import ImageRecipe
 from pfb_train.data.device_decode import read_bytes
 from pfb_train.data.missing import skip_or_fail
 from pfb_train.errors import UserError
@@ -65,6 +72,27 @@ class DataSplits:
     num_classes: int
     decode_on_device: bool = False  # items are file bytes (data.decode: device)
     notes: tuple = ()  # what the reader found and worked around, printed once at the start (wds)
+    # Items are uint8 images (the cpu decode path), normalised on the training device with this mean
+    # and std of [0, 1] pixels (normalize.py); None: items are model input already.
+    mean: Optional[tuple] = None
+    std: Optional[tuple] = None
+
+
+def worker_transforms(img_size: int, auto_augment=None) -> tuple:
+    """timm's train and eval transforms for DataLoader workers (imagefolder, hf, wds), ending in uint8
+    (3, H, W) tensors as timm's own loader uses them (`use_prefetcher=True`): a quarter of float32's
+    bytes leave the workers; the device normalises them with `imagenet_stats()`."""
+    from timm.data import create_transform
+
+    return (create_transform(img_size, is_training=True, auto_augment=auto_augment, use_prefetcher=True),
+            create_transform(img_size, is_training=False, use_prefetcher=True))
+
+
+def imagenet_stats() -> dict:
+    """DataSplits' `mean` and `std` for worker_transforms' uint8 items: timm's ImageNet defaults."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    return dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
 
 def synthetic(num_classes: int, img_size: int, train_samples: int, val_samples: int, seed: int = 0) -> DataSplits:
@@ -144,18 +172,15 @@ def folder_classes(base: Path) -> list[str]:
 
 def imagefolder(root: str, img_size: int, auto_augment=None, fail_on_bad: bool = False,
                 decode: str = "cpu") -> DataSplits:
-    from timm.data import create_transform
-
     base = Path(root).expanduser()
     train_classes = folder_classes(base)
-    if decode == "device":  # workers read bytes; DeviceDecodeLoader decodes and augments
+    if decode != "cpu":  # device, dali: workers read bytes; DeviceDecodeLoader or DaliLoader decodes and augments
         train, val = (ImageFolder(str(base / split), loader=read_bytes) for split in ("train", "val"))
         return DataSplits(train, val, len(train_classes), decode_on_device=True)
-    train_tf = create_transform(img_size, is_training=True, auto_augment=auto_augment)
-    val_tf = create_transform(img_size, is_training=False)
+    train_tf, val_tf = worker_transforms(img_size, auto_augment)
     train = CheckedImageFolder(str(base / "train"), train_tf, fail_on_bad)
     val = CheckedImageFolder(str(base / "val"), val_tf, fail_on_bad)
-    return DataSplits(train, val, len(train_classes))
+    return DataSplits(train, val, len(train_classes), **imagenet_stats())
 
 
 CIFAR = {  # torchvision's on-disk layout (the python pickle batches)
@@ -167,10 +192,12 @@ CIFAR = {  # torchvision's on-disk layout (the python pickle batches)
 
 
 class TensorImages(Dataset):
-    """uint8 images (N, 3, H, W) held in memory, transformed per item."""
+    """uint8 images (N, C, H, W), C 1 or 3, held in memory; an item is made by `recipe`'s per-item
+    transform (augmented when `train`). resident.py makes whole batches by the same recipe."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
-        self.images, self.labels, self.transform = images, labels, transform
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, recipe: ImageRecipe, train: bool):
+        self.images, self.labels, self.recipe, self.train = images, labels, recipe, train
+        self.transform = recipe.item_transform(train, images.shape[-1])
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -192,8 +219,6 @@ def read_cifar_batches(folder: Path, names: list[str], label_key: bytes):
 
 
 def cifar(name: str, root: str, img_size: int, download: bool = False) -> DataSplits:
-    from torchvision.transforms import v2
-
     spec = CIFAR[name]
     base = Path(root).expanduser()
     folder = base / spec["folder"]
@@ -206,12 +231,9 @@ def cifar(name: str, root: str, img_size: int, download: bool = False) -> DataSp
     if missing:
         raise UserError(f"{name} files not found: {folder / missing[0]} (torchvision's layout under data.root; "
                         "set data.download=true to fetch them)")
-    resize = [v2.Resize(img_size, antialias=True)] if img_size != 32 else []
-    normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec["mean"], spec["std"])]
-    train_tf = v2.Compose([*resize, v2.RandomCrop(img_size, padding=img_size // 8), v2.RandomHorizontalFlip(), *normalize])
-    val_tf = v2.Compose([*resize, *normalize])
-    train = TensorImages(*read_cifar_batches(folder, spec["train"], spec["label_key"]), train_tf)
-    val = TensorImages(*read_cifar_batches(folder, spec["test"], spec["label_key"]), val_tf)
+    recipe = ImageRecipe(img_size, padding=img_size // 8, mean=spec["mean"], std=spec["std"])
+    train = TensorImages(*read_cifar_batches(folder, spec["train"], spec["label_key"]), recipe, train=True)
+    val = TensorImages(*read_cifar_batches(folder, spec["test"], spec["label_key"]), recipe, train=False)
     return DataSplits(train, val, spec["classes"])
 
 
@@ -246,15 +268,8 @@ def idx_file(root: Path, name: str) -> Path:
                     "'apt-get install dataset-fashion-mnist', or set data.root to a folder holding the four idx files)")
 
 
-def grey_to_rgb(image: torch.Tensor) -> torch.Tensor:
-    """(1, H, W) -> (3, H, W) view: timm models take 3 channels."""
-    return image.expand(3, -1, -1)
-
-
 def fashion_mnist(root, img_size: int) -> DataSplits:
     """Zalando's Fashion-MNIST: 60,000 train / 10,000 test 28x28 grey images of 10 clothing classes."""
-    from torchvision.transforms import v2
-
     base = Path(root or FASHION_MNIST_ROOT).expanduser()
     splits = {}
     for split, (images, labels) in FASHION_MNIST_FILES.items():
@@ -262,12 +277,8 @@ def fashion_mnist(root, img_size: int) -> DataSplits:
         if x.dim() != 3 or y.dim() != 1 or len(x) != len(y):
             raise UserError(f"fashion_mnist files in {base} disagree: images {tuple(x.shape)}, labels {tuple(y.shape)}")
         splits[split] = (x.unsqueeze(1), y.long())  # (N, 1, 28, 28) uint8
-    resize = [v2.Resize(img_size, antialias=True)] if img_size != 28 else []
-    finish = [v2.ToDtype(torch.float32, scale=True), v2.Normalize([FASHION_MNIST_MEAN], [FASHION_MNIST_STD]),
-              v2.Lambda(grey_to_rgb)]
-    train_tf = v2.Compose([*resize, v2.RandomCrop(img_size, padding=img_size // 14), v2.RandomHorizontalFlip(), *finish])
-    val_tf = v2.Compose([*resize, *finish])
-    return DataSplits(TensorImages(*splits["train"], train_tf), TensorImages(*splits["val"], val_tf), 10)
+    recipe = ImageRecipe(img_size, padding=img_size // 14, mean=(FASHION_MNIST_MEAN,), std=(FASHION_MNIST_STD,))
+    return DataSplits(TensorImages(*splits["train"], recipe, train=True), TensorImages(*splits["val"], recipe, train=False), 10)
 
 
 # -------------------------------------------------------------- fixed subsets of in-memory datasets
@@ -293,7 +304,7 @@ def sample_names(dataset: Dataset):
 
 def _take(dataset: Dataset, index: torch.Tensor) -> Dataset:
     if isinstance(dataset, TensorImages):
-        return TensorImages(dataset.images[index], dataset.labels[index], dataset.transform)
+        return TensorImages(dataset.images[index], dataset.labels[index], dataset.recipe, dataset.train)
     return TensorDataset(*(t[index] for t in dataset.tensors))
 
 
@@ -336,7 +347,7 @@ def subsample(splits: DataSplits, train_samples, val_samples, imbalance: float) 
         labels = dataset_labels(val)
         val = _take(val, class_subset(labels, stratified_counts(labels, splits.num_classes, val_samples,
                                                                 "data.val_samples")))
-    return DataSplits(train, val, splits.num_classes, splits.decode_on_device)
+    return dataclasses.replace(splits, train=train, val=val)
 
 
 def build_datasets(data_cfg, num_classes=None, seed: int = 0) -> DataSplits:

@@ -19,16 +19,18 @@ Each crop is a view of its decoded image, resized by one antialiased bilinear in
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from pfb_train.data.missing import MISSING, all_unreadable, skip_or_fail
+from pfb_train.data.missing import MISSING, all_unreadable, skip_or_fail, stand_in_rows
 from pfb_train.errors import UserError
 from pfb_train.data.wrapped import WrappedLoader
 
@@ -74,9 +76,7 @@ class DeviceDecodeLoader(WrappedLoader):
             if not good.all():  # stand-ins: a readable item of the batch (image and label), index MISSING
                 if not good.any():
                     raise UserError(all_unreadable(len(data), self._where(int(indices[0]))))
-                readable = good.nonzero().flatten().tolist()
-                source = torch.arange(len(images))
-                source[~good] = torch.tensor(readable * len(images))[: int((~good).sum())]
+                source = stand_in_rows(good)
                 images = [images[i] for i in source.tolist()]
                 labels = labels[source]
                 indices = torch.where(good, indices, torch.full_like(indices, MISSING))
@@ -140,24 +140,36 @@ class DeviceDecodeLoader(WrappedLoader):
 
 def random_resized_boxes(heights: torch.Tensor, widths: torch.Tensor, generator: torch.Generator,
                          scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts: int = 10) -> torch.Tensor:
-    """RandomResizedCrop's boxes for a batch of image sizes: (n, 4) rows of (top, left, height, width).
+    """RandomResizedCrop's boxes for a batch of image sizes, drawn from `generator`: see resized_crop_boxes."""
+    uniforms = torch.rand(len(heights), resized_crop_uniforms(attempts), dtype=torch.float64, generator=generator)
+    return resized_crop_boxes(heights, widths, uniforms, scale, ratio, attempts)
+
+
+def resized_crop_uniforms(attempts: int = 10) -> int:
+    """How many uniform numbers resized_crop_boxes takes per image."""
+    return 2 * attempts + 2
+
+
+def resized_crop_boxes(heights: torch.Tensor, widths: torch.Tensor, uniforms: torch.Tensor, scale=(0.08, 1.0),
+                       ratio=(3 / 4, 4 / 3), attempts: int = 10) -> torch.Tensor:
+    """RandomResizedCrop's boxes for a batch of image sizes: (n, 4) int64 rows of (top, left, height, width).
 
     torchvision's rule, for all images at once: up to `attempts` draws of an area (a uniform
     fraction in `scale` of the image's) and a log-uniform aspect ratio; the first draw that fits
     gives the box, at a uniform position. If none fits, the centre crop of the whole image with
-    its aspect ratio clamped to `ratio`."""
+    its aspect ratio clamped to `ratio`. `uniforms`: (n, resized_crop_uniforms(attempts)) float64 in [0, 1),
+    the randomness of each image (from a generator, or from the sample's seed: data/draws.py)."""
     n = len(heights)
     h_img, w_img = heights.double(), widths.double()
-    area = (h_img * w_img)[:, None] * torch.empty(n, attempts, dtype=torch.float64).uniform_(*scale, generator=generator)
-    log_ratio = torch.empty(n, attempts, dtype=torch.float64).uniform_(math.log(ratio[0]), math.log(ratio[1]),
-                                                                      generator=generator)
-    aspect = log_ratio.exp()
+    u_area, u_ratio, position = uniforms[:, :attempts], uniforms[:, attempts : 2 * attempts], uniforms[:, 2 * attempts :]
+    area = (h_img * w_img)[:, None] * (scale[0] + (scale[1] - scale[0]) * u_area)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = (log_lo + (log_hi - log_lo) * u_ratio).exp()
     w = (area * aspect).sqrt().round()
     h = (area / aspect).sqrt().round()
     fits = (w > 0) & (w <= w_img[:, None]) & (h > 0) & (h <= h_img[:, None])
     first = fits.int().argmax(dim=1, keepdim=True)  # index of the first draw that fits (0 if none does)
     h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)
-    position = torch.rand(n, 2, dtype=torch.float64, generator=generator)
     top = (position[:, 0] * (h_img - h + 1)).floor()
     left = (position[:, 1] * (w_img - w + 1)).floor()
 
@@ -171,3 +183,25 @@ def random_resized_boxes(heights: torch.Tensor, widths: torch.Tensor, generator:
     top = torch.where(none_fits, ((h_img - h) / 2).floor(), top)
     left = torch.where(none_fits, ((w_img - w) / 2).floor(), left)
     return torch.stack([top, left, h, w], dim=1).long()
+
+
+def collate_sized_bytes(items):
+    """(file bytes, label, index) items -> (byte tensors, labels, indices, (n, 2) int64 heights and widths).
+
+    Runs in the DataLoader workers: the sizes come from each image's header (PIL reads no pixels
+    for it), so the training process can draw crop boxes without decoding. An image whose header
+    does not parse gets size (0, 0): the decoder then counts it as unreadable."""
+    data, labels, indices = collate_bytes(items)
+    return data, labels, indices, torch.tensor([image_size(d) for d in data], dtype=torch.long).view(-1, 2)
+
+
+def image_size(data: torch.Tensor) -> tuple[int, int]:
+    """(height, width) from an encoded image's header; (0, 0) when it does not parse."""
+    if data.numel() == 0:
+        return 0, 0
+    try:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
+            width, height = image.size
+        return height, width
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return 0, 0

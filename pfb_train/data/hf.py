@@ -7,8 +7,8 @@
 
 Random access by index, so the harness's own sampler, sample indices, every selection method and
 exact resume work as with `imagefolder`. The image column is read as its stored bytes: `data.decode:
-cpu` decodes them with PIL in the workers (timm transforms), `data.decode: device` hands the JPEG
-bytes to the batched device decoder without a PIL round trip. An image that does not decode is an
+cpu` decodes them with PIL in the workers (timm transforms), `data.decode: device` and `dali` hand
+the stored bytes to the batched device decoder or to DALI without a PIL round trip. An image that does not decode is an
 `Unreadable` item (data/missing.py), as an unreadable file is.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from pfb_train.data.datasets import DataSplits, decode_stored
+from pfb_train.data.datasets import DataSplits, decode_stored, imagenet_stats, worker_transforms
 from pfb_train.errors import UserError
 
 
@@ -124,17 +124,13 @@ class _Names:
 
 def hf(root: str, train_split: str, val_split: str, image_key, label_key, img_size: int, auto_augment=None,
        fail_on_bad: bool = False, decode: str = "cpu"):
-    from timm.data import create_transform
-
-
     if root is None:
         raise UserError("config key 'data.root' is required for dataset 'hf' (a folder or a Hub name)")
     loaded = load_splits(root, (train_split, val_split))
     image_key, label_key = find_columns(loaded[train_split].features, image_key, label_key)
     num_classes = loaded[train_split].features[label_key].num_classes
-    on_device = decode == "device"
-    train_tf = None if on_device else create_transform(img_size, is_training=True, auto_augment=auto_augment)
-    val_tf = None if on_device else create_transform(img_size, is_training=False)
+    on_device = decode != "cpu"  # device, dali: workers read the stored bytes
+    train_tf, val_tf = (None, None) if on_device else worker_transforms(img_size, auto_augment)
     train = HFImages(loaded[train_split], image_key, label_key, f"{root}:{train_split}", train_tf, fail_on_bad)
     val = HFImages(loaded[val_split], image_key, label_key, f"{root}:{val_split}", val_tf, fail_on_bad)
-    return DataSplits(train, val, num_classes, decode_on_device=on_device)
+    return DataSplits(train, val, num_classes, decode_on_device=on_device, **({} if on_device else imagenet_stats()))

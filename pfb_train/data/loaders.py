@@ -1,6 +1,7 @@
 """Loaders: every batch is (images, labels, dataset indices of its samples), the same on every run
-of a seed. Train order is shuffled per epoch and split over ranks (ShardedTrainSampler); on CUDA the
-batches arrive on the device (resident.py for in-memory datasets, prefetch.py for the rest)."""
+of a seed. Train order is shuffled per epoch and split over ranks (ShardedTrainSampler). In-memory
+datasets are made into batches on the training device (resident.py); on CUDA the other loaders'
+batches arrive there staged ahead (prefetch.py), uint8 ones normalised after the copy (normalize.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 from pfb_train.data.datasets import DataSplits, sample_names
-from pfb_train.data.device_decode import DeviceDecodeLoader, collate_bytes
+from pfb_train.data.device_decode import DeviceDecodeLoader, collate_bytes, collate_sized_bytes
 from pfb_train.data.missing import MISSING, Unreadable, fill_unreadable
+from pfb_train.data.normalize import Normalize, NormalizingLoader
 from pfb_train.data.prefetch import DevicePrefetcher
 from pfb_train.data.resident import ResidentLoader, fits_on_device
 from pfb_train.data.wds import ShardedTars, local_shuffle, shard_stream
@@ -75,9 +77,13 @@ class ShardedTrainSampler(Sampler):
         return self._keys(indices[self.rank :: self.world_size][self.skip :])
 
     def _keys(self, mine: torch.Tensor):
+        return zip(mine.tolist(), self.sample_seeds(mine).tolist())
+
+    def sample_seeds(self, indices: torch.Tensor) -> torch.Tensor:
+        """The augmentation seed of each dataset index this epoch (int64, shape of `indices`): a function
+        of (run seed, epoch, index) only, so any worker, rank or resumed run draws the same for a sample."""
         base = (self.seed * 1_000_003 + self.epoch) * 1_000_000_007 % 2**62  # epochs 1e9+7 apart: no overlap
-        seeds = (mine + base) % 2**62
-        return zip(mine.tolist(), seeds.tolist())
+        return (indices.long().cpu() + base) % 2**62
 
     def _share(self) -> int:
         return self._pool() // self.world_size
@@ -127,9 +133,12 @@ class ShardedEvalSampler(Sampler):
 
 
 def build_loaders(splits: DataSplits, data_cfg, seed: int, rank: int = 0, world_size: int = 1, pin_memory=False,
-                  device="cpu"):
+                  device="cpu", channels_last: bool = False):
     """Train loader: shuffled per epoch (`loader.sampler.set_epoch(epoch, subset)`), fixed batch size (drop_last).
-    On CUDA both loaders yield batches already on the device, staged ahead on a side stream."""
+    On CUDA both loaders yield batches already on the device, staged ahead on a side stream. In-memory
+    datasets that fit are served from the device (resident.py, also on the CPU). uint8 images (the cpu
+    decode path, CIFAR, Fashion-MNIST) become normalised float32 on the device, channels_last when
+    `channels_last` (normalize.py); float batches come as they are made."""
     d = data_cfg
     if len(splits.train) < d.batch_size * world_size:
         raise UserError(
@@ -141,8 +150,11 @@ def build_loaders(splits: DataSplits, data_cfg, seed: int, rank: int = 0, world_
                                           world_size, seed)
     else:
         train_sampler = ShardedTrainSampler(len(splits.train), rank, world_size, seed)
-    common = dict(num_workers=d.workers, pin_memory=pin_memory, persistent_workers=d.workers > 0,
-                  collate_fn=collate_bytes if splits.decode_on_device else collate_readable)
+    collate = collate_readable
+    if splits.decode_on_device:  # workers read bytes; DALI also needs each image's size, read from its header
+        collate = collate_sized_bytes if d.decode == "dali" else collate_bytes
+        pin_memory = pin_memory and d.decode != "dali"  # DALI reads host memory itself: pinning would only copy
+    common = dict(num_workers=d.workers, pin_memory=pin_memory, persistent_workers=d.workers > 0, collate_fn=collate)
     # Its own generator: worker seeds are drawn from it, not from the global RNG (see start_epoch).
     train = DataLoader(IndexedDataset(splits.train), batch_size=d.batch_size, sampler=train_sampler, drop_last=True,
                        generator=torch.Generator(), **common)
@@ -157,14 +169,28 @@ def build_loaders(splits: DataSplits, data_cfg, seed: int, rank: int = 0, world_
 
         wrap = dict(device=device, img_size=d.img_size, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
                     fail_on_bad=d.bad_images == "fail")
-        train = DeviceDecodeLoader(train, train=True, paths=sample_names(splits.train), **wrap)
-        val = DeviceDecodeLoader(val, train=False, paths=sample_names(splits.val), **wrap)
-    if fits_on_device(splits.train, torch.device(device)) and fits_on_device(splits.val, torch.device(device)):
-        return ResidentLoader(train, splits.train, torch.device(device)), ResidentLoader(val, splits.val, torch.device(device))
-    if torch.device(device).type == "cuda":  # copies (and device decoding) of the next batches overlap this step
+        if d.decode == "dali":
+            from pfb_train.data.dali import DaliLoader  # nvidia-dali is an optional extra
+
+            wrap.update(threads=dali_threads(d.workers), channels_last=channels_last)
+            decoder = DaliLoader
+        else:
+            decoder = DeviceDecodeLoader
+        train = decoder(train, train=True, paths=sample_names(splits.train), **wrap)
+        val = decoder(val, train=False, paths=sample_names(splits.val), **wrap)
+    target = torch.device(device)
+    if fits_on_device(splits.train, target) and fits_on_device(splits.val, target):  # in-memory: batches made there
+        return (ResidentLoader(train, splits.train, target, channels_last),
+                ResidentLoader(val, splits.val, target, channels_last))
+    # uint8 items (the cpu decode path) become normalised float32 on the training device, after the copy
+    normalize = None if splits.mean is None else Normalize(splits.mean, splits.std, channels_last)
+    if target.type == "cuda":  # copies (and device decoding, normalising) of the next batches overlap this step
         # A producer thread only where making a batch draws from no global RNG (see prefetch.py).
         threaded = d.workers > 0 or splits.decode_on_device
-        train, val = DevicePrefetcher(train, device, threaded), DevicePrefetcher(val, device, threaded)
+        train, val = (DevicePrefetcher(train, device, threaded, finish=normalize),
+                      DevicePrefetcher(val, device, threaded, finish=normalize))
+    elif normalize is not None:
+        train, val = NormalizingLoader(train, normalize), NormalizingLoader(val, normalize)
     return train, val
 
 
@@ -175,3 +201,9 @@ def set_loader_epoch(loader: DataLoader, epoch: int, subset: torch.Tensor | None
     sampler = loader.sampler
     sampler.set_epoch(epoch, subset, skip)
     loader.generator.manual_seed(sampler.seed * 1_000_003 + sampler.rank * 10_007 + epoch)
+
+
+def dali_threads(workers: int) -> int:
+    """DALI's CPU threads: as many as the DataLoader workers asked for (at least one); they decode
+    (without a GPU) and crop outside the GIL, beside the workers that read the bytes."""
+    return max(1, workers)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from pfb_train.errors import UserError
 
 MISSING = -1  # the index of a row that holds no sample
@@ -46,3 +48,13 @@ def fill_unreadable(items: list, copy_item) -> list:
         raise UserError(all_unreadable(len(items), bad[0].path))
     spare = iter(readable * len(bad))
     return [copy_item(next(spare)) if isinstance(item, Unreadable) else item for item in items]
+
+
+def stand_in_rows(good: torch.Tensor) -> torch.Tensor:
+    """(n,) int64 row each row of a batch takes its content from: itself where `good` (bool, (n,)),
+    else the readable rows in turn (the stand-ins). Needs at least one good row."""
+    source = torch.arange(len(good))
+    readable = good.nonzero().flatten()
+    bad = int((~good).sum())
+    source[~good] = readable.repeat(bad // len(readable) + 1)[:bad]
+    return source

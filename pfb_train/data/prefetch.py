@@ -2,8 +2,10 @@
 
 A host-to-device copy on the compute stream waits for the step before it and holds up the
 one after it: a float32 batch of 256 images at 224 px is 154 MB, several milliseconds of
-PCIe per step. On a side stream the copy engine moves the next batch while the SMs run
-this step. With `data.decode: device` the decode, crops and flips are queued there too.
+PCIe per step (the `cpu` decode path ships uint8, a quarter of that). On a side stream the
+copy engine moves the next batch while the SMs run this step. The uint8 batch is normalised
+there after its copy (normalize.py); with `data.decode: device` the decode, crops and flips
+are queued there too.
 
 Why a thread: the host side of device decoding (nvJPEG's batched call, ~2 small kernels
 launched per image) takes milliseconds per batch. Done between two steps on the training
@@ -34,13 +36,15 @@ class DevicePrefetcher(WrappedLoader):
     """Wraps a loader of (images, labels, indices); yields them on `device`, staged ahead on a side stream.
 
     `threaded`: a producer thread stages up to `depth` batches ahead (see above); otherwise the
-    training thread stages one ahead. Off CUDA there is no side stream, so the CPU tests run
-    the same code. Batches keep the loader's order; an error in the loader is raised here."""
+    training thread stages one ahead. `finish`: applied to each batch on the side stream after its
+    copy (normalize.Normalize: uint8 images to normalised float32). Off CUDA there is no side
+    stream, so the CPU tests run the same code. Batches keep the loader's order; an error in the
+    loader is raised here."""
 
-    def __init__(self, loader, device, threaded: bool = True, depth: int = 2):
+    def __init__(self, loader, device, threaded: bool = True, depth: int = 2, finish=None):
         super().__init__(loader)
         self.device = torch.device(device)
-        self.threaded, self.depth = threaded, depth
+        self.threaded, self.depth, self.finish = threaded, depth, finish
         self.stream = None
         if self.device.type == "cuda":
             if self.device.index is None:  # a thread's current device is its own: name it
@@ -58,13 +62,15 @@ class DevicePrefetcher(WrappedLoader):
             yield batch
 
     def _staged(self, batches):
-        """(batch on the device, event after its copy) for each batch, the work queued on the side stream."""
+        """(batch on the device, event after its copy and finish) for each batch, the work queued on the side stream."""
         while True:
             with torch.cuda.stream(self.stream):  # a no-op for None (off CUDA)
                 batch = next(batches, None)
                 if batch is None:
                     return
                 batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
+                if self.finish is not None:
+                    batch = self.finish(batch)
                 copied = None
                 if self.stream is not None:
                     copied = torch.cuda.Event()

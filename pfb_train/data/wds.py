@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pfb_train.data.datasets import DataSplits, decode_stored
+from pfb_train.data.datasets import DataSplits, decode_stored, imagenet_stats, worker_transforms
 from pfb_train.data.missing import Unreadable, skip_or_fail
 from pfb_train.errors import UserError
 
@@ -319,9 +319,6 @@ class _Names:
 
 def wds(root: Optional[str], train_split: str, val_split: str, num_classes: Optional[int], img_size: int,
         auto_augment=None, fail_on_bad: bool = False, decode: str = "cpu"):
-    from timm.data import create_transform
-
-
     base = Path(root).expanduser()
     if not base.is_dir():
         raise UserError(f"data.root does not exist: {base} (data.dataset 'wds': a folder of .tar shards and {INFO_FILE})")
@@ -334,12 +331,11 @@ def wds(root: Optional[str], train_split: str, val_split: str, num_classes: Opti
     if num_classes is not None and stated is not None and num_classes != stated:
         raise UserError(f"config key 'model.num_classes' is {num_classes} but {base / INFO_FILE} gives num_classes {stated}")
     num_classes = num_classes or stated
-    on_device = decode == "device"
-    train_tf = None if on_device else create_transform(img_size, is_training=True, auto_augment=auto_augment)
-    val_tf = None if on_device else create_transform(img_size, is_training=False)
+    on_device = decode != "cpu"  # device, dali: workers read the stored bytes
+    train_tf, val_tf = (None, None) if on_device else worker_transforms(img_size, auto_augment)
     return DataSplits(ShardedTars(train, num_classes, train_tf, fail_on_bad),
                       ShardedTars(val, num_classes, val_tf, fail_on_bad), num_classes,
-                      decode_on_device=on_device, notes=tuple(notes))
+                      decode_on_device=on_device, notes=tuple(notes), **({} if on_device else imagenet_stats()))
 
 
 # ------------------------------------------------------------------ the epoch's order

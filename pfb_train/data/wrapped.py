@@ -1,7 +1,8 @@
 """Base of the loaders that wrap a DataLoader (device decoding, prefetching).
 
 The engine and `data.start_epoch` use a loader's `sampler`, `generator`, `batch_size` and
-length; a wrapper passes them through, so wrappers nest and the training loop never knows.
+length (resident.py also `drop_last`); a wrapper passes them through, so wrappers nest and the
+training loop never knows.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ class WrappedLoader:
     @property
     def batch_size(self) -> int:
         return self.loader.batch_size
+
+    @property
+    def drop_last(self) -> bool:
+        return self.loader.drop_last
 
     @property
     def dataset(self):
