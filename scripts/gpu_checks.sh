@@ -64,7 +64,9 @@ step swin_reuse 120 python3 scripts/bench_step.py "${SWIN[@]}" --mode reuse
 step swin_recompute 120 python3 scripts/bench_step.py "${SWIN[@]}" --mode recompute
 step train_synthetic 150 python3 scripts/bench_train.py "${R50[@]}" --steps-per-epoch 20 --epochs 3 \
     --workers "$WORKERS" --reference
-step pytest_gpu 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+step pytest_gpu 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+    tests/test_resident_augment.py::test_on_a_gpu_the_batches_equal_the_cpus \
+    tests/test_uint8_batches.py::test_on_a_gpu_uint8_is_copied_and_normalised_on_the_side_stream
 step make_jpegs 90 python3 -c "import sys; sys.path.insert(0, 'scripts'); from pathlib import Path; \
 from bench_data import make_folder; make_folder(Path('/tmp/jpegs'), 5120, classes=10)"
 DECODES=cpu,device
