@@ -2,6 +2,8 @@
 The GPU (`mixed` decoder) is checked in test_gpu.py."""
 
 import builtins
+import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from conftest import smooth_image, write_smooth_folder
 from pfb_train.cli import main
 from pfb_train.config import DataConfig, load_config
+from pfb_train.data.dali import decoder_logs_muted
 from pfb_train.data import build_datasets, build_loaders, set_loader_epoch
 from pfb_train.data.device_decode import resized_crop_boxes, resized_crop_uniforms
 from pfb_train.data.draws import sample_uniforms
@@ -143,6 +146,22 @@ def test_bad_images_stand_in_or_stop_the_run(tmp_path):
             epoch(strict, number)
 
 
+def test_decoder_messages_stay_out_of_stderr_and_other_lines_pass(tmp_path, capfd):
+    root = tmp_path / "noisy"
+    write_smooth_folder(root, per_class=4)
+    good = (root / "train" / "a" / "0.jpg").read_bytes()
+    (root / "train" / "a" / "x_truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "train" / "b" / "x_sof.jpg").write_bytes(good[:200] + good[2:])  # libjpeg: "two SOF markers"
+    _, train, _ = loaders(root, "dali")
+    capfd.readouterr()
+    assert sum(int((idx < 0).sum()) for number in range(3) for _, _, idx in epoch(train, number)) > 0
+    assert capfd.readouterr().err == ""  # native decoders said nothing; the bad files count as stand-ins
+    with decoder_logs_muted():
+        os.write(2, b"\x1b[0;31m[ERROR] \x1b[0m[libjpeg_turbo_decoder] Could not decode\nInput file read error\n")
+        os.write(2, b"\repoch 3:  50%|#####     | 5/10\nx.py:1: UserWarning: kept\n")
+    assert capfd.readouterr().err == "\repoch 3:  50%|#####     | 5/10\nx.py:1: UserWarning: kept\n"
+
+
 def test_a_batch_of_nothing_readable_is_one_line(tmp_path):
     root = tmp_path / "broken"
     for split in ("train", "val"):
@@ -227,6 +246,25 @@ def test_hf_and_wds_layouts_give_the_folders_pixels(folder, tmp_path, capsys):
         else:  # shards keep each sample's source index as its key
             assert sorted(x.sum().item() for x in got.values()) == pytest.approx(sorted(want.sum((1, 2, 3)).tolist()))
         assert len(epoch(train, 0)) == 4
+
+
+def test_a_gif_stands_in_on_dali_and_trains_on_cpu(tmp_path):
+    """DALI decodes no GIF: such an image is a stand-in (counted), where PIL (`cpu`) decodes it."""
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(0)
+
+    def encoded(fmt):
+        buffer = io.BytesIO()
+        Image.fromarray(smooth_image(rng, 24, 24)).save(buffer, fmt)
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    images = [encoded("GIF")] + [encoded("JPEG") for _ in range(7)]
+    split = datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(8)]}, features=features)
+    datasets.DatasetDict({"train": split, "validation": split}).save_to_disk(tmp_path / "hf")
+    for decode, stand_ins in (("dali", 1), ("cpu", 0)):
+        _, _, val = loaders(tmp_path / "hf", decode, dataset="hf")
+        assert sum(int((idx < 0).sum()) for _, _, idx in val) == stand_ins
 
 
 def test_two_gloo_processes_see_the_pixels_of_one(folder, tmp_path, capsys):

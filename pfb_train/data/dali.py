@@ -27,7 +27,13 @@ is then decoded one image at a time to find it (rare: costs one extra pass of th
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import re
+import sys
+import tempfile
+import threading
 from typing import Optional
 
 import numpy as np
@@ -113,9 +119,9 @@ class DaliLoader(WrappedLoader):
         for i in sorted(set(rows.tolist())):
             try:
                 self.run(data, sizes, seeds, torch.tensor([i]))
-            except RuntimeError as e:
+            except RuntimeError:
                 ok[i] = False
-                skip_or_fail(self._where(int(indices[i])), _first_line(e), self.fail_on_bad)
+                skip_or_fail(self._where(int(indices[i])), "DALI cannot decode it", self.fail_on_bad)
         return ok
 
     def run(self, data: list, sizes: torch.Tensor, seeds: Optional[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
@@ -137,7 +143,8 @@ class DaliLoader(WrappedLoader):
         self.pipeline.feed_input("start", [np.ascontiguousarray(b[:2]) for b in boxes])
         self.pipeline.feed_input("shape", [np.ascontiguousarray(b[2:]) for b in boxes])
         try:
-            (out,) = self.pipeline.run()
+            with decoder_logs_muted():
+                (out,) = self.pipeline.run()
         except RuntimeError:
             self.pipeline = None  # DALI's pipeline is unusable after an error: build a new one
             raise
@@ -184,6 +191,33 @@ class DaliLoader(WrappedLoader):
         return built
 
 
-def _first_line(error: Exception) -> str:
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return next((line.strip() for line in lines if "Failed" in line or "decode" in line), type(error).__name__)
+_MUTE_LOCK = threading.Lock()
+# What other threads of this process may write to stderr meanwhile: progress bars (carriage returns),
+# Python warnings and the harness's own lines. Everything else written then is the decoders'.
+_KEEP = re.compile(rb"\r|Warning|^(pfb-train|note|warning):")
+
+
+@contextlib.contextmanager
+def decoder_logs_muted():
+    """Leave out of stderr what DALI's image decoders print while the block runs.
+
+    nvImageCodec and libjpeg-turbo print a red `[ERROR]` line (and libjpeg its own) for every image
+    they cannot decode, and for some they then decode by a fallback; the harness already counts
+    undecodable images in `bad_samples` and stands in for them, so those lines only alarm. The
+    process's stderr (file descriptor 2, which native code writes to) goes to a temporary file for
+    the block; lines of other kinds written meanwhile (_KEEP) are passed on afterwards."""
+    with _MUTE_LOCK, tempfile.TemporaryFile() as capture:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines = re.findall(rb"[^\n]+\n?|\n", capture.read())  # split at newlines only: a bar's \r stays
+            kept = [line for line in lines if _KEEP.search(line)]
+            if kept:
+                os.write(2, b"".join(kept))
