@@ -70,7 +70,8 @@ def centre_boxes(sizes: torch.Tensor, crop: int) -> torch.Tensor:
     """(n, 4) int64 (top, left, height, width) of torchvision's CenterCrop(crop) on images of (n, 2) sizes."""
     top = ((sizes[:, 0] - crop).double() / 2).round()
     left = ((sizes[:, 1] - crop).double() / 2).round()
-    return torch.stack([top.long(), left.long(), torch.full_like(top, crop).long(), torch.full_like(top, crop).long()], 1)
+    side = torch.full_like(top, crop)
+    return torch.stack([top, left, side, side], dim=1).long()
 
 
 class DaliLoader(WrappedLoader):
@@ -107,7 +108,10 @@ class DaliLoader(WrappedLoader):
                     images = self.run(data, sizes, seeds, rows)
                     break
                 except RuntimeError:  # a file whose header parsed but whose data does not decode
-                    good &= self._decodable(data, sizes, seeds, rows, indices)
+                    decodable = self._decodable(data, sizes, seeds, rows, indices)
+                    if decodable[good].all():
+                        raise  # every image decodes alone: the error is DALI's, not a file's
+                    good &= decodable
             yield images, labels[rows], torch.where(good, indices, torch.full_like(indices, MISSING))
 
     def _where(self, index: int) -> str:
