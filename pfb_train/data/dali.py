@@ -28,6 +28,7 @@ is then decoded one image at a time to find it (rare: costs one extra pass of th
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import re
@@ -38,8 +39,9 @@ from typing import Optional
 
 import numpy as np
 import torch
+from PIL import Image
 
-from pfb_train.data.device_decode import resized_crop_boxes, resized_crop_uniforms
+from pfb_train.data.device_decode import collate_bytes, resized_crop_boxes, resized_crop_uniforms
 from pfb_train.data.draws import sample_uniforms
 from pfb_train.data.missing import MISSING, all_unreadable, skip_or_fail, stand_in_rows
 from pfb_train.data.wrapped import WrappedLoader
@@ -57,6 +59,27 @@ def import_dali():
         raise UserError(f"data.decode 'dali' needs NVIDIA DALI: {INSTALL}") from None
     return fn, types, pipeline_def, feed_ndarray
 
+
+def collate_sized_bytes(items):
+    """(file bytes, label, index) items -> (byte tensors, labels, indices, (n, 2) int64 heights and widths).
+
+    Runs in the DataLoader workers: the sizes come from each image's header (PIL reads no pixels
+    for it), so the training process can draw crop boxes without decoding. An image whose header
+    does not parse gets size (0, 0): the decoder then counts it as unreadable."""
+    data, labels, indices = collate_bytes(items)
+    return data, labels, indices, torch.tensor([image_size(d) for d in data], dtype=torch.long).view(-1, 2)
+
+
+def image_size(data: torch.Tensor) -> tuple[int, int]:
+    """(height, width) from an encoded image's header; (0, 0) when it does not parse."""
+    if data.numel() == 0:
+        return 0, 0
+    try:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
+            width, height = image.size
+        return height, width
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return 0, 0
 
 def resize_shorter(heights: torch.Tensor, widths: torch.Tensor, size: int) -> torch.Tensor:
     """(n, 2) int64 (height, width) after resizing the shorter side to `size`: torchvision's Resize(int)."""
@@ -108,7 +131,7 @@ class DaliLoader(WrappedLoader):
                     images = self.run(data, sizes, seeds, rows)
                     break
                 except RuntimeError:  # a file whose header parsed but whose data does not decode
-                    decodable = self._decodable(data, sizes, seeds, rows, indices)
+                    decodable = self._decodable(data, sizes, seeds, good, indices)
                     if decodable[good].all():
                         raise  # every image decodes alone: the error is DALI's, not a file's
                     good &= decodable
@@ -117,10 +140,10 @@ class DaliLoader(WrappedLoader):
     def _where(self, index: int) -> str:
         return self.paths[index] if self.paths is not None else f"sample {index}"
 
-    def _decodable(self, data, sizes, seeds, rows, indices) -> torch.Tensor:
-        """Which rows decode alone (bool, (n,)); those that do not are reported (skip_or_fail)."""
+    def _decodable(self, data, sizes, seeds, good, indices) -> torch.Tensor:
+        """Which `good` rows decode alone (bool, (n,)); those that do not are reported (skip_or_fail)."""
         ok = torch.ones(len(data), dtype=torch.bool)
-        for i in sorted(set(rows.tolist())):
+        for i in good.nonzero().flatten().tolist():
             try:
                 self.run(data, sizes, seeds, torch.tensor([i]))
             except RuntimeError:
@@ -195,7 +218,8 @@ class DaliLoader(WrappedLoader):
         return built
 
 
-_MUTE_LOCK = threading.Lock()
+_MUTE_LOCK = threading.Lock()  # also guards _capture
+_capture = None  # the temporary file stderr goes to while muted: made once, emptied each time
 # What other threads of this process may write to stderr meanwhile: progress bars (carriage returns),
 # Python warnings and the harness's own lines. Everything else written then is the decoders'.
 _KEEP = re.compile(rb"\r|Warning|^(pfb-train|note|warning):")
@@ -210,7 +234,13 @@ def decoder_logs_muted():
     undecodable images in `bad_samples` and stands in for them, so those lines only alarm. The
     process's stderr (file descriptor 2, which native code writes to) goes to a temporary file for
     the block; lines of other kinds written meanwhile (_KEEP) are passed on afterwards."""
-    with _MUTE_LOCK, tempfile.TemporaryFile() as capture:
+    global _capture
+    with _MUTE_LOCK:
+        if _capture is None:
+            _capture = tempfile.TemporaryFile()
+        capture = _capture
+        capture.seek(0)
+        capture.truncate()
         sys.stderr.flush()
         saved = os.dup(2)
         os.dup2(capture.fileno(), 2)

@@ -70,7 +70,7 @@ class DataSplits:
     train: Dataset
     val: Dataset
     num_classes: int
-    decode_on_device: bool = False  # items are file bytes (data.decode: device)
+    decode_on_device: bool = False  # items are file bytes (data.decode: device or dali)
     notes: tuple = ()  # what the reader found and worked around, printed once at the start (wds)
     # Items are uint8 images (the cpu decode path), normalised on the training device with this mean
     # and std of [0, 1] pixels (normalize.py); None: items are model input already.

@@ -19,13 +19,11 @@ Each crop is a view of its decoded image, resized by one antialiased bilinear in
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
@@ -184,24 +182,3 @@ def resized_crop_boxes(heights: torch.Tensor, widths: torch.Tensor, uniforms: to
     left = torch.where(none_fits, ((w_img - w) / 2).floor(), left)
     return torch.stack([top, left, h, w], dim=1).long()
 
-
-def collate_sized_bytes(items):
-    """(file bytes, label, index) items -> (byte tensors, labels, indices, (n, 2) int64 heights and widths).
-
-    Runs in the DataLoader workers: the sizes come from each image's header (PIL reads no pixels
-    for it), so the training process can draw crop boxes without decoding. An image whose header
-    does not parse gets size (0, 0): the decoder then counts it as unreadable."""
-    data, labels, indices = collate_bytes(items)
-    return data, labels, indices, torch.tensor([image_size(d) for d in data], dtype=torch.long).view(-1, 2)
-
-
-def image_size(data: torch.Tensor) -> tuple[int, int]:
-    """(height, width) from an encoded image's header; (0, 0) when it does not parse."""
-    if data.numel() == 0:
-        return 0, 0
-    try:
-        with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
-            width, height = image.size
-        return height, width
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return 0, 0

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
-from pfb_train.data.datasets import DataSplits, sample_names
-from pfb_train.data.device_decode import DeviceDecodeLoader, collate_bytes, collate_sized_bytes
+from pfb_train.data.datasets import DataSplits, imagenet_stats, sample_names
+from pfb_train.data.dali import DaliLoader, collate_sized_bytes
+from pfb_train.data.device_decode import DeviceDecodeLoader, collate_bytes
 from pfb_train.data.missing import MISSING, Unreadable, fill_unreadable
 from pfb_train.data.normalize import Normalize, NormalizingLoader
 from pfb_train.data.prefetch import DevicePrefetcher
@@ -165,14 +166,10 @@ def build_loaders(splits: DataSplits, data_cfg, seed: int, rank: int = 0, world_
         **common,
     )
     if splits.decode_on_device:
-        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-        wrap = dict(device=device, img_size=d.img_size, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-                    fail_on_bad=d.bad_images == "fail")
-        if d.decode == "dali":
-            from pfb_train.data.dali import DaliLoader  # nvidia-dali is an optional extra
-
-            wrap.update(threads=dali_threads(d.workers), channels_last=channels_last)
+        wrap = dict(device=device, img_size=d.img_size, fail_on_bad=d.bad_images == "fail", **imagenet_stats())
+        if d.decode == "dali":  # DaliLoader imports DALI (an optional extra) when it is made
+            # DALI's CPU threads (decoding without a GPU, cropping) as many as the workers asked for
+            wrap.update(threads=max(1, d.workers), channels_last=channels_last)
             decoder = DaliLoader
         else:
             decoder = DeviceDecodeLoader
@@ -202,8 +199,3 @@ def set_loader_epoch(loader: DataLoader, epoch: int, subset: torch.Tensor | None
     sampler.set_epoch(epoch, subset, skip)
     loader.generator.manual_seed(sampler.seed * 1_000_003 + sampler.rank * 10_007 + epoch)
 
-
-def dali_threads(workers: int) -> int:
-    """DALI's CPU threads: as many as the DataLoader workers asked for (at least one); they decode
-    (without a GPU) and crop outside the GIL, beside the workers that read the bytes."""
-    return max(1, workers)
