@@ -50,6 +50,7 @@ def main(argv=None) -> dict:
         if sampler is not None:
             sampler.set_epoch(epoch)
         net.train()
+        loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             with torch.autocast(**amp):
@@ -60,10 +61,12 @@ def main(argv=None) -> dict:
             optimizer.step()
             blocking.observe(batch, losses)  # PFB: the density model follows the data
             kept, seen = kept + batch.logits.shape[0], seen + x.shape[0]
-        print(f"epoch {epoch}: loss {losses.mean().item():.3f}  kept {kept / seen:.3f}")
+            loss_sum += losses.detach().sum()
+        mean_loss = loss_sum.item() / (len(loader) * batch.logits.shape[0])  # over the epoch's kept rows
+        print(f"epoch {epoch}: loss {mean_loss:.3f}  kept {kept / seen:.3f}")
     if ddp:
         dist.destroy_process_group()
-    return {"kept_fraction": kept / seen, "loss": losses.mean().item(), "net": net, "blocking": blocking}
+    return {"kept_fraction": kept / seen, "loss": mean_loss, "net": net, "blocking": blocking}
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def forward(model: nn.Module, selector: Selector, x: torch.Tensor, y: torch.Tens
     """Run `model` (a BlockedModel, or DDP around one) on a batch, blocking as `selector` decides.
     Epochs without blocking run the plain model: no second shallow pass in recompute mode."""
     select = selector.select if selector.blocks_rows() else None
-    out = model(x, select=select, features=selector.needs_features(), timer=timer)
+    out = model(x, select=select, features=selector.needs_features(), timer=timer, score=selector.score_pass())
     if out.keep is None:
         return BlockedBatch(out.logits, y, indices, None, out.feats)
     kept_indices = None if indices is None else indices.index_select(0, out.keep)
@@ -90,16 +90,18 @@ class Blocking:
 
     def __init__(self, model: nn.Module, method: str = "pfb", stage: Union[int, str] = 1, mode: str = "auto",
                  epochs: Optional[int] = None, batch_size: Optional[int] = None, seed: int = 0, **options):
-        run = RunFacts(epochs=epochs, batch_size=batch_size, seed=seed)
+        run = RunFacts(epochs=epochs, batch_size=batch_size, seed=seed,
+                       mode=model.mode if isinstance(model, BlockedModel) else mode)
         spec, values = configure(method, run, **options)
         self.selector = spec.build(values, run)
         if isinstance(model, BlockedModel):
             self.model = model
         else:
+            self.model = split_model(model, stage, "reuse" if mode == "auto" else mode)
             if mode == "auto":
                 fraction = spec.blocked_per_batch(values)
-                mode = cheaper_mode(fraction) if fraction > 0 else "reuse"
-            self.model = split_model(model, stage, mode)
+                scale = self.model.resolve_score(spec.score_pass(values)).scale  # at the model's own input size
+                self.model.mode = cheaper_mode(fraction, scale) if fraction > 0 else "reuse"
 
     def set_epoch(self, epoch: int) -> None:
         self.selector.set_epoch(epoch)

@@ -115,7 +115,9 @@ def _info(args) -> int:
           f"shallow share {info['shallow_share']:.3f}")
     print(f"method           {info['method']} ({info['level']} level, ratio {info['ratio']}); "
           f"blocked per step {info['blocked_per_batch']} of {info['batch_size']} rows")
-    print("predicted cost of a blocked step, relative to full data (cost model, pfb_train/costs.py):")
+    print(f"ranking pass     recompute mode: {info['score_scale']} x resolution, {info['score_norm']} statistics")
+    print("predicted cost of a blocked step, relative to full data (FLOP model, pfb_train/costs.py;")
+    print("  on a GPU, blocking.mode auto times the parts instead: see the run line):")
     for mode, value in info["predicted_ratio"].items():
         marker = "  <- blocking.mode" if mode == info["mode"] else ""
         print(f"  {mode:<10} {value:.3f}{marker}")

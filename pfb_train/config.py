@@ -419,7 +419,7 @@ def validate(cfg: Config) -> None:
     need(s.epochs >= 1, f"config key 'schedule.epochs' must be >= 1, got {s.epochs}")
     need(s.warmup_epochs >= 0, f"config key 'schedule.warmup_epochs' must be >= 0, got {s.warmup_epochs}")
     method = get_method(b.method)
-    check_options(method, b.chosen(), RunFacts(epochs=s.epochs, batch_size=d.batch_size, seed=r.seed))
+    check_options(method, b.chosen(), RunFacts(epochs=s.epochs, batch_size=d.batch_size, seed=r.seed, mode=b.mode))
     need(d.img_size >= 8, f"config key 'data.img_size' must be >= 8, got {d.img_size}")
     need(d.batch_size >= 1, f"config key 'data.batch_size' must be >= 1, got {d.batch_size}")
     need(d.workers >= 0, f"config key 'data.workers' must be >= 0, got {d.workers}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from pfb_train.costs import MODES, blocking_mode, count_flops, predicted_cost_ratio, shallow_flop_share
+from pfb_train.costs import MODES, blocking_mode, cheaper_mode, count_flops, predicted_cost_ratio, shallow_flop_share
 from pfb_train.models import build_model, split_spec
 from pfb_train.selection import get_method
 
@@ -29,7 +29,12 @@ def model_info(cfg) -> dict:
         flops = count_flops(lambda: blocked(x))
     batch = cfg.data.batch_size
     method = get_method(cfg.blocking.method)
-    blocked_rows = round(method.blocked_per_batch(cfg.blocking.chosen()) * batch)  # 0 unless rows are blocked
+    fraction = method.blocked_per_batch(cfg.blocking.chosen())
+    blocked_rows = round(fraction * batch)  # 0 unless rows are blocked
+    score = blocked.resolve_score(method.score_pass(cfg.blocking.chosen()), cfg.data.img_size)
+    mode = blocked.mode  # as set, or auto by the FLOP model with the ranking pass this model takes
+    if cfg.blocking.mode == "auto":
+        mode = cheaper_mode(fraction, score.scale) if fraction > 0 else "reuse"
     realised = blocked_rows / batch
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     return {
@@ -48,6 +53,8 @@ def model_info(cfg) -> dict:
         "ratio": method.ratio(cfg.blocking.chosen()),
         "batch_size": batch,
         "blocked_per_batch": blocked_rows,
-        "mode": blocked.mode,
-        "predicted_ratio": {mode: predicted_cost_ratio(mode, share, realised) for mode in MODES},
+        "mode": mode,
+        "score_scale": score.scale,  # recompute mode's ranking pass
+        "score_norm": score.norm,
+        "predicted_ratio": {mode: predicted_cost_ratio(mode, share, realised, score.scale) for mode in MODES},
     }

@@ -19,6 +19,7 @@ from typing import Callable, NamedTuple, Optional, Union
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pfb_train.errors import UserError
@@ -209,12 +210,43 @@ def _verify_split(model: nn.Module, blocked: "BlockedModel") -> None:
                         f"stages do not run in sequence; supported: {SUPPORTED}")
 
 
+@dataclass(frozen=True)
+class ScorePass:
+    """How recompute mode's ranking pass runs (the training pass of the kept rows never changes).
+
+    `scale`: the batch is resized by this factor (area averaging) before the shallow part ranks
+    it: the pass costs about scale**2 of a full-resolution one for convolutional stems. None
+    (auto): AUTO_SCALE where the model's shallow part takes the resized input, else 1.
+    `norm`: normalisation statistics of that pass. `batch`: the batch's own, as the training pass
+    (the running statistics are left as they were); `running`: the running statistics (eval mode),
+    which skips the reductions of train-mode BatchNorm; `auto`: running where the shallow part has
+    BatchNorm with running statistics, else batch. `BlockedModel.resolve_score` resolves the autos.
+    """
+
+    scale: Optional[float] = 1.0
+    norm: str = "batch"
+
+    def exact(self) -> bool:
+        return self.scale == 1.0 and self.norm == "batch"
+
+    def resolved(self) -> bool:
+        return self.scale is not None and self.norm != "auto"
+
+
+EXACT_SCORE = ScorePass()
+AUTO_SCORE = ScorePass(None, "auto")
+# Half resolution: a quarter of the ranking pass's FLOPs; on Fashion-MNIST (3 seeds) it trained as
+# well as the exact pass (docs/RESULTS.md, "The ranking pass").
+AUTO_SCALE = 0.5
+
+
 class BlockedModel(nn.Module):
     """A timm model run as shallow -> select -> deep. Owns the timm model as `self.model`.
 
     mode 'reuse': shallow once, with gradients, for the whole batch; deep on the kept rows.
-    mode 'recompute': shallow without gradients for the selection, then shallow + deep with
-    gradients on the kept rows only (BatchNorm statistics updated by that second pass alone).
+    mode 'recompute': a ranking pass of the shallow part without gradients (`ScorePass`: by
+    default full size, batch statistics), then shallow + deep with gradients on the kept rows only
+    (BatchNorm statistics updated by that second pass alone).
     """
 
     def __init__(self, model: nn.Module, stage: Union[int, str] = 1, mode: str = "reuse"):
@@ -228,9 +260,13 @@ class BlockedModel(nn.Module):
         self.stage_name = spec.stages[self.stage - 1]
         self.mode = mode
         self.feature_dims = spec.feature_dims
+        self.compiled = False
         # Views share the model's modules; kept out of _modules so nothing is registered twice.
         self.__dict__["shallow"] = _Shallow(model, spec, self.stage)
         self.__dict__["deep"] = _Deep(model, spec, self.stage)
+        self.__dict__["_shallow_norms"] = tracking_norms(self.shallow)
+        self.__dict__["_eager_shallow"] = self.shallow  # compile_parts replaces `shallow`, not this
+        self.__dict__["_takes_size"] = {}  # input size -> whether the shallow part runs on it
         if type(model).__name__ not in ADAPTERS:
             _verify_split(model, self)
 
@@ -239,9 +275,20 @@ class BlockedModel(nn.Module):
         return self.model.num_classes  # every timm classifier has it
 
     def compile_parts(self, **options) -> None:
-        """torch.compile shallow and deep separately; the selection between them stays eager."""
+        """torch.compile shallow and deep separately; the selection between them stays eager.
+
+        Shapes are static (`dynamic=False`): each batch size the parts see (the full batch, the
+        kept rows, the score pass's size) gets its own specialised graph, compiled the first time
+        it appears and reused after. A graph with a symbolic batch size ran the deep part of a
+        blocked resnet50 step 1.4x slower than the static one on an H200 (docs/BENCHMARKS.md).
+        A ramped ratio adds one size per epoch, hence the higher recompile limit."""
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        options.setdefault("dynamic", False)
         self.__dict__["shallow"] = torch.compile(self.shallow, **options)
         self.__dict__["deep"] = torch.compile(self.deep, **options)
+        self.compiled = True
 
     def pooled_features(self, h: torch.Tensor) -> torch.Tensor:
         """Global average over space (or tokens), accumulated in float32: the (B, C) input of the
@@ -249,42 +296,133 @@ class BlockedModel(nn.Module):
         return h.detach().mean(self.feature_dims, dtype=torch.float32)
 
     def forward(self, x: torch.Tensor, select: Optional[Callable] = None, features: bool = False,
-                timer=None) -> BlockedOutput:
-        """`select(feats) -> kept row indices or None`; without it this is the plain model, which
-        returns the pooled shallow features too when `features` is set."""
+                timer=None, score: ScorePass = EXACT_SCORE) -> BlockedOutput:
+        """`x`: (B, C, H, W) images. `select(feats) -> kept row indices or None`; without it this is
+        the plain model, which returns the pooled shallow features too when `features` is set.
+        `score`: how recompute mode ranks the rows (reuse ranks by its training pass's features)."""
         if select is None:
             if not features:
                 return BlockedOutput(self.deep(self.shallow(x)), None, None)
             h = self.shallow(x)
             return BlockedOutput(self.deep(h), None, self.pooled_features(h))
         recompute = self.mode == "recompute"
-        with torch.no_grad() if recompute else contextlib.nullcontext(), frozen_norm_stats(self.shallow, recompute):
+        if recompute:
+            feats = self.score_features(x, self.resolve_score(score, x.shape[-1]))
+        else:
             h = self.shallow(x)
-        feats = self.pooled_features(h)
+            feats = self.pooled_features(h)
         if timer is not None:
             timer.mark("shallow")
         keep = select(feats)
         if timer is not None:
             timer.mark("select")
-        if recompute:  # the kept rows again, with gradients; h was only for choosing them
+        if recompute:  # the kept rows again, with gradients; the ranking pass was only for choosing them
             h = self.shallow(x if keep is None else x.index_select(0, keep))
         elif keep is not None:
             h = h.index_select(0, keep)
         return BlockedOutput(self.deep(h), keep, feats)
 
+    def resolve_score(self, score: ScorePass, img_size: Optional[int] = None) -> ScorePass:
+        """`score` with its automatic parts decided for this model at `img_size` px (None: the
+        model's own input size): see ScorePass. Decided once per size (one image through the
+        uncompiled shallow part), then looked up."""
+        if score.resolved():
+            return score
+        norm = score.norm if score.norm != "auto" else ("running" if self._shallow_norms else "batch")
+        scale = score.scale
+        if scale is None:
+            size = img_size or getattr(self.model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-1]
+            scale = AUTO_SCALE if self._runs_at(max(1, round(size * AUTO_SCALE))) is None else 1.0
+        return ScorePass(scale, norm)
+
+    def _runs_at(self, size: int) -> Optional[str]:
+        """None if the shallow part runs on a `size`-px image, else the reason it does not (cached)."""
+        if size not in self._takes_size:
+            param = next(self.parameters())
+            in_chans = getattr(self.model, "pretrained_cfg", {}).get("input_size", (3,))[0]
+            was_training = self.training
+            self.eval()  # one image through, running statistics untouched
+            try:
+                with torch.no_grad():
+                    self._eager_shallow(torch.zeros(1, in_chans, size, size, device=param.device, dtype=param.dtype))
+                self._takes_size[size] = None
+            except Exception as e:
+                self._takes_size[size] = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            finally:
+                self.train(was_training)
+        return self._takes_size[size]
+
+    @torch.no_grad()
+    def score_features(self, x: torch.Tensor, score: ScorePass = EXACT_SCORE) -> torch.Tensor:
+        """The ranking pass: (B, C) float32 pooled shallow features of every row, no gradients, the
+        model's state as it was. Modules are switched to eval mode (`running`) outside the compiled
+        parts, and batch statistics are undone by a copy rather than by flipping BatchNorm attributes:
+        TorchDynamo guards on attributes, so a flip would cost a recompile."""
+        score = self.resolve_score(score, x.shape[-1])
+        x = score_input(x, score.scale)
+        if score.norm == "running":
+            was_training = self.shallow.training
+            self.shallow.train(False)
+            try:
+                return self.pooled_features(self.shallow(x))
+            finally:
+                self.shallow.train(was_training)
+        with kept_norm_stats(self._shallow_norms):
+            return self.pooled_features(self.shallow(x))
+
+
+def score_input(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, round(H * scale), round(W * scale)) by area averaging (an antialiased
+    downscale: each output pixel is the mean of the input pixels it covers)."""
+    if scale == 1.0:
+        return x
+    size = (max(1, round(x.shape[-2] * scale)), max(1, round(x.shape[-1] * scale)))
+    return F.interpolate(x, size=size, mode="area")
+
+
+def tracking_norms(module: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers of `module` that keep running statistics."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@contextlib.contextmanager
+def kept_norm_stats(norms: list[nn.Module]):
+    """Running statistics of `norms` as they were before the block: a train-mode pass inside
+    normalises by its batch (outputs equal to BatchNorm without running statistics) and updates
+    nothing. Buffers are read at entry: `.to(device)` replaces them."""
+    buffers = [b for m in norms for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        if buffers:
+            torch._foreach_copy_(buffers, saved)
+
 
 @contextlib.contextmanager
 def frozen_norm_stats(module: nn.Module, enabled: bool = True):
     """BatchNorm layers normalise with batch statistics but leave running statistics alone."""
-    norms = [m for m in module.modules() if enabled and isinstance(m, nn.modules.batchnorm._BatchNorm)
-             and m.track_running_stats]
-    for m in norms:
-        m.track_running_stats = False
-    try:
+    with kept_norm_stats(tracking_norms(module) if enabled else []):
         yield
-    finally:
-        for m in norms:
-            m.track_running_stats = True
+
+
+def check_score_pass(blocked: BlockedModel, score: ScorePass, img_size: int, key: str = "blocking.pfb") -> ScorePass:
+    """The ranking pass `score` resolved for `blocked` at `img_size` px (BlockedModel.resolve_score);
+    raises UserError (one line, naming the config key) if the model cannot run an explicit setting: a
+    fixed-size input (timm's ViT and Swin check it), or `running` without BatchNorm to read it from."""
+    resolved = blocked.resolve_score(score, img_size)
+    name = _model_name(blocked.model)
+    if score.norm == "running" and not blocked._shallow_norms:
+        raise UserError(f"{key}.score_norm 'running' needs BatchNorm running statistics in the shallow part; "
+                        f"'{name}' has none there (its norms use each sample's own statistics): use 'batch' or 'auto'")
+    if score.scale is not None and score.scale != 1.0:
+        size = max(1, round(img_size * score.scale))
+        reason = blocked._runs_at(size)
+        if reason is not None:
+            raise UserError(f"{key}.score_scale {score.scale} feeds '{name}' {size} px images (data.img_size "
+                            f"{img_size}), which its shallow part does not take ({reason}); use score_scale 1 "
+                            "or null (auto)")
+    return resolved
 
 
 def create_timm_model(name: str, num_classes: int, pretrained: bool = False, **kwargs) -> nn.Module:

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from pfb_train.calibrate import ModeChoice, resolve_mode
 from pfb_train.checkpoint import (all_rng_states, has_checkpoint_files, latest_checkpoint, load_checkpoint,
                                   restore_rng, save_checkpoint)
 from pfb_train.config import Config, save_config
@@ -31,7 +32,7 @@ from pfb_train.distributed import (DistInfo, announce_stop, barrier, cleanup,
 from pfb_train.errors import Preempted, TrainingStopped, UserError
 from pfb_train.engine import EpochTally, StepSettings, Trainer, evaluate, prepare_epoch, train_one_epoch
 from pfb_train.metrics import BaselineComparison, RunLogger, make_run_dir, rewrite_metrics
-from pfb_train.models import BlockedModel, build_model
+from pfb_train.models import BlockedModel, ScorePass, build_model, check_score_pass
 from pfb_train.preemption import PreemptionSignals
 from pfb_train.selection import Selector, get_method, selector_from_config
 
@@ -81,6 +82,8 @@ class RunState:
     baseline: Optional[BaselineComparison] = None
     run_dir: Optional[Path] = None  # rank 0 only
     progress: Progress = field(default_factory=Progress)
+    mode_reason: str = ""  # why blocking.mode resolved to net.mode (the run line, summary.json)
+    score: Optional[ScorePass] = None  # recompute mode's ranking pass, automatic parts resolved
 
     @property
     def cfg(self) -> Config:
@@ -147,6 +150,13 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
                       sync_bn=rt.sync_bn and dist.world_size > 1).to(device)
     if rt.channels_last:
         net = net.to(memory_format=torch.channels_last)
+    run_dir, checkpoint = resume_point(rt.resume, rt.output, cfg.name)
+    score = check_score_pass(net, get_method(cfg.blocking.method).score_pass(cfg.blocking.chosen()), cfg.data.img_size,
+                             f"blocking.{cfg.blocking.method}")
+    # A resumed run keeps its checkpoint's mode (restore below): timing again could pick the other one.
+    mode = resolve_mode(cfg, net, AMP_DTYPES[rt.amp]) if checkpoint is None else None
+    if mode is not None:
+        net.mode = mode.mode
     ema = ModelEmaV3(net, decay=o.ema_decay) if o.ema_decay else None  # a plain copy: before DDP/compile
     seed_everything(rt.seed + dist.rank)  # dropout, drop-path and mixup draws differ between ranks
     train_module = net
@@ -173,9 +183,10 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
     class_counts = None if labels is None else tuple(torch.bincount(labels, minlength=splits.num_classes).tolist())
     settings = RunSettings(cfg, dist, step, len(train_loader) * cfg.data.batch_size * dist.world_size, class_counts)
     state = RunState(settings, net, train_module, selector, trainer, train_loader, val_loader, baseline)
-    run_dir, checkpoint = resume_point(rt.resume, rt.output, cfg.name)
     if checkpoint is not None:
         restore(state, checkpoint)
+        mode = ModeChoice(net.mode, "as in the checkpoint", None)
+    state.mode_reason, state.score = mode.reason, score
     if dist.is_main:
         state.run_dir = run_dir or make_run_dir(rt.output, cfg.name)
         state.run_dir.mkdir(parents=True, exist_ok=True)
@@ -183,7 +194,7 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
         if rt.resume is not None:  # the checkpoint's history is the truth: drop epochs logged after it
             rewrite_metrics(state.run_dir, state.progress.history)
         print(f"run {cfg.name}: {cfg.model.name} split after {net.stage_name} (stage {net.stage}), "
-              f"blocking {describe_options(cfg)} ({net.mode}), "
+              f"blocking {describe_options(cfg)} (mode {net.mode}: {mode.reason}{ranking_pass(net, score)}), "
               f"{len(train_loader)} steps/epoch, {dist.world_size} process(es) on {device.type} -> {state.run_dir}")
         if checkpoint is not None:
             print(f"resumed at epoch {state.progress.epoch}, step {state.progress.step}")
@@ -198,6 +209,13 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
             print(f"note: blocking.{cfg.blocking.method}.start_epoch {start} is not within schedule.epochs "
                   f"{cfg.schedule.epochs}: this run trains on full data")
     return state
+
+
+def ranking_pass(net: BlockedModel, score) -> str:
+    """'; ranking pass at 0.5x, running statistics' in recompute mode (nothing in reuse: it has none)."""
+    if net.mode != "recompute":
+        return ""
+    return f"; ranking pass at {score.scale}x, {score.norm} statistics"
 
 
 def describe_options(cfg: Config) -> str:
@@ -259,6 +277,7 @@ CHECKPOINT_PARTS = (
     Part("scaler", lambda s: s.trainer.scaler.state_dict(), lambda s, v: s.trainer.scaler.load_state_dict(v)),
     Part("ema", lambda s: s.trainer.ema.state_dict() if s.trainer.ema is not None else None, _load_ema),
     Part("selector", lambda s: s.selector.state_dict(), lambda s, v: s.selector.load_state_dict(v)),
+    Part("blocking_mode", lambda s: s.net.mode, lambda s, v: setattr(s.net, "mode", v) if v else None),
     Part("epoch", lambda s: s.progress.epoch, _set_progress("epoch")),
     Part("step", lambda s: s.progress.step, _set_progress("step")),
     Part("history", lambda s: s.progress.history, _set_progress("history")),
@@ -363,6 +382,8 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
     summary = summarize(cfg, progress.history, time.perf_counter() - wall_start,
                         str(state.run_dir) if state.run_dir else None, dist.world_size, dist.device.type,
                         state.settings.class_counts)
+    ranking = None if state.net.mode != "recompute" or state.score is None else vars(state.score)
+    summary.update(blocking_mode=state.net.mode, blocking_mode_reason=state.mode_reason, ranking_pass=ranking)
     if dist.is_main:
         logger.write_summary(summary)
         print(f"done: top-1 {summary['top1']:.2f}%  blocked {summary['blocked_fraction']:.3f} of sample-passes  "

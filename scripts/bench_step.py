@@ -6,9 +6,12 @@ own `engine.train_step`. Warm-up steps first, then `--repeats` timed runs of `--
 steps is split into phases by the harness's PhaseTimer (CUDA events on a GPU): the selection's
 share of the step (`select` + `observe`) is reported as `selection_share`. FLOPs per step are
 counted on the meta device with torch's FlopCounterMode, and the cost model's prediction is
-given next to both ratios. Prints one JSON object.
+given next to both ratios. `--score-scale` / `--score-norm` set recompute mode's ranking pass
+(blocking.pfb.score_scale / score_norm); `score_pass_share` is its share of the blocked step (the
+`shallow` phase). Prints one JSON object.
 
-    python scripts/bench_step.py --model resnet50 --ratio 0.4 --device cuda --amp bf16 --channels-last
+    python scripts/bench_step.py --model resnet50 --ratio 0.4 --device cuda --amp bf16 --channels-last \
+        --score-scale 0.5 --score-norm running
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from pathlib import Path
 import timm
 import torch
 
-from pfb_train.costs import cheaper_mode, predicted_cost_ratio, shallow_flop_share, step_flops
+from pfb_train.calibrate import measure_part_times, sync
+from pfb_train.costs import (cheaper_mode, predicted_cost_ratio, predicted_time_ratio, shallow_flop_share,
+                             step_flops, timed_cheaper_mode)
 from pfb_train.engine import StepSettings, Trainer, train_step
 from pfb_train.metrics import PhaseTimer
-from pfb_train.models import split_model
+from pfb_train.models import ScorePass, split_model
 from pfb_train.selection import build_selector
 
 
@@ -37,7 +42,10 @@ def parse_args():
     p.add_argument("--ratio", type=float, default=0.4)
     p.add_argument("--stage", default="1")
     p.add_argument("--mode", choices=["auto", "reuse", "recompute"], default="auto",
-                   help="auto: the cheaper by the cost model, as blocking.mode: auto does")
+                   help="auto: the cheaper by the part times measured here (by FLOPs on the CPU), as blocking.mode: auto")
+    p.add_argument("--score-scale", type=float, default=1.0, help="pfb: ranking pass at this resolution factor")
+    p.add_argument("--score-norm", choices=["batch", "running"], default="batch",
+                   help="pfb: ranking pass normalised by batch or running statistics")
     p.add_argument("--method", choices=["pfb", "random"], default="pfb")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--img-size", type=int, default=224)
@@ -55,11 +63,6 @@ def parse_args():
     p.add_argument("--profile", metavar="DIR", default=None,
                    help="write torch.profiler tables of one full and one blocked step to DIR/profile_<method>.txt")
     return p.parse_args()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def profile_steps(blocked, selector, x, y, idx, ctx, step, path: Path, steps: int = 3) -> None:
@@ -107,52 +110,11 @@ def time_steps(blocked, selector, x, y, args, device, method: str) -> tuple[list
     return per_step, timer.totals()
 
 
-def median_seconds(fn, device, warmup: int = 3, repeats: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def shallow_time_share(blocked, x, args, device) -> dict:
-    """The shallow part's share of forward+backward time (the cost model's s, measured in seconds
-    rather than FLOPs), and its no-grad forward alone (recompute mode's extra pass)."""
-    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    cast = lambda: torch.autocast(device.type, dtype=amp, enabled=amp is not None)  # noqa: E731
-    with cast():
-        grad_h = torch.randn_like(blocked.shallow(x))
-
-    def shallow():
-        blocked.zero_grad(set_to_none=True)
-        with cast():
-            h = blocked.shallow(x)
-        h.backward(grad_h)
-
-    def full():
-        blocked.zero_grad(set_to_none=True)
-        with cast():
-            out = blocked.deep(blocked.shallow(x))
-        out.float().sum().backward()
-
-    def shallow_no_grad():
-        with torch.no_grad(), cast():
-            blocked.shallow(x)
-
-    t_shallow, t_full = median_seconds(shallow, device), median_seconds(full, device)
-    return {"shallow_time_share": t_shallow / t_full, "shallow_fwd_bwd_ms": 1e3 * t_shallow,
-            "model_fwd_bwd_ms": 1e3 * t_full, "shallow_no_grad_fwd_ms": 1e3 * median_seconds(shallow_no_grad, device)}
-
-
 def main() -> None:
     args = parse_args()
-    if args.mode == "auto":
-        args.mode = cheaper_mode(args.ratio)
+    score = ScorePass(args.score_scale, args.score_norm)
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    auto = args.mode == "auto"
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -164,6 +126,11 @@ def main() -> None:
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=memory_format)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
 
+    # The parts' seconds, eagerly, on the untrained copy: what blocking.mode auto weighs on a GPU.
+    parts = measure_part_times(split_model(copy.deepcopy(base), stage).to(device, memory_format=memory_format),
+                               x, args.ratio, amp, score, warmup=3, repeats=10)
+    if auto:
+        args.mode = timed_cheaper_mode(parts) if device.type == "cuda" else cheaper_mode(args.ratio, args.score_scale)
     results, phases = {}, {}
     for method in ("none", args.method):
         blocked = split_model(copy.deepcopy(base), stage, args.mode).to(device, memory_format=memory_format)
@@ -171,25 +138,25 @@ def main() -> None:
             blocked.compile_parts()
         options = {} if method == "none" else {"ratio": args.ratio}
         if method == "pfb":
-            options["centres"] = min(args.centres, args.batch_size)
+            options.update(centres=min(args.centres, args.batch_size), score_scale=args.score_scale,
+                           score_norm=args.score_norm)
         selector = build_selector(method, **options)
         results[method], phases[method] = time_steps(blocked, selector, x, y, args, device, method)
-        if method == "none":
-            timed_share = shallow_time_share(blocked, x, args, device)
 
     with torch.device("meta"):
         meta = split_model(timm.create_model(args.model, num_classes=1000), stage, args.mode)
     share = shallow_flop_share(meta, args.img_size)
     xm = torch.empty(args.batch_size, 3, args.img_size, args.img_size, device="meta")
     kept = args.batch_size - round(args.ratio * args.batch_size)
-    flop_ratio = step_flops(meta, xm, kept) / step_flops(meta, xm, None)
+    flop_ratio = step_flops(meta, xm, kept, score) / step_flops(meta, xm, None)
     realised = 1 - kept / args.batch_size
 
     t_none, t_blocked = statistics.median(results["none"]), statistics.median(results[args.method])
     timed = phases[args.method]
     selection_share = (timed.get("select", 0.0) + timed.get("observe", 0.0)) / sum(timed.values())
     print(json.dumps({
-        "model": args.model, "method": args.method, "mode": args.mode, "stage": meta.stage_name,
+        "model": args.model, "method": args.method, "mode": args.mode, "mode_auto": auto, "stage": meta.stage_name,
+        "score_scale": args.score_scale, "score_norm": args.score_norm,
         "ratio": args.ratio, "blocked_rows": args.batch_size - kept, "batch_size": args.batch_size,
         "img_size": args.img_size, "amp": args.amp, "channels_last": args.channels_last,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} ({platform.processor() or platform.machine()})",
@@ -197,11 +164,15 @@ def main() -> None:
         "step_ms_none": 1000 * t_none, f"step_ms_{args.method}": 1000 * t_blocked,
         "time_ratio": t_blocked / t_none,
         "flop_ratio": flop_ratio,
-        "predicted_ratio": predicted_cost_ratio(args.mode, share, realised),
+        "predicted_ratio": predicted_cost_ratio(args.mode, share, realised, args.score_scale),
         "predicted_ratio_ideal": predicted_cost_ratio("ideal", share, realised),
         "shallow_share": share,
-        **timed_share,
-        "predicted_ratio_timed": predicted_cost_ratio(args.mode, timed_share["shallow_time_share"], realised),
+        "shallow_time_share": parts.shallow_share, "shallow_fwd_bwd_ms": 1e3 * parts.shallow,
+        "model_fwd_bwd_ms": 1e3 * parts.full, "score_pass_ms": 1e3 * parts.score,
+        "predicted_ratio_timed": predicted_time_ratio(args.mode, parts),  # what blocking.mode auto weighs on a GPU
+        "fwd_bwd_ratio_timed": {m: predicted_time_ratio(m, parts) for m in ("reuse", "recompute")},
+        # recompute: the `shallow` phase is the ranking pass; reuse: the training pass's shallow forward
+        "score_pass_share": timed.get("shallow", 0.0) / sum(timed.values()) if args.mode == "recompute" else 0.0,
         "selection_share": selection_share,
         "phase_ms": {k: round(1000 * v / args.steps, 3) for k, v in timed.items()},
         "check_finite": args.check_finite, "compile": args.compile,

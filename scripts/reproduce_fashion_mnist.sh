@@ -22,7 +22,8 @@ REPORT=${REPORT:-docs/results/fashion_mnist}
 # Measured: at 0.5 it skipped 0.357 of each pruning epoch (0.714 of the data were candidates).
 IB30=${IB30:-0.42} IB50=${IB50:-0.70}
 TRAIN=${TRAIN:-pfb-train}
-common=(--config fashion_mnist)
+# The study's tables were measured with recompute mode's exact ranking pass (full size, batch statistics).
+common=(--config fashion_mnist --set blocking.pfb.score_scale=1.0 --set blocking.pfb.score_norm=batch)
 [ -n "${DATA:-}" ] && common+=(--set "data.root=$DATA")
 [ -n "${THREADS:-}" ] && common+=(--set "runtime.threads=$THREADS")
 

@@ -47,8 +47,9 @@ def test_device_decode_on_gpu_matches_cpu_decode(tmp_path):
     assert (a.cpu() - b).abs().mean() < 0.05  # nvJPEG and libjpeg round differently
 
 
-@pytest.mark.parametrize("mode", ["reuse", "recompute"])
-def test_pfb_step_never_synchronises_the_gpu(mode):
+@pytest.mark.parametrize("mode,score", [("reuse", {}), ("recompute", {}),
+                                        ("recompute", {"score_scale": 0.5, "score_norm": "running"})])
+def test_pfb_step_never_synchronises_the_gpu(mode, score):
     """CUDA's own detector: any host wait inside the step (item, nonzero, copies to the host) raises."""
     import timm
 
@@ -57,7 +58,7 @@ def test_pfb_step_never_synchronises_the_gpu(mode):
 
     model = split_model(timm.create_model("resnet18", num_classes=4), stage=1, mode=mode).cuda()
     model = model.to(memory_format=torch.channels_last)
-    selector = build_selector("pfb", ratio=0.4, centres=8, feature_dim=16)
+    selector = build_selector("pfb", ratio=0.4, centres=8, feature_dim=16, **score)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     ctx = (StepSettings(torch.device("cuda"), torch.bfloat16, channels_last=True, clip_grad=1.0, check_finite=False),
            Trainer(optimizer, None, torch.amp.GradScaler("cuda", enabled=False)))
@@ -153,3 +154,35 @@ def test_dali_mixed_decoder_matches_its_cpu_operators(tmp_path):
         "blocking.method=pfb", "blocking.pfb.centres=4", "blocking.pfb.ratio=0.25", "runtime.device=cuda",
         "runtime.amp=bf16", "runtime.channels_last=true", "runtime.progress=false", f"runtime.output={tmp_path}/runs"]))
     assert summary["blocked_fraction"] == pytest.approx(0.25)
+
+
+def test_inductor_compiled_step_matches_eager_and_auto_mode_times_the_parts(tmp_path):
+    """runtime.compile with inductor's kernels and a scaled ranking pass in running statistics: the same
+    rows kept and the same loss as eager (float32, within tolerance); then a run with blocking.mode
+    auto says in summary.json that it timed the parts."""
+    import copy
+
+    import timm
+
+    from pfb_train.engine import StepSettings, Trainer, train_step
+    from pfb_train.models import split_model
+
+    torch.manual_seed(0)
+    base = timm.create_model("resnet18", num_classes=10).cuda()
+    x, y = torch.randn(32, 3, 64, 64, device="cuda"), torch.randint(0, 10, (32,), device="cuda")
+    idx = torch.arange(32, device="cuda")
+    outcome = []
+    for compiled in (False, True):
+        blocked = split_model(copy.deepcopy(base), 1, "recompute")
+        if compiled:
+            blocked.compile_parts()
+        selector = build_selector("pfb", ratio=0.4, centres=16, score_scale=0.5, score_norm="running")
+        trainer = Trainer(torch.optim.SGD(blocked.parameters(), lr=0.01), None, torch.amp.GradScaler("cuda", enabled=False))
+        steps = [train_step(blocked, selector, x, y, idx, StepSettings(torch.device("cuda")), trainer, 1.0)
+                 for _ in range(3)]
+        outcome.append(steps)
+    for eager, comp in zip(*outcome):
+        assert torch.equal(eager.keep, comp.keep)
+        assert torch.allclose(eager.loss, comp.loss, rtol=1e-3)
+    summary = run(load_config(None, [*TINY, "blocking.mode=auto", f"runtime.output={tmp_path}"]))
+    assert summary["blocking_mode"] in ("reuse", "recompute") and "timed on cuda" in summary["blocking_mode_reason"]

@@ -18,7 +18,9 @@ def test_info_reports_split_share_and_predictions(capsys):
     assert info["stage_name"] == "layer1" and info["num_stages"] == 4
     assert info["shallow_share"] == pytest.approx(0.192, abs=0.001)
     assert info["blocked_per_batch"] == 4
-    assert info["predicted_ratio"]["recompute"] == pytest.approx(0.664, abs=0.001)
+    # the default ranking pass of a ResNet: half size, (s q^2 + 3 (1 - p)) / 3 with q = 0.5
+    assert (info["score_scale"], info["score_norm"]) == (0.5, "running")
+    assert info["predicted_ratio"]["recompute"] == pytest.approx((0.192 * 0.25 + 3 * 0.6) / 3, abs=0.001)
     assert info["params"] == info["shallow_params"] + info["deep_params"]
     assert main(["info", "--config", "demo"]) == 0
     text = capsys.readouterr().out

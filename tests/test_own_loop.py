@@ -76,8 +76,11 @@ def test_api_checks_options_as_the_config_does():
         pfb_train.Blocking(model, "pfb", centres=1)
     with pytest.raises(pfb_train.UserError, match="is not an option of method 'random'"):
         pfb_train.Blocking(model, "random", centres=8)
-    assert pfb_train.Blocking(model, "pfb", ratio=0.5).model.mode == "recompute"  # auto: ratio > 1/3
-    assert pfb_train.Blocking(timm.create_model("resnet18"), "pfb", ratio=0.2).model.mode == "reuse"
+    assert pfb_train.Blocking(model, "pfb", ratio=0.5).model.mode == "recompute"  # auto: ratio > q^2 / 3
+    assert pfb_train.Blocking(timm.create_model("resnet18"), "pfb", ratio=0.2, score_scale=1.0).model.mode == "reuse"
+    assert pfb_train.Blocking(timm.create_model("resnet18"), "pfb", ratio=0.2).model.mode == "recompute"  # q = 0.5
+    swin = timm.create_model("swin_tiny_patch4_window7_224", num_classes=4)  # takes 224 px only: q = 1
+    assert pfb_train.Blocking(swin, "pfb", ratio=0.2).model.mode == "reuse"
 
 
 def test_api_under_autocast_keeps_the_density_in_float32():

@@ -174,7 +174,8 @@ def test_runs_logged_before_method_sections_group_with_runs_logged_after(tmp_pat
     pfb = config["blocking"].pop("pfb")
     for name in ("none", "random", "infobatch", "static_random"):
         config["blocking"].pop(name)
-    flat = {**{k: v for k, v in pfb.items() if k not in ("centres", "update_rate", "centre_weights")},
+    flat = {**{k: v for k, v in pfb.items()  # the keys an earlier version wrote (no score_* options then)
+               if k not in ("centres", "update_rate", "centre_weights", "score_scale", "score_norm")},
             "centers": 16, "ema": pfb["update_rate"], "weights": pfb["centre_weights"], "delta": 0.5}
     config["blocking"].update(flat)  # as an earlier version wrote it (delta: infobatch's, ignored for pfb)
     (Path(old) / "config.yaml").write_text(yaml.safe_dump(config))

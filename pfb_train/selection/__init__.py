@@ -22,7 +22,8 @@ def build_selector(name: str, seed: int = 0, epochs: Optional[int] = None, batch
 
 def selector_from_config(cfg) -> Selector:
     method = get_method(cfg.blocking.method)
-    run = RunFacts(epochs=cfg.schedule.epochs, batch_size=cfg.data.batch_size, seed=cfg.runtime.seed)
+    run = RunFacts(epochs=cfg.schedule.epochs, batch_size=cfg.data.batch_size, seed=cfg.runtime.seed,
+                   mode=cfg.blocking.mode)
     return method.build(cfg.blocking.chosen(), run)
 
 

@@ -12,6 +12,7 @@ import torch
 
 from pfb_train.distributed import get_rank
 from pfb_train.errors import UserError
+from pfb_train.models import EXACT_SCORE, ScorePass
 
 
 @dataclass
@@ -105,6 +106,10 @@ class Selector:
     def select(self, feats: torch.Tensor) -> Optional[torch.Tensor]:
         """Batch-level selection from (B, C) shallow features: kept row indices; None = all rows."""
         return None
+
+    def score_pass(self) -> ScorePass:
+        """How recompute mode's ranking pass computes the features `select` gets (size, norm statistics)."""
+        return EXACT_SCORE
 
     def loss_weights(self, sample_idx: torch.Tensor) -> Optional[torch.Tensor]:
         """Per-sample loss multipliers for the kept rows; None = unweighted mean."""

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pfb_train.distributed import all_reduce_sum, broadcast
+from pfb_train.models import AUTO_SCORE, ScorePass
 from pfb_train.selection.base import WINDOW_LEGACY_KEYS, BlockingSchedule, Selector, WindowOptions, need
 from pfb_train.selection.diagnostics import SelectionStats, within_batch_rank
 from pfb_train.selection.registry import Method, register
@@ -103,8 +104,10 @@ class PFBSelector(Selector):
         noise_form: str = "rank",
         centre_weights: str = "counts",
         seed: int = 0,
+        score: ScorePass = AUTO_SCORE,
     ):
         super().__init__(seed)
+        self.score = score
         if noise_form not in NOISE_FORMS:
             raise ValueError(f"unknown noise form {noise_form!r}; choose one of: {', '.join(NOISE_FORMS)}")
         self.schedule = schedule
@@ -142,6 +145,9 @@ class PFBSelector(Selector):
 
     def blocks_rows(self) -> bool:
         return self.schedule.ratio_at(self.epoch) > 0
+
+    def score_pass(self) -> ScorePass:
+        return self.score
 
     def needs_features(self) -> bool:  # the centres follow the data from the first epoch until blocking ends
         return self.schedule.end is None or self.epoch < self.schedule.end
@@ -208,9 +214,20 @@ class PFBOptions(WindowOptions):
     noise: Optional[float] = None  # level of the random term; None: the noise form's default
     noise_form: Literal["rank", "density_floor", "max_abs"] = "rank"  # scale-free | paper | authors' code
     centre_weights: Literal["counts", "uniform"] = "counts"  # paper (counts) or authors' code (uniform)
+    # recompute mode's ranking pass (models.ScorePass): the batch resized by score_scale, normalised by
+    # its own (batch) or the running statistics. The kept rows' training pass is full size either way.
+    # null / auto: half size and running statistics where the model takes them (docs/RESULTS.md).
+    score_scale: Optional[float] = None
+    score_norm: Literal["auto", "batch", "running"] = "auto"
 
     def check(self, run, key) -> None:
         super().check(run, key)
+        need(self.score_scale is None or 0.0 < self.score_scale <= 1.0,
+             f"config key '{key('score_scale')}' must be in (0, 1] or null (auto), got {self.score_scale}")
+        cheaper = self.score_scale not in (None, 1.0) or self.score_norm == "running"
+        need(not (cheaper and run.mode == "reuse"),
+             f"config keys '{key('score_scale')}' / '{key('score_norm')}' shape recompute mode's ranking pass; "
+             "blocking.mode 'reuse' ranks by the training pass's own features: set blocking.mode recompute or auto")
         need(self.centres >= 2, f"config key '{key('centres')}' must be >= 2, got {self.centres}")
         need(self.feature_dim >= 1, f"config key '{key('feature_dim')}' must be >= 1, got {self.feature_dim}")
         need(0.0 < self.update_rate <= 1.0, f"config key '{key('update_rate')}' must be in (0, 1], got {self.update_rate}")
@@ -223,7 +240,7 @@ class PFBOptions(WindowOptions):
 def build(o: PFBOptions, run) -> PFBSelector:
     return PFBSelector(o.schedule(run.epochs), centres=o.centres, feature_dim=o.feature_dim, update_rate=o.update_rate,
                        estimator=o.estimator, noise=o.noise, noise_form=o.noise_form, centre_weights=o.centre_weights,
-                       seed=run.seed)
+                       seed=run.seed, score=ScorePass(o.score_scale, o.score_norm))
 
 
 register(Method(

@@ -7,6 +7,8 @@ A method declares:
   `none`: nothing is dropped;
 - `options`: a dataclass of its own settings with their defaults, read from `blocking.<name>`;
   its `check(run)` method (optional) validates them against the run and raises UserError;
+  fields `score_scale` / `score_norm` (optional) set how recompute mode's ranking pass runs
+  (models.ScorePass): the cost model and the model read them from there;
 - `build(options, run)`: the Selector for a run.
 
 Registration is one line in the method's module (`register(Method(...))`), or an entry point in the
@@ -28,6 +30,7 @@ from importlib.metadata import entry_points
 from typing import Any, Callable, Literal, Optional
 
 from pfb_train.errors import UserError
+from pfb_train.models import ScorePass
 
 LEVELS = ("none", "batch", "sampler")
 ENTRY_POINT_GROUP = "pfb_train.methods"
@@ -40,6 +43,7 @@ class RunFacts:
     epochs: Optional[int] = None  # schedule.epochs (None: open-ended, e.g. a loop of one's own)
     batch_size: Optional[int] = None  # per process (None: not known in advance)
     seed: int = 0
+    mode: str = "auto"  # blocking.mode as configured: auto | reuse | recompute
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,11 @@ class Method:
     def blocked_per_batch(self, options) -> float:
         """The fraction of each batch blocked while a batch-level method is active; 0 for the others."""
         return self.ratio(options) if self.level == "batch" else 0.0
+
+    def score_pass(self, options) -> ScorePass:
+        """How recompute mode's ranking pass runs, from the options `score_scale` and `score_norm`
+        where the method has them (a method that ranks by shallow features may); else exact."""
+        return ScorePass(getattr(options, "score_scale", 1.0), getattr(options, "score_norm", "batch"))
 
 
 _METHODS: dict[str, Method] = {}
