@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from pfb_train.costs import cheaper_mode
-from pfb_train.models import BlockedModel, split_model
+from pfb_train.models import BlockedModel, check_score_pass, split_model
 from pfb_train.selection import RunFacts, Selector
 from pfb_train.selection.registry import configure
 
@@ -102,6 +102,8 @@ class Blocking:
                 fraction = spec.blocked_per_batch(values)
                 scale = self.model.resolve_score(spec.score_pass(values)).scale  # at the model's own input size
                 self.model.mode = cheaper_mode(fraction, scale) if fraction > 0 else "reuse"
+        size = getattr(self.model.model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-1]
+        check_score_pass(self.model, spec.score_pass(values), size, f"blocking.{method}")  # as the harness does
 
     def set_epoch(self, epoch: int) -> None:
         self.selector.set_epoch(epoch)

@@ -361,7 +361,7 @@ class BlockedModel(nn.Module):
         score = self.resolve_score(score, x.shape[-1])
         x = score_input(x, score.scale)
         if score.norm == "running":
-            was_training = self.shallow.training
+            was_training = self.training  # the views are outside _modules: their own flag is stale
             self.shallow.train(False)
             try:
                 return self.pooled_features(self.shallow(x))

@@ -185,6 +185,9 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
     state = RunState(settings, net, train_module, selector, trainer, train_loader, val_loader, baseline)
     if checkpoint is not None:
         restore(state, checkpoint)
+        if cfg.blocking.mode != "auto" and cfg.blocking.mode != net.mode:
+            raise UserError(f"cannot resume: the checkpoint was trained with blocking.mode {net.mode!r}, this config "
+                            f"sets {cfg.blocking.mode!r}; set blocking.mode auto (or {net.mode}) to go on")
         mode = ModeChoice(net.mode, "as in the checkpoint", None)
     state.mode_reason, state.score = mode.reason, score
     if dist.is_main:

@@ -233,3 +233,13 @@ def test_compiled_step_matches_the_eager_step():
         assert torch.allclose(a.loss, b.loss, rtol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(w_eager, w_comp))
     assert all(torch.allclose(a.float(), b.float(), atol=1e-5) for a, b in zip(s_eager, s_comp))
+
+
+def test_running_ranking_pass_leaves_an_eval_model_in_eval_and_the_api_checks_the_model():
+    blocked = split_model(timm.create_model("test_resnet", num_classes=5), 1, "recompute").eval()
+    blocked.score_features(torch.randn(4, 3, 32, 32), ScorePass(1.0, "running"))
+    assert not any(m.training for m in blocked.model.modules())
+    import pfb_train
+
+    with pytest.raises(UserError, match="score_scale 0.5 feeds 'vit_tiny_patch16_224'"):
+        pfb_train.Blocking(timm.create_model("vit_tiny_patch16_224", num_classes=4), "pfb", ratio=0.4, score_scale=0.5)
