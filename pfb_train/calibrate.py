@@ -132,8 +132,7 @@ def resolve_mode(cfg, blocked: BlockedModel, amp_dtype: Optional[torch.dtype] = 
         mode = cheaper_mode(ratio, score.scale)
         reason = f"auto, FLOP model: blocking {ratio} {'>' if mode == 'recompute' else '<='} {score.scale ** 2 / 3:.3f}"
         return ModeChoice(mode, reason, None)
-    in_chans = getattr(blocked.model, "pretrained_cfg", {}).get("input_size", (3,))[0]
-    choice = choose_mode(blocked, (d.batch_size, in_chans, d.img_size, d.img_size), ratio, amp_dtype,
+    choice = choose_mode(blocked, (d.batch_size, blocked.in_chans, d.img_size, d.img_size), ratio, amp_dtype,
                          cfg.runtime.channels_last, score)
     if is_distributed():
         modes = ("reuse", "recompute")

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from pfb_train.models import AUTO_SCALE
+
 MODES = ("reuse", "recompute", "ideal")
 
 
@@ -115,6 +117,4 @@ def blocking_mode(blocking) -> str:
 def provisional_scale(score) -> float:
     """The ranking pass's scale before the model decides an automatic one (models.ScorePass): the
     automatic value; the harness decides again with the model (calibrate.resolve_mode)."""
-    from pfb_train.models import AUTO_SCALE
-
     return AUTO_SCALE if score.scale is None else score.scale

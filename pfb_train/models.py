@@ -260,7 +260,6 @@ class BlockedModel(nn.Module):
         self.stage_name = spec.stages[self.stage - 1]
         self.mode = mode
         self.feature_dims = spec.feature_dims
-        self.compiled = False
         # Views share the model's modules; kept out of _modules so nothing is registered twice.
         self.__dict__["shallow"] = _Shallow(model, spec, self.stage)
         self.__dict__["deep"] = _Deep(model, spec, self.stage)
@@ -273,6 +272,12 @@ class BlockedModel(nn.Module):
     @property
     def num_classes(self) -> int:
         return self.model.num_classes  # every timm classifier has it
+
+    @property
+    def in_chans(self) -> int:
+        """Input channels, from the stem's first convolution (or patch projection) weight (out, in, kh, kw):
+        timm's pretrained_cfg keeps 3 for a model made with another `in_chans`."""
+        return next(p for p in self._eager_shallow.parameters() if p.dim() == 4).shape[1]
 
     def compile_parts(self, **options) -> None:
         """torch.compile shallow and deep separately; the selection between them stays eager.
@@ -288,7 +293,6 @@ class BlockedModel(nn.Module):
         options.setdefault("dynamic", False)
         self.__dict__["shallow"] = torch.compile(self.shallow, **options)
         self.__dict__["deep"] = torch.compile(self.deep, **options)
-        self.compiled = True
 
     def pooled_features(self, h: torch.Tensor) -> torch.Tensor:
         """Global average over space (or tokens), accumulated in float32: the (B, C) input of the
@@ -307,7 +311,7 @@ class BlockedModel(nn.Module):
             return BlockedOutput(self.deep(h), None, self.pooled_features(h))
         recompute = self.mode == "recompute"
         if recompute:
-            feats = self.score_features(x, self.resolve_score(score, x.shape[-1]))
+            feats = self.score_features(x, score)
         else:
             h = self.shallow(x)
             feats = self.pooled_features(h)
@@ -339,12 +343,11 @@ class BlockedModel(nn.Module):
         """None if the shallow part runs on a `size`-px image, else the reason it does not (cached)."""
         if size not in self._takes_size:
             param = next(self.parameters())
-            in_chans = getattr(self.model, "pretrained_cfg", {}).get("input_size", (3,))[0]
             was_training = self.training
             self.eval()  # one image through, running statistics untouched
             try:
                 with torch.no_grad():
-                    self._eager_shallow(torch.zeros(1, in_chans, size, size, device=param.device, dtype=param.dtype))
+                    self._eager_shallow(torch.zeros(1, self.in_chans, size, size, device=param.device, dtype=param.dtype))
                 self._takes_size[size] = None
             except Exception as e:
                 self._takes_size[size] = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -391,7 +394,7 @@ def kept_norm_stats(norms: list[nn.Module]):
     normalises by its batch (outputs equal to BatchNorm without running statistics) and updates
     nothing. Buffers are read at entry: `.to(device)` replaces them."""
     buffers = [b for m in norms for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-    saved = [b.clone() for b in buffers]
+    saved = torch._foreach_clone(buffers) if buffers else []  # one call per step, not one per buffer
     try:
         yield
     finally:

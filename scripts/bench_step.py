@@ -34,6 +34,7 @@ from pfb_train.engine import StepSettings, Trainer, train_step
 from pfb_train.metrics import PhaseTimer
 from pfb_train.models import ScorePass, split_model
 from pfb_train.selection import build_selector
+from pfb_train.train import AMP_DTYPES
 
 
 def parse_args():
@@ -81,7 +82,7 @@ def profile_steps(blocked, selector, x, y, idx, ctx, step, path: Path, steps: in
 def time_steps(blocked, selector, x, y, args, device, method: str) -> tuple[list[float], dict]:
     """Seconds per step of each timed repeat, and the seconds per phase of one more run."""
     optimizer = torch.optim.SGD(blocked.parameters(), lr=0.01, momentum=0.9)
-    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    amp = AMP_DTYPES[args.amp]
     ctx = (StepSettings(device, amp, args.channels_last, check_finite=args.check_finite),
            Trainer(optimizer, None, torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")))
     idx = torch.arange(x.shape[0], device=device)
@@ -113,7 +114,7 @@ def time_steps(blocked, selector, x, y, args, device, method: str) -> tuple[list
 def main() -> None:
     args = parse_args()
     score = ScorePass(args.score_scale, args.score_norm)
-    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    amp = AMP_DTYPES[args.amp]
     auto = args.mode == "auto"
     if args.threads:
         torch.set_num_threads(args.threads)
