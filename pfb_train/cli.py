@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pfb_train.errors import Preempted, TrainingStopped, UserError
+from pfb_train.errors import Preempted, RunFinished, TrainingStopped, UserError
 
 COMMANDS = ("train", "info", "report", "methods", "shards")
 
@@ -61,6 +61,9 @@ def main(argv=None) -> int:
     except OSError as e:  # the machine's side: a path that cannot be made or written, a full disk
         say(f"pfb-train: error: {e}")
         return 2
+    except RunFinished as e:
+        print(f"pfb-train: {e}", flush=True)
+        return 0
     except Preempted as e:
         say(f"pfb-train: {e}")
         return 128 + e.signum

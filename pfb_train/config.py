@@ -406,7 +406,7 @@ def experiment_settings(raw: dict) -> dict:
 
 def validate(cfg: Config) -> None:
     """Range and consistency checks that types alone cannot express; the method checks its own options."""
-    from pfb_train.selection.registry import RunFacts, check_options, get_method
+    from pfb_train.selection.registry import RunFacts, check_options, get_method, methods
 
     b, d, s, o, r = cfg.blocking, cfg.data, cfg.schedule, cfg.optim, cfg.runtime
 
@@ -420,6 +420,14 @@ def validate(cfg: Config) -> None:
     need(s.warmup_epochs >= 0, f"config key 'schedule.warmup_epochs' must be >= 0, got {s.warmup_epochs}")
     method = get_method(b.method)
     check_options(method, b.chosen(), RunFacts(epochs=s.epochs, batch_size=d.batch_size, seed=r.seed, mode=b.mode))
+    # A value its method cannot take is an error whichever method runs; what depends on the run
+    # (batch size, mode) is checked for the chosen method only.
+    for name, other in methods().items():
+        if name != b.method:
+            try:
+                check_options(other, b.options[name], RunFacts(epochs=s.epochs, seed=r.seed))
+            except UserError as e:
+                raise UserError(f"{e} (method '{name}' reads it; blocking.method is '{b.method}')") from None
     need(d.img_size >= 8, f"config key 'data.img_size' must be >= 8, got {d.img_size}")
     need(d.batch_size >= 1, f"config key 'data.batch_size' must be >= 1, got {d.batch_size}")
     need(d.workers >= 0, f"config key 'data.workers' must be >= 0, got {d.workers}")
@@ -449,6 +457,45 @@ def validate(cfg: Config) -> None:
          f"config key 'runtime.checkpoint_every' must be >= 1, got {r.checkpoint_every}")
     need(r.max_nonfinite >= 1, f"config key 'runtime.max_nonfinite' must be >= 1, got {r.max_nonfinite}")
     need(r.log_every >= 1 and r.eval_every >= 1, "config keys 'runtime.log_every' and 'runtime.eval_every' must be >= 1")
+    check_timm_values(cfg)
+
+
+# timm schedulers that step every update (timm's create_scheduler_v2 with step_on_epochs=False).
+SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly")
+
+
+def _choice(key: str, value: str, valid, what: str) -> UserError:
+    close = difflib.get_close_matches(value, list(valid), n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return UserError(f"config key '{key}': unknown {what} '{value}' ({hint}valid: {', '.join(valid)})")
+
+
+def check_timm_values(cfg: Config) -> None:
+    """Names handed to timm, checked before any work so that a typo is one line, not timm's traceback
+    at the first step: the optimizer, the LR schedule and the augmentation policy."""
+    from timm.data import create_transform
+    from timm.optim import list_optimizers
+
+    optimizers = list_optimizers()
+    name = cfg.optim.name.lower().removeprefix("lookahead_")  # timm wraps any optimizer in Lookahead this way
+    if name not in optimizers:
+        close = difflib.get_close_matches(name, optimizers, n=3)
+        hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+        raise UserError(f"config key 'optim.name': unknown timm optimizer '{cfg.optim.name}' ({hint}"
+                        f"timm.optim.list_optimizers() gives all {len(optimizers)})")
+    if cfg.schedule.name == "plateau":
+        raise UserError("config key 'schedule.name': 'plateau' steps once per epoch on a validation metric; "
+                        f"this harness steps the LR every update: choose one of {', '.join(SCHEDULES)}")
+    if cfg.schedule.name not in SCHEDULES:
+        raise _choice("schedule.name", cfg.schedule.name, SCHEDULES, "LR schedule")
+    policy = cfg.data.auto_augment
+    if policy is not None:
+        try:
+            create_transform(cfg.data.img_size, is_training=True, auto_augment=policy)
+        except Exception as e:  # timm asserts on an unknown policy, sometimes with no message
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else "not a policy timm knows"
+            raise UserError(f"config key 'data.auto_augment': {policy!r} is not a timm augmentation policy "
+                            f"({reason}); e.g. 'rand-m9-mstd0.5', 'augmix-m5', 'original', 'v0', or null") from None
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -165,7 +165,8 @@ class EpochTally:
     FIELDS = ("batches", "rows_seen", "rows_kept", "nonfinite", "nonfinite_in_row", "elapsed",
               "extra_selection_seconds")
 
-    def __init__(self, device, num_classes: int, saved: Optional[dict] = None):
+    def __init__(self, device, num_classes: int, saved: Optional[dict] = None, order_done: int = 0,
+                 world_size: int = 1):
         self.batches = self.rows_seen = self.rows_kept = self.nonfinite = 0
         self.nonfinite_in_row = 0
         self.elapsed = self.extra_selection_seconds = 0.0
@@ -179,6 +180,18 @@ class EpochTally:
             if "class_rows" in saved:  # absent in checkpoints of earlier versions
                 self.class_rows += torch.tensor(saved["class_rows"], dtype=torch.float64, device=device)
             self.timer.seconds.update(saved["seconds"])
+        # Where the epoch is, in samples of its order over all ranks (not batches: a resume may change
+        # the batch size or the number of processes). `order_total`: set by the epoch's first batch.
+        self.order_base, self.world_size, self.rows_at_start = order_done, world_size, self.rows_seen
+        self.order_total = 0
+
+    def order_done(self, more_rows: int = 0) -> int:
+        """Samples of the epoch's order trained on over all ranks, after `more_rows` more of this rank's."""
+        return self.order_base + (self.rows_seen - self.rows_at_start + more_rows) * self.world_size
+
+    def epoch_fraction(self, more_rows: int = 0) -> float:
+        """How far the epoch is (0 to 1) once `more_rows` more rows of this rank are trained on."""
+        return self.order_done(more_rows) / self.order_total
 
     def add(self, step: StepResult) -> None:
         """Count one step (no host sync: the counts stay on the device)."""
@@ -195,6 +208,20 @@ class EpochTally:
         return {**{k: getattr(self, k) for k in self.FIELDS}, "loss_sum": self.loss_sum.item(),
                 "class_rows": self.class_rows.tolist(),
                 "seconds": self.timer.totals()}
+
+    @staticmethod
+    def merge(states: list[dict]) -> dict:
+        """Several ranks' `state_dict`s as one (counts summed; steps and times as the slowest rank's),
+        for a resume with another number of processes: the epoch's totals are sums over ranks."""
+        merged = dict(states[0])
+        for key in ("rows_seen", "rows_kept", "nonfinite", "loss_sum"):
+            merged[key] = sum(s[key] for s in states)
+        for key in ("batches", "nonfinite_in_row", "elapsed", "extra_selection_seconds"):
+            merged[key] = max(s[key] for s in states)
+        if all("class_rows" in s for s in states):
+            merged["class_rows"] = torch.tensor([s["class_rows"] for s in states], dtype=torch.float64).sum(0).tolist()
+        merged["seconds"] = {k: max(s["seconds"].get(k, 0.0) for s in states) for k in states[0]["seconds"]}
+        return merged
 
 
 def _split(values: list, head: int) -> tuple[list, tuple[list, list]]:
@@ -218,7 +245,6 @@ def train_one_epoch(model, selector, loader, settings: StepSettings, trainer: Tr
     progress (full-data updates per epoch / steps this epoch), so it still ends on time."""
     model.train()
     timer = tally.timer
-    steps = tally.batches + len(loader)
     started = time.perf_counter() - tally.elapsed
     timer.reset_clock()
     for x, y, idx in loader:
@@ -227,7 +253,9 @@ def train_one_epoch(model, selector, loader, settings: StepSettings, trainer: Tr
         if trainer.mixup is not None:
             x, y = trainer.mixup(x, y)
         timer.mark("data")
-        schedule_at = settings.updates_per_epoch * (epoch + (tally.batches + 1) / steps)
+        if not tally.order_total:  # every batch has this many rows (drop_last), on every rank
+            tally.order_total = tally.order_done(len(loader) * x.shape[0])
+        schedule_at = settings.updates_per_epoch * (epoch + tally.epoch_fraction(x.shape[0]))
         step = train_step(model, selector, x, y, idx, settings, trainer, schedule_at, timer)
         tally.add(step)
         if step.finite:

@@ -9,6 +9,10 @@ class TrainingStopped(RuntimeError):
     """The run cannot go on (e.g. the loss keeps diverging); the message says why. Exit code 1."""
 
 
+class RunFinished(Exception):
+    """The run asked for is already finished; nothing was done. The CLI prints the message and exits with 0."""
+
+
 class Preempted(Exception):
     """A stop signal arrived and the checkpoint is written. The CLI exits with 128 + signal number."""
 

@@ -22,7 +22,8 @@ def _num_classes(cfg) -> int:
 def model_info(cfg) -> dict:
     model_cfg = type(cfg.model)(**{**vars(cfg.model), "pretrained": False})  # no weights needed to count
     with torch.device("meta"):  # shapes only: FLOPs are counted without doing the arithmetic
-        blocked = build_model(model_cfg, cfg.blocking.stage, _num_classes(cfg), blocking_mode(cfg.blocking)).eval()
+        blocked = build_model(model_cfg, cfg.blocking.stage, _num_classes(cfg), blocking_mode(cfg.blocking),
+                              img_size=cfg.data.img_size).eval()
     share = shallow_flop_share(blocked, cfg.data.img_size)
     x = torch.empty(1, 3, cfg.data.img_size, cfg.data.img_size, device="meta")
     with torch.no_grad():

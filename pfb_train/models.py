@@ -436,26 +436,67 @@ def create_timm_model(name: str, num_classes: int, pretrained: bool = False, **k
         raise UserError(f"unknown timm model '{name}'{hint}")
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except TypeError as e:  # an option this model's constructor does not take
+        raise UserError(f"timm model '{name}' cannot be built with {', '.join(f'{k}={v!r}' for k, v in kwargs.items())} "
+                        f"({_first_line(e)})") from None
     except Exception as e:  # pretrained weights need the network or a local cache
         if pretrained:
-            raise UserError(f"could not load pretrained weights for '{name}': {str(e).splitlines()[0]}") from None
+            raise UserError(f"could not load pretrained weights for '{name}': {_first_line(e)}") from None
         raise
 
 
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def runs_at(model: nn.Module, size: int) -> Optional[str]:
+    """None if `model` (whole) takes one `size`-px image, else the reason it does not (e.g. timm's
+    "Input height (32) doesn't match model (224)" of a ViT). Eval mode, no gradients: no state changes."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    chans = conv.in_channels if conv is not None else 3
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, chans, size, size, device=param.device, dtype=param.dtype))
+        return None
+    except Exception as e:
+        return _first_line(e)
+    finally:
+        model.train(was_training)
+
+
 def build_model(model_cfg, stage: Union[int, str], num_classes: int, mode: str = "reuse",
-                sync_bn: bool = False) -> BlockedModel:
-    model = create_timm_model(
-        model_cfg.name,
-        num_classes=num_classes,
-        pretrained=model_cfg.pretrained,
-        drop_rate=model_cfg.drop_rate,
-        drop_path_rate=model_cfg.drop_path,
-    )
-    if model_cfg.cifar_stem:
-        model = cifar_stem(model)
+                sync_bn: bool = False, img_size: Optional[int] = None) -> BlockedModel:
+    """The timm model `model_cfg` describes, split after `stage`. With `img_size` (px), a model that
+    does not run at that size as built (ViT, DeiT, Swin: a fixed input size) is built for it through
+    timm's `img_size` argument. Raises UserError (one line) for an unknown model, options it does not
+    take, or a size it cannot run at."""
+    options = dict(num_classes=num_classes, pretrained=model_cfg.pretrained, drop_rate=model_cfg.drop_rate,
+                   drop_path_rate=model_cfg.drop_path)
+    model = _prepared(create_timm_model(model_cfg.name, **options), model_cfg)
+    default = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (None,))[-1]
+    reason = runs_at(model, img_size) if img_size is not None and img_size != default else None
+    if reason is not None:
+        try:
+            model = _prepared(create_timm_model(model_cfg.name, img_size=img_size, **options), model_cfg)
+            reason = runs_at(model, img_size)
+        except UserError:  # the model takes no img_size: the first reason stands
+            pass
+        if reason is not None:
+            raise UserError(f"model '{model_cfg.name}' does not run on data.img_size {img_size} px images ({reason}); "
+                            f"set data.img_size to a size it takes{f' (its default is {default})' if default else ''}")
     if sync_bn:  # before splitting: conversion swaps modules, and the views hold references
         model = timm.layers.convert_sync_batchnorm(model)
     return BlockedModel(model, stage, mode)
+
+
+def _prepared(model: nn.Module, model_cfg) -> nn.Module:
+    if model_cfg.cifar_stem:
+        model = cifar_stem(model)
+    return model
 
 
 def cifar_stem(model: nn.Module) -> nn.Module:

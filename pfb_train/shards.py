@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pfb_train.data.decode import BadImage, decode_rgb
 from pfb_train.data.wds import INFO_FILE, check_complete, scan_shard
 from pfb_train.errors import UserError
 
@@ -61,9 +62,9 @@ def stored(data: bytes, fallback_extension: str) -> tuple[bytes, str]:
     kind = image_kind(data)
     if kind is not None:
         return data, kind
-    try:
-        return png(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))), "png"
-    except (OSError, ValueError, SyntaxError):
+    try:  # the harness's one decode rule (data/decode.py): 16-bit keeps its top byte, bombs are refused
+        return png(np.asarray(decode_rgb(data))), "png"
+    except BadImage:  # stored as it is: it stands in when read, as on the other layouts
         return data, fallback_extension or "bin"
 
 
@@ -99,7 +100,7 @@ def encoded_splits(d) -> tuple[list[EncodedSplit], int]:
         classes = folder_classes(base)
         return [_folder_split(base / split, name) for split, name in zip(("train", "val"), names)], len(classes)
     if d.dataset == "hf":
-        from pfb_train.data.hf import HFImages, find_columns, load_splits
+        from pfb_train.data.hf import HFImages, class_count, find_columns, load_splits
 
         loaded = load_splits(d.root, names)
         image_key, label_key = find_columns(loaded[names[0]].features, d.image_key, d.label_key)
@@ -112,7 +113,7 @@ def encoded_splits(d) -> tuple[list[EncodedSplit], int]:
                 return (*stored(data, "bin"), label)
 
             splits.append(EncodedSplit(name, len(table), read))
-        return splits, loaded[names[0]].features[label_key].num_classes
+        return splits, class_count({f"{d.root}:{n}": loaded[n] for n in names}, label_key)
     if d.dataset in ("cifar10", "cifar100"):
         from pfb_train.data.datasets import CIFAR, cifar, read_cifar_batches
 

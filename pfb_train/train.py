@@ -24,16 +24,18 @@ from tqdm import tqdm
 from pfb_train.calibrate import ModeChoice, resolve_mode
 from pfb_train.checkpoint import (all_rng_states, has_checkpoint_files, latest_checkpoint, load_checkpoint,
                                   restore_rng, save_checkpoint)
-from pfb_train.config import Config, save_config
+from pfb_train.config import Config, experiment_settings, save_config
 from pfb_train.costs import blocking_mode
 from pfb_train.data import build_datasets, build_loaders, dataset_labels
-from pfb_train.distributed import (DistInfo, announce_stop, barrier, cleanup,
+from pfb_train.data.loaders import ShardOrderSampler
+from pfb_train.distributed import (DistInfo, all_gather_objects, announce_stop, barrier, cleanup,
                                    init_distributed, sharing_stops, stopped_elsewhere, watch_for_stops)
-from pfb_train.errors import Preempted, TrainingStopped, UserError
+from pfb_train.errors import Preempted, RunFinished, TrainingStopped, UserError
 from pfb_train.engine import EpochTally, StepSettings, Trainer, evaluate, prepare_epoch, train_one_epoch
 from pfb_train.metrics import BaselineComparison, RunLogger, make_run_dir, rewrite_metrics
 from pfb_train.models import BlockedModel, ScorePass, build_model, check_score_pass
 from pfb_train.preemption import PreemptionSignals
+from pfb_train.seeding import derive_seed
 from pfb_train.selection import Selector, get_method, selector_from_config
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -41,7 +43,7 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)  # NumPy's legacy seed takes 32 bits
     torch.manual_seed(seed)
 
 
@@ -54,6 +56,7 @@ class RunSettings:
     step: StepSettings
     nominal_rows: int  # rows a full-data epoch trains on, over all ranks
     class_counts: Optional[tuple]  # training samples per class (None: the dataset does not say)
+    train_samples: int  # size of the training set (a checkpoint holds it: per-sample state must fit)
 
 
 @dataclass
@@ -81,6 +84,7 @@ class RunState:
     val_loader: DataLoader
     baseline: Optional[BaselineComparison] = None
     run_dir: Optional[Path] = None  # rank 0 only
+    location: str = ""  # the run directory as every rank names it (messages)
     progress: Progress = field(default_factory=Progress)
     mode_reason: str = ""  # why blocking.mode resolved to net.mode (the run line, summary.json)
     score: Optional[ScorePass] = None  # recompute mode's ranking pass, automatic parts resolved
@@ -115,7 +119,7 @@ def stop_every_rank(error: BaseException) -> BaseException:
     """Under DDP one rank's error ends every rank with the same one-line message (distributed.py):
     a rank that failed itself announces it; a rank whose collective broke raises what was announced.
     Signals are already collective (preemption.py): every rank raises Preempted at the same step."""
-    if isinstance(error, (Preempted, KeyboardInterrupt)) or not sharing_stops():
+    if isinstance(error, (Preempted, KeyboardInterrupt, RunFinished)) or not sharing_stops():
         return error
     announced = stopped_elsewhere(wait_seconds=0.0)
     if announced is None and isinstance(error, RuntimeError) and not isinstance(error, TrainingStopped):
@@ -141,16 +145,19 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
         precision = "tf32" if rt.tf32 else "ieee"
         torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = precision
     seed_everything(rt.seed)  # the same initial model on every rank
+    run_dir, checkpoint = resume_point(rt.resume, rt.output, cfg.name)
+    if checkpoint is not None:  # before any work: what cannot go on says so at once
+        check_resumable(cfg, checkpoint)
+        refuse_finished(cfg, run_dir, checkpoint)
 
     splits = build_datasets(cfg.data, cfg.model.num_classes, seed=rt.seed)
     train_loader, val_loader = build_loaders(splits, cfg.data, rt.seed, dist.rank, dist.world_size,
                                              pin_memory=device.type == "cuda", device=device,
                                              channels_last=rt.channels_last)
     net = build_model(cfg.model, cfg.blocking.stage, splits.num_classes, blocking_mode(cfg.blocking),
-                      sync_bn=rt.sync_bn and dist.world_size > 1).to(device)
+                      sync_bn=rt.sync_bn and dist.world_size > 1, img_size=cfg.data.img_size).to(device)
     if rt.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    run_dir, checkpoint = resume_point(rt.resume, rt.output, cfg.name)
     score = check_score_pass(net, get_method(cfg.blocking.method).score_pass(cfg.blocking.chosen()), cfg.data.img_size,
                              f"blocking.{cfg.blocking.method}")
     # A resumed run keeps its checkpoint's mode (restore below): timing again could pick the other one.
@@ -158,7 +165,7 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
     if mode is not None:
         net.mode = mode.mode
     ema = ModelEmaV3(net, decay=o.ema_decay) if o.ema_decay else None  # a plain copy: before DDP/compile
-    seed_everything(rt.seed + dist.rank)  # dropout, drop-path and mixup draws differ between ranks
+    seed_everything(derive_seed("rank", rt.seed, dist.rank))  # dropout, drop-path, mixup: each rank its own
     train_module = net
     if dist.world_size > 1:
         train_module = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -166,7 +173,11 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
         net.compile_parts()  # after DDP wrapping: DDP hooks stay on the original parameters
     selector = selector_from_config(cfg)
 
-    optimizer = create_optimizer_v2(net, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
+    try:  # a name timm lists may still need what this machine lacks (bitsandbytes, APEX, CUDA)
+        optimizer = create_optimizer_v2(net, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
+    except (AssertionError, ImportError, ValueError, TypeError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise UserError(f"config key 'optim.name': timm cannot make optimizer '{o.name}' here ({reason})") from None
     scheduler, _ = create_scheduler_v2(optimizer, sched=s.name, num_epochs=s.epochs, warmup_epochs=s.warmup_epochs,
                                        warmup_lr=s.warmup_lr, min_lr=s.min_lr, step_on_epochs=False,
                                        updates_per_epoch=len(train_loader))
@@ -181,10 +192,12 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
 
     labels = dataset_labels(splits.train)
     class_counts = None if labels is None else tuple(torch.bincount(labels, minlength=splits.num_classes).tolist())
-    settings = RunSettings(cfg, dist, step, len(train_loader) * cfg.data.batch_size * dist.world_size, class_counts)
+    settings = RunSettings(cfg, dist, step, len(train_loader) * cfg.data.batch_size * dist.world_size, class_counts,
+                           len(splits.train))
     state = RunState(settings, net, train_module, selector, trainer, train_loader, val_loader, baseline)
     if checkpoint is not None:
         restore(state, checkpoint)
+        check_position(state, checkpoint)
         if cfg.blocking.mode != "auto" and cfg.blocking.mode != net.mode:
             raise UserError(f"cannot resume: the checkpoint was trained with blocking.mode {net.mode!r}, this config "
                             f"sets {cfg.blocking.mode!r}; set blocking.mode auto (or {net.mode}) to go on")
@@ -193,11 +206,12 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
     if dist.is_main:
         state.run_dir = run_dir or make_run_dir(rt.output, cfg.name)
         state.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, state.run_dir / "config.yaml")
+        save_config(cfg, state.run_dir / "config.yaml")  # a finished run never gets here (refuse_finished)
         if rt.resume is not None:  # the checkpoint's history is the truth: drop epochs logged after it
             rewrite_metrics(state.run_dir, state.progress.history)
-        print(f"run {cfg.name}: {cfg.model.name} split after {net.stage_name} (stage {net.stage}), "
-              f"blocking {describe_options(cfg)} (mode {net.mode}: {mode.reason}{ranking_pass(net, score)}), "
+        print(f"run {cfg.name}: {cfg.model.name} on {describe_data(cfg, len(splits.train))}, "
+              f"split after {net.stage_name} (stage {net.stage}), blocking {describe_options(cfg)} "
+              f"(mode {net.mode}: {mode.reason}{ranking_pass(net, score)}), "
               f"{len(train_loader)} steps/epoch, {dist.world_size} process(es) on {device.type} -> {state.run_dir}")
         if checkpoint is not None:
             print(f"resumed at epoch {state.progress.epoch}, step {state.progress.step}")
@@ -211,7 +225,14 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
         if start >= cfg.schedule.epochs:
             print(f"note: blocking.{cfg.blocking.method}.start_epoch {start} is not within schedule.epochs "
                   f"{cfg.schedule.epochs}: this run trains on full data")
+    state.location = str(all_gather_objects(str(state.run_dir) if dist.is_main else None)[0])
     return state
+
+
+def describe_data(cfg: Config, train_samples: int) -> str:
+    """'synthetic (2048 training samples)', 'imagefolder /data/imagenet (1281167 training samples)'."""
+    where = f" {cfg.data.root}" if cfg.data.root else ""
+    return f"{cfg.data.dataset}{where} ({train_samples} training samples)"
 
 
 def ranking_pass(net: BlockedModel, score) -> str:
@@ -276,7 +297,6 @@ def _restore_rng(state: RunState, value) -> None:
 CHECKPOINT_PARTS = (
     Part("model", lambda s: s.net.state_dict(), lambda s, v: s.net.load_state_dict(v)),
     Part("optimizer", lambda s: s.trainer.optimizer.state_dict(), lambda s, v: s.trainer.optimizer.load_state_dict(v)),
-    Part("scheduler", lambda s: s.trainer.scheduler.state_dict(), lambda s, v: s.trainer.scheduler.load_state_dict(v)),
     Part("scaler", lambda s: s.trainer.scaler.state_dict(), lambda s, v: s.trainer.scaler.load_state_dict(v)),
     Part("ema", lambda s: s.trainer.ema.state_dict() if s.trainer.ema is not None else None, _load_ema),
     Part("selector", lambda s: s.selector.state_dict(), lambda s, v: s.selector.load_state_dict(v)),
@@ -285,11 +305,14 @@ CHECKPOINT_PARTS = (
     Part("step", lambda s: s.progress.step, _set_progress("step")),
     Part("history", lambda s: s.progress.history, _set_progress("history")),
     Part("best_top1", lambda s: s.progress.best_top1, _set_progress("best_top1")),
-    Part("partial", lambda s: s.progress.partial, _set_progress("partial")),
+    Part("partial", lambda s: s.progress.partial, _set_progress("partial")),  # see upgrade_partial
     Part("subset", lambda s: s.progress.subset, _set_progress("subset")),
     Part("rng", lambda s: all_rng_states(), _restore_rng),
-    Part("config", lambda s: s.cfg.to_dict(), lambda s, v: None),  # what was trained; read by `restore`
+    Part("config", lambda s: s.cfg.to_dict(), lambda s, v: None),  # read by check_resumable, refuse_finished
+    Part("train_samples", lambda s: s.settings.train_samples, lambda s, v: None),  # read by check_position
 )
+# No scheduler entry: the LR is a function of the config and the position (epochs and fractions of one),
+# so a resume with another batch size or number of processes follows the schedule the config describes.
 
 
 # Settings a checkpoint cannot be continued under: its weights or its selector state would not fit.
@@ -308,14 +331,71 @@ def check_resumable(cfg: Config, checkpoint: dict) -> None:
                             f"{after!r}; use another run name (name=...) to start a new run")
 
 
+# Settings that change nothing about what is trained: a finished run relaunched with other values of
+# these is the same run.
+HOW_IT_RUNS = ("runtime.resume", "runtime.progress", "runtime.log_every", "runtime.threads", "runtime.output",
+               "runtime.checkpoint_every", "runtime.baseline", "data.workers")
+
+
+def changed_settings(saved: dict, now: dict) -> list[str]:
+    """'key before -> after' for every setting that differs between two configs' dicts (the methods'
+    sections of the chosen method only), leaving out HOW_IT_RUNS."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in d.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    before, after = flat(experiment_settings(saved)), flat(experiment_settings(now))
+    keys = [k for k in dict.fromkeys([*before, *after]) if k not in HOW_IT_RUNS and before.get(k) != after.get(k)]
+    return [f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in keys]
+
+
+def refuse_finished(cfg: Config, run_dir: Path, checkpoint: dict) -> None:
+    """A run whose checkpoint ends its schedule is done: its files stay as they are. Raises RunFinished
+    (exit 0) when relaunched as it was, UserError when relaunched with other settings."""
+    done = checkpoint.get("epoch", 0)
+    if checkpoint.get("partial") is not None or done < cfg.schedule.epochs:
+        return
+    evaluated = [r for r in checkpoint.get("history", []) if "top1" in r]
+    epochs = f"{done} epoch{'s' if done != 1 else ''}" + (f", top-1 {evaluated[-1]['top1']:.2f}%" if evaluated else "")
+    how = (f"nothing trained, no file written. To train longer: --resume auto --set schedule.epochs={done + 10} "
+           f"(or more); to start anew: another name (--set name=...) or move {run_dir} away")
+    changed = changed_settings(checkpoint.get("config", {}), cfg.to_dict())
+    if changed:
+        raise UserError(f"run {cfg.name} in {run_dir} finished its {epochs} with other settings "
+                        f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}): {how}")
+    raise RunFinished(f"run {cfg.name} in {run_dir} is finished ({epochs}): {how}")
+
+
+def check_position(state: RunState, checkpoint: dict) -> None:
+    """Refuse what a resume cannot continue from: another training set (per-sample state, the epoch's
+    order), or, inside an epoch of tar shards, another batch size or number of processes."""
+    saved = checkpoint.get("train_samples")
+    if saved is not None and saved != state.settings.train_samples:
+        raise UserError(f"cannot resume: the checkpoint's training set held {saved} samples, this config gives "
+                        f"{state.settings.train_samples} (data.train_samples, data.root or the files there changed); "
+                        "use another run name (name=...) to start a new run")
+    partial = state.progress.partial
+    dist = state.settings.dist
+    if partial is None or not isinstance(state.train_loader.sampler, ShardOrderSampler):
+        return
+    before, now = (partial["batch_size"], partial["world_size"]), (state.cfg.data.batch_size, dist.world_size)
+    if before != now:
+        raise UserError(f"cannot resume inside epoch {state.progress.epoch} of tar shards with data.batch_size "
+                        f"{now[0]} on {now[1]} process(es): it started with {before[0]} on {before[1]}, and each "
+                        "process reads its own part of the shards; resume with those to finish the epoch "
+                        "(epoch ends checkpoint too), then change them")
+
+
 def restore(state: RunState, checkpoint: dict) -> None:
-    """Put a run back where `checkpoint` left it: weights, optimizer, schedule, selector, RNG, progress."""
-    check_resumable(state.cfg, checkpoint)
-    same_schedule = checkpoint["config"]["schedule"] == state.cfg.to_dict()["schedule"]
+    """Put a run back where `checkpoint` left it: weights, optimizer, selector, RNG, progress. The LR
+    schedule follows from the config and the position (no scheduler state is restored)."""
     for part in CHECKPOINT_PARTS:
-        if part.key == "scheduler" and not same_schedule:
-            continue  # a changed schedule (e.g. more epochs) applies from here on
-        part.load(state, checkpoint.get(part.key))
+        part.load(state, upgrade_partial(checkpoint) if part.key == "partial" else checkpoint.get(part.key))
 
 
 def fit(state: RunState, until_epoch: Optional[int] = None, until_step: Optional[int] = None) -> Optional[dict]:
@@ -337,10 +417,16 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
         for epoch in range(progress.epoch, cfg.schedule.epochs):
             if until_epoch is not None and epoch >= until_epoch:
                 return None
-            tally = EpochTally(dist.device, state.net.num_classes, progress.partial)
-            resume = (progress.subset, tally.batches * cfg.data.batch_size) if progress.partial is not None else None
+            partial = progress.partial
+            done = partial["order_done"] if partial is not None else 0
+            tally = EpochTally(dist.device, state.net.num_classes, rank_tally(partial, dist), done, dist.world_size)
+            resume = (progress.subset, done) if partial is not None else None
             tally.extra_selection_seconds += prepare_epoch(state.selector, state.train_loader, epoch, resume)
             progress.partial = progress.subset = None
+            if partial is not None:  # this config's schedule from the first step on, not the saved lr
+                rest = len(state.train_loader) * cfg.data.batch_size * dist.world_size
+                state.trainer.scheduler.step_update(
+                    num_updates=state.settings.step.updates_per_epoch * (epoch + done / (done + rest)))
 
             def after_step(tally: EpochTally, epoch: int = epoch) -> bool:
                 progress.step += 1
@@ -351,7 +437,7 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
                 if signum:
                     name = signal.Signals(signum).name
                     raise Preempted(signum, f"stopped by {name} at epoch {epoch}, step {progress.step}; checkpoint "
-                                            f"saved in {state.run_dir}; run the same command with --resume auto to continue")
+                                            f"saved in {state.location}; run the same command with --resume auto to continue")
                 return bool(stop)
 
             bar = tqdm(total=tally.batches + len(state.train_loader), initial=tally.batches, desc=f"epoch {epoch}",
@@ -362,8 +448,11 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
             bar.close()
             if stats is None:
                 return None
-            stats.update(sample_accounting(stats.pop("samples_seen"), stats.pop("samples_kept"), stats["bad_samples"],
-                                            state.settings.nominal_rows))
+            seen, bad = stats["samples_seen"], stats["bad_samples"]
+            nominal = state.settings.nominal_rows
+            if partial is not None:  # resumed inside the epoch, perhaps with another batch size or world size
+                nominal = tally.order_total if state.train_loader.sampler.subset is None else max(nominal, seen + bad)
+            stats.update(sample_accounting(stats.pop("samples_seen"), stats.pop("samples_kept"), bad, nominal))
             if dist.world_size > 1 and not rt.sync_bn:  # ranks saw different batches: average BN statistics
                 distribute_bn(state.net, dist.world_size, reduce=True)
             record = {"epoch": epoch, "lr": state.trainer.optimizer.param_groups[0]["lr"], **stats}
@@ -422,10 +511,14 @@ def sample_accounting(seen: int, kept: int, bad: int, nominal: int) -> dict:
 
 def save_checkpoints(state: RunState, epoch: int, tally: Optional[EpochTally], best: bool = False) -> None:
     """Everything needed to go on exactly; `epoch` is the next epoch to start (tally None) or the one
-    under way (tally: its progress). Collective (every rank's RNG state); rank 0 writes."""
+    under way (tally: its progress). Collective (every rank's RNG state and tally); rank 0 writes."""
     progress = state.progress
     progress.epoch = epoch
-    progress.partial = tally.state_dict() if tally is not None else None
+    progress.partial = None
+    if tally is not None:
+        dist = state.settings.dist
+        progress.partial = {"order_done": tally.order_done(), "batch_size": state.cfg.data.batch_size,
+                            "world_size": dist.world_size, "ranks": all_gather_objects(tally.state_dict())}
     progress.subset = state.train_loader.sampler.subset if tally is not None else None
     checkpoint = {part.key: part.save(state) for part in CHECKPOINT_PARTS}  # rng: collective, every rank
     progress.partial = progress.subset = None  # they describe the checkpoint, not the live run
@@ -434,6 +527,28 @@ def save_checkpoints(state: RunState, epoch: int, tally: Optional[EpochTally], b
     if best:
         progress.best_top1 = checkpoint["best_top1"] = progress.history[-1]["top1"]
     save_checkpoint(checkpoint, state.run_dir, best=best)
+
+
+def rank_tally(partial: Optional[dict], dist: DistInfo) -> Optional[dict]:
+    """This rank's share of an interrupted epoch's tallies: its own under the same world size; with
+    another one, rank 0 takes the sum of every saved rank's (the epoch's totals are summed over ranks)."""
+    if partial is None:
+        return None
+    ranks = partial["ranks"]
+    if len(ranks) == dist.world_size:
+        return ranks[dist.rank]
+    return EpochTally.merge(ranks) if dist.is_main else None
+
+
+def upgrade_partial(checkpoint: dict) -> Optional[dict]:
+    """The `partial` entry in today's form: checkpoints of earlier versions held rank 0's tally alone,
+    with the position in batches."""
+    partial = checkpoint.get("partial")
+    if partial is None or "ranks" in partial:
+        return partial
+    batch_size, world_size = checkpoint["config"]["data"]["batch_size"], len(checkpoint["rng"])
+    return {"order_done": partial["batches"] * batch_size * world_size, "batch_size": batch_size,
+            "world_size": world_size, "ranks": [partial] * world_size}
 
 
 def summarize(cfg: Config, history: list[dict], wall_seconds: float, run_dir, world_size: int, device: str,

@@ -457,6 +457,7 @@ def test_sigterm_to_a_torchrun_job_then_its_resume(tmp_path):
     proc.send_signal(signal.SIGTERM)  # torchrun passes it to both workers
     _, err = proc.communicate(timeout=120)
     assert err.count("pfb-train: stopped by SIGTERM") == 2
+    assert err.count(f"checkpoint saved in {tmp_path / 'ddp'};") == 2  # every rank names the run directory
     assert "pfb_train/" not in err  # no traceback through the workers' code (torchrun's agent prints its own)
     stopped_at = len(read_metrics(tmp_path / "ddp"))
     assert 1 <= stopped_at < 30

@@ -182,8 +182,8 @@ def test_corrupt_images_are_stood_in_for_and_counted(tmp_path, decode):
 
 
 def test_corrupt_images_fail_the_run_when_configured(tmp_path):
-    root = write_folder(tmp_path / "data", corrupt=1)
-    with pytest.raises(UserError, match=r"unreadable image .*bad0\.jpg"):
+    root = write_folder(tmp_path / "data", corrupt=4)  # 20 files, 5 batches of 4: none sits out the epoch
+    with pytest.raises(UserError, match=r"unreadable image .*bad\d\.jpg"):
         run(load_config(None, [*FOLDER, f"data.root={root}", "data.bad_images=fail", f"runtime.output={tmp_path}"]))
 
 
@@ -205,8 +205,10 @@ def poison(state, rows):
 
 
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
+    # reuse: the whole batch goes through the shallow part with gradients, so the NaN sample makes
+    # its batch's loss non-finite whether or not it is then blocked
     state = setup(load_config(None, [*TINY, f"runtime.output={tmp_path}", "schedule.epochs=1",
-                                     "blocking.start_epoch=0", "data.mixup=0.0"]), DistInfo())
+                                     "blocking.start_epoch=0", "data.mixup=0.0", "blocking.mode=reuse"]), DistInfo())
     before = {k: v.clone() for k, v in state.net.state_dict().items()}
     poison(state, [0])  # one sample: exactly one batch per epoch is non-finite
     summary = fit(state)

@@ -20,15 +20,16 @@ Train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3; the rule of device_decode
 `resized_crop_boxes`) + horizontal flip. Validation: resize the shorter side to
 floor(img_size / crop_pct) (timm's eval transform), centre crop.
 
-Bad images stand in as on the other paths (missing.py): a header that does not parse is
-found in the workers; an image whose data does not decode fails DALI's whole batch, which
-is then decoded one image at a time to find it (rare: costs one extra pass of that batch).
+Bad images stand in as on the other paths (missing.py): a header that does not parse, or that
+claims more than decode.MAX_PIXELS pixels (a decompression bomb), is found in the workers; an
+image whose data does not decode fails DALI's whole batch, which is then decoded one image at a
+time to find it (rare: costs one extra pass of that batch). 16-bit PNGs: DALI scales them by
+255/65535, within one level of the top 8 bits the other paths keep.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import os
 import re
@@ -39,11 +40,11 @@ from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image
 
-from pfb_train.data.device_decode import collate_bytes, resized_crop_boxes, resized_crop_uniforms
+from pfb_train.data.decode import BadImage, header_size
+from pfb_train.data.device_decode import resized_crop_boxes, resized_crop_uniforms, stack_bytes
 from pfb_train.data.draws import sample_uniforms
-from pfb_train.data.missing import MISSING, all_unreadable, skip_or_fail, stand_in_rows
+from pfb_train.data.missing import MISSING, Unreadable, all_unreadable, skip_or_fail, stand_in_rows
 from pfb_train.data.wrapped import WrappedLoader
 from pfb_train.errors import UserError
 
@@ -64,22 +65,20 @@ def collate_sized_bytes(items):
     """(file bytes, label, index) items -> (byte tensors, labels, indices, (n, 2) int64 heights and widths).
 
     Runs in the DataLoader workers: the sizes come from each image's header (PIL reads no pixels
-    for it), so the training process can draw crop boxes without decoding. An image whose header
-    does not parse gets size (0, 0): the decoder then counts it as unreadable."""
-    data, labels, indices = collate_bytes(items)
-    return data, labels, indices, torch.tensor([image_size(d) for d in data], dtype=torch.long).view(-1, 2)
+    for it, decode.py's `header_size`), so the training process can draw crop boxes without
+    decoding. An image whose header does not parse, or claims more than decode.MAX_PIXELS pixels,
+    gets size (0, 0) and an `Unreadable` saying why in place of its bytes: the decoder counts it
+    as unreadable and never decodes it."""
+    data, labels, indices = stack_bytes(items)
+    sizes = []
+    for i, encoded in enumerate(data):
+        try:
+            sizes.append(header_size(encoded) if encoded.numel() else (0, 0))
+        except BadImage as e:
+            data[i] = Unreadable(None, str(e))
+            sizes.append((0, 0))
+    return data, labels, indices, torch.tensor(sizes, dtype=torch.long).view(-1, 2)
 
-
-def image_size(data: torch.Tensor) -> tuple[int, int]:
-    """(height, width) from an encoded image's header; (0, 0) when it does not parse."""
-    if data.numel() == 0:
-        return 0, 0
-    try:
-        with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
-            width, height = image.size
-        return height, width
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return 0, 0
 
 def resize_shorter(heights: torch.Tensor, widths: torch.Tensor, size: int) -> torch.Tensor:
     """(n, 2) int64 (height, width) after resizing the shorter side to `size`: torchvision's Resize(int)."""
@@ -122,7 +121,8 @@ class DaliLoader(WrappedLoader):
             seeds = self.loader.sampler.sample_seeds(indices) if self.train else None
             good = (sizes > 0).all(dim=1)
             for i in (~good).nonzero().flatten().tolist():
-                skip_or_fail(self._where(int(indices[i])), "not a readable image", self.fail_on_bad)
+                reason = data[i].reason if isinstance(data[i], Unreadable) else "empty or unreadable file"
+                skip_or_fail(self._where(int(indices[i])), reason, self.fail_on_bad)
             while True:
                 if not good.any():
                     raise UserError(all_unreadable(len(data), self._where(int(indices[0]))))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,43 +25,50 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from pfb_train.config import FILE_DATASETS
 from pfb_train.data.augment import ImageRecipe
+from pfb_train.data.decode import BadImage, decode_rgb
 from pfb_train.data.device_decode import read_bytes
 from pfb_train.data.missing import skip_or_fail
 from pfb_train.errors import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = IMG_EXTENSIONS  # what torchvision's ImageFolder lists: the checks below use the same
 
 
 class CheckedImageFolder(ImageFolder):
-    """ImageFolder that turns an unreadable file into an `Unreadable` item or, with `fail`, a UserError."""
+    """ImageFolder whose files are decoded by decode.py's rule; an unreadable one (empty, truncated, not an
+    image, over the pixel limit) is an `Unreadable` item or, with `fail`, a UserError naming it."""
 
     def __init__(self, root: str, transform, fail: bool = False):
         super().__init__(root, transform=transform)
         self.fail = fail
 
     def __getitem__(self, index: int):
+        path, label = self.samples[index]
         try:
-            return super().__getitem__(index)
-        except (OSError, ValueError, SyntaxError, RuntimeError) as e:  # what PIL raises for broken files
-            return skip_or_fail(self.samples[index][0], type(e).__name__, self.fail)
+            image = decode_rgb(path)
+        except BadImage as e:
+            return skip_or_fail(path, str(e), self.fail)
+        return self.transform(image), label  # outside the try: a transform's bug is not a bad file
 
 
 def decode_stored(data: bytes, label: int, name: str, transform, fail: bool):
-    """The item of an image held as encoded bytes (hf, wds). For the device decoder (`transform`
-    None) the bytes as a uint8 tensor, which it counts as unreadable when empty; else the
-    transformed image, or a stand-in if it does not decode."""
+    """The item of an image held as encoded bytes (hf, wds): (image, label).
+
+    For the device decoders (`transform` None) the bytes as a uint8 tensor, which they count as
+    unreadable when empty; else the transformed image decoded by decode.py's rule, or a stand-in
+    (`Unreadable`; with `fail` a UserError naming `name`) when it does not decode."""
     if transform is None:
         return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8), label
     try:
-        return transform(Image.open(io.BytesIO(data)).convert("RGB")), label
-    except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for broken images
-        return skip_or_fail(name, type(e).__name__, fail)
+        image = decode_rgb(data or b"")
+    except BadImage as e:
+        return skip_or_fail(name, str(e), fail)
+    return transform(image), label
 
 
 @dataclass
@@ -145,7 +151,16 @@ def _check_no_link_loops(split_dir: Path) -> None:
         seen.add(real)
 
 
+def _holds_an_image(folder: Path) -> bool:
+    """Whether ImageFolder finds an image for this class: torchvision's rule, any file with an image
+    extension in the folder or below it (symbolic links followed). Stops at the first one."""
+    return any(has_file_allowed_extension(name, IMAGE_EXTENSIONS)
+               for _, _, files in os.walk(folder, followlinks=True) for name in files)
+
+
 def _check_class_folders(split_dir: Path) -> list[str]:
+    """The class folder names of `split_dir`; a one-line UserError if it is missing, has none, or one
+    holds no image anywhere below it."""
     if not split_dir.is_dir():
         raise UserError(f"dataset folder not found: {split_dir} (data.root must hold train/ and val/)")
     _check_no_link_loops(split_dir)
@@ -153,8 +168,9 @@ def _check_class_folders(split_dir: Path) -> list[str]:
     if not classes:
         raise UserError(f"no class folders in {split_dir}")
     for name in classes:
-        if not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in (split_dir / name).iterdir()):
-            raise UserError(f"class folder {split_dir / name} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        if not _holds_an_image(split_dir / name):
+            raise UserError(f"class folder {split_dir / name} holds no images ({', '.join(IMAGE_EXTENSIONS)}), "
+                            "neither directly nor in its subfolders")
     return classes
 
 
@@ -364,7 +380,7 @@ def build_datasets(data_cfg, num_classes=None, seed: int = 0) -> DataSplits:
         from pfb_train.data.hf import hf  # the datasets package is an optional extra
 
         splits = hf(d.root, d.train_split, d.val_split, d.image_key, d.label_key, d.img_size, d.auto_augment,
-                    d.bad_images == "fail", d.decode)
+                    d.bad_images == "fail", d.decode, num_classes)
     elif d.dataset == "wds":
         from pfb_train.data.wds import wds
 

@@ -5,7 +5,10 @@ thread: prefetch.py) hands a whole batch of JPEGs to torchvision's batched
 `decode_jpeg(device=...)` (nvJPEG on a GPU), then crops, resizes, flips and normalises
 there: a 224-px batch leaves the host as ~30 KB per image of JPEG instead of 150 KB of
 pixels, and no CPU core decodes or resizes. Other formats (PNG, ...) are decoded on the CPU
-one by one and moved; an unreadable file is replaced by a readable image of its batch with index
+one by one by torchvision.io (16-bit PNG: its top 8 bits) and moved; formats torchvision.io does
+not read (BMP, TIFF, PPM, ...) by PIL, decode.py's rule, as the `cpu` path does. The workers read
+each image's header first (decode.py's `check_size`): an image of more than decode.MAX_PIXELS
+pixels is never decoded. An unreadable file is replaced by a readable image of its batch with index
 MISSING (see loaders.fill_unreadable: batches keep their size) or, with `data.bad_images: fail`,
 stops the run.
 
@@ -28,7 +31,8 @@ from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from pfb_train.data.missing import MISSING, all_unreadable, skip_or_fail, stand_in_rows
+from pfb_train.data.decode import BadImage, TooLarge, check_size, rgb_tensor, top_byte
+from pfb_train.data.missing import MISSING, Unreadable, all_unreadable, skip_or_fail, stand_in_rows
 from pfb_train.errors import UserError
 from pfb_train.data.wrapped import WrappedLoader
 
@@ -44,15 +48,32 @@ def read_bytes(path: str) -> torch.Tensor:
         return torch.empty(0, dtype=torch.uint8)
 
 
-def collate_bytes(items):
-    """(file bytes, label, index) items -> (list of byte tensors, labels, indices)."""
+def stack_bytes(items):
+    """(file bytes, label, index) items -> (list of byte tensors, labels, indices), nothing checked."""
     data = [item[0] for item in items]
     labels, indices = default_collate([(item[1], item[2]) for item in items])
     return data, labels, indices
 
 
-def _is_jpeg(data: torch.Tensor) -> bool:
-    return data.numel() > 2 and (int(data[0]), int(data[1])) == JPEG_MAGIC
+def collate_bytes(items):
+    """(file bytes, label, index) items -> (list of byte tensors, labels, indices), in the workers.
+
+    An image whose header claims more than decode.MAX_PIXELS pixels is replaced by an `Unreadable`
+    (path None: the decoder names the sample) and never decoded."""
+    data, labels, indices = stack_bytes(items)
+    return [_within_limit(d) for d in data], labels, indices
+
+
+def _within_limit(data: torch.Tensor):
+    try:
+        check_size(data)
+    except TooLarge as e:
+        return Unreadable(None, str(e))
+    return data
+
+
+def _is_jpeg(data) -> bool:
+    return isinstance(data, torch.Tensor) and data.numel() > 2 and (int(data[0]), int(data[1])) == JPEG_MAGIC
 
 
 class DeviceDecodeLoader(WrappedLoader):
@@ -98,19 +119,25 @@ class DeviceDecodeLoader(WrappedLoader):
             images[i] = self._decode_one(data[i], int(indices[i]))
         return images, torch.tensor([image is not None for image in images])
 
-    def _decode_one(self, data: torch.Tensor, index: int):
+    def _decode_one(self, data, index: int):
+        """One image as (3, H, W) uint8 on the device, or None (reported by skip_or_fail) if it does not decode."""
+        if isinstance(data, Unreadable):  # refused in the workers (over the pixel limit)
+            skip_or_fail(self._where(index), data.reason, self.fail_on_bad)
+            return None
         try:
             if data.numel() == 0:
                 raise RuntimeError("empty or unreadable file")
             if _is_jpeg(data):
                 return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-            image = decode_image(data, mode=ImageReadMode.RGB)
-            if image.dtype == torch.uint16:  # 16-bit PNG: keep the top 8 bits (the pipeline is uint8)
-                image = (image.to(torch.int32) >> 8).to(torch.uint8)
-            return image.to(self.device, non_blocking=True)
+            image = top_byte(decode_image(data, mode=ImageReadMode.RGB))  # 16-bit PNG: the top 8 bits
         except RuntimeError as e:
-            skip_or_fail(self._where(index), type(e).__name__, self.fail_on_bad)
-            return None
+            try:  # what torchvision.io does not read (BMP, TIFF, PPM, a JPEG it rejects), PIL may: as the cpu path
+                image = rgb_tensor(data)
+            except BadImage:
+                skip_or_fail(self._where(index), f"{type(e).__name__}: {' '.join(str(e).split())[:160]}",
+                             self.fail_on_bad)
+                return None
+        return image.to(self.device, non_blocking=True)
 
     def augment(self, images: list) -> torch.Tensor:
         size = [self.img_size, self.img_size]

@@ -20,6 +20,7 @@ from pfb_train.data.prefetch import DevicePrefetcher
 from pfb_train.data.resident import ResidentLoader, fits_on_device
 from pfb_train.data.wds import ShardedTars, local_shuffle, shard_stream
 from pfb_train.errors import UserError
+from pfb_train.seeding import derive_seed
 
 
 def collate_readable(items):
@@ -63,8 +64,10 @@ class ShardedTrainSampler(Sampler):
         self.epoch, self.subset, self.skip = 0, None, 0
 
     def set_epoch(self, epoch: int, subset: torch.Tensor | None = None, skip: int = 0) -> None:
-        """`subset`: dataset indices to visit this epoch (None: all of them); `skip`: this rank's first
-        `skip` indices were already trained on (resuming inside the epoch)."""
+        """`subset`: dataset indices to visit this epoch (None: all of them); `skip`: the first `skip`
+        samples of the epoch's order, over all ranks, were already trained on (resuming inside the
+        epoch). Counted in samples, not batches, so a resume may change the batch size or, here
+        (not for tar shards), the number of processes."""
         self.epoch, self.subset, self.skip = epoch, subset, skip
 
     def _pool(self) -> int:
@@ -72,10 +75,13 @@ class ShardedTrainSampler(Sampler):
 
     def __iter__(self):
         """Keys (dataset index, that sample's augmentation seed this epoch): see IndexedDataset."""
-        order = torch.randperm(self._pool(), generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        indices = order if self.subset is None else self.subset.cpu()[order]
+        generator = torch.Generator().manual_seed(derive_seed("shuffle", self.seed, self.epoch))
+        order = torch.randperm(self._pool(), generator=generator)
+        indices = (order if self.subset is None else self.subset.cpu()[order])[self.skip :]
         indices = indices[: self._share() * self.world_size]  # equal shares: every rank takes as many steps
-        return self._keys(indices[self.rank :: self.world_size][self.skip :])
+        # Rank r takes places r, r + W, ...: after n steps of b rows each, the first n b W places are
+        # done whatever the rank, which is what makes `skip` one number for every rank.
+        return self._keys(indices[self.rank :: self.world_size])
 
     def _keys(self, mine: torch.Tensor):
         return zip(mine.tolist(), self.sample_seeds(mine).tolist())
@@ -83,14 +89,15 @@ class ShardedTrainSampler(Sampler):
     def sample_seeds(self, indices: torch.Tensor) -> torch.Tensor:
         """The augmentation seed of each dataset index this epoch (int64, shape of `indices`): a function
         of (run seed, epoch, index) only, so any worker, rank or resumed run draws the same for a sample."""
-        base = (self.seed * 1_000_003 + self.epoch) * 1_000_000_007 % 2**62  # epochs 1e9+7 apart: no overlap
+        base = derive_seed("augment", self.seed, self.epoch) % 2**62  # unrelated per (seed, epoch)
         return (indices.long().cpu() + base) % 2**62
 
     def _share(self) -> int:
-        return self._pool() // self.world_size
+        """Samples this rank visits from here to the end of the epoch."""
+        return (self._pool() - self.skip) // self.world_size
 
     def __len__(self) -> int:
-        return self._share() - self.skip
+        return self._share()
 
 
 class ShardOrderSampler(ShardedTrainSampler):
@@ -110,13 +117,18 @@ class ShardOrderSampler(ShardedTrainSampler):
             kept = torch.zeros(self.size, dtype=torch.bool)
             kept[self.subset.cpu()] = True
             stream = stream[kept[stream]]
-        share = self._share()
+        share = self._whole_share()
         mine = stream[self.rank * share : (self.rank + 1) * share]
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_007 + self.rank)
-        return self._keys(mine[local_shuffle(len(mine), self.window, generator)][self.skip :])
+        generator = torch.Generator().manual_seed(derive_seed("local shuffle", self.seed, self.epoch, self.rank))
+        # Each rank reads its own contiguous part: a resume inside the epoch keeps the batch size and
+        # the number of processes (train.py refuses others), so `skip` is every rank's done share.
+        return self._keys(mine[local_shuffle(len(mine), self.window, generator)][self.skip // self.world_size :])
+
+    def _whole_share(self) -> int:
+        return self._pool() // (self.world_size * self.batch_size) * self.batch_size
 
     def _share(self) -> int:
-        return self._pool() // (self.world_size * self.batch_size) * self.batch_size
+        return self._whole_share() - self.skip // self.world_size
 
 
 class ShardedEvalSampler(Sampler):
@@ -197,5 +209,5 @@ def set_loader_epoch(loader: DataLoader, epoch: int, subset: torch.Tensor | None
     iterator leaves the global RNG alone and a resumed epoch draws what the original one did."""
     sampler = loader.sampler
     sampler.set_epoch(epoch, subset, skip)
-    loader.generator.manual_seed(sampler.seed * 1_000_003 + sampler.rank * 10_007 + epoch)
+    loader.generator.manual_seed(derive_seed("workers", sampler.seed, sampler.rank, epoch))
 

@@ -46,6 +46,7 @@ from torch.utils.data import Dataset
 from pfb_train.data.datasets import DataSplits, decode_stored, imagenet_stats, worker_transforms
 from pfb_train.data.missing import Unreadable, skip_or_fail
 from pfb_train.errors import UserError
+from pfb_train.seeding import derive_seed
 
 INFO_FILE = "_info.json"
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # the first one a sample has is its image
@@ -147,17 +148,38 @@ def scan_shard(path: str) -> list[Sample]:
             members = list(_tarfile_members(path))
     except (tarfile.TarError, OSError) as e:
         raise UserError(f"shard {path} is not a readable tar file ({e})") from None
-    grouped: list[tuple[str, dict]] = []
+    grouped: list[tuple[str, dict, list]] = []  # (key, {extension: (offset, size)}, member names)
     for name, offset, size in members:
         match = _KEY_AND_EXTENSION.match(name)
         if match is None:
             continue
         key, extension = match.group(1), match.group(2).lower()
         if not grouped or grouped[-1][0] != key:
-            grouped.append((key, {}))
+            grouped.append((key, {}, []))
         grouped[-1][1][extension] = (offset, size)
-    return [Sample(key, next((found[k] for k in IMAGE_KEYS if k in found), None), found.get("cls"))
-            for key, found in grouped]
+        grouped[-1][2].append(name)
+    samples = []
+    for key, found, names in grouped:
+        image = next((found[k] for k in IMAGE_KEYS if k in found), None)
+        if image is None or "cls" not in found:
+            _check_dotted_key(path, key, names)
+        samples.append(Sample(key, image, found.get("cls")))
+    return samples
+
+
+def _check_dotted_key(path: str, key: str, names: list) -> None:
+    """A sample without an image or cls, one of whose members has a dot before an image or cls
+    extension (`n01440764_10026.part1.jpg`: key `n01440764_10026`, extension `part1.jpg`), was named
+    with dots in its key: every sample of the shard would stand in. One line saying why instead."""
+    wanted = (*IMAGE_KEYS, "cls")
+    for name in names:
+        extension = name[len(key) + 1:]
+        stem, _, last = extension.rpartition(".")
+        if stem and last.lower() in wanted:
+            raise UserError(f"shard {path} has member '{name}' whose key holds a dot: WebDataset groups a sample's "
+                            f"members by the name up to the first dot (key '{key}', extension '{extension}'), so "
+                            "member names may hold one dot, before the extension; rename the files, e.g. replace the "
+                            f"dots in the key with underscores ('{key}_{stem.replace('.', '_')}.{last}')")
 
 
 def count_samples(files) -> list[int]:
@@ -344,7 +366,7 @@ def wds(root: Optional[str], train_split: str, val_split: str, num_classes: Opti
 def shard_stream(lengths, seed: int, epoch: int) -> np.ndarray:
     """Every sample index, shard after shard, the shards in this epoch's order (the same on every rank)."""
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(derive_seed("shards", seed, epoch))).tolist()
     return np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in order])
 
 

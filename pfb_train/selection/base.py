@@ -13,6 +13,7 @@ import torch
 from pfb_train.distributed import get_rank
 from pfb_train.errors import UserError
 from pfb_train.models import EXACT_SCORE, ScorePass
+from pfb_train.seeding import derive_seed
 
 
 @dataclass
@@ -84,7 +85,7 @@ class Selector:
     """Base: keeps everything. Methods override the hooks they need."""
 
     def __init__(self, seed: int = 0):
-        self.seed = seed + 1_000_003 * get_rank()  # ranks hold different data: draw different noise
+        self.seed = derive_seed("selector", seed, get_rank())  # ranks hold different data: draw different noise
         self.epoch = 0
         self._generators: dict[torch.device, torch.Generator] = {}
 

@@ -16,6 +16,7 @@ import torch
 from pfb_train.distributed import all_gather_cat
 from pfb_train.selection.base import Selector, need
 from pfb_train.selection.registry import Method, register
+from pfb_train.seeding import derive_seed
 
 INITIAL_SCORE = 3.0
 
@@ -40,7 +41,7 @@ class InfoBatchSelector(Selector):
         if not self.pruning(self.epoch):
             return None
         candidates = (self.scores < self.scores.mean()).nonzero().flatten()  # once per epoch: sync is fine
-        gen = torch.Generator().manual_seed(self.shared_seed * 10_007 + self.epoch)
+        gen = torch.Generator().manual_seed(derive_seed("infobatch", self.shared_seed, self.epoch))
         skip = (torch.rand(len(candidates), generator=gen) < self.prune_ratio).to(candidates.device)
         self.weights[candidates[~skip]] = 1.0 / (1.0 - self.prune_ratio)
         if not skip.any():

@@ -8,6 +8,7 @@ import torch
 
 from pfb_train.selection.base import Selector, need
 from pfb_train.selection.registry import Method, register
+from pfb_train.seeding import derive_seed
 
 
 class StaticRandomSelector(Selector):
@@ -22,7 +23,7 @@ class StaticRandomSelector(Selector):
     def epoch_indices(self, num_samples: int):
         if self.drop_fraction == 0:
             return None
-        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(self.shared_seed))
+        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(derive_seed("static subset", self.shared_seed)))
         return order[: num_samples - round(self.drop_fraction * num_samples)].sort().values
 
 
