@@ -21,6 +21,6 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'pfb_train' has no attribute {name!r}")
-    import importlib
+    import importlib  # here, with the lookup: importing the package loads nothing (CLI start-up)
 
     return getattr(importlib.import_module(_EXPORTS[name]), name)

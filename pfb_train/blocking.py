@@ -42,11 +42,12 @@ class BlockedBatch(NamedTuple):
 
 
 def forward(model: nn.Module, selector: Selector, x: torch.Tensor, y: torch.Tensor,
-            indices: Optional[torch.Tensor] = None, timer=None) -> BlockedBatch:
+            indices: Optional[torch.Tensor] = None) -> BlockedBatch:
     """Run `model` (a BlockedModel, or DDP around one) on a batch, blocking as `selector` decides.
-    Epochs without blocking run the plain model: no second shallow pass in recompute mode."""
+    Epochs without blocking run the plain model: no second shallow pass in recompute mode.
+    Shapes and dtypes as `Blocking.forward` gives them."""
     select = selector.select if selector.blocks_rows() else None
-    out = model(x, select=select, features=selector.needs_features(), timer=timer, score=selector.score_pass())
+    out = model(x, select=select, features=selector.needs_features(), score=selector.score_pass())
     if out.keep is None:
         return BlockedBatch(out.logits, y, indices, None, out.feats)
     kept_indices = None if indices is None else indices.index_select(0, out.keep)
@@ -99,9 +100,9 @@ class Blocking:
         else:
             self.model = split_model(model, stage, "reuse" if mode == "auto" else mode)
             if mode == "auto":
-                fraction = spec.blocked_per_batch(values)
+                blocked_fraction = spec.blocked_fraction_per_batch(values)
                 scale = self.model.resolve_score(spec.score_pass(values)).scale  # at the model's own input size
-                self.model.mode = cheaper_mode(fraction, scale) if fraction > 0 else "reuse"
+                self.model.mode = cheaper_mode(blocked_fraction, scale) if blocked_fraction > 0 else "reuse"
         size = getattr(self.model.model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-1]
         check_score_pass(self.model, spec.score_pass(values), size, f"blocking.{method}")  # as the harness does
 
@@ -113,12 +114,40 @@ class Blocking:
         return self.selector.epoch_indices(num_samples)
 
     def forward(self, model: nn.Module, x, y, indices=None) -> BlockedBatch:
+        """The batch through `model` (`self.model`, or DDP around it), the blocked rows stopped after the
+        shallow part.
+
+        `x`: (B, C, H, W) images, float (or what the model's stem takes), on the model's device.
+        `y`: (B,) int64 classes, or (B, classes) float soft targets (mixup/cutmix); only reindexed.
+        `indices`: (B,) int64 dataset indices, or None; needed by sampler-level methods (InfoBatch: its
+        loss weights and scores are per sample); a negative index marks a row with no sample (left out
+        of the loss and of the method's update).
+        Returns BlockedBatch: `logits` (k, classes) of the k kept rows, in the forward's dtype (autocast's
+        under autocast); `targets` their rows of `y`; `indices` their rows of `indices` (or None); `keep`
+        (k,) int64 sorted row positions in the batch, None when every row was kept (k = B); `feats`
+        (B, C') float32 pooled shallow features of every row (C': the split stage's channels), or None
+        in an epoch where the method neither selects rows nor uses them.
+        k is the same on every rank and every step of an epoch (DDP all-reduces as usual).
+        Raises ValueError (PFB: a first batch smaller than `centres`), and whatever the model raises
+        on an input it does not take (RuntimeError on a wrong shape or device)."""
         return forward(model, self.selector, x, y, indices)
 
     def loss(self, batch: BlockedBatch, losses: torch.Tensor) -> torch.Tensor:
+        """The loss to optimise: a 0-dim tensor, the mean of `losses` over the kept rows that hold a
+        sample, weighted where the method weights rows (InfoBatch's rescaling; needs `indices`).
+
+        `losses`: (k,) per-row losses of the kept rows (`reduction="none"`), float32 as computed on
+        `batch.logits.float()`; the result has their dtype and keeps their graph. Raises nothing of its
+        own: a `losses` of another length than `batch.logits` fails in the arithmetic (RuntimeError), an
+        index past the dataset a weighting method was built for fails in its lookup (IndexError)."""
         return weighted_mean(self.selector, batch, losses)
 
     def observe(self, batch: BlockedBatch, losses: torch.Tensor) -> None:
+        """After the optimizer step: the method updates its state from this batch (PFB: its centres, from
+        `batch.feats`; InfoBatch: its per-sample scores, from `losses` and `batch.indices`, gathered from
+        every rank). `losses`: the (k,) per-row losses given to `loss` (detached here). Returns nothing;
+        under DDP every rank must call it (InfoBatch's gather is collective). Raises ValueError (PFB: a
+        first batch smaller than `centres`)."""
         observe(self.selector, batch, losses)
 
     def state_dict(self) -> dict:

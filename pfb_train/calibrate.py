@@ -20,6 +20,7 @@ import torch
 from pfb_train.costs import PartTimes, cheaper_mode, predicted_time_ratio, timed_cheaper_mode
 from pfb_train.distributed import broadcast, is_distributed
 from pfb_train.models import EXACT_SCORE, BlockedModel, ScorePass, kept_norm_stats, tracking_norms
+from pfb_train.selection import get_method
 
 
 def sync(device: torch.device) -> None:
@@ -118,22 +119,22 @@ def choose_mode(blocked: BlockedModel, batch_shape: tuple, ratio: float, amp_dty
 def resolve_mode(cfg, blocked: BlockedModel, amp_dtype: Optional[torch.dtype] = None) -> ModeChoice:
     """`blocking.mode` for a run whose model is already on its device: as set, or (auto) timed on a
     GPU, or by the FLOP model on the CPU. Under DDP every rank takes rank 0's choice."""
-    from pfb_train.selection import get_method
-
     b, d = cfg.blocking, cfg.data
     method, options = get_method(b.method), b.chosen()
-    ratio, score = method.blocked_per_batch(options), blocked.resolve_score(method.score_pass(options), d.img_size)
+    blocked_fraction = method.blocked_fraction_per_batch(options)
+    score = blocked.resolve_score(method.score_pass(options), d.img_size)
     if b.mode != "auto":
         return ModeChoice(b.mode, "set in the config", None)
-    if ratio == 0:
+    if blocked_fraction == 0:
         return ModeChoice("reuse", f"auto: {b.method} blocks no rows in the batch", None)
     device = next(blocked.parameters()).device
     if device.type != "cuda":
-        mode = cheaper_mode(ratio, score.scale)
-        reason = f"auto, FLOP model: blocking {ratio} {'>' if mode == 'recompute' else '<='} {score.scale ** 2 / 3:.3f}"
+        mode = cheaper_mode(blocked_fraction, score.scale)
+        reason = (f"auto, FLOP model: blocking {blocked_fraction} {'>' if mode == 'recompute' else '<='} "
+                  f"{score.scale ** 2 / 3:.3f}")
         return ModeChoice(mode, reason, None)
-    choice = choose_mode(blocked, (d.batch_size, blocked.in_chans, d.img_size, d.img_size), ratio, amp_dtype,
-                         cfg.runtime.channels_last, score)
+    choice = choose_mode(blocked, (d.batch_size, blocked.in_chans, d.img_size, d.img_size), blocked_fraction,
+                         amp_dtype, cfg.runtime.channels_last, score)
     if is_distributed():
         modes = ("reuse", "recompute")
         chosen = modes[int(broadcast(torch.tensor([modes.index(choice.mode)], device=device)).item())]

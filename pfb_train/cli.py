@@ -6,11 +6,13 @@ User mistakes (UserError) print one line on stderr and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 
 from pfb_train.errors import Preempted, RunFinished, TrainingStopped, UserError
 
-COMMANDS = ("train", "info", "report", "methods", "shards")
+COMMANDS = ("train", "info", "report", "methods", "datasets", "shards")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="full-data run(s) to compare against (repeat for several seeds)")
     rep.add_argument("--out", default="report", help="folder for report.md, report.csv and the PNG plots")
     sub.add_parser("methods", help="the registered selection methods, their level and options with defaults")
+    sub.add_parser("datasets", help="the registered data sources (data.dataset), what each reads and its data.* options")
     shards = sub.add_parser("shards", help="write the config's train and validation splits as WebDataset shards "
                                            "(timm's layout, data.dataset: wds)")
     shards.add_argument("--out", required=True, metavar="DIR", help="folder for the .tar shards and _info.json "
@@ -53,7 +56,7 @@ def main(argv=None) -> int:
         if args.command is None:
             build_parser().print_help()
             return 2
-        return {"train": _train, "info": _info, "report": _report, "methods": _methods,
+        return {"train": _train, "info": _info, "report": _report, "methods": _methods, "datasets": _datasets,
                 "shards": _shards}[args.command](args)
     except UserError as e:
         say(f"pfb-train: error: {one_line(e)}")
@@ -91,7 +94,7 @@ def one_line(error: Exception) -> str:
 
 
 def _train(args) -> int:
-    from pfb_train.config import load_config
+    from pfb_train.config import load_config  # per command, so the CLI starts without torch
     from pfb_train.train import run
 
     overrides = args.overrides + ([f"runtime.resume={args.resume}"] if args.resume else [])
@@ -101,9 +104,7 @@ def _train(args) -> int:
 
 
 def _info(args) -> int:
-    import json
-
-    from pfb_train.config import load_config
+    from pfb_train.config import load_config  # per command, so the CLI starts without torch
     from pfb_train.info import model_info
 
     cfg = load_config(args.config, args.overrides)
@@ -117,7 +118,7 @@ def _info(args) -> int:
     print(f"forward FLOPs    {info['gflops_per_image']:.3f} GFLOPs/image at {info['img_size']} px; "
           f"shallow share {info['shallow_share']:.3f}")
     print(f"method           {info['method']} ({info['level']} level, ratio {info['ratio']}); "
-          f"blocked per step {info['blocked_per_batch']} of {info['batch_size']} rows")
+          f"blocked per step {info['blocked_rows']} of {info['batch_size']} rows")
     print(f"ranking pass     recompute mode: {info['score_scale']} x resolution, {info['score_norm']} statistics")
     print("predicted cost of a blocked step, relative to full data (FLOP model, pfb_train/costs.py;")
     print("  on a GPU, blocking.mode auto times the parts instead: see the run line):")
@@ -128,9 +129,7 @@ def _info(args) -> int:
 
 
 def _methods(args) -> int:
-    import dataclasses
-
-    from pfb_train.selection import methods
+    from pfb_train.selection import methods  # per command, so the CLI starts without torch
 
     for method in methods().values():
         print(f"{method.name} ({method.level} level): {method.summary}")
@@ -139,8 +138,19 @@ def _methods(args) -> int:
     return 0
 
 
+def _datasets(args) -> int:
+    from pfb_train.data import sources  # per command (start-up); importing it registers the built-ins
+
+    for source in sources().values():
+        print(f"{source.name}: {source.summary}")
+        keys = [f"data.{key}" + (" (required)" if key == "root" and source.needs_root else "")
+                for key in source.options]
+        print(f"    {', '.join(keys) or 'no data.* options'}; data.decode: {' | '.join(source.decodes)}")
+    return 0
+
+
 def _shards(args) -> int:
-    from pfb_train.config import load_config
+    from pfb_train.config import load_config  # per command, so the CLI starts without torch
     from pfb_train.shards import write_shards
 
     cfg = load_config(args.config, args.overrides)
@@ -152,7 +162,7 @@ def _shards(args) -> int:
 
 
 def _report(args) -> int:
-    from pfb_train.report import report
+    from pfb_train.report import report  # per command, so the CLI starts without torch
 
     result = report(args.runs, args.baseline, args.out)
     print(result["markdown"], end="")

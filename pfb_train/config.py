@@ -14,10 +14,14 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 import yaml
+from timm.data import create_transform
+from timm.optim import list_optimizers
 
+from pfb_train.data.registry import get_source, sources
 from pfb_train.errors import UserError
-
-FILE_DATASETS = ("imagefolder", "hf", "wds")  # read as they are stored: no subsets, data.decode applies
+from pfb_train.selection import methods  # importing the package registers the built-in methods
+from pfb_train.selection.registry import RunFacts, check_options, get_method, make_options
+from pfb_train.typed import coerce, unknown_key
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -33,8 +37,6 @@ class ModelConfig:
 
 
 def _all_method_options() -> dict:
-    from pfb_train.selection import methods  # the built-in methods register on import
-
     return {name: method.options() for name, method in methods().items()}
 
 
@@ -57,28 +59,31 @@ class BlockingConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["synthetic", "digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "hf", "wds"] = "synthetic"
-    root: Optional[str] = None  # imagefolder: folder holding train/ and val/; cifar: torchvision's root; fashion_mnist: idx files
-    download: bool = False  # cifar only: fetch the files if they are missing
+    """What the run trains and validates on. `dataset` names a registered source (data/registry.py); each
+    source says which of the keys below it reads (`pfb-train datasets` lists them)."""
+
+    dataset: str = "synthetic"  # a registered data source (data/registry.py): `pfb-train datasets` lists them
+    root: Optional[str] = None  # where the source reads from: a folder, a Hub name, ...
+    download: bool = False  # sources that can fetch their files: do so if they are missing (never otherwise)
     img_size: int = 224
     batch_size: int = 256  # per process
     eval_batch_size: Optional[int] = None  # None: same as batch_size
     workers: int = 4
-    train_samples: Optional[int] = None  # a fixed class-stratified subset (None: all); synthetic: its size (2048)
-    val_samples: Optional[int] = None  # the same for validation; synthetic: 512
+    train_samples: Optional[int] = None  # a fixed class-stratified subset (None: all), or a generated set's size
+    val_samples: Optional[int] = None  # the same for validation
     imbalance: float = 1.0  # < 1: long-tailed training set, the last class keeps this fraction of its samples
     mixup: float = 0.0
     cutmix: float = 0.0
     auto_augment: Optional[str] = None  # timm policy string, e.g. "rand-m9-mstd0.5"
-    bad_images: Literal["skip", "fail"] = "skip"  # imagefolder: unreadable files are skipped and counted, or fatal
-    # imagefolder, hf, wds: decode + augment in CPU workers (cpu), on the training device with torchvision
-    # (device), or in NVIDIA DALI (dali: nvJPEG on a GPU, DALI's CPU operators without one)
+    bad_images: Literal["skip", "fail"] = "skip"  # unreadable images are stood in for and counted, or fatal
+    # sources of stored images: decode + augment in CPU workers (cpu), on the training device with
+    # torchvision (device), or in NVIDIA DALI (dali: nvJPEG on a GPU, DALI's CPU operators without one)
     decode: Literal["cpu", "device", "dali"] = "cpu"
-    train_split: str = "train"  # hf, wds: the split names
+    train_split: str = "train"  # sources with named splits: the split names
     val_split: str = "validation"
-    image_key: Optional[str] = None  # hf: the Image column (None: the only one)
-    label_key: Optional[str] = None  # hf: the ClassLabel column (None: the only one)
-    shuffle_window: int = 8192  # wds: a sample moves at most this many places from its place in the shard stream
+    image_key: Optional[str] = None  # sources of tables: the image column (None: the only one)
+    label_key: Optional[str] = None  # the class-label column (None: the only one)
+    shuffle_window: int = 8192  # sharded sources: a sample moves at most this many places from its place in the shard stream
 
 
 @dataclass
@@ -147,66 +152,7 @@ class Config:
         return data
 
 
-# ---------------------------------------------------------------- type checking
-
-
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin is Union:
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
-    return tp.__name__
-
-
-def _coerce(value, tp, key: str):
-    """Return `value` as type `tp`, or raise UserError naming `key`."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-    elif origin is Union:
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except UserError:
-                pass
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    raise UserError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
-
-
-def _unknown_key(key: str, prefix: str, valid: list[str], also_accepted: list[str] = ()) -> UserError:
-    full = f"{prefix}{key}"
-    close = difflib.get_close_matches(key, [*valid, *also_accepted], n=1)
-    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(valid)})"
-    return UserError(f"unknown config key '{full}'{hint}")
-
-
-def coerce_fields(cls, data: dict, prefix: str) -> dict:
-    """`data`'s values typed by the dataclass `cls`'s fields (keys already known to be fields)."""
-    hints = typing.get_type_hints(cls)
-    return {key: _coerce(value, hints[key], f"{prefix}.{key}") for key, value in data.items()}
+# ---------------------------------------------------------------- the blocking section
 
 
 BLOCKING_KEYS = ("method", "stage", "mode")
@@ -220,8 +166,6 @@ def _build_blocking(data: dict) -> BlockingConfig:
     """`blocking:` with one section per method. Flat keys of earlier versions (`blocking.ratio`,
     `blocking.centers`, ...) still work: each sets the option it became in every method that reads it
     (Method.legacy_keys); a section's own value wins over a flat key in the same file."""
-    from pfb_train.selection.registry import get_method, make_options, methods
-
     known = methods()
     plain = {k: v for k, v in data.items() if k in BLOCKING_KEYS}
     cfg = _build(BlockingConfig, plain, "blocking.", custom=False)
@@ -237,7 +181,7 @@ def _build_blocking(data: dict) -> BlockingConfig:
             continue
         claimed = [m for m in known.values() if key in m.legacy_keys]
         if not claimed:
-            raise _unknown_key(str(key), "blocking.", [*BLOCKING_KEYS, *known], _legacy_keys(known))
+            raise unknown_key(str(key), "blocking.", [*BLOCKING_KEYS, *known], _legacy_keys(known))
         for m in claimed:  # setdefault: a section's own value wins, whichever comes first in the file
             sections.setdefault(m.name, {}).setdefault(m.legacy_keys[key], value)
     cfg.options = {name: make_options(m, sections.get(name, {}), f"blocking.{name}") for name, m in known.items()}
@@ -254,12 +198,12 @@ def _build(cls, data: dict, prefix: str = "", custom: bool = True):
     kwargs = {}
     for key, value in data.items():
         if key not in hints:
-            raise _unknown_key(str(key), prefix, names)
+            raise unknown_key(str(key), prefix, names)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.")
         else:
-            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+            kwargs[key] = coerce(value, tp, f"{prefix}{key}")
     return cls(**kwargs)
 
 
@@ -274,7 +218,7 @@ def _set_dotted(data: dict, dotted: str, value) -> None:
             _set_blocking(node, parts, i, dotted, value)
             return
         if part not in hints:
-            raise _unknown_key(part, prefix, list(hints))
+            raise unknown_key(part, prefix, list(hints))
         tp = hints[part]
         last = i == len(parts) - 1
         if dataclasses.is_dataclass(tp):
@@ -294,8 +238,6 @@ def _set_dotted(data: dict, dotted: str, value) -> None:
 def _set_blocking(node: dict, parts: list[str], i: int, dotted: str, value) -> None:
     """`--set blocking.<method>.<option>=v`, or a flat key of earlier versions (`blocking.ratio=v`),
     which sets the option it became in every method that reads it."""
-    from pfb_train.selection.registry import methods
-
     known = methods()
     part, rest = parts[i], parts[i + 1:]
     if part in known:
@@ -308,7 +250,7 @@ def _set_blocking(node: dict, parts: list[str], i: int, dotted: str, value) -> N
         return
     claimed = [m for m in known.values() if part in m.legacy_keys]
     if not claimed or rest:
-        raise _unknown_key(part, "blocking.", [*BLOCKING_KEYS, *known], _legacy_keys(known))
+        raise unknown_key(part, "blocking.", [*BLOCKING_KEYS, *known], _legacy_keys(known))
     for m in claimed:
         if not isinstance(node.get(m.name), dict):
             node[m.name] = {}
@@ -406,8 +348,6 @@ def experiment_settings(raw: dict) -> dict:
 
 def validate(cfg: Config) -> None:
     """Range and consistency checks that types alone cannot express; the method checks its own options."""
-    from pfb_train.selection.registry import RunFacts, check_options, get_method, methods
-
     b, d, s, o, r = cfg.blocking, cfg.data, cfg.schedule, cfg.optim, cfg.runtime
 
     def need(ok: bool, message: str) -> None:
@@ -431,21 +371,22 @@ def validate(cfg: Config) -> None:
     need(d.img_size >= 8, f"config key 'data.img_size' must be >= 8, got {d.img_size}")
     need(d.batch_size >= 1, f"config key 'data.batch_size' must be >= 1, got {d.batch_size}")
     need(d.workers >= 0, f"config key 'data.workers' must be >= 0, got {d.workers}")
+    source = get_source(d.dataset)  # an unknown name is one line listing the registered sources
     for key in ("train_samples", "val_samples"):
         value = getattr(d, key)
         need(value is None or value >= 1, f"config key 'data.{key}' must be >= 1, got {value}")
-        need(value is None or d.dataset not in FILE_DATASETS,
+        need(value is None or source.samples != "stored",
              f"config key 'data.{key}' does not apply to dataset '{d.dataset}'")
     need(0.0 < d.imbalance <= 1.0, f"config key 'data.imbalance' must be in (0, 1], got {d.imbalance}")
-    need(d.imbalance == 1.0 or d.dataset not in (*FILE_DATASETS, "synthetic"),
-         f"config key 'data.imbalance' does not apply to dataset '{d.dataset}'")
+    need(d.imbalance == 1.0 or source.imbalance, f"config key 'data.imbalance' does not apply to dataset '{d.dataset}'")
     need(d.mixup >= 0 and d.cutmix >= 0, "config keys 'data.mixup' and 'data.cutmix' must be >= 0")
-    if d.dataset in (*FILE_DATASETS, "cifar10", "cifar100"):
+    if source.needs_root:
         need(d.root is not None, f"config key 'data.root' is required for dataset '{d.dataset}'")
     need(d.shuffle_window >= 1, f"config key 'data.shuffle_window' must be >= 1, got {d.shuffle_window}")
+    if d.decode not in source.decodes:
+        takers = [s.name for s in sources().values() if d.decode in s.decodes]
+        need(False, f"config key 'data.decode' '{d.decode}' applies to datasets {', '.join(takers)}, not '{d.dataset}'")
     if d.decode != "cpu":
-        need(d.dataset in FILE_DATASETS,
-             f"config key 'data.decode' '{d.decode}' applies to datasets {', '.join(FILE_DATASETS)}, not '{d.dataset}'")
         need(d.auto_augment is None,
              f"config key 'data.auto_augment' needs data.decode 'cpu' (the {d.decode} path crops and flips only)")
     if d.mixup > 0 or d.cutmix > 0:
@@ -473,9 +414,6 @@ def _choice(key: str, value: str, valid, what: str) -> UserError:
 def check_timm_values(cfg: Config) -> None:
     """Names handed to timm, checked before any work so that a typo is one line, not timm's traceback
     at the first step: the optimizer, the LR schedule and the augmentation policy."""
-    from timm.data import create_transform
-    from timm.optim import list_optimizers
-
     optimizers = list_optimizers()
     name = cfg.optim.name.lower().removeprefix("lookahead_")  # timm wraps any optimizer in Lookahead this way
     if name not in optimizers:

@@ -21,6 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pfb_train.models import AUTO_SCALE
+from pfb_train.selection import get_method
 
 MODES = ("reuse", "recompute", "ideal")
 
@@ -89,11 +90,13 @@ def step_flops(blocked, x: torch.Tensor, kept: int | None, score=None) -> int:
     return count_flops(lambda: blocked(x, select=select, **extra).logits.float().sum().backward())
 
 
-def cheaper_mode(ratio: float, score_scale: float = 1.0) -> str:
-    """recompute - reuse = s(q^2 - 3p)/3 in the cost model: recompute wins exactly when p > q^2/3,
-    whatever the shallow share s (it trades the blocked rows' shallow backward, 2sp, for a
-    ranking pass s q^2 and a second shallow forward of the kept rows, s(1 - p)). q = 1: p > 1/3."""
-    return "recompute" if ratio > score_scale * score_scale / 3 else "reuse"
+def cheaper_mode(blocked_fraction: float, score_scale: float = 1.0) -> str:
+    """The cheaper mode when `blocked_fraction` (p) of each batch is blocked and the ranking pass runs at
+    `score_scale` (q) of the resolution. recompute - reuse = s(q^2 - 3p)/3 in the cost model: recompute
+    wins exactly when p > q^2/3, whatever the shallow share s (it trades the blocked rows' shallow
+    backward, 2sp, for a ranking pass s q^2 and a second shallow forward of the kept rows, s(1 - p)).
+    q = 1: p > 1/3."""
+    return "recompute" if blocked_fraction > score_scale * score_scale / 3 else "reuse"
 
 
 def timed_cheaper_mode(times: PartTimes) -> str:
@@ -107,11 +110,11 @@ def blocking_mode(blocking) -> str:
     On a GPU the harness then measures instead (`pfb_train.calibrate.choose_mode`)."""
     if blocking.mode != "auto":
         return blocking.mode
-    from pfb_train.selection import get_method
-
     method, options = get_method(blocking.method), blocking.chosen()
-    fraction = method.blocked_per_batch(options)
-    return cheaper_mode(fraction, provisional_scale(method.score_pass(options))) if fraction > 0 else "reuse"
+    blocked_fraction = method.blocked_fraction_per_batch(options)
+    if blocked_fraction <= 0:
+        return "reuse"
+    return cheaper_mode(blocked_fraction, provisional_scale(method.score_pass(options)))
 
 
 def provisional_scale(score) -> float:

@@ -94,19 +94,30 @@ def barrier() -> None:
 # ---------------------------------------------------------------- stopping every rank together
 #
 # An error on one rank (an unreadable batch, a failed checkpoint write, a bug) must end every rank
-# promptly, with the same message, instead of leaving the others in a collective until the NCCL or
-# gloo timeout. The failing rank leaves its message in torchrun's key-value store and breaks the
-# process group; every rank watches the store from a thread and breaks its side too, so a pending
-# collective fails at once; `stopped_elsewhere` then reads the message and the rank raises it.
+# promptly, with the same message. What torchrun and torch.distributed.elastic give: when a worker
+# exits with an error, the agent terminates the others (SIGTERM, which here would read as a
+# preemption) and `@record` keeps the failing rank's traceback; the other ranks, meanwhile, sit in a
+# collective until it times out, and print nothing of why. What is left to do here, on public APIs
+# only: the failing rank leaves its one-line message in torchrun's key-value store (a TCPStore
+# client at MASTER_ADDR:MASTER_PORT) and aborts its process group (ProcessGroup.abort); every rank
+# watches the key from a thread and aborts its side too, so a pending collective fails at once;
+# `stopped_elsewhere` then reads the message and every rank ends with the same line and exit code.
 
-STOP_KEY = "pfb_train/stop"
 _watcher: Optional[threading.Thread] = None
 _stopping = threading.Event()
-_stop_store = None  # torchrun's store, held: breaking the group also drops it from torch.distributed
+_broken = threading.Event()  # this rank has aborted its process group
+_stop_store = None  # a client of torchrun's store, held by this module
+
+
+def _stop_key() -> str:
+    """One key per job and restart: torchrun's store outlives a restart (--max-restarts)."""
+    return f"pfb_train/stop/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 def _store():
-    return dist.distributed_c10d._get_default_store()
+    """A client of the store torchrun serves at MASTER_ADDR:MASTER_PORT (the one env:// joins)."""
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=60))
 
 
 def sharing_stops() -> bool:
@@ -115,17 +126,24 @@ def sharing_stops() -> bool:
     return _stop_store is not None
 
 
+def group_broken() -> bool:
+    """Whether this rank has aborted its process group (its own stop, or another rank's seen by the
+    watcher): collectives on it now fail."""
+    return _broken.is_set()
+
+
 def _break_group() -> None:
+    _broken.set()
     try:
-        dist.distributed_c10d._abort_process_group()  # pending NCCL collectives fail at once
-    except Exception:  # a backend without abort (gloo): its peers see the closed connections instead
+        dist.group.WORLD.abort()  # pending NCCL collectives fail at once
+    except Exception:  # already gone, or a backend whose abort fails: its peers see closed connections
         pass
 
 
 def _watch(store) -> None:
     while not _stopping.wait(0.2):
         try:
-            if store.check([STOP_KEY]):
+            if store.check([_stop_key()]):
                 _break_group()
                 return
         except Exception:  # the store went away: the job is ending anyway
@@ -133,10 +151,11 @@ def _watch(store) -> None:
 
 
 def watch_for_stops() -> None:
-    """Start the watcher thread (multi-process runs only; once)."""
+    """Start the watcher thread (multi-process runs joined through env://, as torchrun does; once)."""
     global _watcher, _stop_store
-    if is_distributed() and get_world_size() > 1 and _watcher is None:
+    if is_distributed() and get_world_size() > 1 and _watcher is None and "MASTER_ADDR" in os.environ:
         _stopping.clear()
+        _broken.clear()
         _stop_store = _store()
         _watcher = threading.Thread(target=_watch, args=(_stop_store,), daemon=True, name="pfb-stop-watch")
         _watcher.start()
@@ -148,7 +167,7 @@ def announce_stop(kind: str, message: str) -> Optional[tuple[str, int, str]]:
     another rank's error came first and this one is its echo)."""
     if not sharing_stops():
         return None
-    standing = _stop_store.compare_set(STOP_KEY, "", f"{kind}\t{get_rank()}\t{message}")  # atomic: first one wins
+    standing = _stop_store.compare_set(_stop_key(), "", f"{kind}\t{get_rank()}\t{message}")  # atomic: first one wins
     _break_group()
     return _parse_stop(standing)
 
@@ -161,12 +180,12 @@ def stopped_elsewhere(wait_seconds: float = 10.0) -> Optional[tuple[str, int, st
     store = _stop_store
     try:
         if wait_seconds > 0:
-            store.wait([STOP_KEY], timedelta(seconds=wait_seconds))
-        elif not store.check([STOP_KEY]):  # wait() with no time raises even when the key is there
+            store.wait([_stop_key()], timedelta(seconds=wait_seconds))
+        elif not store.check([_stop_key()]):  # wait() with no time raises even when the key is there
             return None
     except Exception:
         return None
-    return _parse_stop(store.get(STOP_KEY))
+    return _parse_stop(store.get(_stop_key()))
 
 
 def _parse_stop(value: bytes) -> tuple[str, int, str]:

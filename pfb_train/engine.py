@@ -14,12 +14,14 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pfb_train import blocking
 from pfb_train.data import set_loader_epoch
 from pfb_train.distributed import all_reduce_sum
 from pfb_train.errors import TrainingStopped
 from pfb_train.metrics import PhaseTimer
+from pfb_train.selection import Selector
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,9 @@ class StepSettings:
 
 
 @dataclass
-class Trainer:
-    """The live objects a step updates (all of them checkpointed, except the backup)."""
+class Optimization:
+    """Everything around the model's update: optimizer, LR scheduler, gradient scaler, EMA, mixup. The
+    optimizer, scaler and EMA are checkpointed; the LR follows from the config and the position."""
 
     optimizer: torch.optim.Optimizer
     scheduler: object  # timm scheduler (step_update per optimizer step) or None
@@ -47,6 +50,25 @@ class Trainer:
     ema: object = None  # timm ModelEmaV3 of the (unwrapped) model, or None
     mixup: object = None  # timm Mixup or None
     backup: Optional["BufferBackup"] = None  # BatchNorm statistics before the step (the non-finite guard)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What every step of a run works with: the model it trains, the selector, how steps run, and the
+    optimisation objects. Built once per run; `train_step` and `train_one_epoch` take it whole."""
+
+    model: nn.Module  # a BlockedModel, or DDP around one
+    selector: Selector
+    settings: StepSettings
+    optimization: Optimization
+
+
+class Batch(NamedTuple):
+    """One batch on the training device, as a step takes it."""
+
+    x: torch.Tensor  # (B, C, H, W) images
+    y: torch.Tensor  # (B,) int64 classes, or (B, classes) float soft targets under mixup/cutmix
+    idx: torch.Tensor  # (B,) int64 dataset indices; MISSING (< 0) for an unreadable file's stand-in
 
 
 def autocast(settings: StepSettings):
@@ -92,53 +114,89 @@ class StepResult(NamedTuple):
     kept_present: torch.Tensor  # the same for the kept rows
 
 
-def train_step(model, selector, x, y, idx, settings: StepSettings, trainer: Trainer, schedule_at: float,
-               timer=None) -> StepResult:
+class MarkedSelection:
+    """The selector as `blocking.forward` sees it inside the harness: its `select` call is bracketed by the
+    timer's marks (the shallow part ends where the selection starts, the deep part starts where it ends),
+    so the timer stays outside the model's forward. Every other hook is the selector's own."""
+
+    def __init__(self, selector: Selector, timer: PhaseTimer):
+        self._selector, self._timer = selector, timer
+
+    def select(self, feats: torch.Tensor) -> Optional[torch.Tensor]:
+        self._timer.mark("shallow")
+        keep = self._selector.select(feats)
+        self._timer.mark("select")
+        return keep
+
+    def __getattr__(self, name: str):
+        return getattr(self._selector, name)
+
+
+def train_step(batch: Batch, context: StepContext, schedule_at: float,
+               timer: Optional[PhaseTimer] = None) -> StepResult:
     """One optimizer step on the rows the selector keeps (blocking.forward / weighted_mean / observe:
     the same calls a loop of one's own makes).
 
     `schedule_at`: the LR schedule's position after this step, in full-data updates. A step
-    whose gradients are not finite changes nothing (no update, no selector observation)."""
-    guard = settings.check_finite and not trainer.scaler.is_enabled()
-    if guard:
-        trainer.backup = trainer.backup or BufferBackup(model)
-        trainer.backup.save()
+    whose gradients are not finite changes nothing (no update, no selector observation).
+    `timer`: charges the step's time to the phases shallow, select, deep and observe."""
+    model, selector, settings = context.model, context.selector, context.settings
+    guard = save_buffers(model, context.optimization, settings)  # before the forward changes BatchNorm statistics
     with autocast(settings):
-        batch = blocking.forward(model, selector, x, y, idx, timer)
-    losses = per_sample_loss(batch.logits, batch.targets, settings.label_smoothing)
-    loss = blocking.weighted_mean(selector, batch, losses)  # stand-ins (index MISSING) weigh nothing
+        blocked = blocking.forward(model, selector if timer is None else MarkedSelection(selector, timer),
+                                   batch.x, batch.y, batch.idx)
+    losses = per_sample_loss(blocked.logits, blocked.targets, settings.label_smoothing)
+    loss = blocking.weighted_mean(selector, blocked, losses)  # stand-ins (index MISSING) weigh nothing
+    finite = update(model, loss, context.optimization, settings, schedule_at, guard)
+    if timer is not None:
+        timer.mark("deep")
+    if finite:
+        blocking.observe(selector, blocked, losses)
+    if timer is not None:
+        timer.mark("observe")
+    labels = batch.y.argmax(dim=1) if batch.y.dtype.is_floating_point else batch.y
+    present = blocking.holds_sample(batch.idx).double()
+    kept_present = present if blocked.keep is None else present.index_select(0, blocked.keep)
+    loss_sum = (losses.detach() * kept_present).sum()
+    return StepResult(loss.detach(), blocked.logits.shape[0], finite, loss_sum, labels, blocked.keep, present,
+                      kept_present)
 
-    trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.scaler.scale(loss).backward()
+
+def save_buffers(model, optimization: Optimization, settings: StepSettings) -> bool:
+    """The non-finite guard's first half: copy the BatchNorm statistics, so a step whose gradients turn
+    out not finite can be undone. Returns whether the guard runs (fp16's scaler makes its own check)."""
+    guard = settings.check_finite and not optimization.scaler.is_enabled()
+    if guard:
+        optimization.backup = optimization.backup or BufferBackup(model)
+        optimization.backup.save()
+    return guard
+
+
+def update(model, loss: torch.Tensor, optimization: Optimization, settings: StepSettings, schedule_at: float,
+           guard: bool) -> bool:
+    """Backward, clip, optimizer step, LR schedule, EMA. Returns whether the gradients were finite (always
+    True without the guard); a step that was not changes no weight and restores the BatchNorm statistics."""
+    optimization.optimizer.zero_grad(set_to_none=True)
+    optimization.scaler.scale(loss).backward()
     finite = True
     if settings.clip_grad is not None or guard:
-        trainer.scaler.unscale_(trainer.optimizer)
+        optimization.scaler.unscale_(optimization.optimizer)
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads)  # after DDP's all-reduce: the same on every rank
         if guard:
             finite = bool(torch.isfinite(norm))  # the step's one host sync (fp16's scaler makes its own)
             if not finite:  # the forward already folded this batch into the BatchNorm statistics
-                trainer.backup.restore()
+                optimization.backup.restore()
         if finite and settings.clip_grad is not None:
             torch.nn.utils.clip_grads_with_norm_(grads, settings.clip_grad, norm)
     if finite:
-        trainer.scaler.step(trainer.optimizer)
-    trainer.scaler.update()
-    if trainer.scheduler is not None:
-        trainer.scheduler.step_update(num_updates=schedule_at)
-    if finite and trainer.ema is not None:
-        trainer.ema.update(getattr(model, "module", model))  # unwrap DDP: the EMA holds a plain copy
-    if timer is not None:
-        timer.mark("deep")
-    if finite:
-        blocking.observe(selector, batch, losses)
-    if timer is not None:
-        timer.mark("observe")
-    labels = y.argmax(dim=1) if y.dtype.is_floating_point else y
-    present = blocking.holds_sample(idx).double()
-    kept_present = present if batch.keep is None else present.index_select(0, batch.keep)
-    loss_sum = (losses.detach() * kept_present).sum()
-    return StepResult(loss.detach(), batch.logits.shape[0], finite, loss_sum, labels, batch.keep, present, kept_present)
+        optimization.scaler.step(optimization.optimizer)
+    optimization.scaler.update()
+    if optimization.scheduler is not None:
+        optimization.scheduler.step_update(num_updates=schedule_at)
+    if finite and optimization.ema is not None:
+        optimization.ema.update(getattr(model, "module", model))  # unwrap DDP: the EMA holds a plain copy
+    return finite
 
 
 class BufferBackup:
@@ -193,16 +251,16 @@ class EpochTally:
         """How far the epoch is (0 to 1) once `more_rows` more rows of this rank are trained on."""
         return self.order_done(more_rows) / self.order_total
 
-    def add(self, step: StepResult) -> None:
+    def add(self, result: StepResult) -> None:
         """Count one step (no host sync: the counts stay on the device)."""
         self.batches += 1
-        self.rows_seen += step.labels.shape[0]
-        self.rows_kept += step.kept
-        if step.finite:
-            self.loss_sum += step.loss_sum
-        kept = step.labels if step.keep is None else step.labels.index_select(0, step.keep)
-        self.class_rows[0].index_add_(0, step.labels, step.present)
-        self.class_rows[1].index_add_(0, kept, step.kept_present)
+        self.rows_seen += result.labels.shape[0]
+        self.rows_kept += result.kept
+        if result.finite:
+            self.loss_sum += result.loss_sum
+        kept = result.labels if result.keep is None else result.labels.index_select(0, result.keep)
+        self.class_rows[0].index_add_(0, result.labels, result.present)
+        self.class_rows[1].index_add_(0, kept, result.kept_present)
 
     def state_dict(self) -> dict:
         return {**{k: getattr(self, k) for k in self.FIELDS}, "loss_sum": self.loss_sum.item(),
@@ -236,29 +294,30 @@ def class_fractions(numerator: list, denominator: list, scale: float = 1.0) -> l
     return [round(scale * n / d, 4) if d > 0 else None for n, d in zip(numerator, denominator)]
 
 
-def train_one_epoch(model, selector, loader, settings: StepSettings, trainer: Trainer, epoch: int, tally: EpochTally,
-                    after_step=None, progress=None) -> Optional[dict]:
+def train_one_epoch(context: StepContext, loader, epoch: int, tally: EpochTally, after_step=None,
+                    bar=None) -> Optional[dict]:
     """Train the rest of one epoch (call `prepare_epoch` first); returns its statistics, or None when
-    `after_step(tally)` asked to stop early.
+    `after_step(tally)` asked to stop early. `bar`: a tqdm bar, advanced once per step.
 
     Sampler-level selection shortens the epoch; the LR schedule then advances by epoch
     progress (full-data updates per epoch / steps this epoch), so it still ends on time."""
-    model.train()
+    settings, mixup = context.settings, context.optimization.mixup
+    context.model.train()
     timer = tally.timer
     started = time.perf_counter() - tally.elapsed
     timer.reset_clock()
     for x, y, idx in loader:
         x, y = _to_device(x, y, settings)
         idx = idx.to(settings.device, non_blocking=True)
-        if trainer.mixup is not None:
-            x, y = trainer.mixup(x, y)
+        if mixup is not None:
+            x, y = mixup(x, y)
         timer.mark("data")
         if not tally.order_total:  # every batch has this many rows (drop_last), on every rank
             tally.order_total = tally.order_done(len(loader) * x.shape[0])
         schedule_at = settings.updates_per_epoch * (epoch + tally.epoch_fraction(x.shape[0]))
-        step = train_step(model, selector, x, y, idx, settings, trainer, schedule_at, timer)
-        tally.add(step)
-        if step.finite:
+        result = train_step(Batch(x, y, idx), context, schedule_at, timer)
+        tally.add(result)
+        if result.finite:
             tally.nonfinite_in_row = 0
         else:
             tally.nonfinite += 1
@@ -267,11 +326,11 @@ def train_one_epoch(model, selector, loader, settings: StepSettings, trainer: Tr
                 raise TrainingStopped(f"{tally.nonfinite_in_row} non-finite losses in a row (epoch {epoch}, "
                                       f"batch {tally.batches}): lower optim.lr, set optim.clip_grad, or check the data")
         tally.elapsed = time.perf_counter() - started
-        if progress is not None:
-            progress.update(1)
+        if bar is not None:
+            bar.update(1)
             if tally.batches % settings.log_every == 0:
-                progress.set_postfix(loss=f"{step.loss.item():.3f}", kept=f"{tally.rows_kept / tally.rows_seen:.2f}",
-                                     img_s=f"{tally.rows_seen / tally.elapsed:.0f}")
+                bar.set_postfix(loss=f"{result.loss.item():.3f}", kept=f"{tally.rows_kept / tally.rows_seen:.2f}",
+                                img_s=f"{tally.rows_seen / tally.elapsed:.0f}")
         if after_step is not None and after_step(tally):
             return None
 
@@ -283,7 +342,7 @@ def train_one_epoch(model, selector, loader, settings: StepSettings, trainer: Tr
     if not math.isfinite(loss_total):  # only without the per-step guard (runtime.check_finite: false)
         raise TrainingStopped(f"the training loss of epoch {epoch} is not finite: lower optim.lr, set optim.clip_grad, "
                               "or set runtime.check_finite=true to skip such steps")
-    diagnostics = selector.epoch_diagnostics(settings.device)  # collective: every rank reads its tallies
+    diagnostics = context.selector.epoch_diagnostics(settings.device)  # collective: every rank reads its tallies
     t = timer.totals()
     seconds = time.perf_counter() - started
     return {

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from pfb_train.costs import MODES, blocking_mode, cheaper_mode, count_flops, predicted_cost_ratio, shallow_flop_share
+from pfb_train.data.registry import get_source
 from pfb_train.models import build_model, split_spec
 from pfb_train.selection import get_method
 
 
 def _num_classes(cfg) -> int:
+    """model.num_classes, else the data source's count as known without reading the data."""
     if cfg.model.num_classes is not None:
         return cfg.model.num_classes
-    if cfg.data.dataset == "imagefolder" and cfg.data.root and Path(cfg.data.root, "train").is_dir():
-        return sum(1 for p in Path(cfg.data.root, "train").iterdir() if p.is_dir())
-    return 1000 if cfg.data.dataset == "imagefolder" else 10
+    return get_source(cfg.data.dataset).num_classes(cfg.data)
 
 
 def model_info(cfg) -> dict:
@@ -30,7 +28,7 @@ def model_info(cfg) -> dict:
         flops = count_flops(lambda: blocked(x))
     batch = cfg.data.batch_size
     method = get_method(cfg.blocking.method)
-    fraction = method.blocked_per_batch(cfg.blocking.chosen())
+    fraction = method.blocked_fraction_per_batch(cfg.blocking.chosen())
     blocked_rows = round(fraction * batch)  # 0 unless rows are blocked
     score = blocked.resolve_score(method.score_pass(cfg.blocking.chosen()), cfg.data.img_size)
     mode = blocked.mode  # as set, or auto by the FLOP model with the ranking pass this model takes
@@ -53,7 +51,7 @@ def model_info(cfg) -> dict:
         "level": method.level,
         "ratio": method.ratio(cfg.blocking.chosen()),
         "batch_size": batch,
-        "blocked_per_batch": blocked_rows,
+        "blocked_rows": blocked_rows,  # rows blocked in each batch
         "mode": mode,
         "score_scale": score.scale,  # recompute mode's ranking pass
         "score_norm": score.norm,

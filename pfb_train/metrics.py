@@ -74,7 +74,7 @@ class RunLogger:
         self.run_dir, self.enabled = run_dir, enabled
         self.writer = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # on rank 0 only: it loads the tensorboard package (~1 s)
 
             self.writer = SummaryWriter(str(run_dir))
 
@@ -90,11 +90,6 @@ class RunLogger:
                 self.writer.add_histogram(f"epoch/{key}", torch.tensor([v for v in value if v is not None]),
                                           record["epoch"])
         self.writer.flush()
-
-    def log_step(self, scalars: dict, step: int) -> None:
-        if self.enabled:
-            for key, value in scalars.items():
-                self.writer.add_scalar(f"train/{key}", value, step)
 
     def write_summary(self, summary: dict) -> None:
         if self.enabled:

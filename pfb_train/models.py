@@ -287,7 +287,7 @@ class BlockedModel(nn.Module):
         it appears and reused after. A graph with a symbolic batch size ran the deep part of a
         blocked resnet50 step 1.4x slower than the static one on an H200 (docs/BENCHMARKS.md).
         A ramped ratio adds one size per epoch, hence the higher recompile limit."""
-        import torch._dynamo
+        import torch._dynamo  # loaded on first use: importing it costs ~1 s, and most runs never compile
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         options.setdefault("dynamic", False)
@@ -300,7 +300,7 @@ class BlockedModel(nn.Module):
         return h.detach().mean(self.feature_dims, dtype=torch.float32)
 
     def forward(self, x: torch.Tensor, select: Optional[Callable] = None, features: bool = False,
-                timer=None, score: ScorePass = EXACT_SCORE) -> BlockedOutput:
+                score: ScorePass = EXACT_SCORE) -> BlockedOutput:
         """`x`: (B, C, H, W) images. `select(feats) -> kept row indices or None`; without it this is
         the plain model, which returns the pooled shallow features too when `features` is set.
         `score`: how recompute mode ranks the rows (reuse ranks by its training pass's features)."""
@@ -315,11 +315,7 @@ class BlockedModel(nn.Module):
         else:
             h = self.shallow(x)
             feats = self.pooled_features(h)
-        if timer is not None:
-            timer.mark("shallow")
         keep = select(feats)
-        if timer is not None:
-            timer.mark("select")
         if recompute:  # the kept rows again, with gradients; the ranking pass was only for choosing them
             h = self.shallow(x if keep is None else x.index_select(0, keep))
         elif keep is not None:
@@ -511,5 +507,19 @@ def cifar_stem(model: nn.Module) -> nn.Module:
 
 
 def split_model(model: nn.Module, stage: Union[int, str] = 1, mode: str = "reuse") -> BlockedModel:
-    """Public API: `split_model(timm_model, stage)`; `blocked.deep(blocked.shallow(x)) == model(x)`."""
+    """Public API: a timm classifier as shallow -> select -> deep; `blocked.deep(blocked.shallow(x)) == model(x)`.
+
+    `model`: a timm classifier, on any device and in any dtype; it is shared, not copied (`blocked.model`).
+    `stage`: where to split: the body's stages counted from 1, the stem never counted (ViT/DeiT: blocks),
+    or a stage's module name ("layer2"); the deep part keeps at least one stage.
+    `mode`: "reuse" or "recompute" ("auto" is resolved before: `pfb_train.Blocking`, `costs.cheaper_mode`).
+
+    Shapes: `blocked.shallow(x)` takes (B, C, H, W) images and returns the stage's activation in timm's
+    layout ((B, C', H', W') for CNNs, (B, H', W', C') for Swin, (B, N, C') tokens for ViT/DeiT), in the
+    input's dtype (autocast's under autocast); `blocked.deep(h)` returns (B, classes) logits.
+    `blocked(x, select=fn)` returns BlockedOutput: logits (kept, classes), keep ((kept,) int64 row indices,
+    or None when every row was kept), feats ((B, C') float32 pooled shallow features, or None).
+
+    Raises UserError: a model that cannot be split (a family without an adapter whose feature_info stages
+    do not reproduce its forward), a `stage` out of range or not a stage name, a `mode` other than the two."""
     return BlockedModel(model, stage, mode)

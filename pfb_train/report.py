@@ -295,7 +295,7 @@ def write_plots(runs: list[Run], out: Path) -> list[Path]:
     """Per epoch, means over seeds: top-1, cumulative training time, kept fraction, selection signal;
     and the kept fraction of each class per epoch as heatmaps."""
     try:
-        import matplotlib
+        import matplotlib  # optional: without it the report has no plots
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

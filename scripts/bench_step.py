@@ -30,7 +30,7 @@ import torch
 from pfb_train.calibrate import measure_part_times, sync
 from pfb_train.costs import (cheaper_mode, predicted_cost_ratio, predicted_time_ratio, shallow_flop_share,
                              step_flops, timed_cheaper_mode)
-from pfb_train.engine import StepSettings, Trainer, train_step
+from pfb_train.engine import Batch, Optimization, StepContext, StepSettings, train_step
 from pfb_train.metrics import PhaseTimer
 from pfb_train.models import ScorePass, split_model
 from pfb_train.selection import build_selector
@@ -66,16 +66,17 @@ def parse_args():
     return p.parse_args()
 
 
-def profile_steps(blocked, selector, x, y, idx, ctx, step, path: Path, steps: int = 3) -> None:
+def profile_steps(batch: Batch, context: StepContext, done: int, path: Path, steps: int = 3) -> None:
     """Kernel table of a few steps, sorted by device time: where a blocked step's time goes."""
+    device = context.settings.device
     activities = [torch.profiler.ProfilerActivity.CPU]
-    if ctx[0].device.type == "cuda":
+    if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         for i in range(steps):
-            train_step(blocked, selector, x, y, idx, *ctx, step + i + 1)
-        sync(ctx[0].device)
-    sort = "self_cuda_time_total" if ctx[0].device.type == "cuda" else "self_cpu_time_total"
+            train_step(batch, context, done + i + 1)
+        sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
 
 
@@ -83,31 +84,32 @@ def time_steps(blocked, selector, x, y, args, device, method: str) -> tuple[list
     """Seconds per step of each timed repeat, and the seconds per phase of one more run."""
     optimizer = torch.optim.SGD(blocked.parameters(), lr=0.01, momentum=0.9)
     amp = AMP_DTYPES[args.amp]
-    ctx = (StepSettings(device, amp, args.channels_last, check_finite=args.check_finite),
-           Trainer(optimizer, None, torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")))
-    idx = torch.arange(x.shape[0], device=device)
+    settings = StepSettings(device, amp, args.channels_last, check_finite=args.check_finite)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    context = StepContext(blocked, selector, settings, Optimization(optimizer, None, scaler))
+    batch = Batch(x, y, torch.arange(x.shape[0], device=device))
     blocked.train()
-    step = 0
+    done = 0  # steps so far
     for _ in range(args.warmup):
-        train_step(blocked, selector, x, y, idx, *ctx, step + 1)
-        step += 1
+        train_step(batch, context, done + 1)
+        done += 1
     per_step = []
     for _ in range(args.repeats):
         sync(device)
         start = time.perf_counter()
         for _ in range(args.steps):
-            train_step(blocked, selector, x, y, idx, *ctx, step + 1)
-            step += 1
+            train_step(batch, context, done + 1)
+            done += 1
         sync(device)
         per_step.append((time.perf_counter() - start) / args.steps)
     timer = PhaseTimer(device)
     for _ in range(args.steps):
         timer.reset_clock()
-        train_step(blocked, selector, x, y, idx, *ctx, step + 1, timer)
-        step += 1
+        train_step(batch, context, done + 1, timer)
+        done += 1
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
-        profile_steps(blocked, selector, x, y, idx, ctx, step, Path(args.profile) / f"profile_{method}.txt")
+        profile_steps(batch, context, done, Path(args.profile) / f"profile_{method}.txt")
     return per_step, timer.totals()
 
 

@@ -17,7 +17,8 @@ from pfb_train.train import fit, setup
 def main(config, out, do_fit, overrides, dist):
     # In a function, so the DDP model is gone before the process group is destroyed.
     state = setup(load_config(config, [f"runtime.output={out}/runs", *overrides]), dist)
-    result = {"initial_eval": evaluate(state.train_module, state.val_loader, state.settings.step), "world_size": dist.world_size}
+    result = {"initial_eval": evaluate(state.train_module, state.val_loader, state.settings.step_settings),
+              "world_size": dist.world_size}
     if do_fit:
         result["summary"] = fit(state)
         result["model"] = state.net.state_dict()

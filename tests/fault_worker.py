@@ -15,10 +15,9 @@ import os
 import sys
 import time
 
-import torch.distributed as dist
 
 from pfb_train import cli, engine, train
-from pfb_train.distributed import stopped_elsewhere
+from pfb_train.distributed import group_broken, stopped_elsewhere
 from pfb_train.errors import UserError
 
 fault, faulty_rank = sys.argv[1], int(sys.argv[2])
@@ -50,7 +49,7 @@ def inject_step_fault(error, wait_for_stop=False):
     def train_step(*a, **k):
         calls.append(1)
         if len(calls) == 3:
-            while wait_for_stop and (stopped_elsewhere(wait_seconds=0.0) is None or dist.is_initialized()):
+            while wait_for_stop and (stopped_elsewhere(wait_seconds=0.0) is None or not group_broken()):
                 time.sleep(0.01)  # until the stop is announced and this rank's watcher has broken its group
             raise error
         return real_step(*a, **k)

@@ -90,18 +90,19 @@ def test_num_classes_mismatch():
 
 
 def write_cifar(root, name="cifar10", n_train=20, n_test=10):
-    """Files in torchvision's CIFAR layout: pickled dicts of uint8 rows and labels."""
+    """Files in torchvision's CIFAR layout: pickled dicts of uint8 rows and labels (str keys, as the real
+    files, pickled by Python 2, read with torchvision's encoding="latin1")."""
     import pickle
 
     rng = np.random.default_rng(0)
     if name == "cifar10":
-        folder, train, test, key, classes = root / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10
+        folder, train, test, key, classes = root / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels", 10
     else:
-        folder, train, test, key, classes = root / "cifar-100-python", ["train"], ["test"], b"fine_labels", 100
+        folder, train, test, key, classes = root / "cifar-100-python", ["train"], ["test"], "fine_labels", 100
     folder.mkdir(parents=True)
     for files, n in ((train, n_train), (test, n_test)):
         for f in files:
-            batch = {b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), key: list(rng.integers(0, classes, n))}
+            batch = {"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), key: list(rng.integers(0, classes, n))}
             with open(folder / f, "wb") as fh:
                 pickle.dump(batch, fh)
     return root

@@ -15,7 +15,7 @@ from PIL import Image
 
 from pfb_train.config import DataConfig
 from pfb_train.data import build_datasets, build_loaders
-from pfb_train.data.datasets import sample_names
+from pfb_train.data.splits import sample_names
 from pfb_train.data.missing import Unreadable
 from pfb_train.errors import UserError
 from pfb_train.metrics import read_metrics

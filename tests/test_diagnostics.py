@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pfb_train.config import load_config
-from pfb_train.engine import EpochTally, StepSettings, Trainer, evaluate, train_one_epoch
+from pfb_train.engine import EpochTally, Optimization, StepContext, StepSettings, evaluate, train_one_epoch
 from pfb_train.metrics import read_metrics
 from pfb_train.models import split_model
 from pfb_train.selection import build_selector
@@ -32,10 +32,10 @@ class KeepFirstRows(Selector):
         return torch.arange(self.k)
 
 
-def _context(model, mixup=None) -> tuple[StepSettings, Trainer]:
+def _context(model, selector, mixup=None) -> StepContext:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    return (StepSettings(torch.device("cpu"), label_smoothing=0.1, check_finite=False),
-            Trainer(optimizer, None, torch.amp.GradScaler("cpu", enabled=False), mixup=mixup))
+    return StepContext(model, selector, StepSettings(torch.device("cpu"), label_smoothing=0.1, check_finite=False),
+                       Optimization(optimizer, None, torch.amp.GradScaler("cpu", enabled=False), mixup=mixup))
 
 
 def test_kept_fraction_per_class_counts_the_kept_rows_of_each_class():
@@ -43,7 +43,7 @@ def test_kept_fraction_per_class_counts_the_kept_rows_of_each_class():
     model = split_model(timm.create_model("resnet18", num_classes=5), stage=1)
     labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 1])  # rows 0-5 kept: classes 0,1 keep 2 of 3, 2,3 keep 1 of 2
     batches = [(torch.randn(10, 3, 32, 32), labels, torch.arange(10) + 10 * i) for i in range(2)]
-    stats = train_one_epoch(model, KeepFirstRows(6), BatchList(batches), *_context(model), 0, EpochTally("cpu", 5))
+    stats = train_one_epoch(_context(model, KeepFirstRows(6)), BatchList(batches), 0, EpochTally("cpu", 5))
     assert stats["class_kept_fraction"] == [0.6667, 0.6667, 0.5, 0.5, None]  # class 4: no rows
     assert "selection_signal" not in stats  # the method has no density to compare with
 
@@ -56,8 +56,7 @@ def test_mixed_rows_count_for_their_dominant_label():
         return x, soft
 
     batch = (torch.randn(4, 3, 32, 32), torch.tensor([0, 0, 0, 1]), torch.arange(4))
-    stats = train_one_epoch(model, KeepFirstRows(2), BatchList([batch]), *_context(model, mixup=mix), 0,
-                            EpochTally("cpu", 3))
+    stats = train_one_epoch(_context(model, KeepFirstRows(2), mixup=mix), BatchList([batch]), 0, EpochTally("cpu", 3))
     assert stats["class_kept_fraction"] == [None, 0.0, round(2 / 3, 4)]  # dominant labels: 2, 2, 2, 1
 
 
@@ -76,16 +75,16 @@ def test_train_loss_is_unweighted_when_the_method_weights_rows():
     before = copy.deepcopy(model)
     with torch.no_grad():
         expected = F.cross_entropy(before(x).logits, y, label_smoothing=0.1).item()
-    stats = train_one_epoch(model, selector, BatchList([(x, y, idx)]), *_context(model), 1, EpochTally("cpu", 4))
+    stats = train_one_epoch(_context(model, selector), BatchList([(x, y, idx)]), 1, EpochTally("cpu", 4))
     assert stats["train_loss"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_eval_reports_top1_per_class():
     torch.manual_seed(0)
     model = split_model(timm.create_model("resnet18", num_classes=3), stage=1)
-    ctx = _context(model)
+    settings = _context(model, selector=None).settings
     x, y = torch.randn(12, 3, 32, 32), torch.tensor([0] * 6 + [1] * 4 + [2] * 2)
-    result = evaluate(model, BatchList([(x[:7], y[:7], None), (x[7:], y[7:], None)]), ctx[0])
+    result = evaluate(model, BatchList([(x[:7], y[:7], None), (x[7:], y[7:], None)]), settings)
     model.eval()
     with torch.no_grad():
         hits = model(x).logits.argmax(1).eq(y).float()

@@ -53,23 +53,25 @@ def test_pfb_step_never_synchronises_the_gpu(mode, score):
     """CUDA's own detector: any host wait inside the step (item, nonzero, copies to the host) raises."""
     import timm
 
-    from pfb_train.engine import StepSettings, Trainer, train_step
+    from pfb_train.engine import Batch, Optimization, StepContext, StepSettings, train_step
     from pfb_train.models import split_model
 
     model = split_model(timm.create_model("resnet18", num_classes=4), stage=1, mode=mode).cuda()
     model = model.to(memory_format=torch.channels_last)
     selector = build_selector("pfb", ratio=0.4, centres=8, feature_dim=16, **score)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    ctx = (StepSettings(torch.device("cuda"), torch.bfloat16, channels_last=True, clip_grad=1.0, check_finite=False),
-           Trainer(optimizer, None, torch.amp.GradScaler("cuda", enabled=False)))
+    ctx = StepContext(model, selector,
+                      StepSettings(torch.device("cuda"), torch.bfloat16, channels_last=True, clip_grad=1.0,
+                                   check_finite=False),
+                      Optimization(optimizer, None, torch.amp.GradScaler("cuda", enabled=False)))
     x = torch.randn(20, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
-    y, idx = torch.arange(20, device="cuda") % 4, torch.arange(20, device="cuda")
-    train_step(model, selector, x, y, idx, *ctx, schedule_at=1)  # first step: lazy initialisation may sync
+    batch = Batch(x, torch.arange(20, device="cuda") % 4, torch.arange(20, device="cuda"))
+    train_step(batch, ctx, schedule_at=1)  # first step: lazy initialisation may sync
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step in range(3):
-            kept = train_step(model, selector, x, y, idx, *ctx, schedule_at=step + 2).kept
+            kept = train_step(batch, ctx, schedule_at=step + 2).kept
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert kept == 12
@@ -164,7 +166,7 @@ def test_inductor_compiled_step_matches_eager_and_auto_mode_times_the_parts(tmp_
 
     import timm
 
-    from pfb_train.engine import StepSettings, Trainer, train_step
+    from pfb_train.engine import Batch, Optimization, StepContext, StepSettings, train_step
     from pfb_train.models import split_model
 
     torch.manual_seed(0)
@@ -177,9 +179,10 @@ def test_inductor_compiled_step_matches_eager_and_auto_mode_times_the_parts(tmp_
         if compiled:
             blocked.compile_parts()
         selector = build_selector("pfb", ratio=0.4, centres=16, score_scale=0.5, score_norm="running")
-        trainer = Trainer(torch.optim.SGD(blocked.parameters(), lr=0.01), None, torch.amp.GradScaler("cuda", enabled=False))
-        steps = [train_step(blocked, selector, x, y, idx, StepSettings(torch.device("cuda")), trainer, 1.0)
-                 for _ in range(3)]
+        optimization = Optimization(torch.optim.SGD(blocked.parameters(), lr=0.01), None,
+                                    torch.amp.GradScaler("cuda", enabled=False))
+        context = StepContext(blocked, selector, StepSettings(torch.device("cuda")), optimization)
+        steps = [train_step(Batch(x, y, idx), context, 1.0) for _ in range(3)]
         outcome.append(steps)
     for eager, comp in zip(*outcome):
         assert torch.equal(eager.keep, comp.keep)

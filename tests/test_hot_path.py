@@ -13,7 +13,7 @@ import timm
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pfb_train.engine import EpochTally, StepSettings, Trainer, train_one_epoch, train_step
+from pfb_train.engine import Batch, EpochTally, Optimization, StepContext, StepSettings, train_one_epoch, train_step
 from pfb_train.models import AUTO_SCORE, split_model
 from pfb_train.selection import build_selector
 from conftest import BatchList
@@ -76,10 +76,10 @@ def test_detector_sees_the_reads_it_must():
     assert len(reads.ops) <= 6
 
 
-def _context(model, check_finite: bool, clip_grad=None) -> tuple[StepSettings, Trainer]:
+def _context(model, selector, check_finite: bool, clip_grad=None) -> StepContext:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    return (StepSettings(torch.device("cpu"), label_smoothing=0.1, clip_grad=clip_grad, check_finite=check_finite),
-            Trainer(optimizer, None, torch.amp.GradScaler("cpu", enabled=False)))
+    settings = StepSettings(torch.device("cpu"), label_smoothing=0.1, clip_grad=clip_grad, check_finite=check_finite)
+    return StepContext(model, selector, settings, Optimization(optimizer, None, torch.amp.GradScaler("cpu", enabled=False)))
 
 
 SELECTORS = {
@@ -97,11 +97,11 @@ def test_training_step_reads_nothing_back(method, mode):
     torch.manual_seed(0)
     model = split_model(timm.create_model("resnet18", num_classes=4), stage=1, mode=mode)
     selector = SELECTORS[method]()
-    ctx = _context(model, check_finite=False, clip_grad=1.0)
-    x, y, idx = torch.randn(10, 3, 32, 32), torch.arange(10) % 4, torch.arange(10)
+    ctx = _context(model, selector, check_finite=False, clip_grad=1.0)
+    batch = Batch(torch.randn(10, 3, 32, 32), torch.arange(10) % 4, torch.arange(10))
     with HostReads() as reads:
         for step in range(3):  # the first step also initialises the pfb centres
-            kept = train_step(model, selector, x, y, idx, *ctx, schedule_at=step + 1).kept
+            kept = train_step(batch, ctx, schedule_at=step + 1).kept
     assert reads.ops == []
     assert kept == (10 if method == "none" else 6)
 
@@ -111,21 +111,21 @@ def test_infobatch_step_reads_nothing_back():
     selector = build_selector("infobatch", prune_ratio=0.5, epochs=4)
     selector.set_epoch(0)
     selector.epoch_indices(10)  # per epoch, off the hot path
-    ctx = _context(model, check_finite=False)
-    x, y, idx = torch.randn(10, 3, 32, 32), torch.arange(10) % 4, torch.arange(10)
+    ctx = _context(model, selector, check_finite=False)
+    batch = Batch(torch.randn(10, 3, 32, 32), torch.arange(10) % 4, torch.arange(10))
     with HostReads() as reads:
-        train_step(model, selector, x, y, idx, *ctx, schedule_at=1)
+        train_step(batch, ctx, schedule_at=1)
     assert reads.ops == []
 
 
 def test_finite_guard_is_the_one_read_per_step():
     model = split_model(timm.create_model("resnet18", num_classes=4), stage=1)
-    ctx = _context(model, check_finite=True)
     selector = build_selector("pfb", ratio=0.4, centres=8, feature_dim=16)
-    x, y, idx = torch.randn(10, 3, 32, 32), torch.arange(10) % 4, torch.arange(10)
+    ctx = _context(model, selector, check_finite=True)
+    batch = Batch(torch.randn(10, 3, 32, 32), torch.arange(10) % 4, torch.arange(10))
     with HostReads() as reads:
         for step in range(3):
-            train_step(model, selector, x, y, idx, *ctx, schedule_at=step + 1)
+            train_step(batch, ctx, schedule_at=step + 1)
     assert len(reads.ops) == 3
 
 
@@ -133,10 +133,10 @@ def test_epoch_reads_back_only_at_its_end():
     torch.manual_seed(0)
     model = split_model(timm.create_model("resnet18", num_classes=4), stage=1)
     selector = build_selector("pfb", ratio=0.4, centres=8, feature_dim=16)
-    ctx = _context(model, check_finite=False)
+    ctx = _context(model, selector, check_finite=False)
     batches = [(torch.randn(10, 3, 32, 32), torch.arange(10) % 4, torch.arange(10) + 10 * i) for i in range(6)]
     with HostReads() as reads:
-        stats = train_one_epoch(model, selector, BatchList(batches), *ctx, epoch=0, tally=EpochTally("cpu", 4))
+        stats = train_one_epoch(ctx, BatchList(batches), epoch=0, tally=EpochTally("cpu", 4))
     assert stats["samples_kept"] == 36
     assert len(reads.ops) <= 2  # the loss total and the counts, once
 
@@ -151,13 +151,13 @@ def test_epochs_without_blocking_run_the_shallow_part_once():
     calls = []
     net.layer1.register_forward_hook(lambda *_: calls.append(1))
     selector = build_selector("pfb", ratio=0.4, start_epoch=1, end_epoch=2, centres=8, feature_dim=16)
-    ctx = _context(model, check_finite=False)
-    x, y, idx = torch.randn(10, 3, 32, 32), torch.arange(10) % 4, torch.arange(10)
+    ctx = _context(model, selector, check_finite=False)
+    batch = Batch(torch.randn(10, 3, 32, 32), torch.arange(10) % 4, torch.arange(10))
     kept_per_epoch = []
     for epoch in range(3):
         selector.set_epoch(epoch)
         calls.clear()
-        kept = train_step(model, selector, x, y, idx, *ctx, schedule_at=epoch + 1).kept
+        kept = train_step(batch, ctx, schedule_at=epoch + 1).kept
         kept_per_epoch.append((kept, len(calls)))
         if epoch == 0:
             assert selector.centres is not None and selector.counts.sum() == 10

@@ -17,7 +17,7 @@ def test_info_reports_split_share_and_predictions(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["stage_name"] == "layer1" and info["num_stages"] == 4
     assert info["shallow_share"] == pytest.approx(0.192, abs=0.001)
-    assert info["blocked_per_batch"] == 4
+    assert info["blocked_rows"] == 4
     # the default ranking pass of a ResNet: half size, (s q^2 + 3 (1 - p)) / 3 with q = 0.5
     assert (info["score_scale"], info["score_norm"]) == (0.5, "running")
     assert info["predicted_ratio"]["recompute"] == pytest.approx((0.192 * 0.25 + 3 * 0.6) / 3, abs=0.001)

@@ -19,7 +19,7 @@ import torch
 
 from pfb_train.config import load_config
 from pfb_train.distributed import DistInfo
-from pfb_train.engine import StepSettings, Trainer, train_step
+from pfb_train.engine import Batch, Optimization, StepContext, StepSettings, train_step
 from pfb_train.errors import UserError
 from pfb_train.metrics import read_metrics
 from pfb_train.models import split_model
@@ -118,7 +118,7 @@ def test_realised_blocked_fraction_is_reported(method, uninterrupted):
     else:
         assert summary["blocked_fraction"] == 0
     if spec.level == "batch":  # a fixed count per step while active: ranks never disagree on shapes
-        per_step = round(spec.blocked_per_batch(state.cfg.blocking.chosen()) * BATCH)
+        per_step = round(spec.blocked_fraction_per_batch(state.cfg.blocking.chosen()) * BATCH)
         assert all(r["samples_blocked"] in (0, per_step * SAMPLES // BATCH) for r in records)
 
 
@@ -164,11 +164,13 @@ def test_training_steps_never_read_device_values_back(method):
     selector.set_epoch(1)
     selector.epoch_indices(SAMPLES)  # once per epoch, off the hot path
     settings = StepSettings(torch.device("cpu"), check_finite=False, clip_grad=1.0)
-    trainer = Trainer(torch.optim.SGD(model.parameters(), lr=0.01), None, torch.amp.GradScaler("cpu", enabled=False))
-    x, y, idx = torch.randn(BATCH, 3, 32, 32), torch.arange(BATCH) % 4, torch.arange(BATCH)
+    optimization = Optimization(torch.optim.SGD(model.parameters(), lr=0.01), None,
+                                torch.amp.GradScaler("cpu", enabled=False))
+    context = StepContext(model, selector, settings, optimization)
+    batch = Batch(torch.randn(BATCH, 3, 32, 32), torch.arange(BATCH) % 4, torch.arange(BATCH))
     with HostReads() as reads:
         for step in range(3):  # the first step also initialises state (pfb's centres)
-            train_step(model, selector, x, y, idx, settings, trainer, schedule_at=step + 1)
+            train_step(batch, context, schedule_at=step + 1)
     assert reads.ops == []
 
 

@@ -42,7 +42,7 @@ def test_example_under_two_ddp_processes():
 
 def test_the_api_equals_the_harness_step():
     """`Blocking.forward/loss/observe` is what `engine.train_step` runs: same model, same result."""
-    from pfb_train.engine import StepSettings, Trainer, train_step
+    from pfb_train.engine import Batch, Optimization, StepContext, StepSettings, train_step
 
     torch.manual_seed(0)
     base = timm.create_model("resnet18", num_classes=4)
@@ -55,8 +55,10 @@ def test_the_api_equals_the_harness_step():
         optimizer = torch.optim.SGD(blocking.model.parameters(), lr=0.1)
         for step in range(3):
             if use_engine:
-                train_step(blocking.model, blocking.selector, x, y, idx, StepSettings(torch.device("cpu"), check_finite=False),
-                           Trainer(optimizer, None, torch.amp.GradScaler("cpu", enabled=False)), schedule_at=step + 1)
+                context = StepContext(blocking.model, blocking.selector,
+                                      StepSettings(torch.device("cpu"), check_finite=False),
+                                      Optimization(optimizer, None, torch.amp.GradScaler("cpu", enabled=False)))
+                train_step(Batch(x, y, idx), context, schedule_at=step + 1)
             else:
                 batch = blocking.forward(blocking.model, x, y, idx)
                 losses = F.cross_entropy(batch.logits.float(), batch.targets, reduction="none")

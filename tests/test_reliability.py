@@ -130,7 +130,8 @@ def test_sigkill_while_writing_leaves_previous_checkpoint_loadable(tmp_path):
 
 def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
     args = [sys.executable, "-m", "pfb_train", "--config", "demo", "--set", f"runtime.output={tmp_path}",
-            "--set", "schedule.epochs=30", "--set", "runtime.progress=false", "--resume", "auto"]
+            "--set", "schedule.epochs=30", "--set", "runtime.progress=false", "--set", "model.name=test_resnet",
+            "--resume", "auto"]  # test_resnet: the demo's data and recipe at a fraction of resnet18's time
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:
@@ -229,7 +230,7 @@ def test_without_the_per_step_check_a_nonfinite_epoch_stops_the_run(tmp_path):
     """runtime.check_finite: false (the CUDA default) has no per-step sync; the epoch's loss sum catches it."""
     state = setup(load_config(None, [*TINY, f"runtime.output={tmp_path}", "runtime.check_finite=false",
                                      "data.mixup=0.0"]), DistInfo())
-    assert state.settings.step.check_finite is False
+    assert state.settings.step_settings.check_finite is False
     poison(state, [0])
     with pytest.raises(RuntimeError, match="training loss of epoch 0 is not finite"):
         fit(state)
@@ -238,4 +239,4 @@ def test_without_the_per_step_check_a_nonfinite_epoch_stops_the_run(tmp_path):
 
 def test_check_finite_default_is_on_for_the_cpu(tmp_path):
     state = setup(load_config(None, [*TINY, f"runtime.output={tmp_path}"]), DistInfo())
-    assert state.cfg.runtime.check_finite is None and state.settings.step.check_finite is True
+    assert state.cfg.runtime.check_finite is None and state.settings.step_settings.check_finite is True

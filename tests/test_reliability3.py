@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pfb_train.data.loaders import ShardedTrainSampler, ShardOrderSampler
+from pfb_train.data.loaders import ShardStreamSampler, TrainSampler
 from pfb_train.data.wds import shard_stream
 
 
@@ -16,8 +16,8 @@ def order(sampler, epoch):
     return [index for index, _ in sampler]
 
 
-@pytest.mark.parametrize("make", [lambda seed: ShardedTrainSampler(64, seed=seed),
-                                  lambda seed: ShardOrderSampler([8] * 8, batch_size=4, window=4, seed=seed)])
+@pytest.mark.parametrize("make", [lambda seed: TrainSampler(64, seed=seed),
+                                  lambda seed: ShardStreamSampler([8] * 8, batch_size=4, window=4, seed=seed)])
 def test_seeds_give_unrelated_orders_not_shifted_epochs(make):
     """seed + epoch made seed 1's epoch 0 seed 0's epoch 1: a 3-seed study replayed one order sequence."""
     orders = {(seed, epoch): order(make(seed), epoch) for seed in range(3) for epoch in range(3)}
@@ -70,15 +70,15 @@ def test_a_global_skip_continues_the_epochs_order_under_another_world_size():
     """Two ranks took two steps of 4 (16 samples); one process then takes the rest, each sample once."""
     done = []
     for rank in range(2):
-        sampler = ShardedTrainSampler(64, rank=rank, world_size=2, seed=3)
+        sampler = TrainSampler(64, rank=rank, world_size=2, seed=3)
         sampler.set_epoch(5)
         done += [index for index, _ in sampler][:8]
-    rest = ShardedTrainSampler(64, seed=3)
+    rest = TrainSampler(64, seed=3)
     rest.set_epoch(5, skip=16)
     later = [index for index, _ in rest]
     assert len(later) == len(rest) == 48
     assert sorted(done + later) == list(range(64))
-    whole = ShardedTrainSampler(64, seed=3)
+    whole = TrainSampler(64, seed=3)
     whole.set_epoch(5)
     assert later == [index for index, _ in whole][16:]  # the same order, from where it stopped
 
@@ -86,7 +86,7 @@ def test_a_global_skip_continues_the_epochs_order_under_another_world_size():
 def test_another_world_size_takes_every_saved_ranks_tally_once():
     """The epoch's totals are sums over ranks: resumed on another world size, rank 0 holds them all."""
     from pfb_train.engine import EpochTally
-    from pfb_train.train import rank_tally
+    from pfb_train.resume import rank_tally
 
     saved = []
     for rank in range(2):

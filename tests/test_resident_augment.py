@@ -11,9 +11,9 @@ from torchvision.transforms.v2 import functional as TF
 from pfb_train.config import DataConfig, load_config
 from pfb_train.data import build_datasets, build_loaders, set_loader_epoch
 from pfb_train.data.augment import ImageRecipe, pad_crop_draws, pad_crop_flip
-from pfb_train.data.datasets import DataSplits, TensorImages
-from pfb_train.data.loaders import ShardedTrainSampler
+from pfb_train.data.loaders import TrainSampler
 from pfb_train.data.resident import ResidentLoader, fits_on_device
+from pfb_train.data.splits import DataSplits, TensorImages
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 
@@ -148,7 +148,7 @@ def test_a_samples_pixels_depend_on_seed_epoch_and_index_only():
 
 
 def test_sample_seeds_give_the_keys_seeds():
-    sampler = ShardedTrainSampler(30, seed=9)
+    sampler = TrainSampler(30, seed=9)
     sampler.set_epoch(2)
     keys = list(sampler)
     assert torch.equal(sampler.sample_seeds(torch.tensor([k[0] for k in keys])), torch.tensor([k[1] for k in keys]))

@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 from pfb_train.config import load_config
 from pfb_train.costs import (PartTimes, cheaper_mode, predicted_cost_ratio, predicted_time_ratio, step_flops,
                              timed_cheaper_mode)
-from pfb_train.engine import StepSettings, Trainer, train_step
+from pfb_train.engine import Batch, Optimization, StepContext, StepSettings, train_step
 from pfb_train.errors import UserError
 from pfb_train.models import AUTO_SCORE, BlockedModel, ScorePass, check_score_pass, split_model, tracking_norms
 from pfb_train.selection import build_selector
@@ -173,10 +173,10 @@ def _steps_with_graph_counts(monkeypatch, cfg):
     seen = []
 
     @functools.wraps(train_step)
-    def counted(model, selector, *args, **kwargs):
+    def counted(batch, context, *args, **kwargs):
         before = counters["stats"]["unique_graphs"]
-        result = train_step(model, selector, *args, **kwargs)
-        seen.append((selector.epoch, before, counters["stats"]["unique_graphs"]))
+        result = train_step(batch, context, *args, **kwargs)
+        seen.append((context.selector.epoch, before, counters["stats"]["unique_graphs"]))
         return result
 
     monkeypatch.setattr(engine, "train_step", counted)
@@ -223,9 +223,10 @@ def test_compiled_step_matches_the_eager_step():
         if compiled:
             blocked.compile_parts(backend="aot_eager")
         selector = build_selector("pfb", ratio=0.4, centres=8, score_scale=0.5)
-        trainer = Trainer(torch.optim.SGD(blocked.parameters(), lr=0.1), None, torch.amp.GradScaler("cpu", enabled=False))
-        steps = [train_step(blocked, selector, x, y, idx, StepSettings(torch.device("cpu")), trainer, 1.0)
-                 for _ in range(2)]
+        optimization = Optimization(torch.optim.SGD(blocked.parameters(), lr=0.1), None,
+                                    torch.amp.GradScaler("cpu", enabled=False))
+        context = StepContext(blocked, selector, StepSettings(torch.device("cpu")), optimization)
+        steps = [train_step(Batch(x, y, idx), context, 1.0) for _ in range(2)]
         outcome.append((steps, [p.detach().clone() for p in blocked.parameters()], _stats(blocked)))
     (eager, w_eager, s_eager), (comp, w_comp, s_comp) = outcome
     for a, b in zip(eager, comp):

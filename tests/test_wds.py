@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import write_smooth_folder
 from pfb_train.cli import main
 from pfb_train.config import load_config
-from pfb_train.data.loaders import ShardOrderSampler
+from pfb_train.data.loaders import ShardStreamSampler
 from pfb_train.data.wds import local_shuffle, shard_stream
 from pfb_train.distributed import DistInfo
 from pfb_train.metrics import read_metrics
@@ -159,7 +159,7 @@ def test_every_rank_gets_an_equal_piece_and_the_rest_ends_the_stream(world_size,
     subset = torch.tensor([i for i in range(26) if i % 4]) if pruned else None  # 19 kept
     pieces = []
     for rank in range(world_size):
-        sampler = ShardOrderSampler(LENGTHS, batch_size=3, window=4, rank=rank, world_size=world_size, seed=7)
+        sampler = ShardStreamSampler(LENGTHS, batch_size=3, window=4, rank=rank, world_size=world_size, seed=7)
         sampler.set_epoch(2, subset)
         pieces.append([index for index, _ in sampler])
         assert len(pieces[-1]) == len(sampler)
@@ -177,7 +177,7 @@ def test_every_rank_gets_an_equal_piece_and_the_rest_ends_the_stream(world_size,
 
 def test_the_plan_depends_on_seed_and_epoch_and_skips_what_was_done():
     def keys(epoch, skip=0, seed=0):
-        sampler = ShardOrderSampler(LENGTHS, batch_size=2, window=3, seed=seed)
+        sampler = ShardStreamSampler(LENGTHS, batch_size=2, window=3, seed=seed)
         sampler.set_epoch(epoch, None, skip)
         return list(sampler)
 
@@ -244,7 +244,8 @@ def test_shards_from_a_hugging_face_dataset_keep_its_bytes(tmp_path, capsys):
 def test_shards_from_pixels_are_lossless_png(dataset, tmp_path):
     from test_data import write_cifar, write_fashion_mnist
 
-    from pfb_train.data.datasets import CIFAR, idx_file, read_cifar_batches, read_idx
+    from pfb_train.data.cifar import cifar_arrays
+    from pfb_train.data.fashion import idx_file, read_idx
     from pfb_train.data.wds import ShardSplit, ShardedTars, read_info
 
     if dataset == "fashion_mnist":
@@ -252,15 +253,14 @@ def test_shards_from_pixels_are_lossless_png(dataset, tmp_path):
         images = read_idx(idx_file(root, "t10k-images-idx3-ubyte")).unsqueeze(1)
         labels = read_idx(idx_file(root, "t10k-labels-idx1-ubyte"))
     elif dataset == "digits":
-        from pfb_train.data.datasets import load_digits
+        from pfb_train.data.generated import load_digits
 
         root, (images, labels, _, val) = None, load_digits()
         images, labels = (images[val] * 255).round().to(torch.uint8), labels[val]
     else:
         root = tmp_path / "cifar"
         write_cifar(root)
-        spec = CIFAR["cifar10"]
-        images, labels = read_cifar_batches(root / spec["folder"], spec["test"], spec["label_key"])
+        images, labels = cifar_arrays("cifar10", str(root))["val"]
     assert main(["shards", "--config", "demo", "--set", f"data.dataset={dataset}", "--set", "runtime.progress=false",
                  *(["--set", f"data.root={root}"] if root else []), "--out", str(tmp_path / "shards")]) == 0
     entry = read_info(tmp_path / "shards")["splits"]["validation"]

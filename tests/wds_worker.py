@@ -26,7 +26,7 @@ def main(shards, out, dist, extra):
         for images, _, indices in state.train_loader:
             epochs[-1].append(indices.tolist())
             pixel_sums.update({(epoch, i): s for i, s in zip(indices.tolist(), images.double().sum((1, 2, 3)).tolist())})
-    result = evaluate(state.train_module, state.val_loader, state.settings.step)
+    result = evaluate(state.train_module, state.val_loader, state.settings.step_settings)
     torch.save({"epochs": epochs, "pixel_sums": pixel_sums, "val_samples": result["val_samples"]}, f"{out}/rank{dist.rank}.pt")
 
 

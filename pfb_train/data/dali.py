@@ -54,7 +54,7 @@ INSTALL = "pip install nvidia-dali-cuda130 (or: pip install 'pfb-train[dali]')"
 def import_dali():
     """DALI's modules (fn, types, pipeline_def, feed_ndarray); a one-line UserError naming the install without it."""
     try:
-        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali import fn, pipeline_def, types  # optional (the `dali` extra): only data.decode dali
         from nvidia.dali.plugin.pytorch import feed_ndarray
     except ImportError:
         raise UserError(f"data.decode 'dali' needs NVIDIA DALI: {INSTALL}") from None

@@ -9,7 +9,7 @@ one by one by torchvision.io (16-bit PNG: its top 8 bits) and moved; formats tor
 not read (BMP, TIFF, PPM, ...) by PIL, decode.py's rule, as the `cpu` path does. The workers read
 each image's header first (decode.py's `check_size`): an image of more than decode.MAX_PIXELS
 pixels is never decoded. An unreadable file is replaced by a readable image of its batch with index
-MISSING (see loaders.fill_unreadable: batches keep their size) or, with `data.bad_images: fail`,
+MISSING (see missing.fill_unreadable: batches keep their size) or, with `data.bad_images: fail`,
 stops the run.
 
 Train: RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) + horizontal flip; eval: resize the
@@ -86,7 +86,7 @@ class DeviceDecodeLoader(WrappedLoader):
         self.crop_pct, self.fail_on_bad, self.paths = crop_pct, fail_on_bad, paths
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
-        # The loader's generator (re-seeded per epoch by data.start_epoch) also draws the crops.
+        # The loader's generator (re-seeded per epoch by set_loader_epoch) also draws the crops.
         self.crop_generator = self.generator or torch.Generator()
 
     def __iter__(self):

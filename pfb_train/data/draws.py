@@ -1,7 +1,7 @@
 """Random draws of one sample's augmentation, from its key alone.
 
 The train sampler gives every sample of an epoch a seed that depends on (run seed, epoch,
-dataset index) only (`ShardedTrainSampler.sample_seeds`). Batched augmentation (DALI crop
+dataset index) only (`TrainSampler.sample_seeds`). Batched augmentation (DALI crop
 boxes and flips, in-memory sets augmented on the device) turns those seeds into uniform
 numbers with a counter-based hash, SplitMix64 (Steele, Lea & Flood, "Fast splittable
 pseudorandom number generators", OOPSLA 2014): draw j of a sample is mix(seed + (j + 1) * γ).

@@ -26,13 +26,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from pfb_train.data.datasets import DataSplits, decode_stored, imagenet_stats, worker_transforms
+from pfb_train.data.encoded import EncodedSplit, stored
+from pfb_train.data.registry import DataSource, register
+from pfb_train.data.splits import DataSplits, decode_stored, imagenet_stats, worker_transforms
 from pfb_train.errors import UserError
 
 
 def _datasets():
     try:
-        import datasets
+        import datasets  # optional (the `data` extra): imported only when this source is used
     except ImportError:
         raise UserError("data.dataset 'hf' needs the datasets package: pip install 'pfb-train[data]'") from None
     return datasets
@@ -55,7 +57,7 @@ def load_splits(root: str, splits: tuple[str, str]):
     else:
         # Never the network at train time. The flags are read at import, so the loaded modules are set too.
         os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
-        import huggingface_hub.constants
+        import huggingface_hub.constants  # comes with `datasets`, optional like it
 
         datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
         try:
@@ -129,7 +131,7 @@ def class_count(splits: dict, label_key: str, num_classes=None) -> int:
     """The number of classes of `splits` ({name: datasets.Dataset}). A ClassLabel says it; for integer
     labels it is `num_classes` (model.num_classes) when set, else the largest label + 1. Raises a
     one-line UserError for a null or negative label, or one >= num_classes."""
-    import pyarrow.compute as pc
+    import pyarrow.compute as pc  # comes with `datasets`, optional like it
 
     feature = next(iter(splits.values())).features[label_key]
     if isinstance(feature, _datasets().ClassLabel):
@@ -212,3 +214,31 @@ def hf(root: str, train_split: str, val_split: str, image_key, label_key, img_si
     train = HFImages(loaded[train_split], image_key, label_key, f"{root}:{train_split}", train_tf, fail_on_bad)
     val = HFImages(loaded[val_split], image_key, label_key, f"{root}:{val_split}", val_tf, fail_on_bad)
     return DataSplits(train, val, num_classes, decode_on_device=on_device, **({} if on_device else imagenet_stats()))
+
+
+def encode_hf(d) -> tuple[list, int]:
+    """The train and validation splits as stored images: each cell's bytes as they are (or PNG, see
+    encoded.stored), in the source's order."""
+    names = (d.train_split, d.val_split)
+    loaded = load_splits(d.root, names)
+    image_key, label_key = find_columns(loaded[names[0]].features, d.image_key, d.label_key)
+    splits = []
+    for name in names:
+        table = HFImages(loaded[name], image_key, label_key, f"{d.root}:{name}")
+
+        def read(i, table=table):
+            data, label = table.encoded(i)
+            return (*stored(data, "bin"), label)
+
+        splits.append(EncodedSplit(name, len(table), read))
+    return splits, class_count({f"{d.root}:{n}": loaded[n] for n in names}, label_key)
+
+
+register(DataSource(
+    "hf",
+    build=lambda d, num_classes, seed: hf(d.root, d.train_split, d.val_split, d.image_key, d.label_key, d.img_size,
+                                          d.auto_augment, d.bad_images == "fail", d.decode, num_classes),
+    summary="a Hugging Face dataset in data.root: a save_to_disk folder, Parquet files <split>-*.parquet, or a "
+            "Hub name in the local cache (needs the `datasets` package)",
+    samples="stored", imbalance=False, decodes=("cpu", "device", "dali"), needs_root=True,
+    options=("root", "train_split", "val_split", "image_key", "label_key", "bad_images"), encode=encode_hf))

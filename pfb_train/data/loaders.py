@@ -1,5 +1,5 @@
 """Loaders: every batch is (images, labels, dataset indices of its samples), the same on every run
-of a seed. Train order is shuffled per epoch and split over ranks (ShardedTrainSampler). In-memory
+of a seed. Train order is shuffled per epoch and split over ranks (TrainSampler). In-memory
 datasets are made into batches on the training device (resident.py); on CUDA the other loaders'
 batches arrive there staged ahead (prefetch.py), uint8 ones normalised after the copy (normalize.py)."""
 
@@ -11,20 +11,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
-from pfb_train.data.datasets import DataSplits, imagenet_stats, sample_names
 from pfb_train.data.dali import DaliLoader, collate_sized_bytes
 from pfb_train.data.device_decode import DeviceDecodeLoader, collate_bytes
 from pfb_train.data.missing import MISSING, Unreadable, fill_unreadable
 from pfb_train.data.normalize import Normalize, NormalizingLoader
 from pfb_train.data.prefetch import DevicePrefetcher
 from pfb_train.data.resident import ResidentLoader, fits_on_device
+from pfb_train.data.splits import DataSplits, imagenet_stats, sample_names
 from pfb_train.data.wds import ShardedTars, local_shuffle, shard_stream
 from pfb_train.errors import UserError
 from pfb_train.seeding import derive_seed
 
 
 def collate_readable(items):
-    """Default collation, unreadable items replaced by stand-ins (fill_unreadable)."""
+    """Default collation, unreadable items replaced by stand-ins (missing.fill_unreadable)."""
     return default_collate(fill_unreadable(items, lambda item: (*item[:-1], MISSING)))
 
 
@@ -55,7 +55,7 @@ class IndexedDataset(Dataset):
 
 
 
-class ShardedTrainSampler(Sampler):
+class TrainSampler(Sampler):
     """Shuffled each epoch and split over ranks, like DistributedSampler(drop_last=True), but able to
     visit a subset (sampler-level selection). The subset and the shuffle are the same on every rank."""
 
@@ -100,8 +100,8 @@ class ShardedTrainSampler(Sampler):
         return self._share()
 
 
-class ShardOrderSampler(ShardedTrainSampler):
-    """ShardedTrainSampler's contract for tar shards (data/wds.py): the epoch's shards laid end to end
+class ShardStreamSampler(TrainSampler):
+    """TrainSampler's contract for tar shards (data/wds.py): the epoch's shards laid end to end
     in a seeded order, pruned samples taken out, an equal contiguous piece per rank (whole batches:
     every rank takes as many steps; the rest waits at the end of the stream), shuffled within
     `window` places so that reads stay within a few neighbouring shards."""
@@ -131,7 +131,7 @@ class ShardOrderSampler(ShardedTrainSampler):
         return self._whole_share() - self.skip // self.world_size
 
 
-class ShardedEvalSampler(Sampler):
+class EvalSampler(Sampler):
     """Rank r visits one contiguous block of indices, the blocks differing by at most one in size:
     every sample exactly once over all ranks (no padding), and reads of neighbouring samples."""
 
@@ -159,22 +159,22 @@ def build_loaders(splits: DataSplits, data_cfg, seed: int, rank: int = 0, world_
             f"(data.batch_size {d.batch_size} x {world_size} processes)"
         )
     if isinstance(splits.train, ShardedTars):
-        train_sampler = ShardOrderSampler(splits.train.shard_lengths, d.batch_size, d.shuffle_window, rank,
-                                          world_size, seed)
+        train_sampler = ShardStreamSampler(splits.train.shard_lengths, d.batch_size, d.shuffle_window, rank,
+                                           world_size, seed)
     else:
-        train_sampler = ShardedTrainSampler(len(splits.train), rank, world_size, seed)
+        train_sampler = TrainSampler(len(splits.train), rank, world_size, seed)
     collate = collate_readable
     if splits.decode_on_device:  # workers read bytes; DALI also needs each image's size, read from its header
         collate = collate_sized_bytes if d.decode == "dali" else collate_bytes
         pin_memory = pin_memory and d.decode != "dali"  # DALI reads host memory itself: pinning would only copy
     common = dict(num_workers=d.workers, pin_memory=pin_memory, persistent_workers=d.workers > 0, collate_fn=collate)
-    # Its own generator: worker seeds are drawn from it, not from the global RNG (see start_epoch).
+    # Its own generator: worker seeds are drawn from it, not from the global RNG (see set_loader_epoch).
     train = DataLoader(IndexedDataset(splits.train), batch_size=d.batch_size, sampler=train_sampler, drop_last=True,
                        generator=torch.Generator(), **common)
     val = DataLoader(
         IndexedDataset(splits.val),
         batch_size=d.eval_batch_size or d.batch_size,
-        sampler=ShardedEvalSampler(len(splits.val), rank, world_size),
+        sampler=EvalSampler(len(splits.val), rank, world_size),
         **common,
     )
     if splits.decode_on_device:

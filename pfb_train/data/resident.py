@@ -25,8 +25,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from pfb_train.data.augment import pad_crop_draws, pad_crop_flip, resize_images
-from pfb_train.data.datasets import TensorImages
 from pfb_train.data.normalize import Normalize
+from pfb_train.data.splits import TensorImages
 from pfb_train.data.wrapped import WrappedLoader
 
 MAX_FRACTION = 0.25  # of the device's memory: leave the rest to the model

@@ -8,7 +8,7 @@ Sample i of a split is position i - offset in its shard, where a shard's offset 
 lengths before it: a stable index, so InfoBatch's scores and static random blocking's draws are
 kept per sample as with every other dataset. A worker indexes a shard once (its 512-byte member
 headers, skipping the data) and then reads each sample's members with one `pread` each. So the
-order of a whole epoch can be planned in the training process (`ShardOrderSampler`, loaders.py):
+order of a whole epoch can be planned in the training process (`ShardStreamSampler`, loaders.py):
 
 - the shards are shuffled per epoch by the run seed and laid end to end; samples that a
   sampler-level method prunes are taken out of that stream, so they are never read or decoded;
@@ -43,8 +43,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pfb_train.data.datasets import DataSplits, decode_stored, imagenet_stats, worker_transforms
 from pfb_train.data.missing import Unreadable, skip_or_fail
+from pfb_train.data.registry import DataSource, register, ten_classes
+from pfb_train.data.splits import DataSplits, decode_stored, imagenet_stats, worker_transforms
 from pfb_train.errors import UserError
 from pfb_train.seeding import derive_seed
 
@@ -340,7 +341,10 @@ class _Names:
 
 
 def wds(root: Optional[str], train_split: str, val_split: str, num_classes: Optional[int], img_size: int,
-        auto_augment=None, fail_on_bad: bool = False, decode: str = "cpu"):
+        auto_augment=None, fail_on_bad: bool = False, decode: str = "cpu") -> DataSplits:
+    """The train and validation splits of the shards in `root` (see the module). `num_classes`
+    (model.num_classes) must be set when _info.json does not say, and agree with it when it does;
+    else a one-line UserError."""
     base = Path(root).expanduser()
     if not base.is_dir():
         raise UserError(f"data.root does not exist: {base} (data.dataset 'wds': a folder of .tar shards and {INFO_FILE})")
@@ -375,3 +379,23 @@ def local_shuffle(count: int, window: int, generator: torch.Generator) -> torch.
     positions jittered by up to `window`. Like a shuffle buffer of that size, with no state."""
     jitter = torch.rand(count, generator=generator, dtype=torch.float64) * window
     return torch.argsort(torch.arange(count, dtype=torch.float64) + jitter, stable=True)
+
+
+def stated_classes(d) -> int:
+    """The class count _info.json gives (what `pfb-train info` shows), else ten_classes's."""
+    try:
+        info = read_info(Path(d.root).expanduser()) if d.root else None
+    except UserError:  # a damaged _info.json is reported when the run reads it
+        info = None
+    stated = (info or {}).get("num_classes")
+    return stated if isinstance(stated, int) else ten_classes(d)
+
+
+register(DataSource(
+    "wds",
+    build=lambda d, num_classes, seed: wds(d.root, d.train_split, d.val_split, num_classes, d.img_size,
+                                           d.auto_augment, d.bad_images == "fail", d.decode),
+    summary="WebDataset .tar shards with timm's _info.json in data.root (`pfb-train shards` writes them), "
+            "for shared storage",
+    samples="stored", imbalance=False, decodes=("cpu", "device", "dali"), needs_root=True,
+    options=("root", "train_split", "val_split", "shuffle_window", "bad_images"), num_classes=stated_classes))

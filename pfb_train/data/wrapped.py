@@ -1,6 +1,6 @@
 """Base of the loaders that wrap a DataLoader (device decoding, prefetching).
 
-The engine and `data.start_epoch` use a loader's `sampler`, `generator`, `batch_size` and
+The engine and `set_loader_epoch` use a loader's `sampler`, `generator`, `batch_size` and
 length (resident.py also `drop_last`); a wrapper passes them through, so wrappers nest and the
 training loop never knows.
 """

@@ -105,7 +105,15 @@ class Selector:
         return False
 
     def select(self, feats: torch.Tensor) -> Optional[torch.Tensor]:
-        """Batch-level selection from (B, C) shallow features: kept row indices; None = all rows."""
+        """Batch-level selection: which rows of the batch go on through the deep part.
+
+        `feats`: (B, C) float32 pooled shallow features of every row (recompute mode: from its ranking
+        pass), on the training device. Returns the kept rows' positions in the batch: a (k,) int64 tensor
+        on that device, sorted ascending, without repeats, where k depends only on B and the epoch (the
+        same count on every rank and every step, so DDP's all-reduce and compiled shapes hold); None
+        keeps every row. Called only in epochs where `blocks_rows()` is true. The base keeps every row
+        and raises nothing; a method may raise ValueError on features it cannot rank (PFB: a first batch
+        with fewer rows than its centres)."""
         return None
 
     def score_pass(self) -> ScorePass:

@@ -31,6 +31,7 @@ from typing import Any, Callable, Literal, Optional
 
 from pfb_train.errors import UserError
 from pfb_train.models import ScorePass
+from pfb_train.typed import coerce_fields  # typed like every other config key
 
 LEVELS = ("none", "batch", "sampler")
 ENTRY_POINT_GROUP = "pfb_train.methods"
@@ -71,7 +72,7 @@ class Method:
         """How much the method drops, as its own option says (0 for full data)."""
         return float(getattr(options, self.ratio_option)) if self.ratio_option else 0.0
 
-    def blocked_per_batch(self, options) -> float:
+    def blocked_fraction_per_batch(self, options) -> float:
         """The fraction of each batch blocked while a batch-level method is active; 0 for the others."""
         return self.ratio(options) if self.level == "batch" else 0.0
 
@@ -131,8 +132,6 @@ def make_options(method: Method, values: dict, where: str):
             listed = ", ".join(valid) if valid else "none"
             raise UserError(f"config key '{where}.{key}' is not an option of method '{method.name}' "
                             f"({hint}its options: {listed})")
-    from pfb_train.config import coerce_fields  # typed like every other config key
-
     return method.options(**coerce_fields(method.options, values, where))
 
 

@@ -1,0 +1,91 @@
+"""What a run reports: the run line's descriptions, each epoch's record and line, the summary.
+
+train.py calls these; they compute nothing about training itself.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pfb_train.config import Config
+from pfb_train.models import BlockedModel
+from pfb_train.selection import get_method
+
+
+def describe_data(cfg: Config, train_samples: int) -> str:
+    """'synthetic (2048 training samples)', 'imagefolder /data/imagenet (1281167 training samples)'."""
+    where = f" {cfg.data.root}" if cfg.data.root else ""
+    return f"{cfg.data.dataset}{where} ({train_samples} training samples)"
+
+
+def ranking_pass(net: BlockedModel, score) -> str:
+    """'; ranking pass at 0.5x, running statistics' in recompute mode (nothing in reuse: it has none)."""
+    if net.mode != "recompute":
+        return ""
+    return f"; ranking pass at {score.scale}x, {score.norm} statistics"
+
+
+def describe_options(cfg: Config) -> str:
+    """The chosen method and its ratio option, e.g. 'pfb ratio 0.4', 'infobatch prune_ratio 0.5', 'none'."""
+    method = get_method(cfg.blocking.method)
+    if not method.ratio_option:
+        return method.name
+    return f"{method.name} {method.ratio_option} {method.ratio(cfg.blocking.chosen())}"
+
+
+def epoch_line(record: dict) -> str:
+    """The line printed after each epoch, e.g. 'epoch 3: loss 1.2345  top-1 61.20%  kept 0.600  12.3s  830 img/s'."""
+    top1 = f"top-1 {record['top1']:.2f}%" if "top1" in record else "top-1 -"
+    line = (f"epoch {record['epoch']}: loss {record['train_loss']:.4f}  {top1}  kept {record['kept_fraction']:.3f}  "
+            f"{record['epoch_seconds']:.1f}s  {record['images_per_second']:.0f} img/s")
+    if record.get("selection_signal") is not None:
+        line += f"  signal {record['selection_signal']:.2f}"
+    if "vs_baseline_top1" in record:
+        line += f"  | vs baseline: {record['vs_baseline_top1']:+.2f} pts"
+    if "vs_baseline_time_saved_pct" in record:
+        line += f", {record['vs_baseline_time_saved_pct']:.1f}% less time"
+    return line
+
+
+def sample_accounting(seen: int, kept: int, bad: int, nominal: int) -> dict:
+    """What happened to the sample slots of a full-data epoch: pruned by the sampler, blocked in the
+    batch, kept (full forward and backward), or unreadable (`bad_samples`, counted in the epoch
+    record). Methods are compared at equal blocked_fraction; unreadable files are neither."""
+    return {
+        "samples_seen": seen,  # loaded and run through the shallow part
+        "samples_pruned": nominal - seen - bad,  # never loaded this epoch (sampler-level selection)
+        "samples_blocked": seen - kept,  # loaded, stopped after the shallow part
+        "kept_fraction": kept / nominal,
+        "blocked_fraction": (nominal - kept - bad) / nominal,
+    }
+
+
+def summarize(cfg: Config, history: list[dict], wall_seconds: float, run_dir, world_size: int, device: str,
+              class_counts: Optional[list] = None) -> dict:
+    """summary.json: the run's totals over its epoch records (`history`), top-1 of the last evaluation."""
+    slots = sum(r["samples_seen"] + r["samples_pruned"] + r.get("bad_samples", 0) for r in history)
+    blocked = sum(r["samples_blocked"] + r["samples_pruned"] for r in history)
+    evaluated = [r for r in history if "top1" in r]
+    return {
+        "name": cfg.name,
+        "method": cfg.blocking.method,
+        "ratio": get_method(cfg.blocking.method).ratio(cfg.blocking.chosen()),  # as the method's own option says
+        "ratio_option": get_method(cfg.blocking.method).ratio_option,
+        "model": cfg.model.name,
+        "dataset": cfg.data.dataset,
+        "epochs": len(history),
+        "top1": evaluated[-1]["top1"],
+        "top5": evaluated[-1]["top5"],
+        "best_top1": max(r["top1"] for r in evaluated),
+        "blocked_fraction": blocked / max(slots, 1),  # of all sample-passes full data would make
+        "train_seconds": sum(r["epoch_seconds"] for r in history),
+        "selection_seconds": sum(r["selection_seconds"] for r in history),
+        "bad_samples": sum(r["bad_samples"] for r in history),
+        "nonfinite_steps": sum(r["nonfinite_steps"] for r in history),
+        "world_size": world_size,
+        "device": device,
+        "wall_seconds": wall_seconds,
+        "seconds_per_epoch": sum(r["epoch_seconds"] for r in history) / len(history),
+        "run_dir": run_dir,
+        "train_class_counts": list(class_counts) if class_counts is not None else None,  # training samples per class (long-tailed sets: head vs tail)
+    }

@@ -1,0 +1,212 @@
+"""What a checkpoint holds and the rules for going on from one (checkpoint.py does the atomic file I/O).
+
+`CHECKPOINT_PARTS` lists every entry; `save_checkpoints` writes them, `restore` reads them back.
+Before any work, `resume_point` finds the checkpoint and `check_resumable`, `refuse_finished` and
+`check_position` refuse what it cannot be continued under.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional
+
+from pfb_train.checkpoint import (all_rng_states, has_checkpoint_files, latest_checkpoint, load_checkpoint,
+                                  restore_rng, save_checkpoint)
+from pfb_train.config import Config, experiment_settings
+from pfb_train.data.loaders import ShardStreamSampler
+from pfb_train.distributed import DistInfo, all_gather_objects
+from pfb_train.engine import EpochTally
+from pfb_train.errors import RunFinished, UserError
+from pfb_train.run_state import RunState
+
+
+def resume_point(resume: Optional[str], output: str, name: str):
+    """(run directory, checkpoint) to continue from. `auto`: runs/<name>, fresh if it holds no checkpoint;
+    a run directory or checkpoint file: must hold a readable checkpoint."""
+    if resume is None:
+        return None, None
+    if resume == "auto":
+        run_dir = Path(output).expanduser() / name
+        checkpoint = latest_checkpoint(run_dir)[1]
+        if checkpoint is None and has_checkpoint_files(run_dir):  # starting afresh would overwrite its metrics
+            raise UserError(f"no checkpoint in {run_dir} is readable (checkpoint-last.pt and checkpoint-prev.pt): "
+                            "move the run directory away to start afresh, or give another name")
+        return run_dir, checkpoint
+    path = Path(resume).expanduser()
+    checkpoint = latest_checkpoint(path)[1] if path.is_dir() else load_checkpoint(path)
+    if checkpoint is None:
+        raise UserError(f"cannot resume from {path}: no readable checkpoint there (runtime.resume)")
+    return (path if path.is_dir() else path.parent), checkpoint
+
+
+class Part(NamedTuple):
+    """One entry of a checkpoint: how it is read from a run and put back into one."""
+
+    key: str
+    save: Callable  # (state) -> value
+    load: Callable  # (state, value) -> None
+
+
+def _load_ema(state: RunState, value) -> None:
+    if state.optimization.ema is not None and value is not None:
+        state.optimization.ema.load_state_dict(value)
+
+
+def _set_position(name: str) -> Callable:
+    return lambda state, value: setattr(state.position, name, value)
+
+
+def _restore_rng(state: RunState, value) -> None:
+    if not restore_rng(value):
+        print("pfb-train: warning: the world size changed since the checkpoint; random streams restart",
+              file=sys.stderr)
+
+
+# Everything a checkpoint holds, in one list: `save_checkpoints` writes these keys and `restore` reads
+# them back. `partial` and `subset` are set only by a checkpoint written inside an epoch.
+CHECKPOINT_PARTS = (
+    Part("model", lambda s: s.net.state_dict(), lambda s, v: s.net.load_state_dict(v)),
+    Part("optimizer", lambda s: s.optimization.optimizer.state_dict(),
+         lambda s, v: s.optimization.optimizer.load_state_dict(v)),
+    Part("scaler", lambda s: s.optimization.scaler.state_dict(), lambda s, v: s.optimization.scaler.load_state_dict(v)),
+    Part("ema", lambda s: s.optimization.ema.state_dict() if s.optimization.ema is not None else None, _load_ema),
+    Part("selector", lambda s: s.selector.state_dict(), lambda s, v: s.selector.load_state_dict(v)),
+    Part("blocking_mode", lambda s: s.net.mode, lambda s, v: setattr(s.net, "mode", v) if v else None),
+    Part("epoch", lambda s: s.position.epoch, _set_position("epoch")),
+    Part("step", lambda s: s.position.optimizer_steps, _set_position("optimizer_steps")),
+    Part("history", lambda s: s.position.history, _set_position("history")),
+    Part("best_top1", lambda s: s.position.best_top1, _set_position("best_top1")),
+    Part("partial", lambda s: s.position.partial, _set_position("partial")),  # see upgrade_partial
+    Part("subset", lambda s: s.position.subset, _set_position("subset")),
+    Part("rng", lambda s: all_rng_states(), _restore_rng),
+    Part("config", lambda s: s.cfg.to_dict(), lambda s, v: None),  # read by check_resumable, refuse_finished
+    Part("train_samples", lambda s: s.settings.train_samples, lambda s, v: None),  # read by check_position
+)
+# No scheduler entry: the LR is a function of the config and the position (epochs and fractions of one),
+# so a resume with another batch size or number of processes follows the schedule the config describes.
+
+
+# Settings a checkpoint cannot be continued under: its weights or its selector state would not fit.
+MUST_MATCH = ("model.name", "model.num_classes", "model.cifar_stem", "blocking.method", "blocking.stage")
+
+
+def check_resumable(cfg: Config, checkpoint: dict) -> None:
+    saved, now = checkpoint.get("config", {}), cfg.to_dict()
+    for key in MUST_MATCH:
+        section, option = key.split(".")
+        before, after = saved.get(section, {}).get(option), now[section][option]
+        if option == "num_classes" and before is None:  # taken from the dataset: compared through the weights
+            continue
+        if before != after:
+            raise UserError(f"cannot resume: the checkpoint was trained with {key} {before!r}, this config has "
+                            f"{after!r}; use another run name (name=...) to start a new run")
+
+
+# Settings that change nothing about what is trained: a finished run relaunched with other values of
+# these is the same run.
+HOW_IT_RUNS = ("runtime.resume", "runtime.progress", "runtime.log_every", "runtime.threads", "runtime.output",
+               "runtime.checkpoint_every", "runtime.baseline", "data.workers")
+
+
+def changed_settings(saved: dict, now: dict) -> list[str]:
+    """'key before -> after' for every setting that differs between two configs' dicts (the methods'
+    sections of the chosen method only), leaving out HOW_IT_RUNS."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in d.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    before, after = flat(experiment_settings(saved)), flat(experiment_settings(now))
+    keys = [k for k in dict.fromkeys([*before, *after]) if k not in HOW_IT_RUNS and before.get(k) != after.get(k)]
+    return [f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in keys]
+
+
+def refuse_finished(cfg: Config, run_dir: Path, checkpoint: dict) -> None:
+    """A run whose checkpoint ends its schedule is done: its files stay as they are. Raises RunFinished
+    (exit 0) when relaunched as it was, UserError when relaunched with other settings."""
+    done = checkpoint.get("epoch", 0)
+    if checkpoint.get("partial") is not None or done < cfg.schedule.epochs:
+        return
+    evaluated = [r for r in checkpoint.get("history", []) if "top1" in r]
+    epochs = f"{done} epoch{'s' if done != 1 else ''}" + (f", top-1 {evaluated[-1]['top1']:.2f}%" if evaluated else "")
+    how = (f"nothing trained, no file written. To train longer: --resume auto --set schedule.epochs={done + 10} "
+           f"(or more); to start anew: another name (--set name=...) or move {run_dir} away")
+    changed = changed_settings(checkpoint.get("config", {}), cfg.to_dict())
+    if changed:
+        raise UserError(f"run {cfg.name} in {run_dir} finished its {epochs} with other settings "
+                        f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}): {how}")
+    raise RunFinished(f"run {cfg.name} in {run_dir} is finished ({epochs}): {how}")
+
+
+def check_position(state: RunState, checkpoint: dict) -> None:
+    """Refuse what a resume cannot continue from: another training set (per-sample state, the epoch's
+    order), or, inside an epoch of tar shards, another batch size or number of processes."""
+    saved = checkpoint.get("train_samples")
+    if saved is not None and saved != state.settings.train_samples:
+        raise UserError(f"cannot resume: the checkpoint's training set held {saved} samples, this config gives "
+                        f"{state.settings.train_samples} (data.train_samples, data.root or the files there changed); "
+                        "use another run name (name=...) to start a new run")
+    partial = state.position.partial
+    dist = state.settings.dist
+    if partial is None or not isinstance(state.train_loader.sampler, ShardStreamSampler):
+        return
+    before, now = (partial["batch_size"], partial["world_size"]), (state.cfg.data.batch_size, dist.world_size)
+    if before != now:
+        raise UserError(f"cannot resume inside epoch {state.position.epoch} of tar shards with data.batch_size "
+                        f"{now[0]} on {now[1]} process(es): it started with {before[0]} on {before[1]}, and each "
+                        "process reads its own part of the shards; resume with those to finish the epoch "
+                        "(epoch ends checkpoint too), then change them")
+
+
+def restore(state: RunState, checkpoint: dict) -> None:
+    """Put a run back where `checkpoint` left it: weights, optimizer, selector, RNG, position. The LR
+    schedule follows from the config and the position (no scheduler state is restored)."""
+    for part in CHECKPOINT_PARTS:
+        part.load(state, upgrade_partial(checkpoint) if part.key == "partial" else checkpoint.get(part.key))
+
+
+def save_checkpoints(state: RunState, epoch: int, tally: Optional[EpochTally], best: bool = False) -> None:
+    """Everything needed to go on exactly; `epoch` is the next epoch to start (tally None) or the one
+    under way (tally: its progress). Collective (every rank's RNG state and tally); rank 0 writes."""
+    position = state.position
+    position.epoch = epoch
+    position.partial = None
+    if tally is not None:
+        dist = state.settings.dist
+        position.partial = {"order_done": tally.order_done(), "batch_size": state.cfg.data.batch_size,
+                            "world_size": dist.world_size, "ranks": all_gather_objects(tally.state_dict())}
+    position.subset = state.train_loader.sampler.subset if tally is not None else None
+    checkpoint = {part.key: part.save(state) for part in CHECKPOINT_PARTS}  # rng: collective, every rank
+    position.partial = position.subset = None  # they describe the checkpoint, not the live run
+    if not state.settings.dist.is_main:
+        return
+    if best:
+        position.best_top1 = checkpoint["best_top1"] = position.history[-1]["top1"]
+    save_checkpoint(checkpoint, state.run_dir, best=best)
+
+
+def rank_tally(partial: Optional[dict], dist: DistInfo) -> Optional[dict]:
+    """This rank's share of an interrupted epoch's tallies: its own under the same world size; with
+    another one, rank 0 takes the sum of every saved rank's (the epoch's totals are summed over ranks)."""
+    if partial is None:
+        return None
+    ranks = partial["ranks"]
+    if len(ranks) == dist.world_size:
+        return ranks[dist.rank]
+    return EpochTally.merge(ranks) if dist.is_main else None
+
+
+def upgrade_partial(checkpoint: dict) -> Optional[dict]:
+    """The `partial` entry in today's form: checkpoints of earlier versions held rank 0's tally alone,
+    with the position in batches."""
+    partial = checkpoint.get("partial")
+    if partial is None or "ranks" in partial:
+        return partial
+    batch_size, world_size = checkpoint["config"]["data"]["batch_size"], len(checkpoint["rng"])
+    return {"order_done": partial["batches"] * batch_size * world_size, "batch_size": batch_size,
+            "world_size": world_size, "ranks": [partial] * world_size}
