@@ -214,8 +214,8 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
             resume = (position.subset, done) if partial is not None else None
             tally.extra_selection_seconds += prepare_epoch(state.selector, state.train_loader, epoch, resume)
             position.partial = position.subset = None
+            rest = len(state.train_loader) * cfg.data.batch_size * dist.world_size  # samples left this epoch
             if partial is not None:  # this config's schedule from the first step on, not the saved lr
-                rest = len(state.train_loader) * cfg.data.batch_size * dist.world_size
                 optimization.scheduler.step_update(
                     num_updates=step_settings.updates_per_epoch * (epoch + done / (done + rest)))
 
@@ -241,7 +241,8 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
             seen, bad = stats["samples_seen"], stats["bad_samples"]
             nominal = state.settings.nominal_rows
             if partial is not None:  # resumed inside the epoch, perhaps with another batch size or world size
-                nominal = tally.order_total if state.train_loader.sampler.subset is None else max(nominal, seen + bad)
+                # (`rest` is 0 when the checkpoint came from the epoch's last step)
+                nominal = done + rest if state.train_loader.sampler.subset is None else max(nominal, seen + bad)
             stats.update(sample_accounting(stats.pop("samples_seen"), stats.pop("samples_kept"), bad, nominal))
             if dist.world_size > 1 and not rt.sync_bn:  # ranks saw different batches: average BN statistics
                 distribute_bn(state.net, dist.world_size, reduce=True)

@@ -66,6 +66,16 @@ def test_resume_with_another_batch_size_follows_the_configured_schedule_and_coun
     assert resumed["blocked_fraction"] == pytest.approx(0.25)
 
 
+def test_a_checkpoint_from_an_epochs_last_step_resumes_into_an_empty_rest(tmp_path):
+    """Killed between the last step's checkpoint and the epoch-end one: nothing is left of the epoch."""
+    first = setup(load_config(None, [*COSINE, "schedule.epochs=1", f"runtime.output={tmp_path}"]), DistInfo())
+    fit(first, until_step=8)  # 8 steps per epoch: the checkpoint holds the whole epoch as done
+    resumed = run(load_config(None, [*COSINE, "schedule.epochs=1", f"runtime.output={tmp_path}",
+                                     "runtime.resume=auto"]))
+    record = read_metrics(resumed["run_dir"])[0]
+    assert record["samples_seen"] == 256 and record["blocked_fraction"] == pytest.approx(0.25)
+
+
 def test_a_global_skip_continues_the_epochs_order_under_another_world_size():
     """Two ranks took two steps of 4 (16 samples); one process then takes the rest, each sample once."""
     done = []
