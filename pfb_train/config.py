@@ -337,6 +337,17 @@ def load_config(path: Optional[str] = None, overrides: list[str] = ()) -> Config
     return cfg
 
 
+def flatten(config: dict, prefix: str = "") -> dict:
+    """{'blocking': {'ratio': 0.4}} -> {'blocking.ratio': 0.4}"""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def experiment_settings(raw: dict) -> dict:
     """A run directory's config.yaml as the resolved settings of what was trained: earlier flat
     `blocking` keys read as today's sections, and only the chosen method's section kept."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from pfb_train.config import experiment_settings
+from pfb_train.config import experiment_settings, flatten
 from pfb_train.errors import UserError
 from pfb_train.metrics import read_metrics
 
@@ -30,17 +30,6 @@ from pfb_train.metrics import read_metrics
 NOT_THE_EXPERIMENT = {"name", "runtime.seed", "runtime.output", "runtime.resume", "runtime.baseline",
                       "runtime.progress", "runtime.log_every", "runtime.threads", "runtime.checkpoint_every",
                       "runtime.eval_every"}
-
-
-def flatten(config: dict, prefix: str = "") -> dict:
-    """{'blocking': {'ratio': 0.4}} -> {'blocking.ratio': 0.4}"""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 @dataclass

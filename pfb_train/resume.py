@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple, Optional
 
 from pfb_train.checkpoint import (all_rng_states, has_checkpoint_files, latest_checkpoint, load_checkpoint,
                                   restore_rng, save_checkpoint)
-from pfb_train.config import Config, experiment_settings
+from pfb_train.config import Config, experiment_settings, flatten
 from pfb_train.data.loaders import ShardStreamSampler
 from pfb_train.distributed import DistInfo, all_gather_objects
 from pfb_train.engine import EpochTally
@@ -112,16 +112,7 @@ HOW_IT_RUNS = ("runtime.resume", "runtime.progress", "runtime.log_every", "runti
 def changed_settings(saved: dict, now: dict) -> list[str]:
     """'key before -> after' for every setting that differs between two configs' dicts (the methods'
     sections of the chosen method only), leaving out HOW_IT_RUNS."""
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in d.items():
-            if isinstance(value, dict):
-                out.update(flat(value, f"{prefix}{key}."))
-            else:
-                out[f"{prefix}{key}"] = value
-        return out
-
-    before, after = flat(experiment_settings(saved)), flat(experiment_settings(now))
+    before, after = flatten(experiment_settings(saved)), flatten(experiment_settings(now))
     keys = [k for k in dict.fromkeys([*before, *after]) if k not in HOW_IT_RUNS and before.get(k) != after.get(k)]
     return [f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in keys]
 

@@ -24,6 +24,7 @@ from pfb_train.errors import UserError
 from pfb_train.metrics import read_metrics
 from pfb_train.models import split_model
 from pfb_train.selection import Method, Selector, build_selector, methods, register, unregister
+from pfb_train import plugins
 from pfb_train.selection import registry
 from pfb_train.train import fit, setup
 from test_hot_path import HostReads
@@ -246,8 +247,8 @@ def test_a_plugin_registers_through_the_entry_point_group(monkeypatch, tmp_path)
                       "register(dataclasses.replace(TOY, name='plugged'))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     point = importlib.metadata.EntryPoint(name="plugged", value="toy_plugin", group=registry.ENTRY_POINT_GROUP)
-    monkeypatch.setattr(registry, "entry_points", lambda group: [point] if group == registry.ENTRY_POINT_GROUP else [])
-    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    monkeypatch.setattr(plugins, "entry_points", lambda group: [point] if group == registry.ENTRY_POINT_GROUP else [])
+    monkeypatch.setattr(registry._REGISTRY, "loaded", False)
     try:
         assert "plugged" in methods()
         cfg = load_config(None, ["blocking.method=plugged", "blocking.plugged.keep_every=3"])

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from pfb_train import plugins
 from pfb_train.cli import main
 from pfb_train.config import DataConfig, load_config
 from pfb_train.data import DataSource, DataSplits, build_datasets, register, sources, unregister
@@ -97,8 +98,8 @@ def test_a_plugin_source_registers_through_the_entry_point_group(monkeypatch, tm
         "register(dataclasses.replace(TOY, name='plugged'))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     point = importlib.metadata.EntryPoint(name="plugged", value="toy_source_plugin", group=registry.ENTRY_POINT_GROUP)
-    monkeypatch.setattr(registry, "entry_points", lambda group: [point] if group == registry.ENTRY_POINT_GROUP else [])
-    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    monkeypatch.setattr(plugins, "entry_points", lambda group: [point] if group == registry.ENTRY_POINT_GROUP else [])
+    monkeypatch.setattr(registry._REGISTRY, "loaded", False)
     try:
         assert "plugged" in sources()
         assert load_config(None, ["data.dataset=plugged"]).data.dataset == "plugged"

@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from typing import Any, Callable, Literal, Optional
 
 from pfb_train.errors import UserError
+from pfb_train.plugins import Registry
 
 SAMPLES = ("subset", "size", "stored")
 DECODES = ("cpu", "device", "dali")
@@ -74,38 +74,14 @@ class DataSource:
             raise ValueError(f"data source {self.name!r}: imbalance needs samples='subset' (it is a subset)")
 
 
-_SOURCES: dict[str, DataSource] = {}
-_entry_points_loaded = False
-
-
-def register(source: DataSource) -> DataSource:
-    """Add a source; registering the same name again replaces it (a reloaded module)."""
-    _SOURCES[source.name] = source
-    return source
-
-
-def unregister(name: str) -> None:
-    """Remove a source (tests register their own and take them away again); an unknown name is ignored."""
-    _SOURCES.pop(name, None)
-
-
-def _load_entry_points() -> None:
-    global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    for point in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            point.load()  # importing the module registers its source(s)
-        except Exception as e:  # a broken plug-in names itself instead of breaking every run
-            raise UserError(f"data source plug-in '{point.name}' ({point.value}) failed to load: {e}") from None
+_REGISTRY = Registry("data source", ENTRY_POINT_GROUP)
+register, unregister = _REGISTRY.register, _REGISTRY.unregister
 
 
 def sources() -> dict[str, DataSource]:
     """Every registered source, by name (built-ins first, in the order pfb_train/data/__init__ imports
     them, then plug-ins)."""
-    _load_entry_points()
-    return dict(_SOURCES)
+    return _REGISTRY.all()
 
 
 def get_source(name: str) -> DataSource:

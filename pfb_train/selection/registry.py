@@ -26,10 +26,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from typing import Any, Callable, Literal, Optional
 
 from pfb_train.errors import UserError
+from pfb_train.plugins import Registry
 from pfb_train.models import ScorePass
 from pfb_train.typed import coerce_fields  # typed like every other config key
 
@@ -82,36 +82,13 @@ class Method:
         return ScorePass(getattr(options, "score_scale", 1.0), getattr(options, "score_norm", "batch"))
 
 
-_METHODS: dict[str, Method] = {}
-_entry_points_loaded = False
-
-
-def register(method: Method) -> Method:
-    """Add a method; registering the same name again replaces it (a reloaded module)."""
-    _METHODS[method.name] = method
-    return method
-
-
-def unregister(name: str) -> None:
-    _METHODS.pop(name, None)
-
-
-def _load_entry_points() -> None:
-    global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    for point in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            point.load()  # importing the module registers its method(s)
-        except Exception as e:  # a broken plug-in names itself instead of breaking every run
-            raise UserError(f"selection method plug-in '{point.name}' ({point.value}) failed to load: {e}") from None
+_REGISTRY = Registry("selection method", ENTRY_POINT_GROUP)
+register, unregister = _REGISTRY.register, _REGISTRY.unregister
 
 
 def methods() -> dict[str, Method]:
     """Every registered method, by name (built-ins first, then plug-ins)."""
-    _load_entry_points()
-    return dict(_METHODS)
+    return _REGISTRY.all()
 
 
 def get_method(name: str) -> Method:
