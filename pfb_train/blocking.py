@@ -28,6 +28,7 @@ from torch import nn
 from pfb_train.costs import cheaper_mode
 from pfb_train.models import BlockedModel, check_score_pass, split_model
 from pfb_train.selection import RunFacts, Selector
+from pfb_train.selection.base import observe_step, select_rows
 from pfb_train.selection.registry import configure
 
 
@@ -46,12 +47,18 @@ def forward(model: nn.Module, selector: Selector, x: torch.Tensor, y: torch.Tens
     """Run `model` (a BlockedModel, or DDP around one) on a batch, blocking as `selector` decides.
     Epochs without blocking run the plain model: no second shallow pass in recompute mode.
     Shapes and dtypes as `Blocking.forward` gives them."""
-    select = selector.select if selector.blocks_rows() else None
+    labels = dominant_labels(y)
+    select = (lambda feats: select_rows(selector, feats, labels)) if selector.blocks_rows() else None
     out = model(x, select=select, features=selector.needs_features(), score=selector.score_pass())
     if out.keep is None:
         return BlockedBatch(out.logits, y, indices, None, out.feats)
     kept_indices = None if indices is None else indices.index_select(0, out.keep)
     return BlockedBatch(out.logits, y.index_select(0, out.keep), kept_indices, out.keep, out.feats)
+
+
+def dominant_labels(y: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 classes of (B,) int64 targets or of (B, classes) soft ones (mixup/cutmix: the largest share)."""
+    return y.argmax(dim=1) if y.dtype.is_floating_point else y
 
 
 def holds_sample(indices: torch.Tensor) -> torch.Tensor:
@@ -73,7 +80,7 @@ def weighted_mean(selector: Selector, batch: BlockedBatch, losses: torch.Tensor)
 def observe(selector: Selector, batch: BlockedBatch, losses: torch.Tensor) -> None:
     """After the optimizer step: the method updates its state (PFB's centres, InfoBatch's scores).
     Methods leave rows with a negative index (stand-ins) out of their update."""
-    selector.observe(batch.feats, batch.keep, batch.indices, losses.detach())
+    observe_step(selector, batch.feats, batch.keep, batch.indices, losses.detach(), dominant_labels(batch.targets))
 
 
 class Blocking:
@@ -91,8 +98,10 @@ class Blocking:
 
     def __init__(self, model: nn.Module, method: str = "pfb", stage: Union[int, str] = 1, mode: str = "auto",
                  epochs: Optional[int] = None, batch_size: Optional[int] = None, seed: int = 0, **options):
+        timm_model = model.model if isinstance(model, BlockedModel) else model
         run = RunFacts(epochs=epochs, batch_size=batch_size, seed=seed,
-                       mode=model.mode if isinstance(model, BlockedModel) else mode)
+                       mode=model.mode if isinstance(model, BlockedModel) else mode,
+                       num_classes=getattr(timm_model, "num_classes", None))  # timm models say (density 'class')
         spec, values = configure(method, run, **options)
         self.selector = spec.build(values, run)
         if isinstance(model, BlockedModel):

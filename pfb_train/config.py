@@ -350,11 +350,25 @@ def flatten(config: dict, prefix: str = "") -> dict:
 
 def experiment_settings(raw: dict) -> dict:
     """A run directory's config.yaml as the resolved settings of what was trained: earlier flat
-    `blocking` keys read as today's sections, and only the chosen method's section kept."""
+    `blocking` keys read as today's sections, options added since read as what they did then
+    (Method.earlier_defaults), and only the chosen method's section kept."""
     try:
-        return _build(Config, raw).to_dict(chosen_only=True)
+        return _build(Config, with_earlier_defaults(raw)).to_dict(chosen_only=True)
     except UserError:  # written by a version with keys this one does not know: compare it as written
         return raw
+
+
+def with_earlier_defaults(raw: dict) -> dict:
+    """A stored config dict with each method's options that it predates filled in as they behaved then."""
+    blocking = raw.get("blocking")
+    if not isinstance(blocking, dict):
+        return raw
+    blocking = dict(blocking)
+    for name, method in methods().items():
+        section = blocking.get(name)
+        if method.earlier_defaults and (section is None or isinstance(section, dict)):
+            blocking[name] = {**method.earlier_defaults, **(section or {})}
+    return {**raw, "blocking": blocking}
 
 
 def validate(cfg: Config) -> None:

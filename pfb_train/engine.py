@@ -22,6 +22,7 @@ from pfb_train.distributed import all_reduce_sum
 from pfb_train.errors import TrainingStopped
 from pfb_train.metrics import PhaseTimer
 from pfb_train.selection import Selector
+from pfb_train.selection.base import select_rows
 
 
 @dataclass(frozen=True)
@@ -122,9 +123,9 @@ class MarkedSelection:
     def __init__(self, selector: Selector, timer: PhaseTimer):
         self._selector, self._timer = selector, timer
 
-    def select(self, feats: torch.Tensor) -> Optional[torch.Tensor]:
+    def select(self, feats: torch.Tensor, labels: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         self._timer.mark("shallow")
-        keep = self._selector.select(feats)
+        keep = select_rows(self._selector, feats, labels)
         self._timer.mark("select")
         return keep
 
@@ -154,7 +155,7 @@ def train_step(batch: Batch, context: StepContext, schedule_at: float,
         blocking.observe(selector, blocked, losses)
     if timer is not None:
         timer.mark("observe")
-    labels = batch.y.argmax(dim=1) if batch.y.dtype.is_floating_point else batch.y
+    labels = blocking.dominant_labels(batch.y)
     present = blocking.holds_sample(batch.idx).double()
     kept_present = present if blocked.keep is None else present.index_select(0, blocked.keep)
     loss_sum = (losses.detach() * kept_present).sum()

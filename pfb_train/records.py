@@ -47,6 +47,32 @@ def epoch_line(record: dict) -> str:
     return line
 
 
+def starved_classes(class_kept: list) -> dict:
+    """The classes a selection starves in an epoch: kept fraction below half the mean over classes.
+
+    `class_kept`: each class's kept fraction of its loaded rows (None: the class had no rows), as
+    the epoch record's `class_kept_fraction`. The mean is unweighted over the classes with rows, so
+    a long tail counts as much as the head. Returns {class index as str: kept fraction} (JSON keys),
+    empty when no class falls below."""
+    present = [(c, f) for c, f in enumerate(class_kept) if f is not None]
+    if not present:
+        return {}
+    mean = sum(f for _, f in present) / len(present)
+    return {str(c): f for c, f in present if f < 0.5 * mean}
+
+
+def starvation_warning(epoch: int, starved: dict, class_kept: list, cfg: Config) -> str:
+    """One line naming the starved classes of an epoch (see `starved_classes`), with the remedy where
+    the method has one."""
+    present = [f for f in class_kept if f is not None]
+    mean = sum(present) / len(present)
+    classes = ", ".join(f"class {c} kept {f:.2f}" for c, f in starved.items())
+    line = f"warning: epoch {epoch}: {classes} of its rows, under half the mean kept fraction {mean:.2f}"
+    if getattr(cfg.blocking.chosen(), "stratify", None) == "none":  # the method can stratify, and does not
+        line += "; blocking.pfb.stratify=label makes every class give up the same share of its rows"
+    return line
+
+
 def sample_accounting(seen: int, kept: int, bad: int, nominal: int) -> dict:
     """What happened to the sample slots of a full-data epoch: pruned by the sampler, blocked in the
     batch, kept (full forward and backward), or unreadable (`bad_samples`, counted in the epoch
@@ -87,5 +113,8 @@ def summarize(cfg: Config, history: list[dict], wall_seconds: float, run_dir, wo
         "wall_seconds": wall_seconds,
         "seconds_per_epoch": sum(r["epoch_seconds"] for r in history) / len(history),
         "run_dir": run_dir,
+        # epochs where a class kept under half the mean kept fraction: [{epoch, classes: {class: kept}}]
+        "starved_classes": [{"epoch": r["epoch"], "classes": r["starved_classes"]}
+                            for r in history if r.get("starved_classes")],
         "train_class_counts": list(class_counts) if class_counts is not None else None,  # training samples per class (long-tailed sets: head vs tail)
     }

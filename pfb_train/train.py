@@ -33,9 +33,10 @@ from pfb_train.errors import Preempted, RunFinished, TrainingStopped, UserError
 from pfb_train.metrics import BaselineComparison, RunLogger, make_run_dir, rewrite_metrics
 from pfb_train.models import build_model, check_score_pass
 from pfb_train.preemption import PreemptionSignals
-from pfb_train.records import describe_data, describe_options, epoch_line, ranking_pass, sample_accounting, summarize
-from pfb_train.resume import (check_position, check_resumable, rank_tally, refuse_finished, restore, resume_point,
-                              save_checkpoints)
+from pfb_train.records import (describe_data, describe_options, epoch_line, ranking_pass, sample_accounting,
+                               starvation_warning, starved_classes, summarize)
+from pfb_train.resume import (changed_settings, check_position, check_resumable, rank_tally, refuse_finished, restore,
+                              resume_point, save_checkpoints)
 from pfb_train.run_state import RunSettings, RunState
 from pfb_train.seeding import derive_seed
 from pfb_train.selection import get_method, selector_from_config
@@ -105,6 +106,9 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
     if checkpoint is not None:  # before any work: what cannot go on says so at once
         check_resumable(cfg, checkpoint)
         refuse_finished(cfg, run_dir, checkpoint)
+        changed = changed_settings(checkpoint.get("config", {}), cfg.to_dict())
+        if changed and dist.is_main:  # e.g. a default that changed since the checkpoint was written
+            print(f"note: resuming with settings other than the checkpoint's: {'; '.join(changed)}")
 
     splits = build_datasets(cfg.data, cfg.model.num_classes, seed=rt.seed)
     train_loader, val_loader = build_loaders(splits, cfg.data, rt.seed, dist.rank, dist.world_size,
@@ -127,7 +131,7 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
         train_module = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     if rt.compile:
         net.compile_parts()  # after DDP wrapping: DDP hooks stay on the original parameters
-    selector = selector_from_config(cfg)
+    selector = selector_from_config(cfg, splits.num_classes)
 
     try:  # a name timm lists may still need what this machine lacks (bitsandbytes, APEX, CUDA)
         optimizer = create_optimizer_v2(net, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
@@ -247,6 +251,11 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
             if dist.world_size > 1 and not rt.sync_bn:  # ranks saw different batches: average BN statistics
                 distribute_bn(state.net, dist.world_size, reduce=True)
             record = {"epoch": epoch, "lr": optimization.optimizer.param_groups[0]["lr"], **stats}
+            starved = starved_classes(record["class_kept_fraction"])
+            if starved:
+                record["starved_classes"] = starved
+                if dist.is_main:
+                    print(starvation_warning(epoch, starved, record["class_kept_fraction"], cfg), flush=True)
             if (epoch + 1) % rt.eval_every == 0 or epoch == cfg.schedule.epochs - 1:
                 record.update(evaluate(state.train_module, state.val_loader, step_settings))
                 if optimization.ema is not None:

@@ -110,7 +110,8 @@ def blocked_rows(selector, feats: torch.Tensor) -> set:
 
 
 def measure(batches, ratio, centres, dim, estimator, form, noise) -> dict:
-    pair = [build_selector("pfb", ratio=ratio, centres=centres, feature_dim=dim, estimator=estimator,
+    # one ranking over the batch (stratify none): these are the ranking's own properties, measured without labels
+    pair = [build_selector("pfb", stratify="none", ratio=ratio, centres=centres, feature_dim=dim, estimator=estimator,
                            noise_form=form, noise=noise, centre_weights="uniform" if form == "max_abs" else "counts",
                            seed=seed) for seed in (0, 1)]
     shared = blocked_total = 0
@@ -177,7 +178,7 @@ def top1(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> 
 
 
 def pfb_pair(ratio: float, centres: int, noise, seeds) -> list:
-    return [build_selector("pfb", ratio=ratio, centres=centres, noise=noise, seed=seed) for seed in seeds]
+    return [build_selector("pfb", stratify="none", ratio=ratio, centres=centres, noise=noise, seed=seed) for seed in seeds]
 
 
 def blocked_agreement(reference, other, ref_batches, other_batches) -> float:

@@ -23,7 +23,7 @@ def test_amp_channels_last_run_on_gpu(tmp_path, amp):
 
 
 def test_density_is_float32_under_autocast_on_gpu():
-    selector = build_selector("pfb", ratio=0.5, centres=16, feature_dim=64)
+    selector = build_selector("pfb", stratify="none", ratio=0.5, centres=16, feature_dim=64)
     feats = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         keep = selector.select(feats)
@@ -58,7 +58,7 @@ def test_pfb_step_never_synchronises_the_gpu(mode, score):
 
     model = split_model(timm.create_model("resnet18", num_classes=4), stage=1, mode=mode).cuda()
     model = model.to(memory_format=torch.channels_last)
-    selector = build_selector("pfb", ratio=0.4, centres=8, feature_dim=16, **score)
+    selector = build_selector("pfb", stratify="none", ratio=0.4, centres=8, feature_dim=16, **score)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     ctx = StepContext(model, selector,
                       StepSettings(torch.device("cuda"), torch.bfloat16, channels_last=True, clip_grad=1.0,
@@ -178,7 +178,7 @@ def test_inductor_compiled_step_matches_eager_and_auto_mode_times_the_parts(tmp_
         blocked = split_model(copy.deepcopy(base), 1, "recompute")
         if compiled:
             blocked.compile_parts()
-        selector = build_selector("pfb", ratio=0.4, centres=16, score_scale=0.5, score_norm="running")
+        selector = build_selector("pfb", stratify="none", ratio=0.4, centres=16, score_scale=0.5, score_norm="running")
         optimization = Optimization(torch.optim.SGD(blocked.parameters(), lr=0.01), None,
                                     torch.amp.GradScaler("cuda", enabled=False))
         context = StepContext(blocked, selector, StepSettings(torch.device("cuda")), optimization)

@@ -88,6 +88,7 @@ SELECTORS = {
     "pfb-kde": lambda: build_selector("pfb", ratio=0.4, centres=8, feature_dim=16),
     "pfb-mean_log_kernel": lambda: build_selector("pfb", ratio=0.4, centres=8, feature_dim=16,
                                                   estimator="mean_log_kernel"),
+    "pfb-batch-ranking": lambda: build_selector("pfb", ratio=0.4, centres=8, feature_dim=16, stratify="none"),
 }
 
 

@@ -30,19 +30,25 @@ from pfb_train.train import fit, setup
 from test_hot_path import HostReads
 
 HERE = Path(__file__).resolve().parent
-BATCH, SAMPLES, EPOCHS = 8, 64, 3
+BATCH, SAMPLES, EPOCHS, CLASSES = 8, 64, 3, 4
 # Options that make each built-in method drop something in a run this small (the defaults otherwise).
 SMALL_RUN = {"pfb": {"centres": 4, "feature_dim": 8, "ratio": 0.25}, "random": {"ratio": 0.25},
              "infobatch": {"prune_ratio": 0.5}, "static_random": {"drop_fraction": 0.25}}
-METHODS = list(methods())
+# Every registered method under its small-run options, and the option sets of a method that change
+# what its state holds or what its hooks need (pfb stratified by label on class-conditional density:
+# per-class counts in its state, labels in select and observe).
+VARIANTS = {**{name: (name, SMALL_RUN.get(name, {})) for name in methods()},
+            "pfb_stratified_class": ("pfb", {**SMALL_RUN["pfb"], "stratify": "label", "density": "class"})}
+METHODS = list(VARIANTS)
 
 
-def overrides(method: str, tmp_path, name: str) -> list[str]:
+def overrides(variant: str, tmp_path, name: str) -> list[str]:
+    method, options = VARIANTS[variant]
     return ["model.name=test_resnet", "data.dataset=synthetic", "data.img_size=16", f"data.batch_size={BATCH}",
             f"data.train_samples={SAMPLES}", "data.val_samples=16", "data.workers=0", f"schedule.epochs={EPOCHS}",
             "schedule.warmup_epochs=0", "runtime.device=cpu", "runtime.progress=false", f"runtime.output={tmp_path}",
             f"name={name}", f"blocking.method={method}",
-            *(f"blocking.{method}.{k}={v}" for k, v in SMALL_RUN.get(method, {}).items())]
+            *(f"blocking.{method}.{k}={v}" for k, v in options.items())]
 
 
 def train(method, tmp_path, name, resume=False, **until):
@@ -113,7 +119,7 @@ def test_realised_blocked_fraction_is_reported(method, uninterrupted):
         assert r["kept_fraction"] == pytest.approx(kept / nominal)
         assert r["blocked_fraction"] == pytest.approx((nominal - kept) / nominal)
     assert summary["blocked_fraction"] == pytest.approx(dropped / (nominal * len(records)))
-    spec = methods()[method]
+    spec = methods()[VARIANTS[method][0]]
     if spec.ratio(state.cfg.blocking.chosen()) > 0:
         assert summary["blocked_fraction"] > 0  # a method with a ratio drops something
     else:
@@ -123,8 +129,9 @@ def test_realised_blocked_fraction_is_reported(method, uninterrupted):
         assert all(r["samples_blocked"] in (0, per_step * SAMPLES // BATCH) for r in records)
 
 
-def _selector(method: str, seed: int = 0) -> Selector:
-    return build_selector(method, seed=seed, epochs=EPOCHS, batch_size=BATCH, **SMALL_RUN.get(method, {}))
+def _selector(variant: str, seed: int = 0) -> Selector:
+    method, options = VARIANTS[variant]
+    return build_selector(method, seed=seed, epochs=EPOCHS, batch_size=BATCH, num_classes=CLASSES, **options)
 
 
 def _steps(selector: Selector, generator: torch.Generator, steps: int, epoch: int) -> list:
@@ -135,11 +142,12 @@ def _steps(selector: Selector, generator: torch.Generator, steps: int, epoch: in
     for _ in range(steps):
         feats = torch.randn(BATCH, 16, generator=generator)
         idx = torch.randperm(SAMPLES, generator=generator)[:BATCH]
-        keep = selector.select(feats) if selector.blocks_rows() else None
-        kept_idx = idx if keep is None else idx[keep]
+        labels = torch.randint(0, CLASSES, (BATCH,), generator=generator)
+        keep = selector.select(feats, labels) if selector.blocks_rows() else None
+        kept_idx, kept_labels = (idx, labels) if keep is None else (idx[keep], labels[keep])
         weights = selector.loss_weights(kept_idx)
         losses = torch.rand(len(kept_idx), generator=generator)
-        selector.observe(feats if selector.needs_features() else None, keep, kept_idx, losses)
+        selector.observe(feats if selector.needs_features() else None, keep, kept_idx, losses, kept_labels)
         decisions.append((keep, weights))
     return decisions
 
@@ -160,7 +168,7 @@ def test_state_dict_round_trip_continues_identically(method):
 @pytest.mark.parametrize("method", METHODS)
 def test_training_steps_never_read_device_values_back(method):
     torch.manual_seed(0)
-    model = split_model(timm.create_model("resnet18", num_classes=4), stage=1, mode="recompute")
+    model = split_model(timm.create_model("resnet18", num_classes=CLASSES), stage=1, mode="recompute")
     selector = _selector(method)
     selector.set_epoch(1)
     selector.epoch_indices(SAMPLES)  # once per epoch, off the hot path
@@ -168,7 +176,7 @@ def test_training_steps_never_read_device_values_back(method):
     optimization = Optimization(torch.optim.SGD(model.parameters(), lr=0.01), None,
                                 torch.amp.GradScaler("cpu", enabled=False))
     context = StepContext(model, selector, settings, optimization)
-    batch = Batch(torch.randn(BATCH, 3, 32, 32), torch.arange(BATCH) % 4, torch.arange(BATCH))
+    batch = Batch(torch.randn(BATCH, 3, 32, 32), torch.arange(BATCH) % CLASSES, torch.arange(BATCH))
     with HostReads() as reads:
         for step in range(3):  # the first step also initialises state (pfb's centres)
             train_step(batch, context, schedule_at=step + 1)

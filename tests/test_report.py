@@ -168,14 +168,14 @@ def test_runs_logged_before_method_sections_group_with_runs_logged_after(tmp_pat
     from pfb_train.report import report
 
     base = [fake_run(tmp_path, "full0", method="none")]
-    new = fake_run(tmp_path, "new", seed=0, top1=70.0, centres=16)
+    new = fake_run(tmp_path, "new", seed=0, top1=70.0, centres=16, stratify="none")  # what runs did then
     old = fake_run(tmp_path, "old", seed=1, top1=72.0)
     config = yaml.safe_load((Path(old) / "config.yaml").read_text())
     pfb = config["blocking"].pop("pfb")
     for name in ("none", "random", "infobatch", "static_random"):
         config["blocking"].pop(name)
-    flat = {**{k: v for k, v in pfb.items()  # the keys an earlier version wrote (no score_* options then)
-               if k not in ("centres", "update_rate", "centre_weights", "score_scale", "score_norm")},
+    flat = {**{k: v for k, v in pfb.items()  # the keys an earlier version wrote (no score_*, stratify, density then)
+               if k not in ("centres", "update_rate", "centre_weights", "score_scale", "score_norm", "stratify", "density")},
             "centers": 16, "ema": pfb["update_rate"], "weights": pfb["centre_weights"], "delta": 0.5}
     config["blocking"].update(flat)  # as an earlier version wrote it (delta: infobatch's, ignored for pfb)
     (Path(old) / "config.yaml").write_text(yaml.safe_dump(config))

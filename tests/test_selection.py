@@ -1,3 +1,6 @@
+"""The density ranking over a batch (stratify none: these features carry no labels) and the schedule;
+stratified selection is tests/test_stratify.py."""
+
 import pytest
 import torch
 
@@ -22,7 +25,7 @@ DENSITY_DECIDES = [("kde", "density_floor", 0.01), ("mean_log_kernel", "max_abs"
 @pytest.mark.parametrize("seed", range(5))
 def test_pfb_keeps_rare_points_and_blocks_dense_ones(estimator, noise_form, noise, seed):
     feats, rare = cluster_and_outliers(seed)
-    selector = build_selector("pfb", ratio=0.5, centres=32, feature_dim=8, estimator=estimator, seed=seed,
+    selector = build_selector("pfb", stratify="none", ratio=0.5, centres=32, feature_dim=8, estimator=estimator, seed=seed,
                               noise_form=noise_form, noise=noise)
     selector.observe(feats[:64], None, None, None)  # centres from the cluster (as after warm-up)
     keep = selector.select(feats)
@@ -35,7 +38,7 @@ def test_pfb_keeps_rare_points_and_blocks_dense_ones(estimator, noise_form, nois
 
 def test_pfb_blocks_the_densest_without_noise():
     feats, _ = cluster_and_outliers(dim=32)
-    selector = build_selector("pfb", ratio=0.25, centres=32, feature_dim=32, estimator="kde", noise=0.0)
+    selector = build_selector("pfb", stratify="none", ratio=0.25, centres=32, feature_dim=32, estimator="kde", noise=0.0)
     selector.observe(feats[:64], None, None, None)
     keep = selector.select(feats)
     density = kde_log_density(feats, selector.centres, selector.counts / selector.counts.sum())
@@ -49,7 +52,7 @@ def test_seeded_selection_is_reproducible(method):
     feats, _ = cluster_and_outliers()
 
     def picks(seed):
-        selector = build_selector(method, ratio=0.4, seed=seed, **({"centres": 16} if method == "pfb" else {}))
+        selector = build_selector(method, ratio=0.4, seed=seed, **({"centres": 16, "stratify": "none"} if method == "pfb" else {}))
         return [selector.select(feats).tolist() for _ in range(3)]
 
     assert picks(1) == picks(1)
@@ -75,7 +78,7 @@ def test_constant_schedule_and_kept_count():
 
 
 def test_ade_update_moves_each_centre_toward_its_assigned_mean():
-    selector = build_selector("pfb", ratio=0.4, centres=4, feature_dim=2, update_rate=0.1)
+    selector = build_selector("pfb", stratify="none", ratio=0.4, centres=4, feature_dim=2, update_rate=0.1)
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
     selector._init_centres(centres)
     feats = torch.tensor([[1.0, 1.0], [2.0, 0.0], [9.0, 1.0], [1.0, 8.0], [0.0, 12.0], [3.0, 1.0]])
@@ -88,7 +91,7 @@ def test_ade_update_moves_each_centre_toward_its_assigned_mean():
 
 
 def test_observe_uses_retained_rows_only_and_stops_after_end():
-    selector = build_selector("pfb", ratio=0.5, centres=2, feature_dim=1, update_rate=1.0, start_epoch=0, end_epoch=3)
+    selector = build_selector("pfb", stratify="none", ratio=0.5, centres=2, feature_dim=1, update_rate=1.0, start_epoch=0, end_epoch=3)
     selector._init_centres(torch.tensor([[0.0], [10.0]]))
     feats = torch.tensor([[1.0], [2.0], [9.0], [100.0]])
     selector.observe(feats, torch.tensor([0, 1, 2]), None, None)  # row 3 was blocked
@@ -99,7 +102,7 @@ def test_observe_uses_retained_rows_only_and_stops_after_end():
 
 
 def test_no_blocking_outside_window():
-    selector = build_selector("pfb", ratio=0.4, centres=8, start_epoch=1, end_epoch=2)
+    selector = build_selector("pfb", stratify="none", ratio=0.4, centres=8, start_epoch=1, end_epoch=2)
     feats = torch.randn(32, 16)
     assert selector.select(feats) is None  # epoch 0: before start
     selector.set_epoch(1)
@@ -123,10 +126,10 @@ def test_kde_is_float32_and_finite_for_far_points():
 
 def test_state_dict_round_trip_reproduces_next_selection():
     feats = torch.randn(64, 32)
-    a = build_selector("pfb", ratio=0.4, centres=16, seed=3)
+    a = build_selector("pfb", stratify="none", ratio=0.4, centres=16, seed=3)
     a.observe(feats, None, None, None)
     a.select(feats)
-    b = build_selector("pfb", ratio=0.4, centres=16, seed=99)
+    b = build_selector("pfb", stratify="none", ratio=0.4, centres=16, seed=99)
     b.load_state_dict(a.state_dict())
     assert torch.equal(a.select(feats), b.select(feats))
 
@@ -197,7 +200,7 @@ def clustered(dim, seed=0, n=256, clusters=8):
 
 def signal_of(dim, estimator="kde", noise_form="rank", noise=None, seed=0, ratio=0.5, batches=6):
     """selection_signal of one selector over a few batches of clustered features."""
-    selector = build_selector("pfb", ratio=ratio, centres=32, feature_dim=dim, estimator=estimator,
+    selector = build_selector("pfb", stratify="none", ratio=ratio, centres=32, feature_dim=dim, estimator=estimator,
                               noise_form=noise_form, noise=noise, centre_weights="uniform", seed=seed)
     selector.observe(clustered(dim, seed=100), None, None, None)
     for b in range(batches):
@@ -226,7 +229,7 @@ def test_signal_is_one_without_noise_and_the_ratio_when_noise_decides():
 
 def test_two_selectors_seeded_differently_block_mostly_the_same_rows_when_density_decides():
     def blocked(seed):
-        selector = build_selector("pfb", ratio=0.4, centres=32, feature_dim=64, noise=0.1, seed=seed)
+        selector = build_selector("pfb", stratify="none", ratio=0.4, centres=32, feature_dim=64, noise=0.1, seed=seed)
         selector.observe(clustered(64, seed=100), None, None, None)
         feats = clustered(64, seed=1)
         return set(range(len(feats))) - set(selector.select(feats).tolist())
@@ -236,7 +239,7 @@ def test_two_selectors_seeded_differently_block_mostly_the_same_rows_when_densit
 
 
 def test_density_percentiles_separate_blocked_from_kept_rows():
-    selector = build_selector("pfb", ratio=0.25, centres=32, feature_dim=16, noise=0.0)
+    selector = build_selector("pfb", stratify="none", ratio=0.25, centres=32, feature_dim=16, noise=0.0)
     selector.observe(clustered(16, seed=100), None, None, None)
     selector.select(clustered(16, seed=1))
     d = selector.epoch_diagnostics("cpu")
@@ -246,10 +249,10 @@ def test_density_percentiles_separate_blocked_from_kept_rows():
 
 
 def test_diagnostics_survive_a_state_dict_round_trip():
-    a = build_selector("pfb", ratio=0.4, centres=16, feature_dim=16, seed=3)
+    a = build_selector("pfb", stratify="none", ratio=0.4, centres=16, feature_dim=16, seed=3)
     a.observe(clustered(16, seed=100), None, None, None)
     a.select(clustered(16, seed=1))
-    b = build_selector("pfb", ratio=0.4, centres=16, feature_dim=16, seed=3)
+    b = build_selector("pfb", stratify="none", ratio=0.4, centres=16, feature_dim=16, seed=3)
     b.load_state_dict(a.state_dict())
     for selector in (a, b):
         selector.select(clustered(16, seed=2))
@@ -265,7 +268,7 @@ def test_random_blocking_reports_no_signal():
 def test_the_default_random_term_is_scale_free_and_leaves_density_a_say():
     """Default: the rank form at the level the Fashion-MNIST study supports (docs/RESULTS.md); the
     density still decides more of the blocked set than chance does, at any feature size."""
-    selector = build_selector("pfb", ratio=0.5)
+    selector = build_selector("pfb", stratify="none", ratio=0.5)
     assert (selector.noise_form, selector.noise) == ("rank", 0.5)
     for dim in (32, 128):
         assert 0.6 < signal_of(dim) < 0.8  # random blocking: 0.5

@@ -14,16 +14,17 @@ from pfb_train.selection.registry import Method, RunFacts, build, get_method, me
 
 
 def build_selector(name: str, seed: int = 0, epochs: Optional[int] = None, batch_size: Optional[int] = None,
-                   **options) -> Selector:
+                   num_classes: Optional[int] = None, **options) -> Selector:
     """A method by name, its options by keyword, validated as the config would validate them.
-    `epochs` / `batch_size` describe the run where a method needs them (None: not known)."""
-    return build(name, RunFacts(epochs=epochs, batch_size=batch_size, seed=seed), **options)
+    `epochs` / `batch_size` / `num_classes` describe the run where a method needs them (None: not known)."""
+    return build(name, RunFacts(epochs=epochs, batch_size=batch_size, seed=seed, num_classes=num_classes), **options)
 
 
-def selector_from_config(cfg) -> Selector:
+def selector_from_config(cfg, num_classes: Optional[int] = None) -> Selector:
+    """The configured method, built for a training set of `num_classes` classes."""
     method = get_method(cfg.blocking.method)
     run = RunFacts(epochs=cfg.schedule.epochs, batch_size=cfg.data.batch_size, seed=cfg.runtime.seed,
-                   mode=cfg.blocking.mode)
+                   mode=cfg.blocking.mode, num_classes=num_classes)
     return method.build(cfg.blocking.chosen(), run)
 
 

@@ -5,6 +5,8 @@ The training loop calls these hooks and nothing else; it never asks which method
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -81,6 +83,30 @@ def need(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
+@functools.lru_cache(maxsize=None)
+def _takes(function, arguments: int) -> bool:
+    """Whether a method (the class's function, `self` counted) takes `arguments` positional arguments."""
+    params = list(inspect.signature(function).parameters.values())
+    return len(params) >= arguments or any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
+
+
+# Labels reach `select` and `observe` since stratified selection; methods written against the hooks of
+# earlier versions (select(feats), observe(feats, keep, sample_idx, losses)) go on working without them.
+def select_rows(selector: "Selector", feats: torch.Tensor, labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """`selector.select(feats, labels)`, or `select(feats)` for a method whose hook takes no labels."""
+    if _takes(type(selector).select, 3):
+        return selector.select(feats, labels)
+    return selector.select(feats)
+
+
+def observe_step(selector: "Selector", feats, keep, sample_idx, losses, labels) -> None:
+    """`selector.observe(feats, keep, sample_idx, losses, labels)`, without `labels` where the hook takes none."""
+    if _takes(type(selector).observe, 6):
+        selector.observe(feats, keep, sample_idx, losses, labels)
+    else:
+        selector.observe(feats, keep, sample_idx, losses)
+
+
 class Selector:
     """Base: keeps everything. Methods override the hooks they need."""
 
@@ -104,14 +130,15 @@ class Selector:
         """Whether `observe` uses the shallow features this epoch (they are pooled only if so)."""
         return False
 
-    def select(self, feats: torch.Tensor) -> Optional[torch.Tensor]:
+    def select(self, feats: torch.Tensor, labels: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """Batch-level selection: which rows of the batch go on through the deep part.
 
         `feats`: (B, C) float32 pooled shallow features of every row (recompute mode: from its ranking
-        pass), on the training device. Returns the kept rows' positions in the batch: a (k,) int64 tensor
-        on that device, sorted ascending, without repeats, where k depends only on B and the epoch (the
-        same count on every rank and every step, so DDP's all-reduce and compiled shapes hold); None
-        keeps every row. Called only in epochs where `blocks_rows()` is true. The base keeps every row
+        pass), on the training device. `labels`: (B,) int64 class of every row (under mixup/cutmix the
+        dominant one), on that device; None where the caller has none. Returns the kept rows' positions
+        in the batch: a (k,) int64 tensor on that device, sorted ascending, without repeats, where k
+        depends only on B and the epoch (the same count on every rank and every step, so DDP's
+        all-reduce and compiled shapes hold); None keeps every row. Called only in epochs where `blocks_rows()` is true. The base keeps every row
         and raises nothing; a method may raise ValueError on features it cannot rank (PFB: a first batch
         with fewer rows than its centres)."""
         return None
@@ -124,8 +151,9 @@ class Selector:
         """Per-sample loss multipliers for the kept rows; None = unweighted mean."""
         return None
 
-    def observe(self, feats, keep, sample_idx, losses) -> None:
-        """After the step: feats of all rows (or None), kept rows, their dataset indices and losses.
+    def observe(self, feats, keep, sample_idx, losses, labels=None) -> None:
+        """After the step: feats of all rows (or None), kept rows, their dataset indices, losses and
+        classes ((k,) int64, the dominant one under mixup/cutmix; None where the caller has none).
         A negative index marks a row that holds no sample (an unreadable file's stand-in): leave it out."""
 
     def epoch_diagnostics(self, device) -> dict:

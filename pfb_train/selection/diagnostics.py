@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from pfb_train.distributed import all_reduce_sum
@@ -40,14 +42,17 @@ class SelectionStats:
         self.totals = None  # on the device: overlap with the density's choice, kept quantile sums, blocked ones
         self.blocked = self.steps = 0  # host integers: blocked rows and steps that blocked rows
 
-    def add(self, clean: torch.Tensor, keep: torch.Tensor, blocked: torch.Tensor) -> None:
+    def add(self, clean: torch.Tensor, keep: torch.Tensor, blocked: torch.Tensor,
+            by_density: Optional[torch.Tensor] = None) -> None:
         """`clean`: (B,) scores without the random term (higher = blocked first); `keep`/`blocked`:
-        the row indices the selection kept and blocked."""
+        the row indices the selection kept and blocked; `by_density`: (B,) bool, the rows the scores
+        alone would block under the selection's own rule (None: the highest-scored of the batch)."""
         n_blocked = blocked.shape[0]
         if n_blocked == 0 or keep.shape[0] == 0:
             return
         ranks = batch_ranks(clean)
-        by_density = ranks >= clean.shape[0] - n_blocked  # the rows the scores alone would block
+        if by_density is None:
+            by_density = ranks >= clean.shape[0] - n_blocked
         overlap = by_density.index_select(0, blocked).sum()
         pct = ranks.float() / (clean.shape[0] - 1)
         step = torch.cat([overlap.view(1).to(pct.dtype),

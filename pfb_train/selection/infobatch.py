@@ -57,7 +57,7 @@ class InfoBatchSelector(Selector):
             self.weights = self.weights.to(sample_idx.device)  # once per epoch
         return self.weights[sample_idx]
 
-    def observe(self, feats, keep, sample_idx, losses) -> None:
+    def observe(self, feats, keep, sample_idx, losses, labels=None) -> None:
         """Every rank records every rank's losses, so the scores stay identical across ranks."""
         idx, values = all_gather_cat(sample_idx), all_gather_cat(losses.float())
         if self.scores.device != values.device:

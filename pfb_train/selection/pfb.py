@@ -2,7 +2,9 @@
 
 Density is a kernel estimate over K centres that follow the data online (Adaptive
 Distribution Estimation). All density math runs in float32 under disabled autocast:
-log-kernels of 128-dim features underflow in half precision.
+log-kernels of 128-dim features underflow in half precision. Two options go beyond the paper:
+`stratify: label` ranks rows inside their class, each class blocking its share of the batch
+(stratify.py), and `density: class` scores a row under its own class's mixture of the centres.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from pfb_train.distributed import all_reduce_sum, broadcast
+from pfb_train.errors import UserError
 from pfb_train.models import AUTO_SCORE, ScorePass
 from pfb_train.selection.base import WINDOW_LEGACY_KEYS, BlockingSchedule, Selector, WindowOptions, need
 from pfb_train.selection.diagnostics import SelectionStats, within_batch_rank
 from pfb_train.selection.registry import Method, register
+from pfb_train.selection.stratify import block_within_classes, class_quotas, class_rank, kept_rows
 
 
 def reduce_features(feats: torch.Tensor, dim: int) -> torch.Tensor:
@@ -45,7 +49,8 @@ def log_gaussian(v: torch.Tensor, centres: torch.Tensor, var: torch.Tensor) -> t
 
 
 def kde_log_density(v, centres, weights) -> torch.Tensor:
-    """The paper's estimate: log sum_j (w_j / K) N(v - c_j; 0, diag(h^2)), via logsumexp."""
+    """The paper's estimate: log sum_j (w_j / K) N(v - c_j; 0, diag(h^2)), via logsumexp.
+    `weights`: (K,) for every row alike, or (B, K), one weighting per row (class-conditional)."""
     h = silverman_bandwidth(centres)
     log_w = weights.clamp_min(1e-12).log() - math.log(centres.shape[0])
     return torch.logsumexp(log_w + log_gaussian(v, centres, h.square()), dim=1)
@@ -60,17 +65,22 @@ def mean_log_kernel(v, centres) -> torch.Tensor:
 # The random term, three forms (blocking.noise_form). Each maps clean scores s (higher = more
 # common) to perturbed scores; the selection blocks the highest perturbed scores.
 NOISE_FORMS = ("rank", "density_floor", "max_abs")
+STRATIFY = ("none", "label")  # none: one ranking over the batch; label: each class blocks its share (stratify.py)
+DENSITIES = ("marginal", "class")  # p(v) over all samples, or p(v | y) under the row's own class
 # rank 0.5: of 0.05 / 0.2 / 0.5, the level that trained best on the Fashion-MNIST study (docs/RESULTS.md);
 # the literal forms' defaults are the paper's and the code's values.
 DEFAULT_NOISE = {"rank": 0.5, "density_floor": 0.01, "max_abs": 0.1}
 
 
-def add_noise(s: torch.Tensor, form: str, level: float, gen: torch.Generator) -> torch.Tensor:
+def add_noise(s: torch.Tensor, form: str, level: float, gen: torch.Generator,
+              labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Perturb the scores of one batch for diversity (one random draw per row).
 
     - `rank`: rank(s)/(B-1) + level * N(0, 1). Depends on the order of the scores only, so the
       same level is the same amount of diversity for any estimator, feature dimension or
       density normalisation: level 0.1 moves a row by about a tenth of the batch's ranking.
+      With `labels` (stratified selection, which compares rows of a class only) the rank is
+      among the row's own class, so the level keeps that meaning inside each class.
     - `density_floor` (the paper's): importance 1 / (f + alpha * max f), alpha ~ U(0, level); in
       log space logaddexp(s, log alpha + max s). Invariant to a constant added to s (a density
       scale), not to s scaled: log-densities spread in proportion to the feature dimension, so
@@ -81,7 +91,8 @@ def add_noise(s: torch.Tensor, form: str, level: float, gen: torch.Generator) ->
     if level == 0:
         return s
     if form == "rank":
-        return within_batch_rank(s) + level * torch.randn(s.shape, device=s.device, generator=gen)
+        rank = within_batch_rank(s) if labels is None else class_rank(s, labels)
+        return rank + level * torch.randn(s.shape, device=s.device, generator=gen)
     if form == "density_floor":
         alpha = torch.rand(s.shape, device=s.device, generator=gen) * level
         return torch.logaddexp(s, alpha.clamp_min(1e-30).log() + s.max())
@@ -105,8 +116,20 @@ class PFBSelector(Selector):
         centre_weights: str = "counts",
         seed: int = 0,
         score: ScorePass = AUTO_SCORE,
+        stratify: str = "none",
+        density: str = "marginal",
+        num_classes: Optional[int] = None,
     ):
         super().__init__(seed)
+        if stratify not in STRATIFY:
+            raise ValueError(f"unknown stratify {stratify!r}; choose one of: {', '.join(STRATIFY)}")
+        if density not in DENSITIES:
+            raise ValueError(f"unknown density {density!r}; choose one of: {', '.join(DENSITIES)}")
+        if density == "class" and (estimator != "kde" or centre_weights != "counts" or not num_classes):
+            raise ValueError("density 'class' weighs the centres by each class's assignments: it needs estimator "
+                             f"'kde', centre_weights 'counts' and num_classes (got {estimator!r}, {centre_weights!r}, "
+                             f"{num_classes})")
+        self.stratify, self.density_kind, self.num_classes = stratify, density, num_classes
         self.score = score
         if noise_form not in NOISE_FORMS:
             raise ValueError(f"unknown noise form {noise_form!r}; choose one of: {', '.join(NOISE_FORMS)}")
@@ -117,6 +140,7 @@ class PFBSelector(Selector):
         self.noise = noise if noise is not None else DEFAULT_NOISE[noise_form]
         self.centres: Optional[torch.Tensor] = None  # (K, D) float32, identical on every rank
         self.counts: Optional[torch.Tensor] = None  # (K,) assignments so far
+        self.class_counts: Optional[torch.Tensor] = None  # (num_classes, K) assignments by class (density 'class')
         self.stats = SelectionStats()
 
     # -- density ---------------------------------------------------------------------------
@@ -126,18 +150,32 @@ class PFBSelector(Selector):
             raise ValueError(f"pfb needs a first batch of at least {self.num_centres} samples (blocking.pfb.centres), got {v.shape[0]}")
         self.centres = broadcast(v[: self.num_centres].clone().contiguous())
         self.counts = torch.zeros(self.num_centres, device=v.device)
+        if self.density_kind == "class":
+            self.class_counts = torch.zeros(self.num_classes, self.num_centres, device=v.device)
 
     def _ensure_centres(self, v: torch.Tensor) -> None:
         if self.centres is None:
             self._init_centres(v)
         elif self.centres.device != v.device:  # restored from a checkpoint loaded on the CPU
             self.centres, self.counts = self.centres.to(v.device), self.counts.to(v.device)
+            if self.class_counts is not None:
+                self.class_counts = self.class_counts.to(v.device)
 
-    def density(self, v: torch.Tensor) -> torch.Tensor:
-        """Density score per row (higher = more common), without the random term."""
+    def density(self, v: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Density score per row (higher = more common), without the random term: (B,) float32.
+
+        `v`: (B, D) float32 reduced features. `labels`: (B,) int64 classes, needed by density 'class':
+        each row's density is then under its own class's mixture, the shared centres weighted by how
+        many of that class's samples each has taken (log p(v | y); a class not seen yet: uniform)."""
         if self.estimator == "mean_log_kernel":
             return mean_log_kernel(v, self.centres)
-        if self.weighting == "counts":  # all-zero counts (nothing observed yet) act as uniform weights
+        if self.density_kind == "class":
+            if labels is None:
+                raise ValueError("density 'class' needs the batch's labels")
+            counts = self.class_counts.index_select(0, labels)  # (B, K)
+            weights = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+            weights = torch.where(counts.sum(dim=1, keepdim=True) > 0, weights, 1.0 / self.num_centres)
+        elif self.weighting == "counts":  # all-zero counts (nothing observed yet) act as uniform weights
             weights = self.counts / self.counts.sum().clamp_min(1)
         else:
             weights = torch.full_like(self.counts, 1.0 / self.num_centres)
@@ -152,7 +190,10 @@ class PFBSelector(Selector):
     def needs_features(self) -> bool:  # the centres follow the data from the first epoch until blocking ends
         return self.schedule.end is None or self.epoch < self.schedule.end
 
-    def select(self, feats: torch.Tensor):
+    def select(self, feats: torch.Tensor, labels: Optional[torch.Tensor] = None):
+        """Keep the k rarest rows (Selector.select); with stratify 'label', the rarest of each class,
+        every class keeping its share (stratify.py). Raises ValueError when `labels` is None and the
+        options need them (stratify 'label', density 'class')."""
         batch = feats.shape[0]
         k = self.schedule.kept(batch, self.epoch)
         if k == batch:
@@ -160,16 +201,27 @@ class PFBSelector(Selector):
         with torch.autocast(feats.device.type, enabled=False):
             v = reduce_features(feats, self.feature_dim)
             self._ensure_centres(v)
-            clean = self.density(v)
-            order = torch.argsort(add_noise(clean, self.noise_form, self.noise, self.generator(v.device)))
-            keep, blocked = order[:k].sort().values, order[k:]  # keep the k rarest rows
-            self.stats.add(clean, keep, blocked)
+            clean = self.density(v, labels)
+            gen = self.generator(v.device)
+            if self.stratify == "none":
+                order = torch.argsort(add_noise(clean, self.noise_form, self.noise, gen))
+                keep, blocked = order[:k].sort().values, order[k:]  # keep the k rarest rows
+                self.stats.add(clean, keep, blocked)
+                return keep
+            if labels is None:
+                raise ValueError("stratify 'label' needs the batch's labels")
+            quotas = class_quotas(labels, batch - k, gen)
+            blocked_rows = block_within_classes(add_noise(clean, self.noise_form, self.noise, gen, labels), labels, quotas)
+            keep, blocked = kept_rows(blocked_rows, k), kept_rows(~blocked_rows, batch - k)
+            # the signal asks the same question inside the classes: would the density alone block these rows?
+            self.stats.add(clean, keep, blocked, by_density=block_within_classes(clean, labels, quotas))
         return keep
 
     # -- Adaptive Distribution Estimation -----------------------------------------------------
 
-    def observe(self, feats, keep, sample_idx, losses) -> None:
-        """Move each centre toward the mean of the retained features nearest to it."""
+    def observe(self, feats, keep, sample_idx, losses, labels=None) -> None:
+        """Move each centre toward the mean of the retained features nearest to it (density 'class':
+        and count each kept row's class at its nearest centre, from `labels`)."""
         if feats is None or not self.needs_features():
             return  # after blocking ends: no density work at all
         with torch.autocast(feats.device.type, enabled=False):
@@ -177,31 +229,48 @@ class PFBSelector(Selector):
             self._ensure_centres(v)
             # stand-ins of unreadable files (index < 0) move no centre
             weight = None if sample_idx is None else (sample_idx >= 0).to(v.dtype)
-            self.update_centres(v, weight)
+            self.update_centres(v, weight, labels)
 
-    def update_centres(self, v: torch.Tensor, weight: Optional[torch.Tensor] = None) -> None:
-        """`weight`: (rows,) 1 for a sample, 0 for a row to leave out (None: all count)."""
+    def update_centres(self, v: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                       labels: Optional[torch.Tensor] = None) -> None:
+        """`v`: (rows, D) float32; `weight`: (rows,) 1 for a sample, 0 for a row to leave out (None: all
+        count); `labels`: (rows,) int64 classes, needed by density 'class' (ValueError without)."""
         weight = torch.ones_like(v[:, 0]) if weight is None else weight
         nearest = torch.cdist(v, self.centres).argmin(dim=1)
         sums = torch.zeros_like(self.centres).index_add_(0, nearest, v * weight.unsqueeze(1))
         counts = torch.zeros_like(self.counts).index_add_(0, nearest, weight)  # bincount would sync
+        parts = [sums, counts.unsqueeze(1)]
+        if self.class_counts is not None:
+            if labels is None:
+                raise ValueError("density 'class' needs the kept rows' labels")
+            by_class = torch.zeros_like(self.class_counts).index_put_((labels, nearest), weight, accumulate=True)
+            parts.append(by_class.T)
         # One all-reduce of sums and counts keeps the centres bit-identical across ranks.
-        packed = all_reduce_sum(torch.cat([sums, counts.unsqueeze(1)], dim=1))
-        sums, counts = packed[:, :-1], packed[:, -1]
+        packed = all_reduce_sum(torch.cat(parts, dim=1))
+        d = self.centres.shape[1]
+        sums, counts = packed[:, :d], packed[:, d]
         means = sums / counts.clamp_min(1).unsqueeze(1)
         moved = torch.lerp(self.centres, means, self.update_rate)
         self.centres = torch.where(counts.unsqueeze(1) > 0, moved, self.centres)
         self.counts = self.counts + counts
+        if self.class_counts is not None:
+            self.class_counts = self.class_counts + packed[:, d + 1:].T
 
     def epoch_diagnostics(self, device) -> dict:
         return self.stats.read(device)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "centres": self.centres, "counts": self.counts, "stats": self.stats.state_dict()}
+        return {**super().state_dict(), "centres": self.centres, "counts": self.counts,
+                "class_counts": self.class_counts, "stats": self.stats.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.centres, self.counts = state["centres"], state["counts"]
+        self.class_counts = state.get("class_counts")  # absent in checkpoints of earlier versions
+        if self.density_kind == "class" and self.class_counts is None and self.centres is not None:
+            raise UserError("cannot resume with blocking.pfb.density 'class': the checkpoint's PFB state has no class "
+                            "counts (it was trained with density 'marginal'); set blocking.pfb.density=marginal to go "
+                            "on, or start a new run (name=...)")
         self.stats.load_state_dict(state.get("stats"))
 
 
@@ -219,6 +288,12 @@ class PFBOptions(WindowOptions):
     # null / auto: half size and running statistics where the model takes them (docs/RESULTS.md).
     score_scale: Optional[float] = None
     score_norm: Literal["auto", "batch", "running"] = "auto"
+    # label: every class of a batch blocks the same share of its rows, its densest ones. The default: on
+    # Fashion-MNIST it beat random blocking, and ranking over the batch (none, the paper's) did not (docs/RESULTS.md).
+    stratify: Literal["none", "label"] = "label"
+    # class: a row's density under its own class's mixture (shared centres, weighted by that class's
+    # assignments): "common" means common for its class. Needs estimator kde and centre_weights counts.
+    density: Literal["marginal", "class"] = "marginal"
 
     def check(self, run, key) -> None:
         super().check(run, key)
@@ -232,6 +307,9 @@ class PFBOptions(WindowOptions):
         need(self.feature_dim >= 1, f"config key '{key('feature_dim')}' must be >= 1, got {self.feature_dim}")
         need(0.0 < self.update_rate <= 1.0, f"config key '{key('update_rate')}' must be in (0, 1], got {self.update_rate}")
         need(self.noise is None or self.noise >= 0, f"config key '{key('noise')}' must be >= 0, got {self.noise}")
+        need(self.density == "marginal" or (self.estimator == "kde" and self.centre_weights == "counts"),
+             f"config key '{key('density')}' 'class' weighs the centres by each class's assignments: it needs "
+             f"'{key('estimator')}' kde and '{key('centre_weights')}' counts (got {self.estimator}, {self.centre_weights})")
         need(run.batch_size is None or run.batch_size >= self.centres,
              f"config key 'data.batch_size' ({run.batch_size}) must be >= '{key('centres')}' ({self.centres}): "
              "centres are initialised from the first batch")
@@ -240,12 +318,14 @@ class PFBOptions(WindowOptions):
 def build(o: PFBOptions, run) -> PFBSelector:
     return PFBSelector(o.schedule(run.epochs), centres=o.centres, feature_dim=o.feature_dim, update_rate=o.update_rate,
                        estimator=o.estimator, noise=o.noise, noise_form=o.noise_form, centre_weights=o.centre_weights,
-                       seed=run.seed, score=ScorePass(o.score_scale, o.score_norm))
+                       seed=run.seed, score=ScorePass(o.score_scale, o.score_norm), stratify=o.stratify,
+                       density=o.density, num_classes=run.num_classes)
 
 
 register(Method(
     "pfb", level="batch", options=PFBOptions, build=build, ratio_option="ratio",
     legacy_keys={**WINDOW_LEGACY_KEYS, "centers": "centres", "feature_dim": "feature_dim", "ema": "update_rate",
                  "estimator": "estimator", "noise": "noise", "noise_form": "noise_form", "weights": "centre_weights"},
+    earlier_defaults={"stratify": "none"},  # runs written before the option ranked the whole batch
     summary="the `ratio` of each batch with the highest shallow-feature density is blocked (ICCV 2025)",
 ))

@@ -18,7 +18,7 @@ class RandomSelector(Selector):
     def blocks_rows(self) -> bool:
         return self.schedule.ratio_at(self.epoch) > 0
 
-    def select(self, feats: torch.Tensor):
+    def select(self, feats: torch.Tensor, labels=None):
         batch = feats.shape[0]
         k = self.schedule.kept(batch, self.epoch)
         if k == batch:

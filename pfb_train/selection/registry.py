@@ -45,6 +45,7 @@ class RunFacts:
     batch_size: Optional[int] = None  # per process (None: not known in advance)
     seed: int = 0
     mode: str = "auto"  # blocking.mode as configured: auto | reuse | recompute
+    num_classes: Optional[int] = None  # classes of the training set (None: not known in advance)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,9 @@ class Method:
     # Keys of the flat `blocking:` section of earlier versions that this method reads, and the
     # option each became: such configs keep working (see config.py, "flat blocking keys").
     legacy_keys: dict = dataclasses.field(default_factory=dict)
+    # Options added after runs were written, each with the value its behaviour had before: a stored
+    # config (run directory, checkpoint) without the key reads it so (config.experiment_settings).
+    earlier_defaults: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.level not in LEVELS:
