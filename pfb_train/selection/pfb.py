@@ -22,7 +22,7 @@ from pfb_train.models import AUTO_SCORE, ScorePass
 from pfb_train.selection.base import WINDOW_LEGACY_KEYS, BlockingSchedule, Selector, WindowOptions, need
 from pfb_train.selection.diagnostics import SelectionStats, within_batch_rank
 from pfb_train.selection.registry import Method, register
-from pfb_train.selection.stratify import block_within_classes, class_quotas, class_rank, kept_rows
+from pfb_train.selection.stratify import block_within_classes, class_quotas, class_rank, kept_rows, sort_by_class
 
 
 def reduce_features(feats: torch.Tensor, dim: int) -> torch.Tensor:
@@ -73,14 +73,15 @@ DEFAULT_NOISE = {"rank": 0.5, "density_floor": 0.01, "max_abs": 0.1}
 
 
 def add_noise(s: torch.Tensor, form: str, level: float, gen: torch.Generator,
-              labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+              labels: Optional[torch.Tensor] = None, ordered: Optional[tuple] = None) -> torch.Tensor:
     """Perturb the scores of one batch for diversity (one random draw per row).
 
     - `rank`: rank(s)/(B-1) + level * N(0, 1). Depends on the order of the scores only, so the
       same level is the same amount of diversity for any estimator, feature dimension or
       density normalisation: level 0.1 moves a row by about a tenth of the batch's ranking.
       With `labels` (stratified selection, which compares rows of a class only) the rank is
-      among the row's own class, so the level keeps that meaning inside each class.
+      among the row's own class, so the level keeps that meaning inside each class (`ordered`:
+      stratify.sort_by_class(s, labels), if the caller has it).
     - `density_floor` (the paper's): importance 1 / (f + alpha * max f), alpha ~ U(0, level); in
       log space logaddexp(s, log alpha + max s). Invariant to a constant added to s (a density
       scale), not to s scaled: log-densities spread in proportion to the feature dimension, so
@@ -91,7 +92,7 @@ def add_noise(s: torch.Tensor, form: str, level: float, gen: torch.Generator,
     if level == 0:
         return s
     if form == "rank":
-        rank = within_batch_rank(s) if labels is None else class_rank(s, labels)
+        rank = within_batch_rank(s) if labels is None else class_rank(s, labels, ordered)
         return rank + level * torch.randn(s.shape, device=s.device, generator=gen)
     if form == "density_floor":
         alpha = torch.rand(s.shape, device=s.device, generator=gen) * level
@@ -210,11 +211,13 @@ class PFBSelector(Selector):
                 return keep
             if labels is None:
                 raise ValueError("stratify 'label' needs the batch's labels")
-            quotas = class_quotas(labels, batch - k, gen)
-            blocked_rows = block_within_classes(add_noise(clean, self.noise_form, self.noise, gen, labels), labels, quotas)
+            by_clean = sort_by_class(clean, labels)  # one sort serves the quotas, the rank noise and the signal
+            quotas = class_quotas(labels, batch - k, gen, by_clean)
+            noisy = add_noise(clean, self.noise_form, self.noise, gen, labels, by_clean)
+            blocked_rows = block_within_classes(noisy, labels, quotas)
             keep, blocked = kept_rows(blocked_rows, k), kept_rows(~blocked_rows, batch - k)
             # the signal asks the same question inside the classes: would the density alone block these rows?
-            self.stats.add(clean, keep, blocked, by_density=block_within_classes(clean, labels, quotas))
+            self.stats.add(clean, keep, blocked, by_density=block_within_classes(clean, labels, quotas, by_clean))
         return keep
 
     # -- Adaptive Distribution Estimation -----------------------------------------------------

@@ -15,6 +15,8 @@ number of rows.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -34,15 +36,17 @@ def sort_by_class(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return order, within, after - first
 
 
-def class_rank(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def class_rank(scores: torch.Tensor, labels: torch.Tensor, ordered: Optional[tuple] = None) -> torch.Tensor:
     """Each row's rank among its own class's rows of the batch, scaled to [0, 1] (0: the class's
-    lowest score, 1: its highest; a class's only row: 0). (B,) float32."""
-    order, within, size = sort_by_class(scores, labels)
+    lowest score, 1: its highest; a class's only row: 0). (B,) float32. `ordered`: sort_by_class(scores,
+    labels) if the caller has it already (one sort per step instead of one per use)."""
+    order, within, size = ordered or sort_by_class(scores, labels)
     sorted_rank = (size - 1 - within).float() / (size - 1).clamp_min(1).float()
     return torch.empty_like(sorted_rank).scatter_(0, order, sorted_rank)
 
 
-def class_quotas(labels: torch.Tensor, blocked: int, generator: torch.Generator) -> torch.Tensor:
+def class_quotas(labels: torch.Tensor, blocked: int, generator: torch.Generator,
+                 ordered: Optional[tuple] = None) -> torch.Tensor:
     """How many rows each row's class blocks: the largest-remainder split of `blocked` rows over the
     classes of the batch in proportion to their row counts.
 
@@ -50,9 +54,10 @@ def class_quotas(labels: torch.Tensor, blocked: int, generator: torch.Generator)
     (B,) int64, the quota of each row's class (every row of a class carries the same value). The
     quotas of the classes present add up to `blocked` exactly, and no class blocks all of its rows
     unless its exact share is all of them. Ties in remainder are broken by a draw from `generator`
-    (on the labels' device), so no class index is favoured from batch to batch."""
+    (on the labels' device), so no class index is favoured from batch to batch. `ordered`: any
+    sort_by_class(..., labels) the caller has already (only the class blocks are read)."""
     rows = labels.shape[0]
-    order, within, size = sort_by_class(torch.zeros(rows, device=labels.device), labels)
+    order, within, size = ordered or sort_by_class(torch.zeros(rows, device=labels.device), labels)
     share = blocked * size  # exact quota = share / rows
     base, remainder = share // rows, share % rows
     leader = within == 0  # one sorted row stands for its class
@@ -67,10 +72,11 @@ def class_quotas(labels: torch.Tensor, blocked: int, generator: torch.Generator)
     return torch.empty_like(sorted_quota).scatter_(0, order, sorted_quota)
 
 
-def block_within_classes(scores: torch.Tensor, labels: torch.Tensor, quotas: torch.Tensor) -> torch.Tensor:
+def block_within_classes(scores: torch.Tensor, labels: torch.Tensor, quotas: torch.Tensor,
+                         ordered: Optional[tuple] = None) -> torch.Tensor:
     """(B,) bool: the rows blocked when each class blocks its `quotas` (from `class_quotas`) highest-scored
-    rows. `scores`: (B,) float, higher = blocked first."""
-    order, within, _ = sort_by_class(scores, labels)
+    rows. `scores`: (B,) float, higher = blocked first; `ordered`: sort_by_class(scores, labels), if known."""
+    order, within, _ = ordered or sort_by_class(scores, labels)
     blocked_sorted = within < quotas[order]
     return torch.empty_like(blocked_sorted).scatter_(0, order, blocked_sorted)
 
