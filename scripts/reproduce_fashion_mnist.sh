@@ -29,12 +29,7 @@ common=(--config fashion_mnist --set blocking.pfb.score_scale=1.0 --set blocking
 [ -n "${DATA:-}" ] && common+=(--set "data.root=$DATA")
 [ -n "${THREADS:-}" ] && common+=(--set "runtime.threads=$THREADS")
 
-train() {  # folder, run name, seed, overrides...
-  local dir=$1 name=$2 seed=$3; shift 3
-  [ -f "$OUT/$dir/${name}_s$seed/summary.json" ] && return 0
-  rm -rf "${OUT:?}/$dir/${name}_s$seed"
-  $TRAIN "${common[@]}" --set "name=${name}_s$seed" --set "runtime.output=$OUT/$dir" --set "runtime.seed=$seed" "$@"
-}
+source scripts/fashion_mnist_runs.sh  # train, report_folder
 
 pfb_variants() {  # folder, ratio, seed, extra overrides...: every PFB form at one ratio
   local dir=$1 r=$2 seed=$3; shift 3
@@ -66,13 +61,5 @@ for seed in $SEEDS; do
 done
 
 for dir in balanced long_tail; do
-  runs=("$OUT/$dir"/*_s*)
-  finished=("$OUT/$dir"/*_s*/summary.json)
-  if [ ${#runs[@]} -eq 0 ] || [ ${#runs[@]} -ne ${#finished[@]} ]; then  # another invocation may still train
-    echo "$dir: $(( ${#runs[@]} - ${#finished[@]} )) of ${#runs[@]} run(s) unfinished; run this script again when they are done"
-    continue
-  fi
-  baselines=()
-  for run in "$OUT/$dir"/full_s*; do baselines+=(--baseline "$run"); done
-  $TRAIN report "${runs[@]}" "${baselines[@]}" --out "$REPORT/$dir"
+  report_folder "$dir" || continue
 done

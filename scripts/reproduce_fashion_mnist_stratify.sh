@@ -23,12 +23,7 @@ common=(--config fashion_mnist --set blocking.pfb.score_scale=1.0 --set blocking
 [ -n "${DATA:-}" ] && common+=(--set "data.root=$DATA")
 [ -n "${THREADS:-}" ] && common+=(--set "runtime.threads=$THREADS")
 
-train() {  # folder, run name, seed, overrides...
-  local dir=$1 name=$2 seed=$3; shift 3
-  [ -f "$OUT/$dir/${name}_s$seed/summary.json" ] && return 0
-  rm -rf "${OUT:?}/$dir/${name}_s$seed"
-  $TRAIN "${common[@]}" --set "name=${name}_s$seed" --set "runtime.output=$OUT/$dir" --set "runtime.seed=$seed" "$@"
-}
+source scripts/fashion_mnist_runs.sh  # train, report_folder
 
 pfb=(--set blocking.method=pfb --set blocking.pfb.stratify=label)
 low=(--set blocking.pfb.noise=0.05)
@@ -50,15 +45,7 @@ for seed in $SEEDS; do
 done
 
 for dir in balanced long_tail; do
-  runs=("$OUT/$dir"/*_s*)
-  finished=("$OUT/$dir"/*_s*/summary.json)
-  if [ ${#runs[@]} -eq 0 ] || [ ${#runs[@]} -ne ${#finished[@]} ]; then  # another invocation may still train
-    echo "$dir: $(( ${#runs[@]} - ${#finished[@]} )) of ${#runs[@]} run(s) unfinished; run this script again when they are done"
-    continue
-  fi
-  baselines=()
-  for run in "$OUT/$dir"/full_s*; do baselines+=(--baseline "$run"); done
-  $TRAIN report "${runs[@]}" "${baselines[@]}" --out "$REPORT/$dir"
+  report_folder "$dir" || continue
   for r in 3 5; do
     [ -f "$OUT/$dir/random_r${r}_s0/summary.json" ] || continue
     python scripts/paired_difference.py "$OUT/$dir" --reference "random_r$r" --match "_r$r\$"
