@@ -160,6 +160,9 @@ class Blocking:
         observe(self.selector, batch, losses)
 
     def state_dict(self) -> dict:
+        """This process's selection state. Under DDP the entries named in `selector.rank_local` (random
+        streams, PFB's per-epoch diagnostics) differ between ranks: save each rank's (or gather them)
+        and give every rank its own back, or a resumed run draws rank 0's noise on every rank."""
         return self.selector.state_dict()
 
     def load_state_dict(self, state: dict) -> None:

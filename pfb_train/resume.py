@@ -57,6 +57,56 @@ def _set_position(name: str) -> Callable:
     return lambda state, value: setattr(state.position, name, value)
 
 
+def _save_selector(state: RunState) -> dict:
+    """The selector's state (rank 0's) and, under `per_rank`, every rank's `rank_local` entries. Collective."""
+    selector = state.selector
+    whole = selector.state_dict()
+    return {**whole, "per_rank": all_gather_objects({k: whole[k] for k in selector.rank_local if k in whole})}
+
+
+def _load_selector(state: RunState, value: dict) -> None:
+    """Each rank resumes its own random streams and tallies; with another number of processes they
+    restart, rank 0 taking the merged tallies (`Selector.merge_rank_states`). Checkpoints of earlier
+    versions hold rank 0's state alone: every rank loads it."""
+    per_rank = value.get("per_rank")
+    if per_rank is None:
+        state.selector.load_state_dict(value)
+        return
+    selector, dist = state.selector, state.settings.dist
+    mine = per_rank[dist.rank] if len(per_rank) == dist.world_size else (
+        selector.merge_rank_states(per_rank) if dist.is_main else {})
+    shared = {k: v for k, v in value.items() if k != "per_rank" and k not in selector.rank_local}
+    selector.load_state_dict({**shared, **mine})
+
+
+def _floating_buffers(module) -> dict:
+    return {name: b.detach().cpu() for name, b in module.named_buffers() if b.is_floating_point()}
+
+
+def _save_rank_buffers(state: RunState) -> Optional[list]:
+    """Every rank's BatchNorm running statistics, and its EMA copy's. Collective. Under DDP each rank
+    updates them from its own batches (DDP's broadcast from rank 0 comes at the next forward), so they
+    differ after a step until the epoch end averages them, and every rank's EMA keeps its own mix."""
+    if state.settings.dist.world_size == 1:
+        return None
+    ema = state.optimization.ema
+    return all_gather_objects({"model": _floating_buffers(state.net),
+                               "ema": _floating_buffers(ema.module) if ema is not None else None})
+
+
+def _load_rank_buffers(state: RunState, value: Optional[list]) -> None:
+    """This rank's own buffers back (same number of processes only; otherwise rank 0's stay, from `model`)."""
+    dist = state.settings.dist
+    if value is None or len(value) != dist.world_size:
+        return
+    ema = state.optimization.ema
+    for module, saved in ((state.net, value[dist.rank]["model"]),
+                          (ema.module if ema is not None else None, value[dist.rank]["ema"])):
+        if module is not None and saved is not None:
+            for name, tensor in saved.items():
+                module.get_buffer(name).copy_(tensor)
+
+
 def _restore_rng(state: RunState, value) -> None:
     if not restore_rng(value):
         print("pfb-train: warning: the world size changed since the checkpoint; random streams restart",
@@ -71,7 +121,8 @@ CHECKPOINT_PARTS = (
          lambda s, v: s.optimization.optimizer.load_state_dict(v)),
     Part("scaler", lambda s: s.optimization.scaler.state_dict(), lambda s, v: s.optimization.scaler.load_state_dict(v)),
     Part("ema", lambda s: s.optimization.ema.state_dict() if s.optimization.ema is not None else None, _load_ema),
-    Part("selector", lambda s: s.selector.state_dict(), lambda s, v: s.selector.load_state_dict(v)),
+    Part("rank_buffers", _save_rank_buffers, _load_rank_buffers),  # after model, ema: overrides rank 0's
+    Part("selector", _save_selector, _load_selector),
     Part("blocking_mode", lambda s: s.net.mode, lambda s, v: setattr(s.net, "mode", v) if v else None),
     Part("epoch", lambda s: s.position.epoch, _set_position("epoch")),
     Part("step", lambda s: s.position.optimizer_steps, _set_position("optimizer_steps")),
@@ -172,7 +223,7 @@ def save_checkpoints(state: RunState, epoch: int, tally: Optional[EpochTally], b
         position.partial = {"order_done": tally.order_done(), "batch_size": state.cfg.data.batch_size,
                             "world_size": dist.world_size, "ranks": all_gather_objects(tally.state_dict())}
     position.subset = state.train_loader.sampler.subset if tally is not None else None
-    checkpoint = {part.key: part.save(state) for part in CHECKPOINT_PARTS}  # rng: collective, every rank
+    checkpoint = {part.key: part.save(state) for part in CHECKPOINT_PARTS}  # rank_buffers, selector, rng: collective
     position.partial = position.subset = None  # they describe the checkpoint, not the live run
     if not state.settings.dist.is_main:
         return

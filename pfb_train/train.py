@@ -203,6 +203,12 @@ def fit(state: RunState, until_epoch: Optional[int] = None, until_step: Optional
         logger.close()
 
 
+def preempted(signum: int, where: str, location: str) -> Preempted:
+    """The stop of a signalled run, its checkpoint written; `where`: e.g. 'at epoch 3, step 120'."""
+    return Preempted(signum, f"stopped by {signal.Signals(signum).name} {where}; checkpoint saved in {location}; "
+                             "run the same command with --resume auto to continue")
+
+
 def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optional[dict]:
     cfg, dist, rt, position = state.cfg, state.settings.dist, state.cfg.runtime, state.position
     step_settings, optimization = state.settings.step_settings, state.optimization
@@ -223,24 +229,26 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
                 optimization.scheduler.step_update(
                     num_updates=step_settings.updates_per_epoch * (epoch + done / (done + rest)))
 
+            last_batch = tally.batches + len(state.train_loader)  # the same on every rank
+
             def after_step(tally: EpochTally, epoch: int = epoch) -> bool:
                 position.optimizer_steps += 1
                 steps = position.optimizer_steps
-                signum = signals.requested(steps)
+                # At the epoch's last step too: a signal is not left waiting through the evaluation.
+                signum = signals.requested(steps, force=tally.batches == last_batch)
                 stop = signum or (until_step is not None and steps >= until_step)
                 if stop or (rt.checkpoint_every and steps % rt.checkpoint_every == 0):
                     save_checkpoints(state, epoch, tally)
                 if signum:
-                    name = signal.Signals(signum).name
-                    raise Preempted(signum, f"stopped by {name} at epoch {epoch}, step {steps}; checkpoint "
-                                            f"saved in {state.location}; run the same command with --resume auto to continue")
+                    raise preempted(signum, f"at epoch {epoch}, step {steps}", state.location)
                 return bool(stop)
 
-            bar = tqdm(total=tally.batches + len(state.train_loader), initial=tally.batches, desc=f"epoch {epoch}",
+            bar = tqdm(total=last_batch, initial=tally.batches, desc=f"epoch {epoch}",
                        leave=False, dynamic_ncols=True, disable=True if not (rt.progress and dist.is_main) else None)
             stats = train_one_epoch(context, state.train_loader, epoch, tally, after_step, bar)
             bar.close()
-            if stats is None:
+            if stats is None:  # stopped early: rank 0 has written the checkpoint once every rank returns
+                barrier()
                 return None
             seen, bad = stats["samples_seen"], stats["bad_samples"]
             nominal = state.settings.nominal_rows
@@ -270,6 +278,13 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
                 logger.log_epoch(record)
                 print(epoch_line(record), flush=True)
             barrier()
+            # A signal that came during the evaluation or the checkpoint: stop here, the epoch is saved.
+            # After the last epoch the run ends as finished instead (its summary takes a moment).
+            signum = signals.requested(position.optimizer_steps, force=True)
+            if signum and epoch + 1 < cfg.schedule.epochs:
+                raise preempted(signum, f"after epoch {epoch}, step {position.optimizer_steps}", state.location)
+            if signum and dist.is_main:
+                print(f"note: {signal.Signals(signum).name} came as the last epoch ended: the run finishes", flush=True)
 
     summary = summarize(cfg, position.history, time.perf_counter() - wall_start,
                         str(state.run_dir) if state.run_dir else None, dist.world_size, dist.device.type,

@@ -392,7 +392,9 @@ def test_sigterm_during_the_first_step_or_evaluation(moment, tmp_path):
             "--resume", "auto"]
     first = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
     assert first.returncode == 128 + signal.SIGTERM, first.stderr
-    assert "stopped by SIGTERM" in one_line(first.stderr)
+    # during the evaluation: the stop comes right after the epoch's checkpoint, not a step later
+    where = "at epoch 0, step 1;" if moment == "first_step" else "after epoch 0, step"
+    assert f"stopped by SIGTERM {where}" in one_line(first.stderr)
     again = subprocess.run([sys.executable, "-m", "pfb_train", *args[3:]], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert [r["epoch"] for r in read_metrics(tmp_path / "demo")] == [0, 1]
@@ -444,25 +446,51 @@ def test_two_errors_at_once_still_give_every_rank_one_line(faults, tmp_path):
     assert "pfb_train/" not in result.stderr and "exitcode  : 0" not in result.stderr
 
 
+# A cluster's preemption as torchrun passes it on: to each rank's whole process group, DataLoader
+# workers included (imagefolder JPEGs, so the loaders have workers; 49 files: 6 steps of 2 x 4 per epoch).
+FOLDER_DDP_CONFIG = """name: ddp
+model: {name: test_resnet, num_classes: null}
+blocking: {method: pfb, pfb: {ratio: 0.25, start_epoch: 0, centres: 4, feature_dim: 8}}
+data: {dataset: imagefolder, batch_size: 4, img_size: 16, workers: 2}
+optim: {lr: 0.05}
+schedule: {epochs: 3, warmup_epochs: 0}
+runtime: {device: cpu, seed: 0, progress: false, threads: 1}
+"""
+
+
+def without_timings(records: list) -> list:
+    """Epoch records without their clock readings (`*_seconds`, `images_per_second`)."""
+    return [{k: v for k, v in r.items() if "second" not in k} for r in records]
+
+
+@pytest.fixture(scope="module")
+def folder_ddp(tmp_path_factory):
+    """(torchrun arguments of the job, its uninterrupted run's metrics)."""
+    root = tmp_path_factory.mktemp("folder_ddp")
+    (root / "ddp.yaml").write_text(FOLDER_DDP_CONFIG)
+    args = ["--config", str(root / "ddp.yaml"), "--set", f"data.root={write_folder(root / 'data', per_class=25)}"]
+    whole = subprocess.run([*TORCHRUN, "-m", "pfb_train", *args, "--set", f"runtime.output={root}"],
+                           capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    return args, read_metrics(root / "ddp")
+
+
 @pytest.mark.slow
-def test_sigterm_to_a_torchrun_job_then_its_resume(tmp_path):
-    (tmp_path / "ddp.yaml").write_text(DDP_CONFIG.replace("epochs: 2", "epochs: 30"))
-    args = [*TORCHRUN, "-m", "pfb_train", "--config", str(tmp_path / "ddp.yaml"), "--set",
-            f"runtime.output={tmp_path}", "--resume", "auto"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in proc.stdout:
-        if line.startswith("epoch 0:"):
-            break
-    proc.send_signal(signal.SIGTERM)  # torchrun passes it to both workers
-    _, err = proc.communicate(timeout=120)
-    assert err.count("pfb-train: stopped by SIGTERM") == 2
-    assert err.count(f"checkpoint saved in {tmp_path / 'ddp'};") == 2  # every rank names the run directory
-    assert "pfb_train/" not in err  # no traceback through the workers' code (torchrun's agent prints its own)
-    stopped_at = len(read_metrics(tmp_path / "ddp"))
-    assert 1 <= stopped_at < 30
-    args[args.index(str(tmp_path / "ddp.yaml"))] = str(tmp_path / "short.yaml")
-    (tmp_path / "short.yaml").write_text(DDP_CONFIG.replace("epochs: 2", f"epochs: {stopped_at + 1}"))
-    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("signal_at,log_every,stop", [
+    (3, 2, "at epoch 0, step 4"),  # mid-epoch, at the next check
+    (14, 50, "at epoch 2, step 18"),  # the last epoch: checked at its last step, before the evaluation
+], ids=["mid_epoch", "last_epoch"])
+def test_sigterm_to_a_torchrun_job_with_loader_workers_then_an_exact_resume(signal_at, log_every, stop, folder_ddp,
+                                                                            tmp_path):
+    args, whole = folder_ddp
+    args = [*args, "--set", f"runtime.output={tmp_path}", "--resume", "auto"]
+    first = subprocess.run([*TORCHRUN, str(HERE / "signal_worker.py"), f"step={signal_at}", "--", *args, "--set",
+                            f"runtime.log_every={log_every}"], capture_output=True, text=True, timeout=300)
+    err = first.stderr
+    line = f"pfb-train: stopped by SIGTERM {stop}; checkpoint saved in {tmp_path / 'ddp'};"
+    assert err.count(line) == 2 and err.count("pfb-train:") == 2, err[-3000:]  # every rank, the same step
+    assert "DataLoader worker" not in err and "pfb_train/" not in err  # (torchrun's agent prints its own traceback)
+    again = subprocess.run([*TORCHRUN, "-m", "pfb_train", *args], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert [r["epoch"] for r in read_metrics(tmp_path / "ddp")] == list(range(stopped_at + 1))
+    # every rank's noise streams and BatchNorm statistics resumed: the same run as the uninterrupted one
+    assert without_timings(read_metrics(tmp_path / "ddp")) == without_timings(whole)

@@ -183,8 +183,9 @@ def test_training_steps_never_read_device_values_back(method):
     assert reads.ops == []
 
 
-def test_every_method_keeps_ranks_in_agreement_under_two_processes(tmp_path):
-    """One torchrun job of 2 gloo processes trains every registered method in turn."""
+def test_every_method_keeps_ranks_in_agreement_and_resumes_exactly_under_two_processes(tmp_path):
+    """One torchrun job of 2 gloo processes trains every registered method in turn, through and with
+    a stop inside its second epoch: each rank resumes its own random streams and tallies."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(HERE / "methods_worker.py"), str(tmp_path), *METHODS]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -196,6 +197,13 @@ def test_every_method_keeps_ranks_in_agreement_under_two_processes(tmp_path):
         assert r0["summary"]["blocked_fraction"] == r1["summary"]["blocked_fraction"]
         records = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
         assert [r["samples_seen"] + r["samples_pruned"] for r in records] == [SAMPLES // BATCH * BATCH] * EPOCHS
+        for rank, whole in enumerate((r0, r1)):
+            resumed = torch.load(tmp_path / f"{method}_cut_rank{rank}.pt", weights_only=False)
+            assert_equal(whole["model"], resumed["model"], f"{method} rank {rank} model")
+            assert_equal(whole["selector"], resumed["selector"], f"{method} rank {rank} selector")  # generators too
+        cut = [json.loads(line) for line in (tmp_path / f"{method}_cut" / "metrics.jsonl").read_text().splitlines()]
+        assert [{k: v for k, v in r.items() if "second" not in k} for r in cut] == \
+               [{k: v for k, v in r.items() if "second" not in k} for r in records], method
 
 
 # ---------------------------------------------------------------- a method from outside the package

@@ -240,3 +240,68 @@ def test_without_the_per_step_check_a_nonfinite_epoch_stops_the_run(tmp_path):
 def test_check_finite_default_is_on_for_the_cpu(tmp_path):
     state = setup(load_config(None, [*TINY, f"runtime.output={tmp_path}"]), DistInfo())
     assert state.cfg.runtime.check_finite is None and state.settings.step_settings.check_finite is True
+
+
+# ---------------------------------------------------------------- signals to a process group, per-rank state
+
+def test_loader_workers_live_through_a_sigterm_sent_to_their_process_group(tmp_path):
+    """A scheduler or torchrun signals every process of the job: the loader's workers go on (the training
+    process stops at its next check, after a checkpoint), instead of dying and failing the run."""
+    import multiprocessing
+
+    write_folder(tmp_path / "data")  # 16 training images: 4 batches of 4
+    state = setup(load_config(None, [*FOLDER, f"data.root={tmp_path}/data", "data.workers=2",
+                                     f"runtime.output={tmp_path}"]), DistInfo())
+    batches = iter(state.train_loader)
+    next(batches)
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert len(list(batches)) == 3 and all(w.is_alive() for w in workers)
+
+
+def _ranks_selectors():
+    """Two PFB selectors as two ranks hold them mid-epoch: their own noise drawn, their own steps tallied."""
+    from pfb_train.selection import build_selector
+
+    ranks = [build_selector("pfb", ratio=0.25, centres=4, feature_dim=8, seed=seed) for seed in (0, 1)]
+    g = torch.Generator().manual_seed(0)
+    for steps, selector in zip((2, 3), ranks):
+        selector.set_epoch(0)
+        for _ in range(steps):
+            feats = torch.randn(16, 8, generator=g)
+            labels = torch.arange(16) % 2
+            keep = selector.select(feats, labels)
+            selector.observe(feats, keep, keep, torch.zeros(12), labels[keep])
+    return ranks
+
+
+@pytest.mark.parametrize("world_size,rank", [(2, 1), (1, 0), (4, 0), (4, 3)])
+def test_each_rank_resumes_its_own_selector_streams_and_tallies(world_size, rank):
+    """Same number of processes: every rank its own generators and diagnostics tallies. Another one: the
+    streams restart from the seed, and rank 0 takes the sum of the tallies (they are summed over ranks)."""
+    from types import SimpleNamespace
+
+    from pfb_train.resume import _load_selector
+    from pfb_train.selection import build_selector
+
+    saved = _ranks_selectors()
+    whole = [s.state_dict() for s in saved]
+    checkpoint = {**whole[0], "per_rank": [{k: w[k] for k in saved[0].rank_local} for w in whole]}
+    fresh = build_selector("pfb", ratio=0.25, centres=4, feature_dim=8, seed=rank)
+    fresh.generator(torch.device("cpu"))  # as a fresh run holds it once it has drawn
+    initial_streams = fresh.state_dict()["generators"]
+    state = SimpleNamespace(selector=fresh, settings=SimpleNamespace(dist=DistInfo(rank=rank, world_size=world_size)))
+    _load_selector(state, checkpoint)
+    loaded = fresh.state_dict()
+    assert torch.equal(loaded["centres"], whole[0]["centres"])  # shared: rank 0's
+    if world_size == 2:
+        assert torch.equal(loaded["generators"]["cpu"], whole[rank]["generators"]["cpu"])
+        assert loaded["stats"]["steps"] == whole[rank]["stats"]["steps"] == 3
+        return
+    assert torch.equal(loaded["generators"]["cpu"], initial_streams["cpu"])
+    assert loaded["stats"]["steps"] == (2 + 3 if rank == 0 else 0)
+    if rank == 0:
+        assert torch.allclose(loaded["stats"]["totals"], whole[0]["stats"]["totals"] + whole[1]["stats"]["totals"])

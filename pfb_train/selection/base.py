@@ -110,6 +110,10 @@ def observe_step(selector: "Selector", feats, keep, sample_idx, losses, labels) 
 class Selector:
     """Base: keeps everything. Methods override the hooks they need."""
 
+    # Entries of `state_dict()` that differ between ranks: a checkpoint keeps every rank's (resume.py),
+    # the rest once (rank 0's; a method keeps it equal on every rank through its own collectives).
+    rank_local: tuple[str, ...] = ("generators",)
+
     def __init__(self, seed: int = 0):
         self.seed = derive_seed("selector", seed, get_rank())  # ranks hold different data: draw different noise
         self.epoch = 0
@@ -169,7 +173,15 @@ class Selector:
         return self._generators[device]
 
     def state_dict(self) -> dict:
+        """This process's whole state (its `rank_local` entries included); tensors as the method holds them."""
         return {"epoch": self.epoch, "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
+
+    @staticmethod
+    def merge_rank_states(states: list[dict]) -> dict:
+        """The `rank_local` entries rank 0 resumes with when the number of processes changed, from every
+        saved rank's (`states`: one dict per saved rank). The base keeps none: random streams restart
+        from the seed. A method with per-rank tallies that are summed over ranks sums them here."""
+        return {}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = state["epoch"]

@@ -87,3 +87,11 @@ class SelectionStats:
     def load_state_dict(self, state) -> None:
         if state:
             self.totals, self.blocked, self.steps = state["totals"], state["blocked"], state["steps"]
+
+    @staticmethod
+    def merge(states: list) -> dict:
+        """One `state_dict()` holding the sum of several ranks' (None entries: nothing tallied)."""
+        states = [s for s in states if s]
+        totals = [s["totals"] for s in states if s["totals"] is not None]
+        return {"totals": sum(totals[1:], totals[0].clone()) if totals else None,
+                "blocked": sum(s["blocked"] for s in states), "steps": sum(s["steps"] for s in states)}

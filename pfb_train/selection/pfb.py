@@ -262,6 +262,12 @@ class PFBSelector(Selector):
     def epoch_diagnostics(self, device) -> dict:
         return self.stats.read(device)
 
+    rank_local = (*Selector.rank_local, "stats")  # the epoch's diagnostics so far, this rank's steps
+
+    @staticmethod
+    def merge_rank_states(states: list[dict]) -> dict:
+        return {"stats": SelectionStats.merge([s.get("stats") for s in states])}
+
     def state_dict(self) -> dict:
         return {**super().state_dict(), "centres": self.centres, "counts": self.counts,
                 "class_counts": self.class_counts, "stats": self.stats.state_dict()}
