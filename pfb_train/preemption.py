@@ -1,30 +1,73 @@
 """Cluster preemption: SIGTERM / SIGUSR1 end the run at a step boundary, after a checkpoint.
 
-A scheduler (SLURM, Kubernetes) or torchrun sends the signal to the whole process group, DataLoader
-workers included: the workers ignore it (`ignore_stop_signals`) and the training process stops at
-the next check (`PreemptionSignals.requested`), on every rank at the same step.
+A scheduler (SLURM) or torchrun sends the signal to every process of the job, DataLoader workers
+included: the workers drop it (`StopSafeDataLoader`) and the training process stops at the next check
+(`PreemptionSignals.requested`), on every rank at the same step.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import threading
 
 import torch
+from torch.utils.data import DataLoader
 
 from pfb_train.distributed import all_reduce_sum, is_distributed
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader `worker_init_fn`: the worker lives through SIGTERM/SIGUSR1 sent to its process group.
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """Hold SIGTERM/SIGUSR1 back in this thread (they stay pending, and arrive on leaving): a process
+    forked inside starts with them blocked, so no signal reaches it before `ignore_stop_signals`."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
-    PyTorch's workers otherwise die of a SIGTERM from any process but their parent, and the training
-    process then fails with "DataLoader worker ... is killed by signal" before it can checkpoint. An
-    ignoring worker still ends with its loader, or on its own once the training process is gone."""
-    for sig in SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: the worker lives through SIGTERM/SIGUSR1 sent to the whole job, and
+    still ends at once when its own training process terminates it (a loader shutting down, the
+    interpreter's exit).
+
+    Schedulers and torchrun signal every process of the job. PyTorch's workers die of a SIGTERM from
+    any process but their parent, and the training process then fails with "DataLoader worker ... is
+    killed by signal" before it can checkpoint. Here the signals stay blocked and a thread takes them
+    (`sigwaitinfo` names the sender): the parent's ends the worker as PyTorch's own handler does, any
+    other is dropped. The loader's workers start with the signals blocked (`StopSafeDataLoader`);
+    where `sigwaitinfo` does not exist (macOS), PyTorch's handling stays."""
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    threading.Thread(target=_end_when_the_parent_asks, args=(os.getppid(),), daemon=True,
+                     name="stop-signals").start()
+
+
+def _end_when_the_parent_asks(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo(SIGNALS).si_pid == parent:
+            os._exit(0)
+
+
+class StopSafeDataLoader(DataLoader):
+    """A DataLoader whose workers outlive a SIGTERM/SIGUSR1 sent to the whole job (`ignore_stop_signals`
+    as their `worker_init_fn`): they are forked with the signals blocked, so none comes between their
+    start and the function."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, worker_init_fn=ignore_stop_signals, **kwargs)
+
+    def _get_iterator(self):
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        with stop_signals_blocked():  # the workers are forked here (once, when persistent)
+            return super()._get_iterator()
 
 
 class PreemptionSignals:

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
+import torch
+
 from pfb_train.checkpoint import (all_rng_states, has_checkpoint_files, latest_checkpoint, load_checkpoint,
                                   restore_rng, save_checkpoint)
 from pfb_train.config import Config, experiment_settings, flatten
@@ -57,11 +59,24 @@ def _set_position(name: str) -> Callable:
     return lambda state, value: setattr(state.position, name, value)
 
 
+def _on_cpu(value):
+    """`value` with every tensor in it (through dicts, lists and tuples) on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
+
+
 def _save_selector(state: RunState) -> dict:
-    """The selector's state (rank 0's) and, under `per_rank`, every rank's `rank_local` entries. Collective."""
+    """The selector's state (rank 0's) and, under `per_rank`, every rank's `rank_local` entries (their
+    tensors on the CPU, so any rank can read them). Collective."""
     selector = state.selector
     whole = selector.state_dict()
-    return {**whole, "per_rank": all_gather_objects({k: whole[k] for k in selector.rank_local if k in whole})}
+    mine = _on_cpu({k: whole[k] for k in selector.rank_local if k in whole})
+    return {**whole, "per_rank": all_gather_objects(mine)}
 
 
 def _load_selector(state: RunState, value: dict) -> None:
@@ -73,10 +88,12 @@ def _load_selector(state: RunState, value: dict) -> None:
         state.selector.load_state_dict(value)
         return
     selector, dist = state.selector, state.settings.dist
+    built = selector.state_dict()  # what this rank starts with where the checkpoint has nothing for it
+    built = {k: built[k] for k in selector.rank_local if k in built}
     mine = per_rank[dist.rank] if len(per_rank) == dist.world_size else (
         selector.merge_rank_states(per_rank) if dist.is_main else {})
     shared = {k: v for k, v in value.items() if k != "per_rank" and k not in selector.rank_local}
-    selector.load_state_dict({**shared, **mine})
+    selector.load_state_dict({**shared, **built, **mine})
 
 
 def _floating_buffers(module) -> dict:

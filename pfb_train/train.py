@@ -229,7 +229,9 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
                 optimization.scheduler.step_update(
                     num_updates=step_settings.updates_per_epoch * (epoch + done / (done + rest)))
 
-            last_batch = tally.batches + len(state.train_loader)  # the same on every rank
+            # Reached after the same number of steps on every rank (after a resume with another number
+            # of processes rank 0 holds the merged tally): the forced check below is collective.
+            last_batch = tally.batches + len(state.train_loader)
 
             def after_step(tally: EpochTally, epoch: int = epoch) -> bool:
                 position.optimizer_steps += 1

@@ -244,7 +244,7 @@ def test_check_finite_default_is_on_for_the_cpu(tmp_path):
 
 # ---------------------------------------------------------------- signals to a process group, per-rank state
 
-def test_loader_workers_live_through_a_sigterm_sent_to_their_process_group(tmp_path):
+def test_loader_workers_live_through_a_sigterm_sent_to_the_whole_job(tmp_path):
     """A scheduler or torchrun signals every process of the job: the loader's workers go on (the training
     process stops at its next check, after a checkpoint), instead of dying and failing the run."""
     import multiprocessing
@@ -253,13 +253,36 @@ def test_loader_workers_live_through_a_sigterm_sent_to_their_process_group(tmp_p
     state = setup(load_config(None, [*FOLDER, f"data.root={tmp_path}/data", "data.workers=2",
                                      f"runtime.output={tmp_path}"]), DistInfo())
     batches = iter(state.train_loader)
-    next(batches)
+    next(batches)  # the workers have started (with the first batch, maybe not each one's setup)
     workers = multiprocessing.active_children()
     assert len(workers) == 2
-    for worker in workers:
-        os.kill(worker.pid, signal.SIGTERM)
+    for worker in workers:  # from another process, as `kill`, `scancel` or torchrun's agent send it
+        subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)
     time.sleep(0.5)
     assert len(list(batches)) == 3 and all(w.is_alive() for w in workers)
+
+
+EXIT_WITH_LIVE_WORKERS = """
+import sys
+from pfb_train.config import load_config
+from pfb_train.distributed import DistInfo
+from pfb_train.train import setup
+state = setup(load_config(None, sys.argv[1:]), DistInfo())
+next(iter(state.train_loader))
+state.cycle = state  # kept alive to the interpreter's exit, as by a failed test's frames or a notebook
+print("exiting", flush=True)
+"""
+
+
+def test_a_process_exits_while_its_loader_workers_are_alive(tmp_path):
+    """The workers drop a stop signal from others, not their own training process's: the interpreter's
+    exit ends them (multiprocessing terminates them) instead of waiting for them forever."""
+    write_folder(tmp_path / "data")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", EXIT_WITH_LIVE_WORKERS, *FOLDER, f"data.root={tmp_path}/data",
+                           "data.workers=2", f"runtime.output={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "exiting" in done.stdout, done.stderr[-2000:]
+    assert time.monotonic() - started < 60
 
 
 def _ranks_selectors():
@@ -305,3 +328,46 @@ def test_each_rank_resumes_its_own_selector_streams_and_tallies(world_size, rank
     assert loaded["stats"]["steps"] == (2 + 3 if rank == 0 else 0)
     if rank == 0:
         assert torch.allclose(loaded["stats"]["totals"], whole[0]["stats"]["totals"] + whole[1]["stats"]["totals"])
+
+
+
+def test_a_methods_own_rank_local_entries_restart_with_another_number_of_processes():
+    """A method naming its own per-rank entry, resumed on other process counts: every rank gets the value
+    it was built with (rank 0 too: the base `merge_rank_states` keeps nothing), not a missing key."""
+    from types import SimpleNamespace
+
+    from pfb_train.resume import _load_selector
+    from pfb_train.selection.base import Selector
+
+    class SeenRows(Selector):
+        rank_local = (*Selector.rank_local, "seen")
+
+        def __init__(self, seen=0):
+            super().__init__()
+            self.seen = seen
+
+        def state_dict(self):
+            return {**super().state_dict(), "seen": self.seen}
+
+        def load_state_dict(self, state):
+            super().load_state_dict(state)
+            self.seen = state["seen"]
+
+    checkpoint = {**SeenRows(5).state_dict(), "per_rank": [{"generators": {}, "seen": 5}, {"generators": {}, "seen": 7}]}
+    for world_size, rank, seen in [(2, 1, 7), (1, 0, 0), (4, 2, 0)]:
+        selector = SeenRows()
+        _load_selector(SimpleNamespace(selector=selector, settings=SimpleNamespace(
+            dist=DistInfo(rank=rank, world_size=world_size))), checkpoint)
+        assert selector.seen == seen, (world_size, rank)
+
+
+def test_diagnostics_tallies_resumed_on_the_cpu_join_the_training_device():
+    """A checkpoint loads onto the CPU; the next step's tallies come from the device (here `meta`, as CUDA)."""
+    from pfb_train.selection.diagnostics import SelectionStats
+
+    stats = SelectionStats()
+    stats.load_state_dict({"totals": torch.zeros(7, dtype=torch.float64), "blocked": 3, "steps": 1})
+    clean = torch.randn(8, device="meta")
+    stats.add(clean, torch.arange(6, device="meta"), torch.arange(6, 8, device="meta"),
+              by_density=torch.zeros(8, dtype=torch.bool, device="meta"))
+    assert stats.totals.device.type == "meta" and (stats.blocked, stats.steps) == (5, 2)

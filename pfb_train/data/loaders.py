@@ -20,7 +20,7 @@ from pfb_train.data.resident import ResidentLoader, fits_on_device
 from pfb_train.data.splits import DataSplits, imagenet_stats, sample_names
 from pfb_train.data.wds import ShardedTars, local_shuffle, shard_stream
 from pfb_train.errors import UserError
-from pfb_train.preemption import ignore_stop_signals
+from pfb_train.preemption import StopSafeDataLoader
 from pfb_train.seeding import derive_seed
 
 
@@ -168,13 +168,12 @@ def build_loaders(splits: DataSplits, data_cfg, seed: int, rank: int = 0, world_
     if splits.decode_on_device:  # workers read bytes; DALI also needs each image's size, read from its header
         collate = collate_sized_bytes if d.decode == "dali" else collate_bytes
         pin_memory = pin_memory and d.decode != "dali"  # DALI reads host memory itself: pinning would only copy
-    # Workers outlive a SIGTERM sent to the whole process group, so the run can checkpoint (preemption.py).
-    common = dict(num_workers=d.workers, pin_memory=pin_memory, persistent_workers=d.workers > 0, collate_fn=collate,
-                  worker_init_fn=ignore_stop_signals)
+    common = dict(num_workers=d.workers, pin_memory=pin_memory, persistent_workers=d.workers > 0, collate_fn=collate)
     # Its own generator: worker seeds are drawn from it, not from the global RNG (see set_loader_epoch).
-    train = DataLoader(IndexedDataset(splits.train), batch_size=d.batch_size, sampler=train_sampler, drop_last=True,
-                       generator=torch.Generator(), **common)
-    val = DataLoader(
+    # StopSafeDataLoader: workers outlive a SIGTERM sent to the whole job, so the run can checkpoint.
+    train = StopSafeDataLoader(IndexedDataset(splits.train), batch_size=d.batch_size, sampler=train_sampler,
+                               drop_last=True, generator=torch.Generator(), **common)
+    val = StopSafeDataLoader(
         IndexedDataset(splits.val),
         batch_size=d.eval_batch_size or d.batch_size,
         sampler=EvalSampler(len(splits.val), rank, world_size),

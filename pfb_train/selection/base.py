@@ -112,6 +112,8 @@ class Selector:
 
     # Entries of `state_dict()` that differ between ranks: a checkpoint keeps every rank's (resume.py),
     # the rest once (rank 0's; a method keeps it equal on every rank through its own collectives).
+    # A resume with another number of processes gives each rank the values it was built with, except
+    # what `merge_rank_states` gives rank 0.
     rank_local: tuple[str, ...] = ("generators",)
 
     def __init__(self, seed: int = 0):

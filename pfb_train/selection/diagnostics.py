@@ -58,7 +58,8 @@ class SelectionStats:
         step = torch.cat([overlap.view(1).to(pct.dtype),
                           _quantiles(pct.index_select(0, keep).sort().values),
                           _quantiles(pct.index_select(0, blocked).sort().values)]).double()
-        self.totals = step if self.totals is None else self.totals + step
+        # totals resumed from a checkpoint sit on the CPU: joined to the device once (a no-op after)
+        self.totals = step if self.totals is None else self.totals.to(step.device) + step
         self.blocked += n_blocked
         self.steps += 1
 
