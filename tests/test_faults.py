@@ -463,34 +463,24 @@ def without_timings(records: list) -> list:
     return [{k: v for k, v in r.items() if "second" not in k} for r in records]
 
 
-@pytest.fixture(scope="module")
-def folder_ddp(tmp_path_factory):
-    """(torchrun arguments of the job, its uninterrupted run's metrics)."""
-    root = tmp_path_factory.mktemp("folder_ddp")
-    (root / "ddp.yaml").write_text(FOLDER_DDP_CONFIG)
-    args = ["--config", str(root / "ddp.yaml"), "--set", f"data.root={write_folder(root / 'data', per_class=25)}"]
-    whole = subprocess.run([*TORCHRUN, "-m", "pfb_train", *args, "--set", f"runtime.output={root}"],
+@pytest.mark.slow
+def test_a_torchrun_job_with_loader_workers_preempted_twice_then_resumed_exactly(tmp_path):
+    """SIGTERM inside an epoch (at the next check), then in the last epoch (at its last step, before the
+    evaluation): every rank stops at the same step with one line, and the resumed run is the
+    uninterrupted one, every rank's noise streams and BatchNorm statistics included."""
+    (tmp_path / "ddp.yaml").write_text(FOLDER_DDP_CONFIG)
+    args = ["--config", str(tmp_path / "ddp.yaml"), "--set", f"data.root={write_folder(tmp_path / 'data', per_class=25)}"]
+    whole = subprocess.run([*TORCHRUN, "-m", "pfb_train", *args, "--set", f"runtime.output={tmp_path / 'whole'}"],
                            capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-2000:]
-    return args, read_metrics(root / "ddp")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("signal_at,log_every,stop", [
-    (3, 2, "at epoch 0, step 4"),  # mid-epoch, at the next check
-    (14, 50, "at epoch 2, step 18"),  # the last epoch: checked at its last step, before the evaluation
-], ids=["mid_epoch", "last_epoch"])
-def test_sigterm_to_a_torchrun_job_with_loader_workers_then_an_exact_resume(signal_at, log_every, stop, folder_ddp,
-                                                                            tmp_path):
-    args, whole = folder_ddp
-    args = [*args, "--set", f"runtime.output={tmp_path}", "--resume", "auto"]
-    first = subprocess.run([*TORCHRUN, str(HERE / "signal_worker.py"), f"step={signal_at}", "--", *args, "--set",
-                            f"runtime.log_every={log_every}"], capture_output=True, text=True, timeout=300)
-    err = first.stderr
-    line = f"pfb-train: stopped by SIGTERM {stop}; checkpoint saved in {tmp_path / 'ddp'};"
-    assert err.count(line) == 2 and err.count("pfb-train:") == 2, err[-3000:]  # every rank, the same step
-    assert "DataLoader worker" not in err and "pfb_train/" not in err  # (torchrun's agent prints its own traceback)
+    args += ["--set", f"runtime.output={tmp_path}", "--resume", "auto"]
+    # (step of this launch at which rank 0 signals torchrun, runtime.log_every, where every rank stops)
+    for signal_at, log_every, stop in [(3, 2, "at epoch 0, step 4"), (10, 50, "at epoch 2, step 18")]:
+        cut = subprocess.run([*TORCHRUN, str(HERE / "signal_worker.py"), f"step={signal_at}", "--", *args, "--set",
+                              f"runtime.log_every={log_every}"], capture_output=True, text=True, timeout=300)
+        line = f"pfb-train: stopped by SIGTERM {stop}; checkpoint saved in {tmp_path / 'ddp'};"
+        assert cut.stderr.count(line) == 2 and cut.stderr.count("pfb-train:") == 2, cut.stderr[-3000:]
+        assert "DataLoader worker" not in cut.stderr and "pfb_train/" not in cut.stderr  # (torchrun prints its own)
     again = subprocess.run([*TORCHRUN, "-m", "pfb_train", *args], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    # every rank's noise streams and BatchNorm statistics resumed: the same run as the uninterrupted one
-    assert without_timings(read_metrics(tmp_path / "ddp")) == without_timings(whole)
+    assert without_timings(read_metrics(tmp_path / "ddp")) == without_timings(read_metrics(tmp_path / "whole" / "ddp"))
