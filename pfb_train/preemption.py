@@ -8,9 +8,12 @@ included: the workers drop it (`StopSafeDataLoader`) and the training process st
 from __future__ import annotations
 
 import contextlib
+import functools
+import multiprocessing
 import os
 import signal
 import threading
+from typing import Callable, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -23,7 +26,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 @contextlib.contextmanager
 def stop_signals_blocked():
     """Hold SIGTERM/SIGUSR1 back in this thread (they stay pending, and arrive on leaving): a process
-    forked inside starts with them blocked, so no signal reaches it before `ignore_stop_signals`."""
+    forked inside starts with them blocked (a mask survives fork and exec), so no signal reaches it
+    before `ignore_stop_signals`."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     try:
         yield
@@ -31,40 +35,59 @@ def stop_signals_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader `worker_init_fn`: the worker lives through SIGTERM/SIGUSR1 sent to the whole job, and
-    still ends at once when its own training process terminates it (a loader shutting down, the
-    interpreter's exit).
+def ignore_stop_signals(training_process: int, worker_id: int = 0) -> None:
+    """In a DataLoader worker: live through SIGTERM/SIGUSR1 sent to the whole job, and still end at once
+    when the training process (pid `training_process`) terminates the worker (a loader shutting down,
+    the interpreter's exit).
 
     Schedulers and torchrun signal every process of the job. PyTorch's workers die of a SIGTERM from
     any process but their parent, and the training process then fails with "DataLoader worker ... is
     killed by signal" before it can checkpoint. Here the signals stay blocked and a thread takes them
-    (`sigwaitinfo` names the sender): the parent's ends the worker as PyTorch's own handler does, any
-    other is dropped. The loader's workers start with the signals blocked (`StopSafeDataLoader`);
-    where `sigwaitinfo` does not exist (macOS), PyTorch's handling stays."""
-    if not hasattr(signal, "sigwaitinfo"):
-        return
+    (`sigwaitinfo` names the sender): the training process's ends the worker as PyTorch's own handler
+    does, any other is dropped. Limits: a worker stuck in C code that holds the GIL cannot be ended by
+    a signal then; processes the worker starts inherit the blocked signals. Needs `sigwaitinfo` (not
+    on macOS) and a worker forked with the signals blocked (`StopSafeDataLoader`)."""
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-    threading.Thread(target=_end_when_the_parent_asks, args=(os.getppid(),), daemon=True,
-                     name="stop-signals").start()
+    threading.Thread(target=_end_when_asked_by, args=(training_process,), daemon=True, name="stop-signals").start()
 
 
-def _end_when_the_parent_asks(parent: int) -> None:
+def _end_when_asked_by(training_process: int) -> None:
     while True:
-        if signal.sigwaitinfo(SIGNALS).si_pid == parent:
+        if signal.sigwaitinfo(SIGNALS).si_pid == training_process:
             os._exit(0)
 
 
-class StopSafeDataLoader(DataLoader):
-    """A DataLoader whose workers outlive a SIGTERM/SIGUSR1 sent to the whole job (`ignore_stop_signals`
-    as their `worker_init_fn`): they are forked with the signals blocked, so none comes between their
-    start and the function."""
+def _init_worker(training_process: Optional[int], then: Optional[Callable], worker_id: int) -> None:
+    if training_process is not None:
+        ignore_stop_signals(training_process, worker_id)
+    if then is not None:
+        then(worker_id)
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, worker_init_fn=ignore_stop_signals, **kwargs)
+
+def start_method(context) -> str:
+    """How a DataLoader with `multiprocessing_context` `context` starts its workers (fork, spawn, forkserver),
+    without fixing the default context as `multiprocessing.get_start_method()` would."""
+    if context is not None:
+        return context.get_start_method()
+    return multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+
+
+class StopSafeDataLoader(DataLoader):
+    """A DataLoader whose workers outlive a SIGTERM/SIGUSR1 sent to the whole job (`ignore_stop_signals`,
+    before the caller's own `worker_init_fn`). Its workers are forked with the signals blocked, so none
+    comes between their start and that function (`_get_iterator` is where PyTorch makes the iterator
+    and, with it, the workers). Only with the fork start method, Linux's default before Python 3.14:
+    a spawned or forkserver worker has threads (OpenMP's) before any init function can block a signal
+    in them, so there PyTorch's own handling stays."""
+
+    def __init__(self, *args, worker_init_fn: Optional[Callable] = None, **kwargs):
+        super().__init__(*args, worker_init_fn=worker_init_fn, **kwargs)
+        self.guards_workers = hasattr(signal, "sigwaitinfo") and start_method(self.multiprocessing_context) == "fork"
+        training_process = os.getpid() if self.guards_workers else None
+        self.worker_init_fn = functools.partial(_init_worker, training_process, worker_init_fn)
 
     def _get_iterator(self):
-        if self.num_workers == 0:
+        if self.num_workers == 0 or not self.guards_workers:
             return super()._get_iterator()
         with stop_signals_blocked():  # the workers are forked here (once, when persistent)
             return super()._get_iterator()

@@ -262,6 +262,30 @@ def test_loader_workers_live_through_a_sigterm_sent_to_the_whole_job(tmp_path):
     assert len(list(batches)) == 3 and all(w.is_alive() for w in workers)
 
 
+def _mark_worker(folder: str, worker_id: int) -> None:
+    open(f"{folder}/init{worker_id}", "w").close()
+
+
+@pytest.mark.parametrize("context", ["fork", "forkserver"])
+def test_loader_workers_run_the_callers_init_and_end_when_the_training_process_asks(context, tmp_path):
+    """A caller's `worker_init_fn` still runs; the training process's own SIGTERM ends a worker at once
+    (forkserver: PyTorch's own handling, which ends a worker on any sender but its parent)."""
+    import functools
+
+    from pfb_train.preemption import StopSafeDataLoader
+
+    loader = StopSafeDataLoader(list(range(8)), batch_size=2, num_workers=1, persistent_workers=True,
+                                multiprocessing_context=context,
+                                worker_init_fn=functools.partial(_mark_worker, str(tmp_path)))
+    batches = iter(loader)
+    next(batches)
+    assert (tmp_path / "init0").exists()
+    [worker] = batches._workers  # (PyTorch's iterator's list of its worker processes)
+    worker.terminate()
+    worker.join(timeout=20)
+    assert worker.exitcode == (0 if context == "fork" else -signal.SIGTERM)
+
+
 EXIT_WITH_LIVE_WORKERS = """
 import sys
 from pfb_train.config import load_config
