@@ -1,5 +1,10 @@
 # Shared by scripts/reproduce_fashion_mnist*.sh (sourced): one run, and the report of a folder of runs.
-# Expects OUT, REPORT, TRAIN and the array `common` (the overrides every run gets) to be set.
+# Expects OUT, REPORT and the array `common` (the overrides every run gets) to be set; adds the
+# environment's DATA (a folder of the idx files) and THREADS to `common`, and runs TRAIN (pfb-train).
+
+TRAIN=${TRAIN:-pfb-train}
+[ -n "${DATA:-}" ] && common+=(--set "data.root=$DATA")
+[ -n "${THREADS:-}" ] && common+=(--set "runtime.threads=$THREADS")
 
 train() {  # folder, run name, seed, overrides...: skipped when finished
   local dir=$1 name=$2 seed=$3; shift 3

@@ -21,15 +21,12 @@ REPORT=${REPORT:-docs/results/fashion_mnist}
 # the PFB runs (0.24 and 0.40: the ratio over 8 of 10 epochs), measured on this data.
 # Measured: at 0.5 it skipped 0.357 of each pruning epoch (0.714 of the data were candidates).
 IB30=${IB30:-0.42} IB50=${IB50:-0.70}
-TRAIN=${TRAIN:-pfb-train}
 # The study's tables were measured with recompute mode's exact ranking pass (full size, batch statistics),
 # and one ranking over the batch (stratify none; the default is now label, scripts/reproduce_fashion_mnist_stratify.sh).
 common=(--config fashion_mnist --set blocking.pfb.score_scale=1.0 --set blocking.pfb.score_norm=batch
         --set blocking.pfb.stratify=none)
-[ -n "${DATA:-}" ] && common+=(--set "data.root=$DATA")
-[ -n "${THREADS:-}" ] && common+=(--set "runtime.threads=$THREADS")
 
-source scripts/fashion_mnist_runs.sh  # train, report_folder
+source scripts/fashion_mnist_runs.sh  # train, report_folder; DATA, THREADS and TRAIN from the environment
 
 pfb_variants() {  # folder, ratio, seed, extra overrides...: every PFB form at one ratio
   local dir=$1 r=$2 seed=$3; shift 3

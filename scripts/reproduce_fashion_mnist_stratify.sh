@@ -18,12 +18,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/fashion_mnist_stratify}
 SEEDS=${SEEDS:-"0 1 2"}
 REPORT=${REPORT:-docs/results/fashion_mnist_stratify}
-TRAIN=${TRAIN:-pfb-train}
 common=(--config fashion_mnist --set blocking.pfb.score_scale=1.0 --set blocking.pfb.score_norm=batch)
-[ -n "${DATA:-}" ] && common+=(--set "data.root=$DATA")
-[ -n "${THREADS:-}" ] && common+=(--set "runtime.threads=$THREADS")
 
-source scripts/fashion_mnist_runs.sh  # train, report_folder
+source scripts/fashion_mnist_runs.sh  # train, report_folder; DATA, THREADS and TRAIN from the environment
 
 pfb=(--set blocking.method=pfb --set blocking.pfb.stratify=label)
 low=(--set blocking.pfb.noise=0.05)
