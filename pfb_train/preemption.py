@@ -35,7 +35,7 @@ def stop_signals_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def ignore_stop_signals(training_process: int, worker_id: int = 0) -> None:
+def ignore_stop_signals(training_process: int) -> None:
     """In a DataLoader worker: live through SIGTERM/SIGUSR1 sent to the whole job, and still end at once
     when the training process (pid `training_process`) terminates the worker (a loader shutting down,
     the interpreter's exit).
@@ -59,7 +59,7 @@ def _end_when_asked_by(training_process: int) -> None:
 
 def _init_worker(training_process: Optional[int], then: Optional[Callable], worker_id: int) -> None:
     if training_process is not None:
-        ignore_stop_signals(training_process, worker_id)
+        ignore_stop_signals(training_process)
     if then is not None:
         then(worker_id)
 

@@ -94,5 +94,5 @@ class SelectionStats:
         """One `state_dict()` holding the sum of several ranks' (None entries: nothing tallied)."""
         states = [s for s in states if s]
         totals = [s["totals"] for s in states if s["totals"] is not None]
-        return {"totals": sum(totals[1:], totals[0].clone()) if totals else None,
+        return {"totals": torch.stack(totals).sum(0) if totals else None,
                 "blocked": sum(s["blocked"] for s in states), "steps": sum(s["steps"] for s in states)}
