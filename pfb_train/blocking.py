@@ -62,7 +62,7 @@ def dominant_labels(y: torch.Tensor) -> torch.Tensor:
 
 
 def holds_sample(indices: torch.Tensor) -> torch.Tensor:
-    """Rows that hold a sample; an unreadable file's stand-in has index MISSING (< 0), see data/missing.py."""
+    """Rows that hold a sample; an unreadable file's stand-in has a negative index, see data/missing.py."""
     return indices >= 0
 
 

@@ -63,15 +63,41 @@ def has_checkpoint_files(run_dir) -> bool:
     return any((Path(run_dir) / name).exists() for name in (LAST, PREVIOUS))
 
 
+# What checkpoints of earlier versions hold besides tensors and plain containers: NumPy's RNG state, an
+# array of uint32. These are what PyTorch's documentation of torch.load names for a weights-only load of
+# NumPy arrays: the array, its dtype (and the dtype's class), and the function that rebuilds the array.
+EARLIER_NUMPY = (np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                 (getattr(np, "_core", None) or np.core).multiarray._reconstruct)
+
+
 def load_checkpoint(path: Path):
-    """The checkpoint at `path`, or None (with a warning) when it is missing or unreadable."""
+    """The checkpoint at `path`, or None (with a warning) when it is missing or unreadable (torn, truncated).
+
+    Loaded with `weights_only=True`: tensors and plain containers only, so a file that would run code
+    when unpickled is never executed: raises UserError naming what it holds instead."""
     if not Path(path).is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torn, truncated or otherwise corrupt
+        with torch.serialization.safe_globals(list(EARLIER_NUMPY)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        foreign = _foreign_objects(path)
+        if foreign:
+            raise UserError(f"checkpoint {path} holds objects other than tensors and plain containers "
+                            f"({', '.join(foreign[:3])}), which loading would run as code; pfb-train never writes "
+                            "them: it was not loaded (use a checkpoint from a source you trust)") from None
         print(f"pfb-train: warning: skipping unreadable checkpoint {path} ({type(e).__name__})", file=sys.stderr)
         return None
+
+
+def _foreign_objects(path: Path) -> list[str]:
+    """The globals a pickled checkpoint names beyond what a weights-only load allows (read from the
+    pickle's opcodes, nothing run); [] for a torn file."""
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in EARLIER_NUMPY}
+    try:
+        return [name for name in torch.serialization.get_unsafe_globals_in_checkpoint(path) if name not in allowed]
+    except Exception:
+        return []
 
 
 def latest_checkpoint(run_dir) -> tuple:
@@ -84,7 +110,10 @@ def latest_checkpoint(run_dir) -> tuple:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's generator states as tensors and plain values (a weights-only load reads them)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    numpy = (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss)
+    state = {"torch": torch.get_rng_state(), "numpy": numpy, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -92,7 +121,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]  # keys: a tensor, or an array in checkpoints of earlier versions
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -381,6 +381,8 @@ def validate(cfg: Config) -> None:
 
     need(cfg.name not in ("", ".", "..") and "/" not in cfg.name and "\\" not in cfg.name,
          f"config key 'name' must be a plain folder name (no '/', not '.' or '..'), got {cfg.name!r}")
+    need(cfg.model.num_classes is None or cfg.model.num_classes >= 1,
+         f"config key 'model.num_classes' must be >= 1 (or null: the data set's), got {cfg.model.num_classes}")
     need(s.epochs >= 1, f"config key 'schedule.epochs' must be >= 1, got {s.epochs}")
     need(s.warmup_epochs >= 0, f"config key 'schedule.warmup_epochs' must be >= 0, got {s.warmup_epochs}")
     method = get_method(b.method)

@@ -18,7 +18,8 @@ from torch import nn
 
 from pfb_train import blocking
 from pfb_train.data import set_loader_epoch
-from pfb_train.distributed import all_reduce_sum
+from pfb_train.data.missing import unreadable_index
+from pfb_train.distributed import all_gather_objects, all_reduce_sum
 from pfb_train.errors import TrainingStopped
 from pfb_train.metrics import PhaseTimer
 from pfb_train.selection import Selector
@@ -69,7 +70,7 @@ class Batch(NamedTuple):
 
     x: torch.Tensor  # (B, C, H, W) images
     y: torch.Tensor  # (B,) int64 classes, or (B, classes) float soft targets under mixup/cutmix
-    idx: torch.Tensor  # (B,) int64 dataset indices; MISSING (< 0) for an unreadable file's stand-in
+    idx: torch.Tensor  # (B,) int64 dataset indices; negative for an unreadable file's stand-in (missing.stand_in_index)
 
 
 def autocast(settings: StepSettings):
@@ -147,7 +148,7 @@ def train_step(batch: Batch, context: StepContext, schedule_at: float,
         blocked = blocking.forward(model, selector if timer is None else MarkedSelection(selector, timer),
                                    batch.x, batch.y, batch.idx)
     losses = per_sample_loss(blocked.logits, blocked.targets, settings.label_smoothing)
-    loss = blocking.weighted_mean(selector, blocked, losses)  # stand-ins (index MISSING) weigh nothing
+    loss = blocking.weighted_mean(selector, blocked, losses)  # stand-ins (a negative index) weigh nothing
     finite = update(model, loss, context.optimization, settings, schedule_at, guard)
     if timer is not None:
         timer.mark("deep")
@@ -182,14 +183,14 @@ def update(model, loss: torch.Tensor, optimization: Optimization, settings: Step
     finite = True
     if settings.clip_grad is not None or guard:
         optimization.scaler.unscale_(optimization.optimizer)
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)  # after DDP's all-reduce: the same on every rank
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # after DDP's all-reduce: the same on every rank
         if guard:
             finite = bool(torch.isfinite(norm))  # the step's one host sync (fp16's scaler makes its own)
             if not finite:  # the forward already folded this batch into the BatchNorm statistics
                 optimization.backup.restore()
         if finite and settings.clip_grad is not None:
-            torch.nn.utils.clip_grads_with_norm_(grads, settings.clip_grad, norm)
+            torch.nn.utils.clip_grads_with_norm_(params, settings.clip_grad, norm)  # takes parameters, scales .grad
     if finite:
         optimization.scaler.step(optimization.optimizer)
     optimization.scaler.update()
@@ -225,24 +226,31 @@ class EpochTally:
               "extra_selection_seconds")
 
     def __init__(self, device, num_classes: int, saved: Optional[dict] = None, order_done: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, nonfinite_in_row: int = 0, train_samples: int = 0):
+        """`nonfinite_in_row`: the run's streak of non-finite steps when the epoch starts (it counts across
+        epochs). `train_samples`: the training set's size, for the unreadable samples' indices."""
         self.batches = self.rows_seen = self.rows_kept = self.nonfinite = 0
-        self.nonfinite_in_row = 0
+        self.nonfinite_in_row = nonfinite_in_row
         self.elapsed = self.extra_selection_seconds = 0.0
-        self.loss_sum = torch.zeros((), device=device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.loss_count = torch.zeros((), dtype=torch.float64, device=device)  # samples in loss_sum: finite steps only
         self.class_rows = torch.zeros(2, num_classes, dtype=torch.float64, device=device)  # samples seen, kept
+        # 1 for each training sample that was unreadable this epoch (stand-ins name it: missing.stand_in_index)
+        self.unreadable = torch.zeros(train_samples + 1, dtype=torch.uint8, device=device)  # + 1: a spare slot
         self.timer = PhaseTimer(device)
         if saved:
             for key in self.FIELDS:
                 setattr(self, key, saved[key])
             self.loss_sum += saved["loss_sum"]
-            if "class_rows" in saved:  # absent in checkpoints of earlier versions
-                self.class_rows += torch.tensor(saved["class_rows"], dtype=torch.float64, device=device)
+            self.loss_count += saved["loss_count"]
+            self.class_rows += torch.tensor(saved["class_rows"], dtype=torch.float64, device=device)
+            self.unreadable[torch.tensor(saved["unreadable"], dtype=torch.long, device=device)] = 1
             self.timer.seconds.update(saved["seconds"])
         # Where the epoch is, in samples of its order over all ranks (not batches: a resume may change
         # the batch size or the number of processes). `order_total`: set by the epoch's first batch.
         self.order_base, self.world_size, self.rows_at_start = order_done, world_size, self.rows_seen
         self.order_total = 0
+        self.full_data_total = 0  # samples of a full-data epoch's order (a sampler-level subset visits fewer)
 
     def order_done(self, more_rows: int = 0) -> int:
         """Samples of the epoch's order trained on over all ranks, after `more_rows` more of this rank's."""
@@ -252,33 +260,45 @@ class EpochTally:
         """How far the epoch is (0 to 1) once `more_rows` more rows of this rank are trained on."""
         return self.order_done(more_rows) / self.order_total
 
-    def add(self, result: StepResult) -> None:
-        """Count one step (no host sync: the counts stay on the device)."""
+    def add(self, result: StepResult, idx: torch.Tensor) -> None:
+        """Count one step (no host sync: the counts stay on the device). `idx`: the batch's (B,) int64
+        dataset indices, negative for the stand-ins of unreadable samples."""
         self.batches += 1
         self.rows_seen += result.labels.shape[0]
         self.rows_kept += result.kept
         if result.finite:
+            self.nonfinite_in_row = 0
             self.loss_sum += result.loss_sum
+            self.loss_count += result.kept_present.sum()
+        else:
+            self.nonfinite += 1
+            self.nonfinite_in_row += 1
         kept = result.labels if result.keep is None else result.labels.index_select(0, result.keep)
         self.class_rows[0].index_add_(0, result.labels, result.present)
         self.class_rows[1].index_add_(0, kept, result.kept_present)
+        spare = self.unreadable.shape[0] - 1  # readable rows mark the spare slot, so no row is filtered out
+        self.unreadable.index_fill_(0, torch.where(idx < 0, unreadable_index(idx), spare).clamp(0, spare), 1)
+
+    def unreadable_indices(self) -> list[int]:
+        """This rank's unreadable training samples of the epoch so far (dataset indices; a host read)."""
+        return self.unreadable[:-1].nonzero().flatten().tolist()
 
     def state_dict(self) -> dict:
         return {**{k: getattr(self, k) for k in self.FIELDS}, "loss_sum": self.loss_sum.item(),
-                "class_rows": self.class_rows.tolist(),
-                "seconds": self.timer.totals()}
+                "loss_count": self.loss_count.item(), "class_rows": self.class_rows.tolist(),
+                "unreadable": self.unreadable_indices(), "seconds": self.timer.totals()}
 
     @staticmethod
     def merge(states: list[dict]) -> dict:
         """Several ranks' `state_dict`s as one (counts summed; steps and times as the slowest rank's),
         for a resume with another number of processes: the epoch's totals are sums over ranks."""
         merged = dict(states[0])
-        for key in ("rows_seen", "rows_kept", "nonfinite", "loss_sum"):
+        for key in ("rows_seen", "rows_kept", "nonfinite", "loss_sum", "loss_count"):
             merged[key] = sum(s[key] for s in states)
+        merged["unreadable"] = sorted({i for s in states for i in s["unreadable"]})
         for key in ("batches", "nonfinite_in_row", "elapsed", "extra_selection_seconds"):
             merged[key] = max(s[key] for s in states)
-        if all("class_rows" in s for s in states):
-            merged["class_rows"] = torch.tensor([s["class_rows"] for s in states], dtype=torch.float64).sum(0).tolist()
+        merged["class_rows"] = torch.tensor([s["class_rows"] for s in states], dtype=torch.float64).sum(0).tolist()
         merged["seconds"] = {k: max(s["seconds"].get(k, 0.0) for s in states) for k in states[0]["seconds"]}
         return merged
 
@@ -315,39 +335,38 @@ def train_one_epoch(context: StepContext, loader, epoch: int, tally: EpochTally,
         timer.mark("data")
         if not tally.order_total:  # every batch has this many rows (drop_last), on every rank
             tally.order_total = tally.order_done(len(loader) * x.shape[0])
+            tally.full_data_total = settings.updates_per_epoch * x.shape[0] * tally.world_size
         schedule_at = settings.updates_per_epoch * (epoch + tally.epoch_fraction(x.shape[0]))
         result = train_step(Batch(x, y, idx), context, schedule_at, timer)
-        tally.add(result)
-        if result.finite:
-            tally.nonfinite_in_row = 0
-        else:
-            tally.nonfinite += 1
-            tally.nonfinite_in_row += 1
-            if tally.nonfinite_in_row >= settings.max_nonfinite:
-                raise TrainingStopped(f"{tally.nonfinite_in_row} non-finite losses in a row (epoch {epoch}, "
-                                      f"batch {tally.batches}): lower optim.lr, set optim.clip_grad, or check the data")
+        tally.add(result, idx)
+        if tally.nonfinite_in_row >= settings.max_nonfinite:  # the same on every rank: the norm is all-reduced
+            raise TrainingStopped(f"{tally.nonfinite_in_row} non-finite losses in a row (epoch {epoch}, batch "
+                                  f"{tally.batches}): {nonfinite_advice(settings, context.optimization)}")
         tally.elapsed = time.perf_counter() - started
         if bar is not None:
             bar.update(1)
             if tally.batches % settings.log_every == 0:
-                bar.set_postfix(loss=f"{result.loss.item():.3f}", kept=f"{tally.rows_kept / tally.rows_seen:.2f}",
+                bar.set_postfix(loss=f"{result.loss.item():.3f}", kept=f"{kept_so_far(tally):.2f}",
                                 img_s=f"{tally.rows_seen / tally.elapsed:.0f}")
         if after_step is not None and after_step(tally):
             return None
 
     host = torch.tensor([tally.rows_seen, tally.nonfinite], dtype=torch.float64)
-    counts = all_reduce_sum(torch.cat([tally.loss_sum.double().view(1), host.to(settings.device), tally.class_rows.flatten()]))
-    (loss_total, rows, nonfinite), (seen_by_class, kept_by_class) = _split(counts.tolist(), 3)
+    counts = all_reduce_sum(torch.cat([torch.stack([tally.loss_sum, tally.loss_count]), host.to(settings.device),
+                                       tally.class_rows.flatten()]))
+    (loss_total, loss_count, rows, nonfinite), (seen_by_class, kept_by_class) = _split(counts.tolist(), 4)
     seen, kept = sum(seen_by_class), sum(kept_by_class)  # samples: stand-ins of unreadable files left out
     bad = rows - seen
-    if not math.isfinite(loss_total):  # only without the per-step guard (runtime.check_finite: false)
-        raise TrainingStopped(f"the training loss of epoch {epoch} is not finite: lower optim.lr, set optim.clip_grad, "
-                              "or set runtime.check_finite=true to skip such steps")
+    if not math.isfinite(loss_total):  # without the per-step guard (runtime.check_finite false, or fp16)
+        raise TrainingStopped(f"the training loss of epoch {epoch} is not finite: "
+                              f"{nonfinite_advice(settings, context.optimization)}")
+    unreadable = all_gather_objects(tally.unreadable_indices()) if bad else []  # collective: `bad` is all-reduced
     diagnostics = context.selector.epoch_diagnostics(settings.device)  # collective: every rank reads its tallies
     t = timer.totals()
     seconds = time.perf_counter() - started
     return {
-        "train_loss": loss_total / max(kept, 1),  # unweighted mean over the kept rows
+        # unweighted mean over the kept samples of the steps that updated; None: no step did
+        "train_loss": loss_total / loss_count if loss_count else None,
         "samples_seen": round(seen),
         "samples_kept": round(kept),
         "bad_samples": round(bad),
@@ -359,17 +378,53 @@ def train_one_epoch(context: StepContext, loader, epoch: int, tally: EpochTally,
         "selection_seconds": t.get("select", 0.0) + t.get("observe", 0.0) + tally.extra_selection_seconds,
         "images_per_second": seen / seconds if seconds > 0 else 0.0,
         "class_kept_fraction": class_fractions(kept_by_class, seen_by_class),  # of each class's rows loaded
+        "unreadable": sorted({i for rank in unreadable for i in rank}),  # dataset indices (train.py names them)
         **diagnostics,
     }
 
 
+def kept_fraction(kept: float, nominal: float, bad: float = 0) -> float:
+    """The one definition of "kept", everywhere (epoch records, summary, progress bar): samples that went
+    through the deep part and the backward pass, over the readable sample slots of full-data epochs
+    (`nominal` slots, `bad` of them unreadable: a stand-in is neither kept nor blocked)."""
+    readable = nominal - bad
+    return kept / readable if readable > 0 else 0.0
+
+
+def kept_so_far(tally: EpochTally) -> float:
+    """`kept_fraction` of the epoch so far, from this rank's host counts (no device read): the rows it kept
+    over the full-data slots its rows stand for (a sampler-level subset stands for more). The stand-ins of
+    unreadable files count as kept rows here: they are told apart when the epoch ends."""
+    return kept_fraction(tally.rows_kept * tally.order_total / tally.full_data_total, tally.rows_seen)
+
+
+def nonfinite_advice(settings: StepSettings, optimization: Optimization) -> str:
+    """What could change a non-finite loss under the run's settings, for the stop line: no advice to set
+    what is already set, nor what the run's precision ignores (fp16's gradient scaler decides its skips
+    itself, so runtime.check_finite does nothing there)."""
+    fp16 = optimization.scaler.is_enabled()
+    steps = ["lower optim.lr"]
+    if settings.clip_grad is None:
+        steps.append("set optim.clip_grad")
+    if fp16:
+        steps.append("set runtime.amp=bf16 (fp16 overflows above 65504)")
+    elif not settings.check_finite:
+        steps.append("set runtime.check_finite=true to skip such steps")
+    return f"{', '.join(steps)}, or check the data"
+
+
 @torch.no_grad()
 def evaluate(model, loader, settings: StepSettings) -> dict:
-    """Top-1/top-5 of the full model over every validation sample (counts summed over ranks)."""
+    """Top-1/top-5 of the full model over every validation sample (counts summed over ranks).
+
+    `model`: a BlockedModel or DDP around one. The forward runs the plain module: DDP's forward
+    broadcasts buffers, a collective that a rank with fewer batches (or none) would never join. The one
+    collective here, the final sum, every rank reaches whatever its share of the samples."""
+    model = getattr(model, "module", model)
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=settings.device)  # correct1, correct5, loss, samples
     # (2, classes): top-1 hits and samples per class; sized up front, as a rank may get no batch
-    per_class = torch.zeros(2, getattr(model, "module", model).num_classes, dtype=torch.float64, device=settings.device)
+    per_class = torch.zeros(2, model.num_classes, dtype=torch.float64, device=settings.device)
     for x, y, idx in loader:
         x, y = _to_device(x, y, settings)
         present = (torch.ones_like(y, dtype=torch.float64) if idx is None  # stand-ins of unreadable files: 0

@@ -56,6 +56,9 @@ class PhaseTimer:
         return dict(self.seconds)
 
 
+UNREADABLE_FILE = "unreadable.txt"  # each epoch's unreadable training images: 'epoch<TAB>name' lines
+
+
 def make_run_dir(output: str, name: str) -> Path:
     """runs/<name>, or runs/<name>-2, -3, ... when that already holds a run: never overwrite one."""
     base = Path(output).expanduser() / name
@@ -91,6 +94,12 @@ class RunLogger:
                                           record["epoch"])
         self.writer.flush()
 
+    def log_unreadable(self, epoch: int, names: list[str]) -> None:
+        """Append an epoch's unreadable training images to unreadable.txt."""
+        if self.enabled:
+            with open(self.run_dir / UNREADABLE_FILE, "a") as f:
+                f.writelines(f"{epoch}\t{name}\n" for name in names)
+
     def write_summary(self, summary: dict) -> None:
         if self.enabled:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -101,7 +110,13 @@ class RunLogger:
 
 
 def rewrite_metrics(run_dir: Path, history: list[dict]) -> None:
+    """The run directory's per-epoch files as of a checkpoint's `history`: epochs logged after it (a resume
+    redoes them) dropped from metrics.jsonl and unreadable.txt."""
     (Path(run_dir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    unreadable = Path(run_dir) / UNREADABLE_FILE
+    if unreadable.is_file():
+        lines = unreadable.read_text().splitlines(keepends=True)
+        unreadable.write_text("".join(line for line in lines if int(line.split("\t", 1)[0]) < len(history)))
 
 
 def read_metrics(run_dir) -> list[dict]:

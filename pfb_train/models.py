@@ -424,6 +424,54 @@ def check_score_pass(blocked: BlockedModel, score: ScorePass, img_size: int, key
     return resolved
 
 
+def check_training_rows(blocked: BlockedModel, img_size: int, batch_rows: int, kept_rows: int,
+                        ratio_key: Optional[str] = None) -> None:
+    """Refuse (UserError, one line) a batch that BatchNorm cannot train on: in training it needs two or more
+    values per channel (PyTorch raises ValueError otherwise), and a layer whose input is one pixel per
+    channel (the last stages of a small image) gets that from the rows alone.
+
+    `batch_rows`: rows per step on this process (data.batch_size); `kept_rows`: the fewest rows the deep
+    part gets (the blocking ratio's largest value applied), which recompute mode's shallow part gets too.
+    `ratio_key`: the config key that sets `kept_rows` below `batch_rows` (for the message). One image
+    goes through the model in eval mode: no state changes."""
+    single = _single_value_norms(blocked, img_size)
+    if not single:
+        return
+    shallow_rows = kept_rows if blocked.mode == "recompute" else batch_rows
+    name = _model_name(blocked.model)
+    for part, rows in (("shallow", shallow_rows), ("deep", kept_rows)):
+        layer = next((layer for layer, where in single if where == part), None)
+        if layer is None or rows >= 2:
+            continue
+        seen = (f"BatchNorm layer '{layer}' of '{name}' sees one value per channel per image at data.img_size "
+                f"{img_size} px, and in training BatchNorm needs two")
+        if batch_rows < 2:
+            raise UserError(f"config key 'data.batch_size' is {batch_rows}: {seen}; set data.batch_size to 2 or more")
+        raise UserError(f"config key '{ratio_key}' keeps {rows} row of each batch of data.batch_size {batch_rows}: "
+                        f"{seen}; raise data.batch_size or lower {ratio_key}")
+
+
+def _single_value_norms(blocked: BlockedModel, img_size: int) -> list[tuple[str, str]]:
+    """(name, 'shallow' | 'deep') of the BatchNorm layers whose input holds one value per channel per image
+    at `img_size` px."""
+    shallow = {id(m) for m in blocked._eager_shallow.modules()}
+    found, hooks = [], []
+    for layer, module in blocked.model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            def record(module, inputs, layer=layer):
+                if inputs[0][0].numel() == inputs[0].shape[1]:  # (C, *spatial) of one image: C values
+                    found.append((layer, "shallow" if id(module) in shallow else "deep"))
+            hooks.append(module.register_forward_pre_hook(record))
+    if not hooks:
+        return []
+    try:
+        runs_at(blocked.model, img_size)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return found
+
+
 def create_timm_model(name: str, num_classes: int, pretrained: bool = False, **kwargs) -> nn.Module:
     """timm.create_model with user mistakes (unknown name, unreachable weights) as UserError."""
     if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():

@@ -1,8 +1,9 @@
-"""Cluster preemption: SIGTERM / SIGUSR1 end the run at a step boundary, after a checkpoint.
+"""Cluster preemption and Ctrl-C: SIGTERM / SIGUSR1 / SIGINT end the run at a step boundary, after a checkpoint.
 
 A scheduler (SLURM) or torchrun sends the signal to every process of the job, DataLoader workers
-included: the workers drop it (`StopSafeDataLoader`) and the training process stops at the next check
-(`PreemptionSignals.requested`), on every rank at the same step.
+included (a terminal's Ctrl-C reaches the whole foreground process group too): the workers drop it
+(`StopSafeDataLoader`) and the training process stops at the next check (`PreemptionSignals.requested`),
+on every rank at the same step. A second SIGINT aborts at once (KeyboardInterrupt), without a checkpoint.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import functools
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 from typing import Callable, Optional
 
@@ -20,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from pfb_train.distributed import all_reduce_sum, is_distributed
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 @contextlib.contextmanager
@@ -94,15 +96,17 @@ class StopSafeDataLoader(DataLoader):
 
 
 class PreemptionSignals:
-    """Records SIGTERM/SIGUSR1 instead of dying; `requested(step)` says when to stop.
+    """Records SIGTERM/SIGUSR1/SIGINT instead of dying; `requested(step)` says when to stop. A SIGINT after a
+    SIGINT raises KeyboardInterrupt (Ctrl-C twice: abort now). `announce`: say on stderr what a first
+    SIGINT does (rank 0).
 
     Under DDP every rank must stop at the same step, so the flag is summed over ranks (one tiny
     all-reduce and a host read) every `every` steps, not every step, and wherever the caller forces
     it: at an epoch's last step and after its checkpoint, so neither a short epoch nor an evaluation
     hides a signal. One process checks its own flag at every call."""
 
-    def __init__(self, every: int = 1, device: torch.device | None = None):
-        self.every, self.device = every, device or torch.device("cpu")
+    def __init__(self, every: int = 1, device: torch.device | None = None, announce: bool = True):
+        self.every, self.device, self.announce = every, device or torch.device("cpu"), announce
         self.signum = 0
         self._previous = {}
 
@@ -117,6 +121,12 @@ class PreemptionSignals:
             signal.signal(sig, handler)
 
     def _record(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            if self.announce:
+                sys.stderr.write("pfb-train: interrupt: stopping after this step with a checkpoint "
+                                 "(Ctrl-C again aborts at once, without one)\n")
         self.signum = signum
 
     def requested(self, step: int, force: bool = False) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Optional
 
 from pfb_train.config import Config
+from pfb_train.engine import kept_fraction
 from pfb_train.models import BlockedModel
 from pfb_train.selection import get_method
 
@@ -36,7 +37,8 @@ def describe_options(cfg: Config) -> str:
 def epoch_line(record: dict) -> str:
     """The line printed after each epoch, e.g. 'epoch 3: loss 1.2345  top-1 61.20%  kept 0.600  12.3s  830 img/s'."""
     top1 = f"top-1 {record['top1']:.2f}%" if "top1" in record else "top-1 -"
-    line = (f"epoch {record['epoch']}: loss {record['train_loss']:.4f}  {top1}  kept {record['kept_fraction']:.3f}  "
+    loss = "-" if record["train_loss"] is None else f"{record['train_loss']:.4f}"  # None: no step updated
+    line = (f"epoch {record['epoch']}: loss {loss}  {top1}  kept {record['kept_fraction']:.3f}  "
             f"{record['epoch_seconds']:.1f}s  {record['images_per_second']:.0f} img/s")
     if record.get("selection_signal") is not None:
         line += f"  signal {record['selection_signal']:.2f}"
@@ -73,23 +75,43 @@ def starvation_warning(epoch: int, starved: dict, class_kept: list, cfg: Config)
     return line
 
 
+def unreadable_warning(epoch: int, names: list[str], listed) -> str:
+    """The line for an epoch with unreadable training images: their count and first names; `listed`: the
+    file holding every name (metrics.UNREADABLE_FILE)."""
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (f"warning: epoch {epoch}: {len(names)} unreadable training image(s), each stood in for by a readable "
+            f"one of its batch and left out of every count: {shown} (all in {listed})")
+
+
+def no_step_line(cfg: Config, epoch: int, sampler, world_size: int) -> str:
+    """The stop line of an epoch that trained no step: its sampler-level subset was under one global batch."""
+    method = get_method(cfg.blocking.method)
+    key = f"blocking.{method.name}.{method.ratio_option}"
+    visited = sampler.size if sampler.subset is None else len(sampler.subset)
+    return (f"epoch {epoch} trained no step: '{method.name}' left {visited} of the {sampler.size} training samples in "
+            f"it, fewer than one global batch (data.batch_size {cfg.data.batch_size} x {world_size} process(es)); "
+            f"lower {key} or data.batch_size")
+
+
 def sample_accounting(seen: int, kept: int, bad: int, nominal: int) -> dict:
     """What happened to the sample slots of a full-data epoch: pruned by the sampler, blocked in the
     batch, kept (full forward and backward), or unreadable (`bad_samples`, counted in the epoch
-    record). Methods are compared at equal blocked_fraction; unreadable files are neither."""
+    record). Methods are compared at equal blocked_fraction; unreadable files are neither: both
+    fractions are of the readable slots (engine.kept_fraction), and add up to 1."""
+    kept_part = kept_fraction(kept, nominal, bad)
     return {
         "samples_seen": seen,  # loaded and run through the shallow part
         "samples_pruned": nominal - seen - bad,  # never loaded this epoch (sampler-level selection)
         "samples_blocked": seen - kept,  # loaded, stopped after the shallow part
-        "kept_fraction": kept / nominal,
-        "blocked_fraction": (nominal - kept - bad) / nominal,
+        "kept_fraction": kept_part,
+        "blocked_fraction": 1.0 - kept_part if nominal > bad else 0.0,
     }
 
 
 def summarize(cfg: Config, history: list[dict], wall_seconds: float, run_dir, world_size: int, device: str,
               class_counts: Optional[list] = None) -> dict:
     """summary.json: the run's totals over its epoch records (`history`), top-1 of the last evaluation."""
-    slots = sum(r["samples_seen"] + r["samples_pruned"] + r.get("bad_samples", 0) for r in history)
+    slots = sum(r["samples_seen"] + r["samples_pruned"] for r in history)  # readable slots: see sample_accounting
     blocked = sum(r["samples_blocked"] + r["samples_pruned"] for r in history)
     evaluated = [r for r in history if "top1" in r]
     return {

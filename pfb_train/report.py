@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,10 @@ class Run:
     @property
     def method(self) -> str:
         return self.summary["method"]
+
+    @property
+    def seed(self):
+        return self.config.get("runtime", {}).get("seed")
 
 
 def load_run(path) -> Run:
@@ -304,10 +309,52 @@ def write_plots(runs: list[Run], out: Path) -> list[Path]:
     return paths
 
 
+# What every run of one table shares: the data, the model and the image size. Runs that differ here are
+# other experiments: their top-1 and time differences would mean nothing.
+SAME_EXPERIMENT = ("data.dataset", "data.train_samples", "data.val_samples", "data.imbalance", "data.img_size",
+                   "model.name", "model.cifar_stem")
+
+
+def check_comparable(runs: list[Run], baseline: list[Run]) -> None:
+    """Refuse (UserError, one line) a table that would compare unlike runs: a directory given twice, runs of
+    another data set, model or image size than the baseline's (`SAME_EXPERIMENT`), baselines of more than one
+    setting, or two runs of one setting with the same runtime.seed (a repeat is not another seed). A
+    different data.root is only noted (the same data may sit at other paths)."""
+    for given, label in ((baseline, "--baseline"), (runs, "RUN_DIR")):
+        paths = [r.path.resolve() for r in given]
+        twice = next((p for p in paths if paths.count(p) > 1), None)
+        if twice is not None:
+            raise UserError(f"run directory {twice} is given twice as {label}: each run counts once")
+    reference = baseline[0]
+    for run in baseline + runs:
+        ours, theirs = flatten(run.config), flatten(reference.config)
+        for key in SAME_EXPERIMENT:
+            if ours.get(key) != theirs.get(key):
+                raise UserError(f"run {run.path} has {key} {ours.get(key)!r}, the baseline {reference.path} has "
+                                f"{theirs.get(key)!r}: a report compares runs of one data set, model and image size")
+        if ours.get("data.root") != theirs.get("data.root"):
+            print(f"note: run {run.path} read data.root {ours.get('data.root')!r}, the baseline "
+                  f"{theirs.get('data.root')!r}: compared as the same data", file=sys.stderr)
+    if len(group_runs(baseline)) > 1:
+        raise UserError("the --baseline runs differ in more than their seed: give the seeds of one full-data setting")
+    for group in group_runs(baseline + runs):
+        seeds = [r.seed for r in group]
+        repeated = next((s for s in seeds if seeds.count(s) > 1), None)
+        if repeated is not None:
+            same = [str(r.path) for r in group if r.seed == repeated]
+            raise UserError(f"runs {same[0]} and {same[1]} are one setting with the same runtime.seed {repeated}: "
+                            "a repeat is not another seed; give one of them (or train with other seeds)")
+
+
 def report(run_dirs: list[str], baseline_dirs: list[str], out_dir: str) -> dict:
+    """Write report.md, report.csv and the plots of `run_dirs` against `baseline_dirs` (full data) to
+    `out_dir`; a run directory given among both counts once, as a baseline. Raises UserError for an
+    unfinished run directory and for unlike runs (`check_comparable`)."""
     baseline = [load_run(p) for p in baseline_dirs]
     baseline_paths = {b.path.resolve() for b in baseline}
-    runs = baseline + [load_run(p) for p in run_dirs if Path(p).resolve() not in baseline_paths]
+    others = [load_run(p) for p in run_dirs if Path(p).resolve() not in baseline_paths]
+    check_comparable(others, baseline)
+    runs = baseline + others
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = table_rows(runs, baseline)

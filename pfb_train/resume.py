@@ -7,6 +7,7 @@ Before any work, `resume_point` finds the checkpoint and `check_resumable`, `ref
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
@@ -40,6 +41,24 @@ def resume_point(resume: Optional[str], output: str, name: str):
     if checkpoint is None:
         raise UserError(f"cannot resume from {path}: no readable checkpoint there (runtime.resume)")
     return (path if path.is_dir() else path.parent), checkpoint
+
+
+def resume_option(run_dir, output: str, name: str) -> str:
+    """The --resume value that continues the run in `run_dir`: `auto` where it looks (runs/<name>), else
+    the directory itself (a run started without --resume next to another of its name: runs/<name>-2)."""
+    auto = Path(output).expanduser() / name
+    return "--resume auto" if Path(run_dir).resolve() == auto.resolve() else f"--resume {run_dir}"
+
+
+def unfinished_namesakes(run_dir: Path) -> list[Path]:
+    """Run directories next to `run_dir` that make_run_dir named after it (NAME-2, NAME-3, ...) holding a
+    checkpoint and no summary: runs of the same name, started without --resume, that did not finish."""
+    if not run_dir.parent.is_dir():
+        return []
+    pattern = re.compile(re.escape(run_dir.name) + r"-[0-9]+")
+    return sorted((p for p in run_dir.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir()
+                   and has_checkpoint_files(p) and not (p / "summary.json").exists()),
+                  key=lambda p: int(p.name.rsplit("-", 1)[1]))
 
 
 class Part(NamedTuple):
@@ -144,6 +163,8 @@ CHECKPOINT_PARTS = (
     Part("epoch", lambda s: s.position.epoch, _set_position("epoch")),
     Part("step", lambda s: s.position.optimizer_steps, _set_position("optimizer_steps")),
     Part("history", lambda s: s.position.history, _set_position("history")),
+    Part("nonfinite_in_row", lambda s: s.position.nonfinite_in_row,
+         lambda s, v: setattr(s.position, "nonfinite_in_row", v or 0)),  # the streak counts across epochs
     Part("best_top1", lambda s: s.position.best_top1, _set_position("best_top1")),
     Part("partial", lambda s: s.position.partial, _set_position("partial")),  # see upgrade_partial
     Part("subset", lambda s: s.position.subset, _set_position("subset")),
@@ -187,10 +208,18 @@ def changed_settings(saved: dict, now: dict) -> list[str]:
 
 def refuse_finished(cfg: Config, run_dir: Path, checkpoint: dict) -> None:
     """A run whose checkpoint ends its schedule is done: its files stay as they are. Raises RunFinished
-    (exit 0) when relaunched as it was, UserError when relaunched with other settings."""
+    (exit 0) when relaunched as it was, UserError when relaunched with other settings, or when `--resume auto`
+    found it finished while a run of the same name next to it is not (`unfinished_namesakes`): success
+    would be reported for a run that was not continued."""
     done = checkpoint.get("epoch", 0)
     if checkpoint.get("partial") is not None or done < cfg.schedule.epochs:
         return
+    if cfg.runtime.resume == "auto":
+        waiting = unfinished_namesakes(run_dir)
+        if waiting:
+            raise UserError(f"--resume auto found run {cfg.name} in {run_dir} finished, but {waiting[-1]} holds an "
+                            f"unfinished run of the same name (started without --resume): nothing trained; continue "
+                            f"it with --resume {waiting[-1]}")
     evaluated = [r for r in checkpoint.get("history", []) if "top1" in r]
     epochs = f"{done} epoch{'s' if done != 1 else ''}" + (f", top-1 {evaluated[-1]['top1']:.2f}%" if evaluated else "")
     how = (f"nothing trained, no file written. To train longer: --resume auto --set schedule.epochs={done + 10} "
@@ -262,10 +291,17 @@ def rank_tally(partial: Optional[dict], dist: DistInfo) -> Optional[dict]:
 
 def upgrade_partial(checkpoint: dict) -> Optional[dict]:
     """The `partial` entry in today's form: checkpoints of earlier versions held rank 0's tally alone,
-    with the position in batches."""
+    with the position in batches, and their tallies lack entries added since (taken as the epoch's
+    kept samples, no unreadable sample named)."""
     partial = checkpoint.get("partial")
-    if partial is None or "ranks" in partial:
-        return partial
-    batch_size, world_size = checkpoint["config"]["data"]["batch_size"], len(checkpoint["rng"])
-    return {"order_done": partial["batches"] * batch_size * world_size, "batch_size": batch_size,
-            "world_size": world_size, "ranks": [partial] * world_size}
+    if partial is None:
+        return None
+    if "ranks" not in partial:
+        batch_size, world_size = checkpoint["config"]["data"]["batch_size"], len(checkpoint["rng"])
+        partial = {"order_done": partial["batches"] * batch_size * world_size, "batch_size": batch_size,
+                   "world_size": world_size, "ranks": [partial] * world_size}
+    for tally in partial["ranks"]:
+        tally.setdefault("class_rows", [[0.0], [0.0]])
+        tally.setdefault("loss_count", float(sum(tally["class_rows"][1])))
+        tally.setdefault("unreadable", [])
+    return partial

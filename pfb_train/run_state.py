@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -40,6 +40,7 @@ class Position:
     optimizer_steps: int = 0  # optimizer steps so far (the checkpoint's `step`)
     best_top1: float = float("-inf")
     history: list = field(default_factory=list)
+    nonfinite_in_row: int = 0  # non-finite steps in a row up to here: the streak counts across epochs
     partial: Optional[dict] = None  # EpochTally state when resuming inside an epoch
     subset: Optional[torch.Tensor] = None  # that epoch's sampler subset
 
@@ -58,9 +59,11 @@ class RunState:
     baseline: Optional[BaselineComparison] = None
     run_dir: Optional[Path] = None  # rank 0 only
     location: str = ""  # the run directory as every rank names it (messages)
+    resume_option: str = "--resume auto"  # what continues this run (its directory, if auto would not find it)
     position: Position = field(default_factory=Position)
     mode_reason: str = ""  # why blocking.mode resolved to net.mode (the run line, summary.json)
     score: Optional[ScorePass] = None  # recompute mode's ranking pass, automatic parts resolved
+    sample_name: Callable[[int], str] = str  # a training sample's index -> its file (messages)
 
     @property
     def cfg(self) -> Config:

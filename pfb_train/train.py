@@ -25,18 +25,19 @@ from pfb_train.calibrate import ModeChoice, resolve_mode
 from pfb_train.config import Config, save_config
 from pfb_train.costs import blocking_mode
 from pfb_train.data import build_datasets, build_loaders, dataset_labels
+from pfb_train.data.splits import sample_namer
 from pfb_train.distributed import (DistInfo, all_gather_objects, announce_stop, barrier, cleanup,
                                    init_distributed, sharing_stops, stopped_elsewhere, watch_for_stops)
 from pfb_train.engine import (EpochTally, Optimization, StepContext, StepSettings, evaluate, prepare_epoch,
                               train_one_epoch)
 from pfb_train.errors import Preempted, RunFinished, TrainingStopped, UserError
-from pfb_train.metrics import BaselineComparison, RunLogger, make_run_dir, rewrite_metrics
-from pfb_train.models import build_model, check_score_pass
+from pfb_train.metrics import UNREADABLE_FILE, BaselineComparison, RunLogger, make_run_dir, rewrite_metrics
+from pfb_train.models import build_model, check_score_pass, check_training_rows
 from pfb_train.preemption import PreemptionSignals
-from pfb_train.records import (describe_data, describe_options, epoch_line, ranking_pass, sample_accounting,
-                               starvation_warning, starved_classes, summarize)
+from pfb_train.records import (describe_data, describe_options, epoch_line, no_step_line, ranking_pass,
+                               sample_accounting, starvation_warning, starved_classes, summarize, unreadable_warning)
 from pfb_train.resume import (changed_settings, check_position, check_resumable, rank_tally, refuse_finished, restore,
-                              resume_point, save_checkpoints)
+                              resume_option, resume_point, save_checkpoints)
 from pfb_train.run_state import RunSettings, RunState
 from pfb_train.seeding import derive_seed
 from pfb_train.selection import get_method, selector_from_config
@@ -95,6 +96,9 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
     if rt.threads:
         torch.set_num_threads(rt.threads)
     device = dist.device
+    if rt.sync_bn and dist.world_size > 1 and device.type != "cuda":  # before any data or model is built
+        raise UserError(f"config key 'runtime.sync_bn' needs CUDA devices (SyncBatchNorm runs on GPUs only); this "
+                        f"run is on {device.type}: set runtime.sync_bn=false")
     if device.type == "cuda":
         # Shapes are fixed per step (the kept count is too), so autotuned conv kernels are found
         # once and reused; TF32 runs float32 matmuls on tensor cores.
@@ -114,16 +118,21 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
     train_loader, val_loader = build_loaders(splits, cfg.data, rt.seed, dist.rank, dist.world_size,
                                              pin_memory=device.type == "cuda", device=device,
                                              channels_last=rt.channels_last)
+    method = get_method(cfg.blocking.method)
     net = build_model(cfg.model, cfg.blocking.stage, splits.num_classes, blocking_mode(cfg.blocking),
                       sync_bn=rt.sync_bn and dist.world_size > 1, img_size=cfg.data.img_size).to(device)
     if rt.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    score = check_score_pass(net, get_method(cfg.blocking.method).score_pass(cfg.blocking.chosen()), cfg.data.img_size,
+    score = check_score_pass(net, method.score_pass(cfg.blocking.chosen()), cfg.data.img_size,
                              f"blocking.{cfg.blocking.method}")
     # A resumed run keeps its checkpoint's mode (restore below): timing again could pick the other one.
     mode = resolve_mode(cfg, net, AMP_DTYPES[rt.amp]) if checkpoint is None else None
     if mode is not None:
         net.mode = mode.mode
+    batch = cfg.data.batch_size
+    check_training_rows(net, cfg.data.img_size, batch,
+                        batch - round(method.blocked_fraction_per_batch(cfg.blocking.chosen()) * batch),
+                        f"blocking.{method.name}.{method.ratio_option}")
     ema = ModelEmaV3(net, decay=o.ema_decay) if o.ema_decay else None  # a plain copy: before DDP/compile
     seed_everything(derive_seed("rank", rt.seed, dist.rank))  # dropout, drop-path, mixup: each rank its own
     train_module = net
@@ -132,6 +141,7 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
     if rt.compile:
         net.compile_parts()  # after DDP wrapping: DDP hooks stay on the original parameters
     selector = selector_from_config(cfg, splits.num_classes)
+    check_epoch_size(cfg, selector.fewest_samples(len(splits.train)), len(splits.train), dist.world_size)
 
     try:  # a name timm lists may still need what this machine lacks (bitsandbytes, APEX, CUDA)
         optimizer = create_optimizer_v2(net, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
@@ -156,7 +166,8 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
     class_counts = None if labels is None else tuple(torch.bincount(labels, minlength=splits.num_classes).tolist())
     settings = RunSettings(cfg, dist, step_settings, len(train_loader) * cfg.data.batch_size * dist.world_size,
                            class_counts, len(splits.train))
-    state = RunState(settings, net, train_module, selector, optimization, train_loader, val_loader, baseline)
+    state = RunState(settings, net, train_module, selector, optimization, train_loader, val_loader, baseline,
+                     sample_name=sample_namer(splits.train))  # messages name unreadable samples
     if checkpoint is not None:
         restore(state, checkpoint)
         check_position(state, checkpoint)
@@ -174,7 +185,8 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
         print(f"run {cfg.name}: {cfg.model.name} on {describe_data(cfg, len(splits.train))}, "
               f"split after {net.stage_name} (stage {net.stage}), blocking {describe_options(cfg)} "
               f"(mode {net.mode}: {mode.reason}{ranking_pass(net, score)}), "
-              f"{len(train_loader)} steps/epoch, {dist.world_size} process(es) on {device.type} -> {state.run_dir}")
+              f"{len(train_loader)} steps per full-data epoch, {dist.world_size} process(es) on {device.type} "
+              f"-> {state.run_dir}")
         if checkpoint is not None:
             print(f"resumed at epoch {state.position.epoch}, step {state.position.optimizer_steps}")
         for note in splits.notes:
@@ -187,8 +199,27 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
         if start >= cfg.schedule.epochs:
             print(f"note: blocking.{cfg.blocking.method}.start_epoch {start} is not within schedule.epochs "
                   f"{cfg.schedule.epochs}: this run trains on full data")
+        if s.warmup_epochs >= s.epochs:
+            print(f"note: schedule.warmup_epochs {s.warmup_epochs} is not below schedule.epochs {s.epochs}: the whole "
+                  f"run is warm-up (the LR climbs from schedule.warmup_lr towards optim.lr {o.lr}) and the "
+                  f"{s.name} schedule never starts")
     state.location = str(all_gather_objects(str(state.run_dir) if dist.is_main else None)[0])
+    state.resume_option = resume_option(state.location, rt.output, cfg.name)
     return state
+
+
+def check_epoch_size(cfg: Config, fewest: int, train_samples: int, world_size: int) -> None:
+    """Refuse a sampler-level selection that leaves an epoch fewer samples than one global batch (it would
+    train no step): `fewest` is what the method says it may leave of `train_samples` (Selector.fewest_samples).
+    A whole set under one global batch is build_loaders' error, found before."""
+    if fewest >= cfg.data.batch_size * world_size:
+        return
+    method = get_method(cfg.blocking.method)
+    key = f"blocking.{method.name}.{method.ratio_option}"
+    raise UserError(f"config key '{key}' {method.ratio(cfg.blocking.chosen())} can leave an epoch {fewest} of the "
+                    f"{train_samples} training samples, fewer than one global batch (data.batch_size "
+                    f"{cfg.data.batch_size} x {world_size} process(es)): such an epoch trains no step; lower {key} "
+                    "or data.batch_size")
 
 
 def fit(state: RunState, until_epoch: Optional[int] = None, until_step: Optional[int] = None) -> Optional[dict]:
@@ -203,10 +234,10 @@ def fit(state: RunState, until_epoch: Optional[int] = None, until_step: Optional
         logger.close()
 
 
-def preempted(signum: int, where: str, location: str) -> Preempted:
+def preempted(signum: int, where: str, state: RunState) -> Preempted:
     """The stop of a signalled run, its checkpoint written; `where`: e.g. 'at epoch 3, step 120'."""
-    return Preempted(signum, f"stopped by {signal.Signals(signum).name} {where}; checkpoint saved in {location}; "
-                             "run the same command with --resume auto to continue")
+    return Preempted(signum, f"stopped by {signal.Signals(signum).name} {where}; checkpoint saved in {state.location}; "
+                             f"run the same command with {state.resume_option} to continue")
 
 
 def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optional[dict]:
@@ -214,13 +245,14 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
     step_settings, optimization = state.settings.step_settings, state.optimization
     context = StepContext(state.train_module, state.selector, step_settings, optimization)
     wall_start = time.perf_counter() - (position.history[-1]["wall_seconds"] if position.history else 0.0)
-    with PreemptionSignals(every=rt.log_every, device=dist.device) as signals:
+    with PreemptionSignals(every=rt.log_every, device=dist.device, announce=dist.is_main) as signals:
         for epoch in range(position.epoch, cfg.schedule.epochs):
             if until_epoch is not None and epoch >= until_epoch:
                 return None
             partial = position.partial
             done = partial["order_done"] if partial is not None else 0
-            tally = EpochTally(dist.device, state.net.num_classes, rank_tally(partial, dist), done, dist.world_size)
+            tally = EpochTally(dist.device, state.net.num_classes, rank_tally(partial, dist), done, dist.world_size,
+                               position.nonfinite_in_row, state.settings.train_samples)
             resume = (position.subset, done) if partial is not None else None
             tally.extra_selection_seconds += prepare_epoch(state.selector, state.train_loader, epoch, resume)
             position.partial = position.subset = None
@@ -242,7 +274,7 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
                 if stop or (rt.checkpoint_every and steps % rt.checkpoint_every == 0):
                     save_checkpoints(state, epoch, tally)
                 if signum:
-                    raise preempted(signum, f"at epoch {epoch}, step {steps}", state.location)
+                    raise preempted(signum, f"at epoch {epoch}, step {steps}", state)
                 return bool(stop)
 
             bar = tqdm(total=last_batch, initial=tally.batches, desc=f"epoch {epoch}",
@@ -252,7 +284,15 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
             if stats is None:  # stopped early: rank 0 has written the checkpoint once every rank returns
                 barrier()
                 return None
+            position.nonfinite_in_row = tally.nonfinite_in_row
             seen, bad = stats["samples_seen"], stats["bad_samples"]
+            if seen + bad == 0:  # every rank took no step (equal shares): a subset under one global batch
+                raise TrainingStopped(no_step_line(cfg, epoch, state.train_loader.sampler, dist.world_size))
+            unreadable = stats.pop("unreadable")  # dataset indices, over all ranks
+            if unreadable and dist.is_main:
+                names = [state.sample_name(i) for i in unreadable]
+                logger.log_unreadable(epoch, names)
+                print(unreadable_warning(epoch, names, state.run_dir / UNREADABLE_FILE), flush=True)
             nominal = state.settings.nominal_rows
             if partial is not None:  # resumed inside the epoch, perhaps with another batch size or world size
                 # (`rest` is 0 when the checkpoint came from the epoch's last step)
@@ -260,6 +300,8 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
             stats.update(sample_accounting(stats.pop("samples_seen"), stats.pop("samples_kept"), bad, nominal))
             if dist.world_size > 1 and not rt.sync_bn:  # ranks saw different batches: average BN statistics
                 distribute_bn(state.net, dist.world_size, reduce=True)
+            if dist.world_size > 1 and optimization.ema is not None:  # each rank's EMA averaged its own (timm's train.py)
+                distribute_bn(optimization.ema.module, dist.world_size, reduce=True)
             record = {"epoch": epoch, "lr": optimization.optimizer.param_groups[0]["lr"], **stats}
             starved = starved_classes(record["class_kept_fraction"])
             if starved:
@@ -284,7 +326,7 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
             # After the last epoch the run ends as finished instead (its summary takes a moment).
             signum = signals.requested(position.optimizer_steps, force=True)
             if signum and epoch + 1 < cfg.schedule.epochs:
-                raise preempted(signum, f"after epoch {epoch}, step {position.optimizer_steps}", state.location)
+                raise preempted(signum, f"after epoch {epoch}, step {position.optimizer_steps}", state)
             if signum and dist.is_main:
                 print(f"note: {signal.Signals(signum).name} came as the last epoch ended: the run finishes", flush=True)
 

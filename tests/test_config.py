@@ -49,6 +49,7 @@ def test_int_accepted_for_float_but_not_bool_for_int(tmp_path):
     ("- a\n- b\n", [], "must hold a mapping of sections"),
     ("model: {name: [unclosed\n", [], "is not valid YAML"),
     ("", ["data.dataset=imagefolder"], "'data.root' is required for dataset 'imagefolder'"),
+    ("", ["model.num_classes=-1"], "config key 'model.num_classes' must be >= 1 (or null: the data set's), got -1"),
     ("", ["blocking.method=pfb", "data.batch_size=16", "blocking.pfb.centres=32"], "must be >= 'blocking.pfb.centres'"),
     ("", ["blocking.method=pfb", "data.batch_size=16", "blocking.centers=32"], "must be >= 'blocking.pfb.centres'"),
     ("", ["blocking.method=random", "blocking.random.start_epoch=10", "blocking.random.end_epoch=5"],

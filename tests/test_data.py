@@ -192,6 +192,16 @@ def test_fashion_mnist_reads_idx_files_plain_or_gzipped(tmp_path, compress):
     assert y == int(read_idx(next(root.glob("t10k-labels*")))[3])
 
 
+def test_fashion_mnist_refuses_labels_outside_its_ten_classes(tmp_path):
+    """Another MNIST-family set in data.root (EMNIST's letters are labelled 1..26) would train on labels past
+    the model's classes: a one-line error naming the file instead."""
+    root = write_fashion_mnist(tmp_path / "fm", compress=False)
+    write_idx(root / FASHION_MNIST_FILES["train"][1], np.arange(120) % 27, compress=False)
+    with pytest.raises(UserError, match=r"labels file .*train-labels-idx1-ubyte holds class 26, outside 0..9: "
+                                        r"fashion_mnist has 10 classes"):
+        build_datasets(DataConfig(dataset="fashion_mnist", root=str(root), img_size=28))
+
+
 def test_fixed_stratified_subset_and_long_tail(tmp_path):
     root = write_fashion_mnist(tmp_path / "fm", train_per_class=20)
     cfg = DataConfig(dataset="fashion_mnist", root=str(root), img_size=28, train_samples=100, val_samples=30)

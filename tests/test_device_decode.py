@@ -72,7 +72,7 @@ def test_unreadable_files_are_stood_in_for_or_fatal(folder):
     set_loader_epoch(train, 0)
     batches = list(train)
     assert [len(idx) for _, _, idx in batches] == [4] * 4  # batches keep their size
-    assert sum(int((idx < 0).sum()) for _, _, idx in batches) == 2  # two stand-ins (index MISSING)
+    assert sum(int((idx < 0).sum()) for _, _, idx in batches) == 2  # two stand-ins (negative indices)
     (folder / "val" / "a" / os.listdir(folder / "val" / "a")[0]).write_bytes(b"")  # val: no random crops
     _, _, _, val = loaders(folder, decode="device")
     for x, y, idx in val:  # a stand-in repeats a readable image of its own batch, with that image's label

@@ -22,7 +22,7 @@ runtime: {device: cpu, seed: 0, progress: false, threads: 1}
 """
 
 
-def launch(tmp_path, nproc, fit, *overrides):
+def launch(tmp_path, nproc, fit, *overrides, timeout=300):
     config = tmp_path / "ddp.yaml"
     config.write_text(CONFIG)
     out = tmp_path / f"out{nproc}"
@@ -32,7 +32,7 @@ def launch(tmp_path, nproc, fit, *overrides):
         cmd = [sys.executable, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(nproc)], result
 
@@ -55,6 +55,20 @@ def test_two_process_pfb_run_keeps_ranks_identical(tmp_path):
         assert 0.0 <= record["selection_signal"] <= 1.0 and len(record["class_kept_fraction"]) == 10
     assert not (tmp_path / "out2" / "runs" / "ddp-2").exists()  # only rank 0 writes a run directory
     assert result.stdout.count("done: top-1") == 1  # only rank 0 prints
+
+
+def test_degenerate_sizes_clipping_and_the_ema_under_two_processes(tmp_path):
+    """One validation sample for two ranks (rank 1 has no evaluation batch: it used to hang the job in the
+    evaluation forward's buffer broadcast); clipping under DDP; each rank's EMA BatchNorm statistics
+    averaged at the epoch end, so `top1_ema` and the saved EMA are every rank's."""
+    (r0, r1), _ = launch(tmp_path, 2, True, "data.val_samples=1", "optim.clip_grad=0.01", "optim.ema_decay=0.5",
+                          timeout=120)
+    metrics = [json.loads(line) for line in (tmp_path / "out2" / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["val_samples"] for m in metrics] == [1, 1] and all("top1_ema" in m for m in metrics)
+    assert r0["grad_norm"] == pytest.approx(0.01, rel=1e-4) and r1["grad_norm"] == pytest.approx(0.01, rel=1e-4)
+    assert r0["ema_buffers"].keys() == r1["ema_buffers"].keys() and r0["ema_buffers"]
+    for name, value in r0["ema_buffers"].items():
+        assert torch.equal(value, r1["ema_buffers"][name]), name
 
 
 def test_validation_counts_every_sample_once_on_any_world_size(tmp_path):

@@ -1,6 +1,7 @@
 """`data.dataset: hf`: Hugging Face datasets built in the test (no network), every method, exact resume."""
 
 import io
+from pathlib import Path
 import sys
 
 import numpy as np
@@ -99,8 +100,11 @@ def test_resume_inside_an_epoch_is_exact(saved, tmp_path):
 def test_an_image_that_does_not_decode_stands_in(decode, tmp_path):
     make_dataset(bad=1).save_to_disk(str(tmp_path / "data"))
     state = setup(load_config(None, overrides(tmp_path / "data", tmp_path, "none", f"data.decode={decode}")), DistInfo())
-    record = read_metrics(fit(state)["run_dir"])[0]
-    assert record["bad_samples"] == 1 and record["samples_seen"] == 15
+    run_dir = fit(state)["run_dir"]
+    record = read_metrics(run_dir)[0]
+    assert record["bad_samples"] == 1 and record["samples_seen"] == 15 and record["kept_fraction"] == 1.0
+    named = (Path(run_dir) / "unreadable.txt").read_text().splitlines()  # the sample, on every path
+    assert named == [f"0\t{tmp_path / 'data'}:train[0]", f"1\t{tmp_path / 'data'}:train[0]"]
 
 
 def test_bad_inputs_are_one_line(tmp_path, monkeypatch):
@@ -110,9 +114,14 @@ def test_bad_inputs_are_one_line(tmp_path, monkeypatch):
         (tmp_path / "two_images", ["data.image_key=label"], "column 'label' is not an Image column"),
         (tmp_path / "two_images", ["data.image_key=mask", "data.val_split=test"], "split 'test' not found in"),
         (tmp_path / "empty", [], "no train-*.parquet files under"),
+        (tmp_path / "unlabelled", [], "label column 'label' of " + f"{tmp_path / 'unlabelled'}:validation holds -1: "
+                                      "classes are numbered from 0 (the Hub marks unlabelled samples"),
         ("someone/not-downloaded", [], "is neither a folder nor a dataset in the local Hugging Face cache"),
     ]
     (tmp_path / "empty").mkdir()
+    unlabelled = make_dataset()  # a test split as the Hub keeps them: a ClassLabel column holding -1
+    unlabelled["validation"] = unlabelled["validation"].map(lambda row: {"label": -1})
+    unlabelled.save_to_disk(str(tmp_path / "unlabelled"))
     for root, extra, message in cases:
         with pytest.raises(UserError) as err:
             setup(load_config(None, overrides(root, tmp_path / "runs", "none", *extra)), DistInfo())

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,18 +169,33 @@ FOLDER = ["model.name=test_resnet", "data.dataset=imagefolder", "data.img_size=3
 
 
 @pytest.mark.parametrize("decode", ["cpu", "device"])
-def test_corrupt_images_are_stood_in_for_and_counted(tmp_path, decode):
+def test_corrupt_images_are_stood_in_for_named_and_counted(tmp_path, decode, capsys):
     root = write_folder(tmp_path / "data", corrupt=4)  # 16 good + 4 bad = 5 batches of 4: every file visited
     summary = run(load_config(None, [*FOLDER, f"data.root={root}", f"runtime.output={tmp_path}", f"data.decode={decode}",
                                      "data.mixup=0.2", "blocking.method=pfb", "blocking.pfb.centres=2",
                                      "blocking.pfb.ratio=0.25", "blocking.pfb.start_epoch=0"]))
     record = read_metrics(summary["run_dir"])[0]
     assert record["bad_samples"] == 4 and summary["bad_samples"] == 4
-    # full-size batches (mixup needs them); stand-ins are neither kept nor blocked
+    # full-size batches (mixup needs them); stand-ins are neither kept nor blocked: both fractions are of
+    # the 16 readable slots
     assert record["samples_seen"] == 16 and record["samples_pruned"] == 0
-    kept = round(record["kept_fraction"] * 20)  # 5 steps x 3 kept rows, less the stand-ins among them
+    kept = round(record["kept_fraction"] * 16)  # 5 steps x 3 kept rows, less the stand-ins among them
     assert 15 - 4 <= kept <= 15 and kept + record["samples_blocked"] == 16
-    assert record["blocked_fraction"] == pytest.approx((20 - kept - 4) / 20)
+    assert record["blocked_fraction"] == pytest.approx((16 - kept) / 16) == pytest.approx(1 - record["kept_fraction"])
+    # one warning line with the count and the first names; every name in the run's unreadable.txt
+    lines = (Path(summary["run_dir"]) / "unreadable.txt").read_text().splitlines()
+    assert sorted(lines) == [f"0\t{root}/train/a/bad{i}.jpg" for i in range(4)]
+    [warning] = [line for line in capsys.readouterr().out.splitlines() if "unreadable training image" in line]
+    assert warning.startswith("warning: epoch 0: 4 unreadable training image(s)")
+    assert f"{root}/train/a/bad" in warning and "and 1 more" in warning
+
+
+def test_an_epoch_without_blocking_keeps_everything_readable(tmp_path):
+    """kept_fraction is of the readable slots: with unreadable files and no blocking it is 1."""
+    root = write_folder(tmp_path / "data", corrupt=4)
+    summary = run(load_config(None, [*FOLDER, f"data.root={root}", f"runtime.output={tmp_path}", "schedule.epochs=1"]))
+    record = read_metrics(summary["run_dir"])[0]
+    assert record["bad_samples"] == 4 and record["kept_fraction"] == 1.0 and summary["blocked_fraction"] == 0.0
 
 
 def test_corrupt_images_fail_the_run_when_configured(tmp_path):
@@ -226,6 +242,23 @@ def test_run_stops_after_too_many_nonfinite_steps_in_a_row(tmp_path):
         fit(state)
 
 
+def test_the_nonfinite_streak_counts_across_epochs_and_a_resume(tmp_path, capsys):
+    """Every step non-finite, 6 per epoch, runtime.max_nonfinite 8: the run stops 2 steps into epoch 1, also
+    when resumed between the epochs; the epoch whose every step was skipped reports no loss (not 0.0)."""
+    config = [*TINY, f"runtime.output={tmp_path}", "runtime.max_nonfinite=8", "data.mixup=0.0"]
+    state = setup(load_config(None, config), DistInfo())
+    poison(state, slice(None))
+    fit(state, until_epoch=1)
+    record = read_metrics(state.run_dir)[0]
+    assert record["nonfinite_steps"] == 6 and record["train_loss"] is None
+    assert "epoch 0: loss -  top-1" in capsys.readouterr().out
+    resumed = setup(load_config(None, [*config, "runtime.resume=auto"]), DistInfo())
+    poison(resumed, slice(None))
+    with pytest.raises(RuntimeError, match=r"8 non-finite losses in a row \(epoch 1, batch 2\): lower optim.lr, "
+                                           r"set optim.clip_grad, or check the data"):
+        fit(resumed)
+
+
 def test_without_the_per_step_check_a_nonfinite_epoch_stops_the_run(tmp_path):
     """runtime.check_finite: false (the CUDA default) has no per-step sync; the epoch's loss sum catches it."""
     state = setup(load_config(None, [*TINY, f"runtime.output={tmp_path}", "runtime.check_finite=false",
@@ -244,9 +277,10 @@ def test_check_finite_default_is_on_for_the_cpu(tmp_path):
 
 # ---------------------------------------------------------------- signals to a process group, per-rank state
 
-def test_loader_workers_live_through_a_sigterm_sent_to_the_whole_job(tmp_path):
-    """A scheduler or torchrun signals every process of the job: the loader's workers go on (the training
-    process stops at its next check, after a checkpoint), instead of dying and failing the run."""
+def test_loader_workers_live_through_a_stop_signal_sent_to_the_whole_job(tmp_path):
+    """A scheduler or torchrun signals every process of the job (a terminal's Ctrl-C, the foreground group):
+    the loader's workers go on (the training process stops at its next check, after a checkpoint),
+    instead of dying and failing the run."""
     import multiprocessing
 
     write_folder(tmp_path / "data")  # 16 training images: 4 batches of 4
@@ -256,8 +290,8 @@ def test_loader_workers_live_through_a_sigterm_sent_to_the_whole_job(tmp_path):
     next(batches)  # the workers have started (with the first batch, maybe not each one's setup)
     workers = multiprocessing.active_children()
     assert len(workers) == 2
-    for worker in workers:  # from another process, as `kill`, `scancel` or torchrun's agent send it
-        subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)
+    for worker, sig in zip(workers, ("TERM", "INT")):  # from another process: `kill`, `scancel`, torchrun's agent
+        subprocess.run(["kill", f"-{sig}", str(worker.pid)], check=True)
     time.sleep(0.5)
     assert len(list(batches)) == 3 and all(w.is_alive() for w in workers)
 
@@ -395,3 +429,11 @@ def test_diagnostics_tallies_resumed_on_the_cpu_join_the_training_device():
     stats.add(clean, torch.arange(6, device="meta"), torch.arange(6, 8, device="meta"),
               by_density=torch.zeros(8, dtype=torch.bool, device="meta"))
     assert stats.totals.device.type == "meta" and (stats.blocked, stats.steps) == (5, 2)
+
+
+def test_a_resume_drops_the_unreadable_names_of_epochs_it_redoes(tmp_path):
+    from pfb_train.metrics import UNREADABLE_FILE, rewrite_metrics
+
+    (tmp_path / UNREADABLE_FILE).write_text("0\ta.jpg\n1\tb.jpg\n2\tc.jpg\n")
+    rewrite_metrics(tmp_path, [{"epoch": 0}, {"epoch": 1}])  # the checkpoint holds two epochs
+    assert (tmp_path / UNREADABLE_FILE).read_text() == "0\ta.jpg\n1\tb.jpg\n"

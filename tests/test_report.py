@@ -182,3 +182,33 @@ def test_runs_logged_before_method_sections_group_with_runs_logged_after(tmp_pat
     rows = report([new, old], base, str(tmp_path / "rep"))["rows"]
     pfb_rows = [r for r in rows if r["label"] != "full data"]
     assert len(pfb_rows) == 1 and pfb_rows[0]["seeds"] == 2 and pfb_rows[0]["top1"] == pytest.approx(71.0)
+
+
+def test_report_refuses_unlike_or_repeated_runs(tmp_path, capsys):
+    """The same directory twice is not two seeds; a run of another data set, model or image size than its
+    baseline makes every delta meaningless; seeds are counted by runtime.seed, not by directories."""
+    import yaml
+
+    from pfb_train.errors import UserError
+    from pfb_train.report import report
+
+    base = fake_run(tmp_path, "full", method="none")
+    pfb = fake_run(tmp_path, "pfb")
+    copy = fake_run(tmp_path, "pfb-copy")  # the same setting and seed, in another directory
+    other = fake_run(tmp_path, "digits", seed=1)
+    config = yaml.safe_load((Path(other) / "config.yaml").read_text())
+    config["data"]["dataset"] = "digits"
+    (Path(other) / "config.yaml").write_text(yaml.safe_dump(config))
+    cases = [([pfb, pfb], [base], f"run directory {Path(pfb).resolve()} is given twice as RUN_DIR"),
+             ([pfb], [base, base], "is given twice as --baseline"),
+             ([other], [base], f"run {other} has data.dataset 'digits', the baseline {base} has 'synthetic'"),
+             ([pfb, copy], [base], f"runs {pfb} and {copy} are one setting with the same runtime.seed 0"),
+             ([pfb], [base, other], f"run {other} has data.dataset 'digits'")]
+    for runs, baselines, message in cases:
+        with pytest.raises(UserError) as error:
+            report(runs, baselines, str(tmp_path / "rep"))
+        assert message in str(error.value) and "\n" not in str(error.value)
+    from pfb_train.cli import main
+
+    assert main(["report", pfb, "--baseline", base, "--baseline", other, "--out", str(tmp_path / "rep")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

@@ -12,7 +12,7 @@ from torchvision.datasets.folder import default_loader
 from conftest import write_smooth_folder
 from pfb_train.config import DataConfig
 from pfb_train.data import build_datasets, build_loaders, set_loader_epoch
-from pfb_train.data.missing import MISSING
+from pfb_train.data.missing import stand_in_index
 from pfb_train.data.normalize import Normalize, NormalizingLoader
 from pfb_train.data.prefetch import DevicePrefetcher
 
@@ -101,8 +101,8 @@ def test_stand_ins_for_unreadable_files_are_uint8_copies_of_a_readable_item(tmp_
     (tmp_path / "val" / "a" / "1.jpg").write_bytes(b"not a jpeg")
     _, _, val = cpu_loaders(tmp_path)
     shipped, labels, idx = next(iter(val.loader))
-    assert shipped.dtype == torch.uint8 and idx.tolist().count(MISSING) == 1
-    stand_in = idx.tolist().index(MISSING)
+    assert shipped.dtype == torch.uint8 and (idx < 0).sum() == 1
+    stand_in = idx.tolist().index(stand_in_index(1))  # val/a/1.jpg is sample 1: the stand-in names it
     assert any(torch.equal(shipped[stand_in], shipped[j]) and labels[stand_in] == labels[j]
                for j in range(len(idx)) if j != stand_in)
     made, _, made_idx = next(iter(val))

@@ -44,7 +44,7 @@ import torch
 from pfb_train.data.decode import BadImage, header_size
 from pfb_train.data.device_decode import resized_crop_boxes, resized_crop_uniforms, stack_bytes
 from pfb_train.data.draws import sample_uniforms
-from pfb_train.data.missing import MISSING, Unreadable, all_unreadable, skip_or_fail, stand_in_rows
+from pfb_train.data.missing import Unreadable, all_unreadable, skip_or_fail, stand_in_index, stand_in_rows
 from pfb_train.data.wrapped import WrappedLoader
 from pfb_train.errors import UserError
 
@@ -135,7 +135,7 @@ class DaliLoader(WrappedLoader):
                     if decodable[good].all():
                         raise  # every image decodes alone: the error is DALI's, not a file's
                     good &= decodable
-            yield images, labels[rows], torch.where(good, indices, torch.full_like(indices, MISSING))
+            yield images, labels[rows], torch.where(good, indices, stand_in_index(indices))
 
     def _where(self, index: int) -> str:
         return self.paths[index] if self.paths is not None else f"sample {index}"

@@ -8,8 +8,8 @@ pixels, and no CPU core decodes or resizes. Other formats (PNG, ...) are decoded
 one by one by torchvision.io (16-bit PNG: its top 8 bits) and moved; formats torchvision.io does
 not read (BMP, TIFF, PPM, ...) by PIL, decode.py's rule, as the `cpu` path does. The workers read
 each image's header first (decode.py's `check_size`): an image of more than decode.MAX_PIXELS
-pixels is never decoded. An unreadable file is replaced by a readable image of its batch with index
-MISSING (see missing.fill_unreadable: batches keep their size) or, with `data.bad_images: fail`,
+pixels is never decoded. An unreadable file is replaced by a readable image of its batch with a
+negative index (see missing.fill_unreadable: batches keep their size) or, with `data.bad_images: fail`,
 stops the run.
 
 Train: RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) + horizontal flip; eval: resize the
@@ -32,7 +32,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from pfb_train.data.decode import BadImage, TooLarge, check_size, rgb_tensor, top_byte
-from pfb_train.data.missing import MISSING, Unreadable, all_unreadable, skip_or_fail, stand_in_rows
+from pfb_train.data.missing import Unreadable, all_unreadable, skip_or_fail, stand_in_index, stand_in_rows
 from pfb_train.errors import UserError
 from pfb_train.data.wrapped import WrappedLoader
 
@@ -92,13 +92,13 @@ class DeviceDecodeLoader(WrappedLoader):
     def __iter__(self):
         for data, labels, indices in self.loader:
             images, good = self.decode(data, indices)
-            if not good.all():  # stand-ins: a readable item of the batch (image and label), index MISSING
+            if not good.all():  # stand-ins: a readable item of the batch (image and label), a negative index
                 if not good.any():
                     raise UserError(all_unreadable(len(data), self._where(int(indices[0]))))
                 source = stand_in_rows(good)
                 images = [images[i] for i in source.tolist()]
                 labels = labels[source]
-                indices = torch.where(good, indices, torch.full_like(indices, MISSING))
+                indices = torch.where(good, indices, stand_in_index(indices))
             yield self.augment(images), labels, indices
 
     def _where(self, index: int) -> str:

@@ -18,6 +18,7 @@ from pfb_train.errors import UserError
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist package
 FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                        "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+CLASSES = 10
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530  # of the training images, in [0, 1]
 
 
@@ -57,6 +58,9 @@ def fashion_mnist_arrays(root) -> dict:
         x, y = read_idx(idx_file(base, images)), read_idx(idx_file(base, labels))
         if x.dim() != 3 or y.dim() != 1 or len(x) != len(y):
             raise UserError(f"fashion_mnist files in {base} disagree: images {tuple(x.shape)}, labels {tuple(y.shape)}")
+        if len(y) and int(y.max()) >= CLASSES:  # another MNIST-family set (EMNIST's letters: 1..26)
+            raise UserError(f"labels file {idx_file(base, labels)} holds class {int(y.max())}, outside 0..{CLASSES - 1}: "
+                            f"fashion_mnist has {CLASSES} classes (is data.root another data set's folder?)")
         splits[split] = (x.unsqueeze(1), y.long())
     return splits
 
@@ -66,14 +70,14 @@ def fashion_mnist(root, img_size: int) -> DataSplits:
     splits = fashion_mnist_arrays(root)
     recipe = ImageRecipe(img_size, padding=img_size // 14, mean=(FASHION_MNIST_MEAN,), std=(FASHION_MNIST_STD,))
     return DataSplits(TensorImages(*splits["train"], recipe, train=True),
-                      TensorImages(*splits["val"], recipe, train=False), 10)
+                      TensorImages(*splits["val"], recipe, train=False), CLASSES)
 
 
 def encode_fashion_mnist(d) -> tuple[list, int]:
     """Both splits as PNG, and the class count (10)."""
     arrays = fashion_mnist_arrays(d.root)
     return [pixel_split(x.numpy(), y.numpy(), name)
-            for (x, y), name in zip(arrays.values(), (d.train_split, d.val_split))], 10
+            for (x, y), name in zip(arrays.values(), (d.train_split, d.val_split))], CLASSES
 
 
 register(DataSource(

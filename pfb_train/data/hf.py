@@ -130,12 +130,14 @@ def find_columns(features, image_key, label_key) -> tuple[str, str]:
 def class_count(splits: dict, label_key: str, num_classes=None) -> int:
     """The number of classes of `splits` ({name: datasets.Dataset}). A ClassLabel says it; for integer
     labels it is `num_classes` (model.num_classes) when set, else the largest label + 1. Raises a
-    one-line UserError for a null or negative label, or one >= num_classes."""
+    one-line UserError for a null or negative label (the Hub's test splits mark "no label" with -1, even
+    in a ClassLabel column), or one >= the class count."""
     import pyarrow.compute as pc  # comes with `datasets`, optional like it
 
     feature = next(iter(splits.values())).features[label_key]
+    said = f"model.num_classes {num_classes}"
     if isinstance(feature, _datasets().ClassLabel):
-        return feature.num_classes
+        num_classes, said = feature.num_classes, f"its ClassLabel has {feature.num_classes} classes"
     largest = -1
     for name, split in splits.items():
         column = split.with_format("arrow")[label_key]  # one column read, no images
@@ -144,10 +146,11 @@ def class_count(splits: dict, label_key: str, num_classes=None) -> int:
                             "every sample needs a class")
         low, high = (pc.min_max(column)[k].as_py() for k in ("min", "max"))
         if low is not None and low < 0:
-            raise UserError(f"label column '{label_key}' of {name} holds {low}: classes are numbered from 0")
+            raise UserError(f"label column '{label_key}' of {name} holds {low}: classes are numbered from 0 (the Hub "
+                            "marks unlabelled samples, e.g. of a test split, with -1: set data.train_split / "
+                            "data.val_split to labelled splits)")
         if high is not None and num_classes is not None and high >= num_classes:
-            raise UserError(f"label column '{label_key}' of {name} holds {high}, outside 0..{num_classes - 1} "
-                            f"(model.num_classes {num_classes})")
+            raise UserError(f"label column '{label_key}' of {name} holds {high}, outside 0..{num_classes - 1} ({said})")
         largest = max(largest, -1 if high is None else high)
     return num_classes if num_classes is not None else largest + 1
 

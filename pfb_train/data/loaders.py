@@ -5,6 +5,7 @@ batches arrive there staged ahead (prefetch.py), uint8 ones normalised after the
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_
 
 from pfb_train.data.dali import DaliLoader, collate_sized_bytes
 from pfb_train.data.device_decode import DeviceDecodeLoader, collate_bytes
-from pfb_train.data.missing import MISSING, Unreadable, fill_unreadable
+from pfb_train.data.missing import Unreadable, fill_unreadable, stand_in_index
 from pfb_train.data.normalize import Normalize, NormalizingLoader
 from pfb_train.data.prefetch import DevicePrefetcher
 from pfb_train.data.resident import ResidentLoader, fits_on_device
@@ -26,7 +27,7 @@ from pfb_train.seeding import derive_seed
 
 def collate_readable(items):
     """Default collation, unreadable items replaced by stand-ins (missing.fill_unreadable)."""
-    return default_collate(fill_unreadable(items, lambda item: (*item[:-1], MISSING)))
+    return default_collate(fill_unreadable(items, lambda item, bad: (*item[:-1], stand_in_index(bad.index))))
 
 
 class IndexedDataset(Dataset):
@@ -52,7 +53,7 @@ class IndexedDataset(Dataset):
             np.random.seed(seed % 2**32)
             torch.default_generator.manual_seed(seed)  # torch.manual_seed also visits every accelerator: 80 us
         item = self.dataset[index]
-        return item if isinstance(item, Unreadable) else (*item, index)
+        return dataclasses.replace(item, index=index) if isinstance(item, Unreadable) else (*item, index)
 
 
 

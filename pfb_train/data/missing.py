@@ -1,7 +1,8 @@
 """Unreadable samples: batches keep their size.
 
 An unreadable file becomes an `Unreadable` item; collation replaces it by a readable item of the same
-batch whose index is MISSING (a stand-in). Shapes never change (mixup, DDP, InfoBatch's gathers,
+batch whose index is negative (a stand-in): `stand_in_index` of the unreadable sample's own index, so
+the run can name the file. Shapes never change (mixup, DDP, InfoBatch's gathers,
 compiled graphs, resume offsets); stand-ins get zero weight in the loss, are left out of the
 selector's update and of every count, and are counted as `bad_samples`. A batch with no readable
 item at all stops the run, naming a file.
@@ -15,15 +16,22 @@ import torch
 
 from pfb_train.errors import UserError
 
-MISSING = -1  # the index of a row that holds no sample
+def stand_in_index(index):
+    """The index a stand-in row carries for unreadable sample `index` (an int or an int64 tensor): -1 - index,
+    negative (the row holds no sample) and naming the sample (`unreadable_index` undoes it)."""
+    return -1 - index
+
+
+unreadable_index = stand_in_index  # its own inverse: -1 - (-1 - i) = i
 
 
 @dataclass(frozen=True)
 class Unreadable:
-    """Stands in for a sample whose file could not be read."""
+    """Stands in for a sample whose file could not be read (`index`: its dataset index, once known)."""
 
     path: str
     reason: str
+    index: int = 0
 
 
 def skip_or_fail(path, reason: str, fail: bool) -> Unreadable:
@@ -39,7 +47,8 @@ def all_unreadable(count: int, path) -> str:
 
 
 def fill_unreadable(items: list, copy_item) -> list:
-    """`items` with each Unreadable replaced by `copy_item(readable item)` (a stand-in, index MISSING)."""
+    """`items` with each Unreadable `bad` replaced by `copy_item(readable item, bad)` (a stand-in whose index
+    is `stand_in_index(bad.index)`)."""
     bad = [item for item in items if isinstance(item, Unreadable)]
     if not bad:
         return items
@@ -47,7 +56,7 @@ def fill_unreadable(items: list, copy_item) -> list:
     if not readable:
         raise UserError(all_unreadable(len(items), bad[0].path))
     spare = iter(readable * len(bad))
-    return [copy_item(next(spare)) if isinstance(item, Unreadable) else item for item in items]
+    return [copy_item(next(spare), item) if isinstance(item, Unreadable) else item for item in items]
 
 
 def stand_in_rows(good: torch.Tensor) -> torch.Tensor:

@@ -78,3 +78,12 @@ def imagenet_stats() -> dict:
 def sample_names(dataset: Dataset):
     """What messages call each sample: its file path, or the reader's own names (hf, wds)."""
     return dataset.names if hasattr(dataset, "names") else [path for path, _ in dataset.samples]
+
+
+def sample_namer(dataset: Dataset):
+    """index -> what messages call that sample: `sample_names`', or 'training sample i' for a set held in
+    memory (no files; none is ever unreadable)."""
+    if not hasattr(dataset, "names") and not hasattr(dataset, "samples"):
+        return lambda index: f"training sample {index}"
+    names = sample_names(dataset)
+    return lambda index: str(names[index])

@@ -128,6 +128,12 @@ class Selector:
         """Sampler-level selection: the dataset indices to visit this epoch; None = all."""
         return None
 
+    def fewest_samples(self, num_samples: int) -> int:
+        """How few of a training set of `num_samples` an epoch's `epoch_indices` may visit, as far as the
+        options tell before training (a subset drawn from losses can only be estimated). The harness
+        refuses at start-up a run where this is under one global batch: such an epoch has no step."""
+        return num_samples
+
     def blocks_rows(self) -> bool:
         """Whether `select` may drop rows this epoch; if not, the step runs the plain model."""
         return False

@@ -50,6 +50,11 @@ class InfoBatchSelector(Selector):
         keep[candidates[skip].cpu()] = False
         return keep.nonzero().flatten()
 
+    def fewest_samples(self, num_samples: int) -> int:
+        """The expected subset when every sample but one scores below the mean (its most pruned epoch):
+        prune_ratio of num_samples - 1 candidates skipped."""
+        return num_samples - round(self.prune_ratio * (num_samples - 1)) if self.prune_ratio > 0 else num_samples
+
     def loss_weights(self, sample_idx):
         if not self.pruning(self.epoch):
             return None

@@ -24,7 +24,10 @@ class StaticRandomSelector(Selector):
         if self.drop_fraction == 0:
             return None
         order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(derive_seed("static subset", self.shared_seed)))
-        return order[: num_samples - round(self.drop_fraction * num_samples)].sort().values
+        return order[: self.fewest_samples(num_samples)].sort().values
+
+    def fewest_samples(self, num_samples: int) -> int:
+        return num_samples - round(self.drop_fraction * num_samples)  # every epoch's subset: exact
 
 
 @dataclass
