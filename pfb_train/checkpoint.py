@@ -8,6 +8,7 @@ replaces is kept as checkpoint-prev.pt, so one unreadable file never loses the r
 from __future__ import annotations
 
 import os
+import pickletools
 import random
 import shutil
 import sys
@@ -65,9 +66,13 @@ def has_checkpoint_files(run_dir) -> bool:
 
 # What checkpoints of earlier versions hold besides tensors and plain containers: NumPy's RNG state, an
 # array of uint32. These are what PyTorch's documentation of torch.load names for a weights-only load of
-# NumPy arrays: the array, its dtype (and the dtype's class), and the function that rebuilds the array.
-EARLIER_NUMPY = (np.ndarray, np.dtype, type(np.dtype(np.uint32)),
-                 (getattr(np, "_core", None) or np.core).multiarray._reconstruct)
+# NumPy arrays: the array, its dtype (and the dtype's class), and the function that rebuilds the array,
+# under the name NumPy 2 pickles it by and the one NumPy 1 did.
+_RECONSTRUCT = (getattr(np, "_core", None) or np.core).multiarray._reconstruct
+EARLIER_NUMPY = (np.ndarray, np.dtype, type(np.dtype(np.uint32)), _RECONSTRUCT,
+                 (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"))
+ALLOWED_NAMES = {"numpy.ndarray", "numpy.dtype", f"numpy.dtypes.{type(np.dtype(np.uint32)).__name__}",
+                 "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct"}
 
 
 def load_checkpoint(path: Path):
@@ -91,13 +96,37 @@ def load_checkpoint(path: Path):
 
 
 def _foreign_objects(path: Path) -> list[str]:
-    """The globals a pickled checkpoint names beyond what a weights-only load allows (read from the
-    pickle's opcodes, nothing run); [] for a torn file."""
-    allowed = {f"{g.__module__}.{g.__qualname__}" for g in EARLIER_NUMPY}
+    """The globals a checkpoint's pickle names beyond tensors, plain containers and EARLIER_NUMPY, read from
+    its opcodes (nothing runs): of a torch.save archive, or of a plain pickle stream (pickle.dump, the
+    format of torch.save before 1.6, which pfb-train never writes). [] for a torn archive."""
+    with open(path, "rb") as f:
+        if f.read(2) == b"PK":  # a zip archive, as torch.save writes
+            try:
+                names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            except Exception:  # torn: unreadable, not foreign
+                names = []
+        else:
+            f.seek(0)
+            names = [n for n in _pickled_globals(f) if not n.startswith(("torch.", "collections.OrderedDict"))]
+    return [name for name in names if name not in ALLOWED_NAMES]
+
+
+def _pickled_globals(stream) -> list[str]:
+    """'module.name' of each global named by the pickles in `stream`, one after another, up to the first
+    thing that is not a pickle."""
+    names = []
     try:
-        return [name for name in torch.serialization.get_unsafe_globals_in_checkpoint(path) if name not in allowed]
-    except Exception:
-        return []
+        while True:
+            strings = []
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name == "GLOBAL":
+                    names.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(".".join(strings[-2:]))
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # the end of the stream, or a tensor's raw bytes
+        return names
 
 
 def latest_checkpoint(run_dir) -> tuple:

@@ -59,6 +59,11 @@ class PhaseTimer:
 UNREADABLE_FILE = "unreadable.txt"  # each epoch's unreadable training images: 'epoch<TAB>name' lines
 
 
+def one_line(name: str) -> str:
+    """`name` with tabs and line breaks written as escapes: a file name may hold them, a line may not."""
+    return name.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
 def make_run_dir(output: str, name: str) -> Path:
     """runs/<name>, or runs/<name>-2, -3, ... when that already holds a run: never overwrite one."""
     base = Path(output).expanduser() / name
@@ -98,7 +103,7 @@ class RunLogger:
         """Append an epoch's unreadable training images to unreadable.txt."""
         if self.enabled:
             with open(self.run_dir / UNREADABLE_FILE, "a") as f:
-                f.writelines(f"{epoch}\t{name}\n" for name in names)
+                f.writelines(f"{epoch}\t{one_line(name)}\n" for name in names)
 
     def write_summary(self, summary: dict) -> None:
         if self.enabled:

@@ -425,17 +425,19 @@ def check_score_pass(blocked: BlockedModel, score: ScorePass, img_size: int, key
 
 
 def check_training_rows(blocked: BlockedModel, img_size: int, batch_rows: int, kept_rows: int,
-                        ratio_key: Optional[str] = None) -> None:
+                        ratio_key: Optional[str] = None, synced_ranks: int = 1) -> None:
     """Refuse (UserError, one line) a batch that BatchNorm cannot train on: in training it needs two or more
     values per channel (PyTorch raises ValueError otherwise), and a layer whose input is one pixel per
     channel (the last stages of a small image) gets that from the rows alone.
 
     `batch_rows`: rows per step on this process (data.batch_size); `kept_rows`: the fewest rows the deep
     part gets (the blocking ratio's largest value applied), which recompute mode's shallow part gets too.
-    `ratio_key`: the config key that sets `kept_rows` below `batch_rows` (for the message). One image
-    goes through the model in eval mode: no state changes."""
+    `ratio_key`: the config key that sets `kept_rows` below `batch_rows` (for the message).
+    `synced_ranks`: processes whose rows each BatchNorm's statistics gather (SyncBatchNorm: the world
+    size), which then needs two values per channel over all of them. One image goes through the model
+    in eval mode: no state changes."""
     single = _single_value_norms(blocked, img_size)
-    if not single:
+    if not single or synced_ranks > 1:
         return
     shallow_rows = kept_rows if blocked.mode == "recompute" else batch_rows
     name = _model_name(blocked.model)

@@ -27,7 +27,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 @contextlib.contextmanager
 def stop_signals_blocked():
-    """Hold SIGTERM/SIGUSR1 back in this thread (they stay pending, and arrive on leaving): a process
+    """Hold SIGTERM/SIGUSR1/SIGINT back in this thread (they stay pending, and arrive on leaving): a process
     forked inside starts with them blocked (a mask survives fork and exec), so no signal reaches it
     before `ignore_stop_signals`."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
@@ -38,7 +38,7 @@ def stop_signals_blocked():
 
 
 def ignore_stop_signals(training_process: int) -> None:
-    """In a DataLoader worker: live through SIGTERM/SIGUSR1 sent to the whole job, and still end at once
+    """In a DataLoader worker: live through SIGTERM/SIGUSR1/SIGINT sent to the whole job, and still end at once
     when the training process (pid `training_process`) terminates the worker (a loader shutting down,
     the interpreter's exit).
 
@@ -75,7 +75,7 @@ def start_method(context) -> str:
 
 
 class StopSafeDataLoader(DataLoader):
-    """A DataLoader whose workers outlive a SIGTERM/SIGUSR1 sent to the whole job (`ignore_stop_signals`,
+    """A DataLoader whose workers outlive a SIGTERM/SIGUSR1/SIGINT sent to the whole job (`ignore_stop_signals`,
     before the caller's own `worker_init_fn`). Its workers are forked with the signals blocked, so none
     comes between their start and that function (`_get_iterator` is where PyTorch makes the iterator
     and, with it, the workers). Only with the fork start method, Linux's default before Python 3.14:
@@ -113,6 +113,8 @@ class PreemptionSignals:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
+                if sig == signal.SIGINT and signal.getsignal(sig) is signal.SIG_IGN:
+                    continue  # a background job of a non-interactive shell: Ctrl-C is not meant for it
                 self._previous[sig] = signal.signal(sig, self._record)
         return self
 
@@ -125,8 +127,8 @@ class PreemptionSignals:
             if self.signum == signal.SIGINT:
                 raise KeyboardInterrupt
             if self.announce:
-                sys.stderr.write("pfb-train: interrupt: stopping after this step with a checkpoint "
-                                 "(Ctrl-C again aborts at once, without one)\n")
+                sys.stderr.write("pfb-train: interrupt: stopping with a checkpoint at the end of this step (or "
+                                 "evaluation); Ctrl-C again aborts at once, without one\n")
         self.signum = signum
 
     def requested(self, step: int, force: bool = False) -> int:

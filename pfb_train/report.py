@@ -326,15 +326,18 @@ def check_comparable(runs: list[Run], baseline: list[Run]) -> None:
         if twice is not None:
             raise UserError(f"run directory {twice} is given twice as {label}: each run counts once")
     reference = baseline[0]
+    theirs = flatten(reference.config)
+    roots = set()
     for run in baseline + runs:
-        ours, theirs = flatten(run.config), flatten(reference.config)
+        ours = flatten(run.config)
         for key in SAME_EXPERIMENT:
             if ours.get(key) != theirs.get(key):
                 raise UserError(f"run {run.path} has {key} {ours.get(key)!r}, the baseline {reference.path} has "
                                 f"{theirs.get(key)!r}: a report compares runs of one data set, model and image size")
-        if ours.get("data.root") != theirs.get("data.root"):
-            print(f"note: run {run.path} read data.root {ours.get('data.root')!r}, the baseline "
-                  f"{theirs.get('data.root')!r}: compared as the same data", file=sys.stderr)
+        roots.add(ours.get("data.root"))
+    if len(roots) > 1:
+        print(f"note: the runs read data.root {', '.join(sorted(map(repr, roots)))}: compared as the same data",
+              file=sys.stderr)
     if len(group_runs(baseline)) > 1:
         raise UserError("the --baseline runs differ in more than their seed: give the seeds of one full-data setting")
     for group in group_runs(baseline + runs):

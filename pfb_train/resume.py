@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 import torch
+import yaml
 
 from pfb_train.checkpoint import (all_rng_states, has_checkpoint_files, latest_checkpoint, load_checkpoint,
                                   restore_rng, save_checkpoint)
@@ -50,15 +51,23 @@ def resume_option(run_dir, output: str, name: str) -> str:
     return "--resume auto" if Path(run_dir).resolve() == auto.resolve() else f"--resume {run_dir}"
 
 
-def unfinished_namesakes(run_dir: Path) -> list[Path]:
-    """Run directories next to `run_dir` that make_run_dir named after it (NAME-2, NAME-3, ...) holding a
-    checkpoint and no summary: runs of the same name, started without --resume, that did not finish."""
+def unfinished_namesakes(run_dir: Path, name: str) -> list[Path]:
+    """Run directories next to `run_dir` that make_run_dir gave to other runs named `name` (NAME-2,
+    NAME-3, ...: their config.yaml says `name`, unlike a run named 'NAME-10') holding a checkpoint and no
+    summary: runs of the same name, started without --resume, that did not finish."""
     if not run_dir.parent.is_dir():
         return []
     pattern = re.compile(re.escape(run_dir.name) + r"-[0-9]+")
-    return sorted((p for p in run_dir.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir()
-                   and has_checkpoint_files(p) and not (p / "summary.json").exists()),
-                  key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    found = [p for p in run_dir.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir()
+             and has_checkpoint_files(p) and not (p / "summary.json").exists() and _run_name(p) == name]
+    return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]))
+
+
+def _run_name(run_dir: Path) -> Optional[str]:
+    try:
+        return (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("name")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
 
 
 class Part(NamedTuple):
@@ -215,7 +224,7 @@ def refuse_finished(cfg: Config, run_dir: Path, checkpoint: dict) -> None:
     if checkpoint.get("partial") is not None or done < cfg.schedule.epochs:
         return
     if cfg.runtime.resume == "auto":
-        waiting = unfinished_namesakes(run_dir)
+        waiting = unfinished_namesakes(run_dir, cfg.name)
         if waiting:
             raise UserError(f"--resume auto found run {cfg.name} in {run_dir} finished, but {waiting[-1]} holds an "
                             f"unfinished run of the same name (started without --resume): nothing trained; continue "
@@ -265,6 +274,7 @@ def save_checkpoints(state: RunState, epoch: int, tally: Optional[EpochTally], b
     position.epoch = epoch
     position.partial = None
     if tally is not None:
+        position.nonfinite_in_row = tally.nonfinite_in_row  # every rank's start, whatever rank_tally gives it
         dist = state.settings.dist
         position.partial = {"order_done": tally.order_done(), "batch_size": state.cfg.data.batch_size,
                             "world_size": dist.world_size, "ranks": all_gather_objects(tally.state_dict())}
@@ -301,7 +311,8 @@ def upgrade_partial(checkpoint: dict) -> Optional[dict]:
         partial = {"order_done": partial["batches"] * batch_size * world_size, "batch_size": batch_size,
                    "world_size": world_size, "ranks": [partial] * world_size}
     for tally in partial["ranks"]:
+        tally.setdefault("loss_count", float(sum(tally["class_rows"][1])) if "class_rows" in tally
+                         else float(tally["rows_kept"]))
         tally.setdefault("class_rows", [[0.0], [0.0]])
-        tally.setdefault("loss_count", float(sum(tally["class_rows"][1])))
         tally.setdefault("unreadable", [])
     return partial

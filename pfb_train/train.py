@@ -132,7 +132,8 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
     batch = cfg.data.batch_size
     check_training_rows(net, cfg.data.img_size, batch,
                         batch - round(method.blocked_fraction_per_batch(cfg.blocking.chosen()) * batch),
-                        f"blocking.{method.name}.{method.ratio_option}")
+                        f"blocking.{method.name}.{method.ratio_option}",
+                        synced_ranks=dist.world_size if rt.sync_bn else 1)
     ema = ModelEmaV3(net, decay=o.ema_decay) if o.ema_decay else None  # a plain copy: before DDP/compile
     seed_everything(derive_seed("rank", rt.seed, dist.rank))  # dropout, drop-path, mixup: each rank its own
     train_module = net
@@ -226,7 +227,7 @@ def fit(state: RunState, until_epoch: Optional[int] = None, until_step: Optional
     """Train from where `state` is to the configured number of epochs; log, checkpoint, summarise.
 
     `until_epoch` / `until_step` stop early (after a checkpoint) and return None, as a preempted
-    job would; SIGTERM/SIGUSR1 do the same and raise Preempted."""
+    job would; SIGTERM/SIGUSR1/SIGINT do the same and raise Preempted."""
     logger = RunLogger(state.run_dir, enabled=state.settings.dist.is_main)
     try:
         return _fit(state, logger, until_epoch, until_step)

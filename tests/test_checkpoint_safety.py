@@ -2,6 +2,7 @@
 whose pickle would run code is refused, never run."""
 
 import os
+import zipfile
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from pfb_train.checkpoint import load_checkpoint, rng_state, set_rng_state
 from pfb_train.cli import main
+from pfb_train.errors import UserError
 
 CONFIG = """
 name: run
@@ -48,6 +50,20 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_not_run(tmp_path, capsy
                            "never writes them: it was not loaded (use a checkpoint from a source you trust)")
 
 
+@pytest.mark.parametrize("write", ["pickle", "torch.save before 1.6"])
+def test_a_plain_pickle_that_would_run_code_is_refused_too(tmp_path, write):
+    import pickle
+
+    path, mark = tmp_path / "checkpoint-last.pt", tmp_path / "ran"
+    if write == "pickle":
+        path.write_bytes(pickle.dumps({"model": RunsCode(mark)}))
+    else:
+        torch.save({"model": RunsCode(mark)}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(UserError, match=r"holds objects other than tensors and plain containers \(posix.system\)"):
+        load_checkpoint(path)
+    assert not mark.exists()
+
+
 def test_what_a_run_writes_loads_as_weights_only_and_goes_on(tmp_path):
     """Every part (inside an epoch too: tallies, every rank's streams, the EMA) survives the safe load,
     which needs no allowance at all."""
@@ -60,13 +76,21 @@ def test_what_a_run_writes_loads_as_weights_only_and_goes_on(tmp_path):
     assert train(tmp_path, "--resume", "auto") == 0  # and goes on from there
 
 
-def test_checkpoints_of_earlier_versions_still_load(tmp_path):
+@pytest.mark.parametrize("numpy_name", ["numpy._core", "numpy.core"])
+def test_checkpoints_of_earlier_versions_still_load(tmp_path, numpy_name):
     """They held NumPy's RNG state as an array: read with only NumPy's array types allowed, as PyTorch
-    documents it, and the stream goes on where it was."""
+    documents it (under the name NumPy 2 pickles its array builder by, and NumPy 1's), and the stream
+    goes on where it was."""
     np.random.seed(3)
     kind, keys, *rest = rng_state()["numpy"]
     earlier = {"rng": [{**rng_state(), "numpy": np.random.get_state()}], "epoch": 1}
-    torch.save(earlier, tmp_path / "old.pt")
+    torch.save(earlier, tmp_path / "now.pt")
+    with zipfile.ZipFile(tmp_path / "now.pt") as now, zipfile.ZipFile(tmp_path / "old.pt", "w") as old:
+        for item in now.infolist():  # the pickle as the NumPy of its day named the function
+            data = now.read(item.filename)
+            if item.filename.endswith("data.pkl"):
+                data = data.replace(b"numpy._core.multiarray", f"{numpy_name}.multiarray".encode())
+            old.writestr(item, data)
     expected = np.random.rand(3)
     np.random.seed(0)
     set_rng_state(load_checkpoint(tmp_path / "old.pt")["rng"][0])

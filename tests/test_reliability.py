@@ -257,6 +257,10 @@ def test_the_nonfinite_streak_counts_across_epochs_and_a_resume(tmp_path, capsys
     with pytest.raises(RuntimeError, match=r"8 non-finite losses in a row \(epoch 1, batch 2\): lower optim.lr, "
                                            r"set optim.clip_grad, or check the data"):
         fit(resumed)
+    inside = setup(load_config(None, [*config, "name=inside", "runtime.max_nonfinite=100"]), DistInfo())
+    poison(inside, slice(None))
+    fit(inside, until_step=7)  # inside epoch 1: the checkpoint holds the live streak, for every rank's resume
+    assert latest_checkpoint(inside.run_dir)[1]["nonfinite_in_row"] == 7
 
 
 def test_without_the_per_step_check_a_nonfinite_epoch_stops_the_run(tmp_path):
@@ -434,6 +438,11 @@ def test_diagnostics_tallies_resumed_on_the_cpu_join_the_training_device():
 def test_a_resume_drops_the_unreadable_names_of_epochs_it_redoes(tmp_path):
     from pfb_train.metrics import UNREADABLE_FILE, rewrite_metrics
 
-    (tmp_path / UNREADABLE_FILE).write_text("0\ta.jpg\n1\tb.jpg\n2\tc.jpg\n")
+    from pfb_train.metrics import RunLogger
+
+    (tmp_path / UNREADABLE_FILE).write_text("0\ta.jpg\n1\tb.jpg\n")
+    RunLogger(tmp_path).log_unreadable(2, ["c\n.jpg"])  # a line break in a file name stays one line
     rewrite_metrics(tmp_path, [{"epoch": 0}, {"epoch": 1}])  # the checkpoint holds two epochs
     assert (tmp_path / UNREADABLE_FILE).read_text() == "0\ta.jpg\n1\tb.jpg\n"
+    RunLogger(tmp_path).log_unreadable(2, ["c\n.jpg"])
+    assert (tmp_path / UNREADABLE_FILE).read_text().splitlines()[-1] == "2\tc\\n.jpg"

@@ -52,11 +52,24 @@ def train(tmp_path, capsys):
 def test_ctrl_c_stops_with_a_checkpoint_and_the_run_resumes(train, tmp_path):
     code, err = train(signals=[(2, signal.SIGINT)])
     assert code == 128 + signal.SIGINT
-    assert "pfb-train: interrupt: stopping after this step with a checkpoint" in err
+    assert "pfb-train: interrupt: stopping with a checkpoint at the end of this step" in err
     assert (f"stopped by SIGINT at epoch 0, step 2; checkpoint saved in {tmp_path / 'runs' / 'trap'}; run the same "
             "command with --resume auto to continue") in err
     assert latest_checkpoint(tmp_path / "runs" / "trap")[1]["step"] == 2
     assert train("--resume", "auto") == (0, "")
+
+
+def test_ctrl_c_is_left_alone_where_it_is_ignored():
+    """A background job of a non-interactive shell starts with SIGINT ignored: it is not meant for it."""
+    from pfb_train.preemption import PreemptionSignals
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with PreemptionSignals():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_second_ctrl_c_aborts_at_once(train, tmp_path):
@@ -79,6 +92,8 @@ def test_the_stop_line_names_what_continues_a_run_beside_a_finished_one(train, t
         f"pfb-train: error: --resume auto found run trap in {runs / 'trap'} finished, but {runs / 'trap-2'} holds "
         f"an unfinished run of the same name (started without --resume): nothing trained; continue it with "
         f"--resume {runs / 'trap-2'}")
+    code, err = train("--set", "name=trap-10", signals=[(2, signal.SIGTERM)])  # another run, named like one
+    assert code == 128 + signal.SIGTERM and "--resume auto to continue" in err
     assert train("--resume", str(runs / "trap-2")) == (0, "")
     assert (runs / "trap-2" / "summary.json").is_file()
-    assert train("--resume", "auto")[0] == 0  # nothing unfinished left: the finished run is reported as such
+    assert train("--resume", "auto")[0] == 0  # nothing of its name unfinished: the finished run is reported as such
