@@ -71,8 +71,7 @@ def has_checkpoint_files(run_dir) -> bool:
 _RECONSTRUCT = (getattr(np, "_core", None) or np.core).multiarray._reconstruct
 EARLIER_NUMPY = (np.ndarray, np.dtype, type(np.dtype(np.uint32)), _RECONSTRUCT,
                  (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"))
-ALLOWED_NAMES = {"numpy.ndarray", "numpy.dtype", f"numpy.dtypes.{type(np.dtype(np.uint32)).__name__}",
-                 "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct"}
+ALLOWED_NAMES = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in EARLIER_NUMPY}
 
 
 def load_checkpoint(path: Path):

@@ -277,7 +277,7 @@ class EpochTally:
         self.class_rows[0].index_add_(0, result.labels, result.present)
         self.class_rows[1].index_add_(0, kept, result.kept_present)
         spare = self.unreadable.shape[0] - 1  # readable rows mark the spare slot, so no row is filtered out
-        self.unreadable.index_fill_(0, torch.where(idx < 0, unreadable_index(idx), spare).clamp(0, spare), 1)
+        self.unreadable.index_fill_(0, torch.where(idx < 0, unreadable_index(idx), spare), 1)
 
     def unreadable_indices(self) -> list[int]:
         """This rank's unreadable training samples of the epoch so far (dataset indices; a host read)."""

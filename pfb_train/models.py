@@ -435,10 +435,10 @@ def check_training_rows(blocked: BlockedModel, img_size: int, batch_rows: int, k
     `ratio_key`: the config key that sets `kept_rows` below `batch_rows` (for the message).
     `synced_ranks`: processes whose rows each BatchNorm's statistics gather (SyncBatchNorm: the world
     size), which then needs two values per channel over all of them. One image goes through the model
-    in eval mode: no state changes."""
-    single = _single_value_norms(blocked, img_size)
-    if not single or synced_ranks > 1:
+    in eval mode (only where the rows alone could be too few): no state changes."""
+    if min(batch_rows, kept_rows) >= 2 or synced_ranks > 1:  # enough rows whatever the feature maps
         return
+    single = _single_value_norms(blocked, img_size)
     shallow_rows = kept_rows if blocked.mode == "recompute" else batch_rows
     name = _model_name(blocked.model)
     for part, rows in (("shallow", shallow_rows), ("deep", kept_rows)):

@@ -86,11 +86,10 @@ def unreadable_warning(epoch: int, names: list[str], listed) -> str:
 def no_step_line(cfg: Config, epoch: int, sampler, world_size: int) -> str:
     """The stop line of an epoch that trained no step: its sampler-level subset was under one global batch."""
     method = get_method(cfg.blocking.method)
-    key = f"blocking.{method.name}.{method.ratio_option}"
     visited = sampler.size if sampler.subset is None else len(sampler.subset)
     return (f"epoch {epoch} trained no step: '{method.name}' left {visited} of the {sampler.size} training samples in "
             f"it, fewer than one global batch (data.batch_size {cfg.data.batch_size} x {world_size} process(es)); "
-            f"lower {key} or data.batch_size")
+            f"lower {method.ratio_key} or data.batch_size")
 
 
 def sample_accounting(seen: int, kept: int, bad: int, nominal: int) -> dict:

@@ -132,7 +132,7 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
     batch = cfg.data.batch_size
     check_training_rows(net, cfg.data.img_size, batch,
                         batch - round(method.blocked_fraction_per_batch(cfg.blocking.chosen()) * batch),
-                        f"blocking.{method.name}.{method.ratio_option}",
+                        method.ratio_key,
                         synced_ranks=dist.world_size if rt.sync_bn else 1)
     ema = ModelEmaV3(net, decay=o.ema_decay) if o.ema_decay else None  # a plain copy: before DDP/compile
     seed_everything(derive_seed("rank", rt.seed, dist.rank))  # dropout, drop-path, mixup: each rank its own
@@ -216,7 +216,7 @@ def check_epoch_size(cfg: Config, fewest: int, train_samples: int, world_size: i
     if fewest >= cfg.data.batch_size * world_size:
         return
     method = get_method(cfg.blocking.method)
-    key = f"blocking.{method.name}.{method.ratio_option}"
+    key = method.ratio_key
     raise UserError(f"config key '{key}' {method.ratio(cfg.blocking.chosen())} can leave an epoch {fewest} of the "
                     f"{train_samples} training samples, fewer than one global batch (data.batch_size "
                     f"{cfg.data.batch_size} x {world_size} process(es)): such an epoch trains no step; lower {key} "

@@ -72,6 +72,11 @@ class Method:
     def option_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.options)]
 
+    @property
+    def ratio_key(self) -> Optional[str]:
+        """The config key of the ratio option (e.g. 'blocking.pfb.ratio'), for messages; None without one."""
+        return f"blocking.{self.name}.{self.ratio_option}" if self.ratio_option else None
+
     def ratio(self, options) -> float:
         """How much the method drops, as its own option says (0 for full data)."""
         return float(getattr(options, self.ratio_option)) if self.ratio_option else 0.0
