@@ -91,6 +91,8 @@ class Blocking:
     the same way). `mode`: reuse | recompute | auto (the cheaper for the method's ratio). `epochs`:
     the run's length, for methods whose options are stated in epochs (start_epoch, delta).
 
+    Call `observe` for each batch after its `forward` and before the next `forward` (PFB's
+    `stratify: percentile` carries each batch's density ranks from one to the other).
     Under DDP, wrap `blocking.model` once and pass the wrapper to `forward`; every rank blocks the
     same number of rows, so gradients all-reduce as usual. Under autocast, run `forward` inside it
     and compute the loss on `logits.float()`: the density math runs in float32 regardless.

@@ -72,6 +72,7 @@ class DataConfig:
     train_samples: Optional[int] = None  # a fixed class-stratified subset (None: all), or a generated set's size
     val_samples: Optional[int] = None  # the same for validation
     imbalance: float = 1.0  # < 1: long-tailed training set, the last class keeps this fraction of its samples
+    rare_classes: Optional[list[int]] = None  # with imbalance < 1: these classes keep `imbalance` of their samples, the rest all
     mixup: float = 0.0
     cutmix: float = 0.0
     auto_augment: Optional[str] = None  # timm policy string, e.g. "rand-m9-mstd0.5"
@@ -406,6 +407,12 @@ def validate(cfg: Config) -> None:
              f"config key 'data.{key}' does not apply to dataset '{d.dataset}'")
     need(0.0 < d.imbalance <= 1.0, f"config key 'data.imbalance' must be in (0, 1], got {d.imbalance}")
     need(d.imbalance == 1.0 or source.imbalance, f"config key 'data.imbalance' does not apply to dataset '{d.dataset}'")
+    need(d.rare_classes is None or len(d.rare_classes) > 0, "config key 'data.rare_classes' is an empty list: "
+         "name the rare classes, or null for data.imbalance's exponential profile")
+    need(d.rare_classes is None or d.imbalance < 1.0,
+         f"config key 'data.rare_classes' needs data.imbalance < 1 (the share the rare classes keep), got {d.imbalance}")
+    need(d.rare_classes is None or len(set(d.rare_classes)) == len(d.rare_classes),
+         f"config key 'data.rare_classes' names a class twice: {d.rare_classes}")
     need(d.mixup >= 0 and d.cutmix >= 0, "config keys 'data.mixup' and 'data.cutmix' must be >= 0")
     if source.needs_root:
         need(d.root is not None, f"config key 'data.root' is required for dataset '{d.dataset}'")

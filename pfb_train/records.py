@@ -71,7 +71,7 @@ def starvation_warning(epoch: int, starved: dict, class_kept: list, cfg: Config)
     classes = ", ".join(f"class {c} kept {f:.2f}" for c, f in starved.items())
     line = f"warning: epoch {epoch}: {classes} of its rows, under half the mean kept fraction {mean:.2f}"
     if getattr(cfg.blocking.chosen(), "stratify", None) == "none":  # the method can stratify, and does not
-        line += "; blocking.pfb.stratify=label makes every class give up the same share of its rows"
+        line += "; blocking.pfb.stratify=percentile (the default) keeps every class's share over time"
     return line
 
 

@@ -47,7 +47,13 @@ class Run:
 
     @property
     def settings(self) -> dict:
-        return {k: v for k, v in flatten(experiment_settings(self.config)).items() if k not in NOT_THE_EXPERIMENT}
+        """The flattened config that makes the experiment: without NOT_THE_EXPERIMENT, and without the option
+        sections of methods the run did not use (`blocking.<other method>.*`: their defaults may change
+        between versions without changing what was trained)."""
+        own = f"blocking.{self.method}."
+        return {k: v for k, v in flatten(experiment_settings(self.config)).items()
+                if k not in NOT_THE_EXPERIMENT and not (k.count(".") >= 2 and k.startswith("blocking.")
+                                                         and not k.startswith(own))}
 
     @property
     def full_data(self) -> bool:
@@ -311,8 +317,8 @@ def write_plots(runs: list[Run], out: Path) -> list[Path]:
 
 # What every run of one table shares: the data, the model and the image size. Runs that differ here are
 # other experiments: their top-1 and time differences would mean nothing.
-SAME_EXPERIMENT = ("data.dataset", "data.train_samples", "data.val_samples", "data.imbalance", "data.img_size",
-                   "model.name", "model.cifar_stem")
+SAME_EXPERIMENT = ("data.dataset", "data.train_samples", "data.val_samples", "data.imbalance", "data.rare_classes",
+                   "data.img_size", "model.name", "model.cifar_stem")
 
 
 def check_comparable(runs: list[Run], baseline: list[Run]) -> None:

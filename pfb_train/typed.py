@@ -20,11 +20,13 @@ def type_name(tp) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin is Union:
         return " or ".join("null" if a is type(None) else type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {type_name(typing.get_args(tp)[0])}"
     return tp.__name__
 
 
 def coerce(value, tp, key: str):
-    """`value` as type `tp` (bool, int, float, str, a Literal, Optional/Union of them); an int is taken
+    """`value` as type `tp` (bool, int, float, str, a Literal, a list of one of them, Optional/Union of them); an int is taken
     as a float, and a string that reads as a float too (YAML 1.1 reads "1e-4" as a string).
     Raises a one-line UserError naming the config `key` and the expected type otherwise."""
     origin = typing.get_origin(tp)
@@ -42,6 +44,10 @@ def coerce(value, tp, key: str):
                 return coerce(value, arg, key)
             except UserError:
                 pass
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(tp)
+            return [coerce(v, item, key) for v in value]
     elif tp is bool:
         if isinstance(value, bool):
             return value

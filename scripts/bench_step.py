@@ -48,6 +48,8 @@ def parse_args():
     p.add_argument("--score-norm", choices=["batch", "running"], default="batch",
                    help="pfb: ranking pass normalised by batch or running statistics")
     p.add_argument("--method", choices=["pfb", "random"], default="pfb")
+    p.add_argument("--stratify", choices=["none", "label", "percentile"], default=None,
+                   help="pfb: blocking.pfb.stratify (default: the option's default); the labels are 1000 classes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=256)
@@ -143,7 +145,9 @@ def main() -> None:
         if method == "pfb":
             options.update(centres=min(args.centres, args.batch_size), score_scale=args.score_scale,
                            score_norm=args.score_norm)
-        selector = build_selector(method, **options)
+            if args.stratify is not None:
+                options["stratify"] = args.stratify
+        selector = build_selector(method, num_classes=1000, **options)
         results[method], phases[method] = time_steps(blocked, selector, x, y, args, device, method)
 
     with torch.device("meta"):
@@ -158,7 +162,8 @@ def main() -> None:
     timed = phases[args.method]
     selection_share = (timed.get("select", 0.0) + timed.get("observe", 0.0)) / sum(timed.values())
     print(json.dumps({
-        "model": args.model, "method": args.method, "mode": args.mode, "mode_auto": auto, "stage": meta.stage_name,
+        "model": args.model, "method": args.method, "stratify": getattr(selector, "stratify", None), "mode": args.mode,
+        "mode_auto": auto, "stage": meta.stage_name,
         "score_scale": args.score_scale, "score_norm": args.score_norm,
         "ratio": args.ratio, "blocked_rows": args.batch_size - kept, "batch_size": args.batch_size,
         "img_size": args.img_size, "amp": args.amp, "channels_last": args.channels_last,

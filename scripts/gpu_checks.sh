@@ -62,6 +62,9 @@ EOF
 # check's host sync: the step ratio goal is <= 0.72 eager, <= 0.75 compiled, ranking pass < 5 %.
 QUICK=(--no-check-finite --warmup 5 --steps 10 --repeats 3)
 step r50_recompute 90 python3 scripts/bench_step.py "${R50[@]}" --mode recompute "${QUICK[@]}" --profile "$OUT"
+# class-history selection at 1000 classes (blocking.pfb.stratify percentile): its selection_share goal is <= 1 %
+step r50_percentile 60 python3 scripts/bench_step.py "${R50[@]}" --mode recompute "${QUICK[@]}" --score-scale 0.5 \
+    --score-norm running --stratify percentile
 step r50_score_half_running 60 python3 scripts/bench_step.py "${R50[@]}" --mode recompute "${QUICK[@]}" \
     --score-scale 0.5 --score-norm running
 step r50_score_half 60 python3 scripts/bench_step.py "${R50[@]}" --mode recompute "${QUICK[@]}" --score-scale 0.5

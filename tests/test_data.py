@@ -216,6 +216,9 @@ def test_fixed_stratified_subset_and_long_tail(tmp_path):
     assert counts == long_tailed_counts([10] * 10, 0.1) and counts[0] == 10 and counts[-1] == 1
     assert counts == sorted(counts, reverse=True)
     assert len(tail.val) == 50  # validation stays balanced and whole
+    step = build_datasets(DataConfig(dataset="fashion_mnist", root=str(root), img_size=28, train_samples=100,
+                                     imbalance=0.2, rare_classes=[0, 7]))
+    assert torch.bincount(dataset_labels(step.train)).tolist() == [2, 10, 10, 10, 10, 10, 10, 2, 10, 10]
 
 
 def test_digits_subset_keeps_class_proportions():

@@ -85,11 +85,17 @@ def _context(model, selector, check_finite: bool, clip_grad=None) -> StepContext
 SELECTORS = {
     "none": lambda: build_selector("none"),
     "random": lambda: build_selector("random", ratio=0.4),
-    "pfb-kde": lambda: build_selector("pfb", ratio=0.4, centres=8, feature_dim=16),
-    "pfb-mean_log_kernel": lambda: build_selector("pfb", ratio=0.4, centres=8, feature_dim=16,
+    "pfb-kde": lambda: build_selector("pfb", ratio=0.4, centres=8, feature_dim=16, num_classes=4),
+    "pfb-mean_log_kernel": lambda: build_selector("pfb", ratio=0.4, centres=8, feature_dim=16, num_classes=4,
                                                   estimator="mean_log_kernel"),
     "pfb-batch-ranking": lambda: build_selector("pfb", ratio=0.4, centres=8, feature_dim=16, stratify="none"),
+    # class histories at 1000 classes: ranked in select while blocking, in observe before the window
+    "pfb-class-history": lambda: build_selector("pfb", ratio=0.4, centres=8, feature_dim=16, stratify="percentile",
+                                                num_classes=1000),
+    "pfb-class-history-before-window": lambda: build_selector("pfb", ratio=0.4, centres=8, feature_dim=16,
+                                                              stratify="percentile", num_classes=1000, start_epoch=1),
 }
+BLOCKS_NOTHING = ("none", "pfb-class-history-before-window")
 
 
 @pytest.mark.parametrize("mode", ["reuse", "recompute"])
@@ -104,7 +110,7 @@ def test_training_step_reads_nothing_back(method, mode):
         for step in range(3):  # the first step also initialises the pfb centres
             kept = train_step(batch, ctx, schedule_at=step + 1).kept
     assert reads.ops == []
-    assert kept == (10 if method == "none" else 6)
+    assert kept == (10 if method in BLOCKS_NOTHING else 6)
 
 
 def test_infobatch_step_reads_nothing_back():
@@ -121,7 +127,7 @@ def test_infobatch_step_reads_nothing_back():
 
 def test_finite_guard_is_the_one_read_per_step():
     model = split_model(timm.create_model("resnet18", num_classes=4), stage=1)
-    selector = build_selector("pfb", ratio=0.4, centres=8, feature_dim=16)
+    selector = build_selector("pfb", ratio=0.4, centres=8, feature_dim=16, num_classes=4)
     ctx = _context(model, selector, check_finite=True)
     batch = Batch(torch.randn(10, 3, 32, 32), torch.arange(10) % 4, torch.arange(10))
     with HostReads() as reads:
@@ -133,7 +139,7 @@ def test_finite_guard_is_the_one_read_per_step():
 def test_epoch_reads_back_only_at_its_end():
     torch.manual_seed(0)
     model = split_model(timm.create_model("resnet18", num_classes=4), stage=1)
-    selector = build_selector("pfb", ratio=0.4, centres=8, feature_dim=16)
+    selector = build_selector("pfb", ratio=0.4, centres=8, feature_dim=16, num_classes=4)
     ctx = _context(model, selector, check_finite=False)
     batches = [(torch.randn(10, 3, 32, 32), torch.arange(10) % 4, torch.arange(10) + 10 * i) for i in range(6)]
     with HostReads() as reads:
@@ -151,7 +157,7 @@ def test_epochs_without_blocking_run_the_shallow_part_once():
     model.resolve_score(AUTO_SCORE, 32)  # the automatic ranking pass is decided once, by one image: not counted
     calls = []
     net.layer1.register_forward_hook(lambda *_: calls.append(1))
-    selector = build_selector("pfb", ratio=0.4, start_epoch=1, end_epoch=2, centres=8, feature_dim=16)
+    selector = build_selector("pfb", ratio=0.4, start_epoch=1, end_epoch=2, centres=8, feature_dim=16, num_classes=4)
     ctx = _context(model, selector, check_finite=False)
     batch = Batch(torch.randn(10, 3, 32, 32), torch.arange(10) % 4, torch.arange(10))
     kept_per_epoch = []

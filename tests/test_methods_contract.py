@@ -35,7 +35,8 @@ BATCH, SAMPLES, EPOCHS, CLASSES = 8, 64, 3, 4
 SMALL_RUN = {"pfb": {"centres": 4, "feature_dim": 8, "ratio": 0.25}, "random": {"ratio": 0.25},
              "infobatch": {"prune_ratio": 0.5}, "static_random": {"drop_fraction": 0.25}}
 # Every registered method under its small-run options, and the option sets of a method that change
-# what its state holds or what its hooks need (pfb stratified by label on class-conditional density:
+# what its state holds or what its hooks need (pfb by default ranks by class history: per-class
+# histograms in its state, summed over ranks; stratified by label on class-conditional density:
 # per-class counts in its state, labels in select and observe).
 VARIANTS = {**{name: (name, SMALL_RUN.get(name, {})) for name in methods()},
             "pfb_stratified_class": ("pfb", {**SMALL_RUN["pfb"], "stratify": "label", "density": "class"})}

@@ -351,7 +351,7 @@ def _ranks_selectors():
     """Two PFB selectors as two ranks hold them mid-epoch: their own noise drawn, their own steps tallied."""
     from pfb_train.selection import build_selector
 
-    ranks = [build_selector("pfb", ratio=0.25, centres=4, feature_dim=8, seed=seed) for seed in (0, 1)]
+    ranks = [build_selector("pfb", ratio=0.25, centres=4, feature_dim=8, seed=seed, num_classes=2) for seed in (0, 1)]
     g = torch.Generator().manual_seed(0)
     for steps, selector in zip((2, 3), ranks):
         selector.set_epoch(0)
@@ -375,13 +375,14 @@ def test_each_rank_resumes_its_own_selector_streams_and_tallies(world_size, rank
     saved = _ranks_selectors()
     whole = [s.state_dict() for s in saved]
     checkpoint = {**whole[0], "per_rank": [{k: w[k] for k in saved[0].rank_local} for w in whole]}
-    fresh = build_selector("pfb", ratio=0.25, centres=4, feature_dim=8, seed=rank)
+    fresh = build_selector("pfb", ratio=0.25, centres=4, feature_dim=8, seed=rank, num_classes=2)
     fresh.generator(torch.device("cpu"))  # as a fresh run holds it once it has drawn
     initial_streams = fresh.state_dict()["generators"]
     state = SimpleNamespace(selector=fresh, settings=SimpleNamespace(dist=DistInfo(rank=rank, world_size=world_size)))
     _load_selector(state, checkpoint)
     loaded = fresh.state_dict()
     assert torch.equal(loaded["centres"], whole[0]["centres"])  # shared: rank 0's
+    assert torch.equal(loaded["class_history"]["hist"], whole[0]["class_history"]["hist"])  # shared too
     if world_size == 2:
         assert torch.equal(loaded["generators"]["cpu"], whole[rank]["generators"]["cpu"])
         assert loaded["stats"]["steps"] == whole[rank]["stats"]["steps"] == 3

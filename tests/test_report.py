@@ -125,6 +125,21 @@ def test_rows_group_by_the_whole_config_and_are_labelled_by_what_differs(tmp_pat
     assert rows["pfb 0.5 (estimator=mean_log_kernel, noise=0.3)"]["top1"] == pytest.approx(60.5)
 
 
+def test_the_options_of_methods_a_run_did_not_use_do_not_split_its_seeds(tmp_path):
+    """Two seeds of random blocking written by versions whose PFB defaults differed are one row."""
+    import yaml
+
+    from pfb_train.report import report
+
+    base = [fake_run(tmp_path, "full0", method="none")]
+    runs = [fake_run(tmp_path, f"random{s}", seed=s, method="random") for s in range(2)]
+    config = yaml.safe_load((tmp_path / "random0" / "config.yaml").read_text())
+    config["blocking"]["pfb"]["stratify"] = "label"  # another version's default, for a method this run did not use
+    (tmp_path / "random0" / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = report(runs, base, str(tmp_path / "rep"))["rows"]
+    assert [(r["label"], r["seeds"]) for r in rows if r["label"] != "full data"] == [("random 0.5", 2)]
+
+
 def test_time_saved_ignores_one_stalled_epoch_of_one_seed(tmp_path):
     from pfb_train.report import report
 
@@ -174,8 +189,9 @@ def test_runs_logged_before_method_sections_group_with_runs_logged_after(tmp_pat
     pfb = config["blocking"].pop("pfb")
     for name in ("none", "random", "infobatch", "static_random"):
         config["blocking"].pop(name)
-    flat = {**{k: v for k, v in pfb.items()  # the keys an earlier version wrote (no score_*, stratify, density then)
-               if k not in ("centres", "update_rate", "centre_weights", "score_scale", "score_norm", "stratify", "density")},
+    flat = {**{k: v for k, v in pfb.items()  # the keys an earlier version wrote (no score_*, stratify, density, class_memory then)
+               if k not in ("centres", "update_rate", "centre_weights", "score_scale", "score_norm", "stratify", "density",
+                            "class_memory")},
             "centers": 16, "ema": pfb["update_rate"], "weights": pfb["centre_weights"], "delta": 0.5}
     config["blocking"].update(flat)  # as an earlier version wrote it (delta: infobatch's, ignored for pfb)
     (Path(old) / "config.yaml").write_text(yaml.safe_dump(config))

@@ -222,7 +222,7 @@ def test_compiled_step_matches_the_eager_step():
         blocked = split_model(copy.deepcopy(base), 1, "recompute")
         if compiled:
             blocked.compile_parts(backend="aot_eager")
-        selector = build_selector("pfb", ratio=0.4, centres=8, score_scale=0.5)
+        selector = build_selector("pfb", ratio=0.4, centres=8, score_scale=0.5, num_classes=10)
         optimization = Optimization(torch.optim.SGD(blocked.parameters(), lr=0.1), None,
                                     torch.amp.GradScaler("cpu", enabled=False))
         context = StepContext(blocked, selector, StepSettings(torch.device("cpu")), optimization)

@@ -195,7 +195,7 @@ def test_starved_classes_are_those_under_half_the_mean_over_classes():
     pfb = load_config("demo", ["blocking.method=pfb", "blocking.pfb.stratify=none"])
     line = starvation_warning(3, {"2": 0.1}, [0.6, 0.6, 0.1, None, 0.5], pfb)
     assert line.startswith("warning: epoch 3: class 2 kept 0.10 of its rows, under half the mean kept fraction 0.45")
-    assert "blocking.pfb.stratify=label" in line
+    assert "blocking.pfb.stratify=percentile" in line
     stratified = load_config("demo", ["blocking.method=pfb", "blocking.pfb.stratify=label"])
     assert "stratify" not in starvation_warning(3, {"2": 0.1}, [0.6, 0.6, 0.1, None, 0.5], stratified)
 
@@ -265,5 +265,5 @@ def test_runs_written_before_the_option_read_as_unstratified():
     earlier = {**now, "blocking": {**now["blocking"], "pfb": {k: v for k, v in now["blocking"]["pfb"].items()
                                                               if k not in ("stratify", "density")}}}
     assert experiment_settings(earlier)["blocking"]["pfb"]["stratify"] == "none"
-    assert experiment_settings(now)["blocking"]["pfb"]["stratify"] == "label"  # the default today
-    assert changed_settings(earlier, now) == ["blocking.pfb.stratify 'none' -> 'label'"]
+    assert experiment_settings(now)["blocking"]["pfb"]["stratify"] == "percentile"  # the default today
+    assert changed_settings(earlier, now) == ["blocking.pfb.stratify 'none' -> 'percentile'"]

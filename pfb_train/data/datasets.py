@@ -19,7 +19,7 @@ def build_datasets(data_cfg, num_classes: Optional[int] = None, seed: int = 0) -
     source = get_source(d.dataset)
     splits = source.build(d, num_classes, seed)
     if source.samples == "subset":
-        splits = subsample(splits, d.train_samples, d.val_samples, d.imbalance)
+        splits = subsample(splits, d.train_samples, d.val_samples, d.imbalance, d.rare_classes)
     if num_classes is not None and num_classes != splits.num_classes:
         raise UserError(f"config key 'model.num_classes' is {num_classes} but dataset '{d.dataset}' has "
                         f"{splits.num_classes} classes")

@@ -4,7 +4,8 @@ An unreadable file becomes an `Unreadable` item; collation replaces it by a read
 batch whose index is negative (a stand-in): `stand_in_index` of the unreadable sample's own index, so
 the run can name the file. Shapes never change (mixup, DDP, InfoBatch's gathers,
 compiled graphs, resume offsets); stand-ins get zero weight in the loss, are left out of the
-selector's update and of every count, and are counted as `bad_samples`. A batch with no readable
+selector's update (except PFB's class histories inside a blocking window: `select` sees no indices)
+and of every count, and are counted as `bad_samples`. A batch with no readable
 item at all stops the run, naming a file.
 """
 

@@ -4,6 +4,7 @@ seed 0) and `data.imbalance` (a long-tailed training set), for sources whose `sa
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
@@ -61,13 +62,27 @@ def long_tailed_counts(counts: list[int], imbalance: float) -> list[int]:
     return [max(1, round(n * imbalance ** (c / last))) for c, n in enumerate(counts)]
 
 
-def subsample(splits: DataSplits, train_samples, val_samples, imbalance: float) -> DataSplits:
-    """Fixed (seed 0) class-stratified subsets, and a long-tailed training set when imbalance < 1."""
+def rare_class_counts(counts: list[int], imbalance: float, rare: list[int]) -> list[int]:
+    """A step profile: the classes in `rare` keep counts[c] * imbalance of their samples, the others
+    all. Raises UserError for a class outside [0, C)."""
+    bad = [c for c in rare if not 0 <= c < len(counts)]
+    if bad:
+        raise UserError(f"config key 'data.rare_classes' names {bad}, not classes of a {len(counts)}-class set "
+                        f"(0 to {len(counts) - 1})")
+    return [max(1, round(n * imbalance)) if c in rare else n for c, n in enumerate(counts)]
+
+
+def subsample(splits: DataSplits, train_samples, val_samples, imbalance: float,
+              rare_classes: Optional[list[int]] = None) -> DataSplits:
+    """Fixed (seed 0) class-stratified subsets, and a long-tailed training set when imbalance < 1:
+    the exponential profile (`long_tailed_counts`), or with `rare_classes` a step (`rare_class_counts`)."""
     train, val = splits.train, splits.val
     if train_samples is not None or imbalance < 1.0:
         labels = dataset_labels(train)
         counts = stratified_counts(labels, splits.num_classes, train_samples or len(labels), "data.train_samples")
-        train = _take(train, class_subset(labels, long_tailed_counts(counts, imbalance)))
+        counts = (long_tailed_counts(counts, imbalance) if rare_classes is None
+                  else rare_class_counts(counts, imbalance, rare_classes))
+        train = _take(train, class_subset(labels, counts))
     if val_samples is not None:
         labels = dataset_labels(val)
         val = _take(val, class_subset(labels, stratified_counts(labels, splits.num_classes, val_samples,

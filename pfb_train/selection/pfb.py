@@ -2,9 +2,11 @@
 
 Density is a kernel estimate over K centres that follow the data online (Adaptive
 Distribution Estimation). All density math runs in float32 under disabled autocast:
-log-kernels of 128-dim features underflow in half precision. Two options go beyond the paper:
-`stratify: label` ranks rows inside their class, each class blocking its share of the batch
-(stratify.py), and `density: class` scores a row under its own class's mixture of the centres.
+log-kernels of 128-dim features underflow in half precision. Options beyond the paper:
+`stratify: percentile` ranks each row by its density's percentile in its own class's history,
+scaled by the class's share of the data (percentile.py); `stratify: label` ranks rows inside
+their class, each class blocking its share of the batch (stratify.py); `density: class` scores a
+row under its own class's mixture of the centres.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from pfb_train.distributed import all_reduce_sum, broadcast
 from pfb_train.errors import UserError
 from pfb_train.models import AUTO_SCORE, ScorePass
 from pfb_train.selection.base import WINDOW_LEGACY_KEYS, BlockingSchedule, Selector, WindowOptions, need
-from pfb_train.selection.diagnostics import SelectionStats, within_batch_rank
+from pfb_train.selection.diagnostics import SelectionStats, batch_ranks, within_batch_rank
+from pfb_train.selection.percentile import ClassPercentiles
 from pfb_train.selection.registry import Method, register
 from pfb_train.selection.stratify import block_within_classes, class_quotas, class_rank, kept_rows, sort_by_class
 
@@ -65,7 +68,9 @@ def mean_log_kernel(v, centres) -> torch.Tensor:
 # The random term, three forms (blocking.noise_form). Each maps clean scores s (higher = more
 # common) to perturbed scores; the selection blocks the highest perturbed scores.
 NOISE_FORMS = ("rank", "density_floor", "max_abs")
-STRATIFY = ("none", "label")  # none: one ranking over the batch; label: each class blocks its share (stratify.py)
+# none: one ranking over the batch; label: each class blocks its share of the batch (stratify.py);
+# percentile: one ranking over the batch by the row's percentile in its class's history (percentile.py)
+STRATIFY = ("none", "label", "percentile")
 DENSITIES = ("marginal", "class")  # p(v) over all samples, or p(v | y) under the row's own class
 # rank 0.5: of 0.05 / 0.2 / 0.5, the level that trained best on the Fashion-MNIST study (docs/RESULTS.md);
 # the literal forms' defaults are the paper's and the code's values.
@@ -120,6 +125,7 @@ class PFBSelector(Selector):
         stratify: str = "none",
         density: str = "marginal",
         num_classes: Optional[int] = None,
+        class_memory: float = 256.0,
     ):
         super().__init__(seed)
         if stratify not in STRATIFY:
@@ -130,7 +136,15 @@ class PFBSelector(Selector):
             raise ValueError("density 'class' weighs the centres by each class's assignments: it needs estimator "
                              f"'kde', centre_weights 'counts' and num_classes (got {estimator!r}, {centre_weights!r}, "
                              f"{num_classes})")
+        if stratify == "percentile" and not num_classes:
+            raise ValueError("stratify 'percentile' keeps a history per class: it needs num_classes (the model's "
+                             "number of classes), or another stratify ('label', 'none')")
+        if stratify == "percentile" and noise_form != "rank":
+            raise ValueError(f"stratify 'percentile' scores a class percentile, not a log-density: noise_form "
+                             f"{noise_form!r} does not apply to it; use noise_form 'rank'")
         self.stratify, self.density_kind, self.num_classes = stratify, density, num_classes
+        self.class_percentiles = ClassPercentiles(num_classes, class_memory) if stratify == "percentile" else None
+        self._pending_ranks = None  # (batch ranks, labels) of every row, from `select` to the same step's `observe`
         self.score = score
         if noise_form not in NOISE_FORMS:
             raise ValueError(f"unknown noise form {noise_form!r}; choose one of: {', '.join(NOISE_FORMS)}")
@@ -191,10 +205,15 @@ class PFBSelector(Selector):
     def needs_features(self) -> bool:  # the centres follow the data from the first epoch until blocking ends
         return self.schedule.end is None or self.epoch < self.schedule.end
 
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self._pending_ranks = None
+
     def select(self, feats: torch.Tensor, labels: Optional[torch.Tensor] = None):
-        """Keep the k rarest rows (Selector.select); with stratify 'label', the rarest of each class,
-        every class keeping its share (stratify.py). Raises ValueError when `labels` is None and the
-        options need them (stratify 'label', density 'class')."""
+        """Keep the k rarest rows (Selector.select); with stratify 'percentile', the k lowest
+        class-history scores (percentile.py); with stratify 'label', the rarest of each class, every
+        class keeping its share (stratify.py). Raises ValueError when `labels` is None and the options
+        need them (stratify 'label' or 'percentile', density 'class')."""
         batch = feats.shape[0]
         k = self.schedule.kept(batch, self.epoch)
         if k == batch:
@@ -204,13 +223,22 @@ class PFBSelector(Selector):
             self._ensure_centres(v)
             clean = self.density(v, labels)
             gen = self.generator(v.device)
+            if self.stratify != "none" and labels is None:
+                raise ValueError(f"stratify {self.stratify!r} needs the batch's labels")
+            if self.stratify == "percentile":
+                ranks = within_batch_rank(clean)
+                self._pending_ranks = (ranks, labels)  # the class histories learn from every row, in `observe`
+                score = self.class_percentiles.score(ranks, labels, gen)
+                order = torch.argsort(add_noise(score, self.noise_form, self.noise, gen))
+                keep, blocked = order[:k].sort().values, order[k:]  # keep the k lowest scores
+                # the signal: would the class-history score alone block these rows (the quantiles stay the density's)
+                self.stats.add(clean, keep, blocked, by_density=batch_ranks(score) >= k)
+                return keep
             if self.stratify == "none":
                 order = torch.argsort(add_noise(clean, self.noise_form, self.noise, gen))
                 keep, blocked = order[:k].sort().values, order[k:]  # keep the k rarest rows
                 self.stats.add(clean, keep, blocked)
                 return keep
-            if labels is None:
-                raise ValueError("stratify 'label' needs the batch's labels")
             by_clean = sort_by_class(clean, labels)  # one sort serves the quotas, the rank noise and the signal
             quotas = class_quotas(labels, batch - k, gen, by_clean)
             noisy = add_noise(clean, self.noise_form, self.noise, gen, labels, by_clean)
@@ -224,7 +252,9 @@ class PFBSelector(Selector):
 
     def observe(self, feats, keep, sample_idx, losses, labels=None) -> None:
         """Move each centre toward the mean of the retained features nearest to it (density 'class':
-        and count each kept row's class at its nearest centre, from `labels`)."""
+        and count each kept row's class at its nearest centre, from `labels`; stratify 'percentile':
+        add every row's batch density rank to its class's history)."""
+        pending, self._pending_ranks = self._pending_ranks, None
         if feats is None or not self.needs_features():
             return  # after blocking ends: no density work at all
         with torch.autocast(feats.device.type, enabled=False):
@@ -232,12 +262,26 @@ class PFBSelector(Selector):
             self._ensure_centres(v)
             # stand-ins of unreadable files (index < 0) move no centre
             weight = None if sample_idx is None else (sample_idx >= 0).to(v.dtype)
-            self.update_centres(v, weight, labels)
+            history = None
+            if self.class_percentiles is not None and labels is not None:
+                if keep is None:  # nothing blocked (before the window): rank every row here, before the centres move
+                    ranks, row_labels = within_batch_rank(self.density(v, labels)), labels
+                    row_weight = torch.ones_like(ranks) if weight is None else weight
+                else:  # ranked by this step's `select`, which cannot tell the rows that hold no sample
+                    if pending is None or pending[0].shape[0] != feats.shape[0]:
+                        raise ValueError("stratify 'percentile': observe() got a blocked batch that no select() "
+                                         "ranked; call observe after each forward of a batch, before the next forward")
+                    ranks, row_labels = pending
+                    row_weight = torch.ones_like(ranks)
+                history = self.class_percentiles.batch_counts(ranks, row_labels, row_weight)
+            self.update_centres(v, weight, labels, history)
 
     def update_centres(self, v: torch.Tensor, weight: Optional[torch.Tensor] = None,
-                       labels: Optional[torch.Tensor] = None) -> None:
+                       labels: Optional[torch.Tensor] = None, history: Optional[torch.Tensor] = None) -> None:
         """`v`: (rows, D) float32; `weight`: (rows,) 1 for a sample, 0 for a row to leave out (None: all
-        count); `labels`: (rows,) int64 classes, needed by density 'class' (ValueError without)."""
+        count); `labels`: (rows,) int64 classes, needed by density 'class' (ValueError without);
+        `history`: (C, BINS) float32, this rank's class-history counts (stratify 'percentile'), summed
+        over ranks in the same all-reduce."""
         weight = torch.ones_like(v[:, 0]) if weight is None else weight
         nearest = torch.cdist(v, self.centres).argmin(dim=1)
         sums = torch.zeros_like(self.centres).index_add_(0, nearest, v * weight.unsqueeze(1))
@@ -248,8 +292,14 @@ class PFBSelector(Selector):
                 raise ValueError("density 'class' needs the kept rows' labels")
             by_class = torch.zeros_like(self.class_counts).index_put_((labels, nearest), weight, accumulate=True)
             parts.append(by_class.T)
-        # One all-reduce of sums and counts keeps the centres bit-identical across ranks.
-        packed = all_reduce_sum(torch.cat(parts, dim=1))
+        # One all-reduce of sums and counts keeps the centres (and the class histories) bit-identical across ranks.
+        packed = torch.cat(parts, dim=1)
+        if history is None:
+            packed = all_reduce_sum(packed)
+        else:
+            reduced = all_reduce_sum(torch.cat([packed.flatten(), history.flatten()]))
+            packed, history = reduced[: packed.numel()].view_as(packed), reduced[packed.numel():].view_as(history)
+            self.class_percentiles.add(history)
         d = self.centres.shape[1]
         sums, counts = packed[:, :d], packed[:, d]
         means = sums / counts.clamp_min(1).unsqueeze(1)
@@ -270,7 +320,8 @@ class PFBSelector(Selector):
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "centres": self.centres, "counts": self.counts,
-                "class_counts": self.class_counts, "stats": self.stats.state_dict()}
+                "class_counts": self.class_counts, "stats": self.stats.state_dict(),
+                "class_history": None if self.class_percentiles is None else self.class_percentiles.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -281,6 +332,9 @@ class PFBSelector(Selector):
                             "counts (it was trained with density 'marginal'); set blocking.pfb.density=marginal to go "
                             "on, or start a new run (name=...)")
         self.stats.load_state_dict(state.get("stats"))
+        if self.class_percentiles is not None and state.get("class_history"):
+            self.class_percentiles.load_state_dict(state["class_history"])
+        self._pending_ranks = None
 
 
 @dataclass
@@ -297,12 +351,19 @@ class PFBOptions(WindowOptions):
     # null / auto: half size and running statistics where the model takes them (docs/RESULTS.md).
     score_scale: Optional[float] = None
     score_norm: Literal["auto", "batch", "running"] = "auto"
-    # label: every class of a batch blocks the same share of its rows, its densest ones. The default: on
-    # Fashion-MNIST it beat random blocking, and ranking over the batch (none, the paper's) did not (docs/RESULTS.md).
-    stratify: Literal["none", "label"] = "label"
+    # percentile (the default): one ranking over the batch by each row's density percentile in its class's
+    # history, scaled by the class's share of the data: every class keeps its share at any number of classes per
+    # batch, and rare classes keep more. On Fashion-MNIST it beat random blocking on both long-tailed sets and
+    # matched label on the balanced one (docs/RESULTS.md). label: every class of a batch blocks the same share
+    # of its rows, its densest ones (needs several rows of a class per batch). none: the paper's one ranking.
+    stratify: Literal["none", "label", "percentile"] = "percentile"
     # class: a row's density under its own class's mixture (shared centres, weighted by that class's
     # assignments): "common" means common for its class. Needs estimator kde and centre_weights counts.
     density: Literal["marginal", "class"] = "marginal"
+    # stratify percentile: how many of a class's latest rows its history of density ranks holds (an
+    # exponential average; a balanced class's share): fewer follows changing features faster, more
+    # gives finer percentiles
+    class_memory: float = 256.0
 
     def check(self, run, key) -> None:
         super().check(run, key)
@@ -314,6 +375,11 @@ class PFBOptions(WindowOptions):
              "blocking.mode 'reuse' ranks by the training pass's own features: set blocking.mode recompute or auto")
         need(self.centres >= 2, f"config key '{key('centres')}' must be >= 2, got {self.centres}")
         need(self.feature_dim >= 1, f"config key '{key('feature_dim')}' must be >= 1, got {self.feature_dim}")
+        need(1 <= self.class_memory < math.inf,
+             f"config key '{key('class_memory')}' must be >= 1 (rows per class) and finite, got {self.class_memory}")
+        need(self.stratify != "percentile" or self.noise_form == "rank",
+             f"config key '{key('stratify')}' 'percentile' scores a class percentile, not a log-density: "
+             f"'{key('noise_form')}' {self.noise_form} does not apply to it; set {key('noise_form')}=rank")
         need(0.0 < self.update_rate <= 1.0, f"config key '{key('update_rate')}' must be in (0, 1], got {self.update_rate}")
         need(self.noise is None or self.noise >= 0, f"config key '{key('noise')}' must be >= 0, got {self.noise}")
         need(self.density == "marginal" or (self.estimator == "kde" and self.centre_weights == "counts"),
@@ -328,7 +394,7 @@ def build(o: PFBOptions, run) -> PFBSelector:
     return PFBSelector(o.schedule(run.epochs), centres=o.centres, feature_dim=o.feature_dim, update_rate=o.update_rate,
                        estimator=o.estimator, noise=o.noise, noise_form=o.noise_form, centre_weights=o.centre_weights,
                        seed=run.seed, score=ScorePass(o.score_scale, o.score_norm), stratify=o.stratify,
-                       density=o.density, num_classes=run.num_classes)
+                       density=o.density, num_classes=run.num_classes, class_memory=o.class_memory)
 
 
 register(Method(
