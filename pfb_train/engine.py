@@ -378,6 +378,7 @@ def train_one_epoch(context: StepContext, loader, epoch: int, tally: EpochTally,
         "selection_seconds": t.get("select", 0.0) + t.get("observe", 0.0) + tally.extra_selection_seconds,
         "images_per_second": seen / seconds if seconds > 0 else 0.0,
         "class_kept_fraction": class_fractions(kept_by_class, seen_by_class),  # of each class's rows loaded
+        "class_rows": [round(n) for n in seen_by_class],  # samples of each class loaded: the starvation check's evidence
         "unreadable": sorted({i for rank in unreadable for i in rank}),  # dataset indices (train.py names them)
         **diagnostics,
     }

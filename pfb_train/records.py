@@ -5,6 +5,7 @@ train.py calls these; they compute nothing about training itself.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from pfb_train.config import Config
@@ -49,18 +50,33 @@ def epoch_line(record: dict) -> str:
     return line
 
 
-def starved_classes(class_kept: list) -> dict:
-    """The classes a selection starves in an epoch: kept fraction below half the mean over classes.
+STARVED_Z = 4.0  # how many binomial standard deviations below the mean a class must fall: not chance
+
+
+def starved_classes(class_kept: list, class_rows: Optional[list] = None) -> dict:
+    """The classes a selection starves in an epoch: kept fraction below half the mean over classes,
+    by more than chance explains.
 
     `class_kept`: each class's kept fraction of its loaded rows (None: the class had no rows), as
-    the epoch record's `class_kept_fraction`. The mean is unweighted over the classes with rows, so
-    a long tail counts as much as the head. Returns {class index as str: kept fraction} (JSON keys),
-    empty when no class falls below."""
+    the epoch record's `class_kept_fraction`; `class_rows`: each class's loaded rows (None: no
+    chance check). The mean is unweighted over the classes with rows, so a long tail counts as much
+    as the head. With `class_rows`, a class of n rows also needs (mean - kept) * sqrt(n) above
+    STARVED_Z binomial standard deviations sqrt(mean * (1 - mean)): at 1000 classes a class seen
+    twice in an epoch keeps 0 of 2 by chance, and that is no starvation. Returns {class index as
+    str: kept fraction} (JSON keys), empty when no class falls below."""
     present = [(c, f) for c, f in enumerate(class_kept) if f is not None]
     if not present:
         return {}
     mean = sum(f for _, f in present) / len(present)
-    return {str(c): f for c, f in present if f < 0.5 * mean}
+    spread = math.sqrt(max(mean * (1 - mean), 0.0))
+
+    def beyond_chance(c: int, f: float) -> bool:
+        return class_rows is None or (mean - f) * math.sqrt(class_rows[c]) > STARVED_Z * spread
+
+    return {str(c): f for c, f in present if f < 0.5 * mean and beyond_chance(c, f)}
+
+
+WARNED_CLASSES = 10  # classes one warning line names
 
 
 def starvation_warning(epoch: int, starved: dict, class_kept: list, cfg: Config) -> str:
@@ -68,8 +84,11 @@ def starvation_warning(epoch: int, starved: dict, class_kept: list, cfg: Config)
     the method has one."""
     present = [f for f in class_kept if f is not None]
     mean = sum(present) / len(present)
-    classes = ", ".join(f"class {c} kept {f:.2f}" for c, f in starved.items())
+    named = list(starved.items())
+    classes = ", ".join(f"class {c} kept {f:.2f}" for c, f in named[:WARNED_CLASSES])
     line = f"warning: epoch {epoch}: {classes} of its rows, under half the mean kept fraction {mean:.2f}"
+    if len(named) > WARNED_CLASSES:  # the epoch record and summary.json list them all
+        line += f"; {len(named) - WARNED_CLASSES} more classes too (the epoch record lists them)"
     if getattr(cfg.blocking.chosen(), "stratify", None) == "none":  # the method can stratify, and does not
         line += "; blocking.pfb.stratify=percentile (the default) keeps every class's share over time"
     return line

@@ -303,8 +303,9 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
                 distribute_bn(state.net, dist.world_size, reduce=True)
             if dist.world_size > 1 and optimization.ema is not None:  # each rank's EMA averaged its own (timm's train.py)
                 distribute_bn(optimization.ema.module, dist.world_size, reduce=True)
+            class_rows = stats.pop("class_rows")  # not recorded: class_kept_fraction is the per-class record
             record = {"epoch": epoch, "lr": optimization.optimizer.param_groups[0]["lr"], **stats}
-            starved = starved_classes(record["class_kept_fraction"])
+            starved = starved_classes(record["class_kept_fraction"], class_rows)
             if starved:
                 record["starved_classes"] = starved
                 if dist.is_main:

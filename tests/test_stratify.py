@@ -200,6 +200,15 @@ def test_starved_classes_are_those_under_half_the_mean_over_classes():
     assert "stratify" not in starvation_warning(3, {"2": 0.1}, [0.6, 0.6, 0.1, None, 0.5], stratified)
 
 
+def test_a_class_seen_a_few_times_is_not_called_starved_for_chance_and_the_line_stays_short():
+    kept = [0.0] + [0.6] * 999  # 1000 classes: one kept none of its rows
+    assert starved_classes(kept, [2] + [300] * 999) == {}  # 0 of 2: chance at a kept rate of 0.6
+    assert starved_classes(kept, [300] * 1000) == {"0": 0.0}  # 0 of 300 is not
+    many = {str(c): 0.0 for c in range(15)}
+    line = starvation_warning(2, many, [0.0] * 15 + [0.6] * 985, load_config("demo", ["blocking.method=pfb"]))
+    assert line.count("class ") == 10 and "5 more classes too" in line
+
+
 @dataclass
 class StarveOptions:
     ratio: float = 0.25
