@@ -352,11 +352,16 @@ def flatten(config: dict, prefix: str = "") -> dict:
 def experiment_settings(raw: dict) -> dict:
     """A run directory's config.yaml as the resolved settings of what was trained: earlier flat
     `blocking` keys read as today's sections, options added since read as what they did then
-    (Method.earlier_defaults), and only the chosen method's section kept."""
+    (Method.earlier_defaults), and only the chosen method's section kept (the other methods' defaults
+    may change between versions without changing what was trained)."""
     try:
         return _build(Config, with_earlier_defaults(raw)).to_dict(chosen_only=True)
-    except UserError:  # written by a version with keys this one does not know: compare it as written
-        return raw
+    except UserError:  # keys or a method this version does not know: compare it as written, chosen section only
+        blocking = raw.get("blocking")
+        if not isinstance(blocking, dict):
+            return raw
+        chosen = blocking.get("method")
+        return {**raw, "blocking": {k: v for k, v in blocking.items() if not isinstance(v, dict) or k == chosen}}
 
 
 def with_earlier_defaults(raw: dict) -> dict:

@@ -47,13 +47,7 @@ class Run:
 
     @property
     def settings(self) -> dict:
-        """The flattened config that makes the experiment: without NOT_THE_EXPERIMENT, and without the option
-        sections of methods the run did not use (`blocking.<other method>.*`: their defaults may change
-        between versions without changing what was trained)."""
-        own = f"blocking.{self.method}."
-        return {k: v for k, v in flatten(experiment_settings(self.config)).items()
-                if k not in NOT_THE_EXPERIMENT and not (k.count(".") >= 2 and k.startswith("blocking.")
-                                                         and not k.startswith(own))}
+        return {k: v for k, v in flatten(experiment_settings(self.config)).items() if k not in NOT_THE_EXPERIMENT}
 
     @property
     def full_data(self) -> bool:

@@ -140,6 +140,28 @@ def test_the_options_of_methods_a_run_did_not_use_do_not_split_its_seeds(tmp_pat
     assert [(r["label"], r["seeds"]) for r in rows if r["label"] != "full data"] == [("random 0.5", 2)]
 
 
+def test_runs_of_a_method_this_version_does_not_know_group_by_its_own_section(tmp_path):
+    """A plug-in's runs (not installed where the report runs) are compared as written, its own section only."""
+    import json
+
+    import yaml
+
+    from pfb_train.report import report
+
+    base = [fake_run(tmp_path, "full0", method="none")]
+    runs = [fake_run(tmp_path, f"plugin{s}", seed=s, method="random") for s in range(2)]
+    for s, stratify in enumerate(("label", "percentile")):  # pfb defaults of two versions: not this run's method
+        config = yaml.safe_load((tmp_path / f"plugin{s}" / "config.yaml").read_text())
+        config["blocking"]["method"] = "share_plugin"
+        config["blocking"]["share_plugin"] = config["blocking"].pop("random")
+        config["blocking"]["pfb"]["stratify"] = stratify
+        (tmp_path / f"plugin{s}" / "config.yaml").write_text(yaml.safe_dump(config))
+        summary = json.loads((tmp_path / f"plugin{s}" / "summary.json").read_text())
+        (tmp_path / f"plugin{s}" / "summary.json").write_text(json.dumps({**summary, "method": "share_plugin"}))
+    rows = report(runs, base, str(tmp_path / "rep"))["rows"]
+    assert [(r["label"], r["seeds"]) for r in rows if r["label"] != "full data"] == [("share_plugin 0.5", 2)]
+
+
 def test_time_saved_ignores_one_stalled_epoch_of_one_seed(tmp_path):
     from pfb_train.report import report
 

@@ -26,6 +26,8 @@ every rank.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 BINS = 32  # rank resolution of each class's running distribution
@@ -74,12 +76,14 @@ class ClassPercentiles:
         share = self.num_classes * (n_y + 1) / (hist.sum() + self.num_classes)
         return percentile.clamp_min(1e-6).log() + share.log()
 
-    def batch_counts(self, ranks: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def batch_counts(self, ranks: torch.Tensor, labels: torch.Tensor,
+                     weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """This rank's rows as histogram counts: (C, BINS) float32. `weight`: (B,) 1 for a row that
-        counts, 0 for one to leave out. Sum over ranks, then `add`."""
+        counts, 0 for one to leave out (None: every row counts). Sum over ranks, then `add`."""
         hist = self._ensure(ranks.device)
         bin_ = (ranks.float() * BINS).long().clamp(0, BINS - 1)
-        return torch.zeros_like(hist).index_put_((labels, bin_), weight.float(), accumulate=True)
+        weight = torch.ones_like(ranks, dtype=hist.dtype) if weight is None else weight.to(hist.dtype)
+        return torch.zeros_like(hist).index_put_((labels, bin_), weight, accumulate=True)
 
     def add(self, counts: torch.Tensor) -> None:
         """Decay the history by 1 - n / (memory * C), n the rows in `counts` ((C, BINS), summed over

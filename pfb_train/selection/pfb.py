@@ -205,10 +205,6 @@ class PFBSelector(Selector):
     def needs_features(self) -> bool:  # the centres follow the data from the first epoch until blocking ends
         return self.schedule.end is None or self.epoch < self.schedule.end
 
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self._pending_ranks = None
-
     def select(self, feats: torch.Tensor, labels: Optional[torch.Tensor] = None):
         """Keep the k rarest rows (Selector.select); with stratify 'percentile', the k lowest
         class-history scores (percentile.py); with stratify 'label', the rarest of each class, every
@@ -265,14 +261,12 @@ class PFBSelector(Selector):
             history = None
             if self.class_percentiles is not None and labels is not None:
                 if keep is None:  # nothing blocked (before the window): rank every row here, before the centres move
-                    ranks, row_labels = within_batch_rank(self.density(v, labels)), labels
-                    row_weight = torch.ones_like(ranks) if weight is None else weight
+                    ranks, row_labels, row_weight = within_batch_rank(self.density(v, labels)), labels, weight
                 else:  # ranked by this step's `select`, which cannot tell the rows that hold no sample
                     if pending is None or pending[0].shape[0] != feats.shape[0]:
                         raise ValueError("stratify 'percentile': observe() got a blocked batch that no select() "
                                          "ranked; call observe after each forward of a batch, before the next forward")
-                    ranks, row_labels = pending
-                    row_weight = torch.ones_like(ranks)
+                    (ranks, row_labels), row_weight = pending, None
                 history = self.class_percentiles.batch_counts(ranks, row_labels, row_weight)
             self.update_centres(v, weight, labels, history)
 
@@ -334,7 +328,6 @@ class PFBSelector(Selector):
         self.stats.load_state_dict(state.get("stats"))
         if self.class_percentiles is not None and state.get("class_history"):
             self.class_percentiles.load_state_dict(state["class_history"])
-        self._pending_ranks = None
 
 
 @dataclass
