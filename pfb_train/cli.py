@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--baseline", action="append", required=True, metavar="RUN_DIR",
                      help="full-data run(s) to compare against (repeat for several seeds)")
     rep.add_argument("--out", default="report", help="folder for report.md, report.csv and the PNG plots")
+    rep.add_argument("--target", type=float, metavar="TOP1",
+                     help="top-1 (%%) whose compute to reach is tabled (default: the baseline's final top-1)")
+    rep.add_argument("--compute", type=float, metavar="EPOCHS",
+                     help="compute (full-data epochs) where top-1 at equal compute is read (default: the baseline's)")
     sub.add_parser("methods", help="the registered selection methods, their level and options with defaults")
     sub.add_parser("datasets", help="the registered data sources (data.dataset), what each reads and its data.* options")
     shards = sub.add_parser("shards", help="write the config's train and validation splits as WebDataset shards "
@@ -119,12 +123,23 @@ def _info(args) -> int:
           f"shallow share {info['shallow_share']:.3f}")
     print(f"method           {info['method']} ({info['level']} level, ratio {info['ratio']}); "
           f"blocked per step {info['blocked_rows']} of {info['batch_size']} rows")
-    print(f"ranking pass     recompute mode: {info['score_scale']} x resolution, {info['score_norm']} statistics")
+    if info["score_scale"] == 0:
+        print("ranking pass     none: the selection reads no features (recompute mode runs the kept rows alone)")
+    else:
+        print(f"ranking pass     recompute mode: {info['score_scale']} x resolution, {info['score_norm']} statistics")
     print("predicted cost of a blocked step, relative to full data (FLOP model, pfb_train/costs.py;")
     print("  on a GPU, blocking.mode auto times the parts instead: see the run line):")
     for mode, value in info["predicted_ratio"].items():
         marker = "  <- blocking.mode" if mode == info["mode"] else ""
         print(f"  {mode:<10} {value:.3f}{marker}")
+    if "budget_epochs" in info:
+        budget = f"schedule.budget {cfg.schedule.budget:g} {cfg.schedule.budget_unit}"
+        if info["budget_epochs"] is None:
+            print(f"budget           {budget}: the epochs it buys depend on this machine's speed")
+        else:
+            bound = "up to " if info["budget_epochs_bound"] else ""
+            print(f"budget           {budget} (full-data epochs of compute) buys {bound}"
+                  f"{info['budget_epochs']:.2f} epochs of {info['method']} in mode {info['mode']}")
     return 0
 
 
@@ -164,7 +179,7 @@ def _shards(args) -> int:
 def _report(args) -> int:
     from pfb_train.report import report  # per command, so the CLI starts without torch
 
-    result = report(args.runs, args.baseline, args.out)
+    result = report(args.runs, args.baseline, args.out, args.target, args.compute)
     print(result["markdown"], end="")
     plots = ", ".join(result["plots"]) if result["plots"] else "no plots (pip install matplotlib)"
     print(f"wrote {result['out']}/report.md, report.csv; {plots}")

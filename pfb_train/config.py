@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,10 +102,17 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     name: str = "cosine"  # any timm scheduler name
-    epochs: int = 90
+    epochs: int = 90  # the schedule's length in epochs; with a budget, its shape, stretched over the budget
     warmup_epochs: int = 5
     warmup_lr: float = 1.0e-5
     min_lr: float = 0.0
+    # The run's training compute (budget_unit epochs: full-data epochs of this model, image size and data
+    # set, counted by the cost model from each step's realised rows) or training seconds (budget_unit
+    # seconds, evaluation excluded). The run stops at the step where it is spent, and everything stated
+    # in epochs (warm-up, decay, blocking windows, InfoBatch's delta) is a share of `epochs`, stretched
+    # over the budget (budget.py). None: the run trains `epochs` epochs.
+    budget: Optional[float] = None
+    budget_unit: Literal["epochs", "seconds"] = "epochs"
 
 
 @dataclass
@@ -391,6 +399,10 @@ def validate(cfg: Config) -> None:
          f"config key 'model.num_classes' must be >= 1 (or null: the data set's), got {cfg.model.num_classes}")
     need(s.epochs >= 1, f"config key 'schedule.epochs' must be >= 1, got {s.epochs}")
     need(s.warmup_epochs >= 0, f"config key 'schedule.warmup_epochs' must be >= 0, got {s.warmup_epochs}")
+    need(s.budget is None or 0 < s.budget < math.inf,
+         f"config key 'schedule.budget' must be > 0 and finite ({s.budget_unit}), or null, got {s.budget}")
+    need(s.budget is not None or s.budget_unit == "epochs",
+         f"config key 'schedule.budget_unit' {s.budget_unit!r} needs a schedule.budget to count in it")
     method = get_method(b.method)
     check_options(method, b.chosen(), RunFacts(epochs=s.epochs, batch_size=d.batch_size, seed=r.seed, mode=b.mode))
     # A value its method cannot take is an error whichever method runs; what depends on the run

@@ -53,6 +53,32 @@ class PartTimes:
         return self.shallow / self.full
 
 
+@dataclass(frozen=True)
+class StepCost:
+    """The cost model applied to one step's realised rows: what `schedule.budget` and each epoch record's
+    `compute` count. A step of B rows of which k go on past the split costs, in full-data steps (3B forward
+    units: forward 1, backward 2, as `predicted_cost_ratio`):
+      the plain model (no selection ran)   1
+      reuse                                s + (1 - s) k/B
+      recompute                            s q^2/3 + k/B
+    with `shallow_share` s (FLOPs) and recompute's ranking pass at `score_scale` q. A sampler-level method
+    trains on fewer rows: its epochs simply have fewer steps."""
+
+    mode: str = "reuse"  # the run's blocking.mode, resolved
+    shallow_share: float = 0.0
+    score_scale: float = 1.0
+
+    def __call__(self, rows: int, kept: int, split: bool) -> float:
+        """Full-data steps of one step of `rows` rows, `kept` of them through the deep part; `split`: the
+        selection ran (else the plain model ran on every row, whatever `kept` says)."""
+        if not split:
+            return 1.0
+        s, q, kept_share = self.shallow_share, self.score_scale, kept / rows
+        if self.mode == "recompute":
+            return s * q * q / 3 + kept_share
+        return s + (1 - s) * kept_share
+
+
 def predicted_time_ratio(mode: str, times: PartTimes) -> float:
     """Blocked over full step time from measured seconds (`times` were taken at the run's ratio; the
     optimizer step and the selection, the same or small in both modes, are left out)."""

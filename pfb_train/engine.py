@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pfb_train import blocking
+from pfb_train.budget import RunClock
+from pfb_train.costs import StepCost
 from pfb_train.data import set_loader_epoch
 from pfb_train.data.missing import unreadable_index
 from pfb_train.distributed import all_gather_objects, all_reduce_sum
@@ -37,6 +39,8 @@ class StepSettings:
     clip_grad: Optional[float] = None
     log_every: int = 50
     updates_per_epoch: int = 1  # full-data optimizer steps per epoch: the LR schedule's unit
+    step_cost: StepCost = StepCost()  # one step's compute in full-data steps (the cost model)
+    clock: RunClock = RunClock(epochs=1)  # where the run is on its schedule, and when it ends (budget.py)
     check_finite: bool = True  # skip (and count) steps with non-finite gradients
     max_nonfinite: int = 10  # stop the run after this many in a row
 
@@ -93,11 +97,13 @@ def _to_device(x, y, settings: StepSettings):
     return x, y.to(settings.device, non_blocking=True)
 
 
-def prepare_epoch(selector, loader, epoch: int, resume: Optional[tuple] = None) -> float:
+def prepare_epoch(selector, loader, epoch: int, resume: Optional[tuple] = None,
+                  position: Optional[float] = None) -> float:
     """Hand the epoch to the selector and its subset (if any) to the sampler; returns seconds spent.
-    `resume`: (subset, rows done) of an interrupted epoch: the same subset, the done rows skipped."""
+    `resume`: (subset, rows done) of an interrupted epoch: the same subset, the done rows skipped.
+    `position`: where the epoch starts on the run's schedule (Selector.set_epoch; None: `epoch`)."""
     started = time.perf_counter()
-    selector.set_epoch(epoch)
+    selector.set_epoch(epoch, position)
     if resume is None:
         set_loader_epoch(loader, epoch, selector.epoch_indices(loader.sampler.size))
     else:
@@ -114,6 +120,7 @@ class StepResult(NamedTuple):
     keep: Optional[torch.Tensor]  # kept row indices, or None when every row was kept
     present: torch.Tensor  # (B,) float64: 1 for a row that holds a sample, 0 for an unreadable file's stand-in
     kept_present: torch.Tensor  # the same for the kept rows
+    split: bool  # the selection ran (the split model); else the plain model ran on every row
 
 
 class MarkedSelection:
@@ -134,16 +141,18 @@ class MarkedSelection:
         return getattr(self._selector, name)
 
 
-def train_step(batch: Batch, context: StepContext, schedule_at: float,
+def train_step(batch: Batch, context: StepContext, schedule_at: Optional[float],
                timer: Optional[PhaseTimer] = None) -> StepResult:
     """One optimizer step on the rows the selector keeps (blocking.forward / weighted_mean / observe:
     the same calls a loop of one's own makes).
 
-    `schedule_at`: the LR schedule's position after this step, in full-data updates. A step
+    `schedule_at`: the LR schedule's position after this step, in full-data updates (None: the caller
+    steps the schedule itself, as `train_one_epoch` does once it knows the step's compute). A step
     whose gradients are not finite changes nothing (no update, no selector observation).
     `timer`: charges the step's time to the phases shallow, select, deep and observe."""
     model, selector, settings = context.model, context.selector, context.settings
     guard = save_buffers(model, context.optimization, settings)  # before the forward changes BatchNorm statistics
+    split = selector.blocks_rows()  # what blocking.forward asks too: whether the selection runs this step
     with autocast(settings):
         blocked = blocking.forward(model, selector if timer is None else MarkedSelection(selector, timer),
                                    batch.x, batch.y, batch.idx)
@@ -161,7 +170,7 @@ def train_step(batch: Batch, context: StepContext, schedule_at: float,
     kept_present = present if blocked.keep is None else present.index_select(0, blocked.keep)
     loss_sum = (losses.detach() * kept_present).sum()
     return StepResult(loss.detach(), blocked.logits.shape[0], finite, loss_sum, labels, blocked.keep, present,
-                      kept_present)
+                      kept_present, split)
 
 
 def save_buffers(model, optimization: Optimization, settings: StepSettings) -> bool:
@@ -174,8 +183,8 @@ def save_buffers(model, optimization: Optimization, settings: StepSettings) -> b
     return guard
 
 
-def update(model, loss: torch.Tensor, optimization: Optimization, settings: StepSettings, schedule_at: float,
-           guard: bool) -> bool:
+def update(model, loss: torch.Tensor, optimization: Optimization, settings: StepSettings,
+           schedule_at: Optional[float], guard: bool) -> bool:
     """Backward, clip, optimizer step, LR schedule, EMA. Returns whether the gradients were finite (always
     True without the guard); a step that was not changes no weight and restores the BatchNorm statistics."""
     optimization.optimizer.zero_grad(set_to_none=True)
@@ -194,7 +203,7 @@ def update(model, loss: torch.Tensor, optimization: Optimization, settings: Step
     if finite:
         optimization.scaler.step(optimization.optimizer)
     optimization.scaler.update()
-    if optimization.scheduler is not None:
+    if optimization.scheduler is not None and schedule_at is not None:
         optimization.scheduler.step_update(num_updates=schedule_at)
     if finite and optimization.ema is not None:
         optimization.ema.update(getattr(model, "module", model))  # unwrap DDP: the EMA holds a plain copy
@@ -222,16 +231,23 @@ class EpochTally:
 
     # rows_seen / rows_kept count rows, stand-ins of unreadable files included (host counts, for the
     # progress bar); the epoch's statistics count samples, from class_rows, which leaves stand-ins out.
+    # step_costs: this epoch's steps in full-data steps (costs.StepCost; the same on every rank). Summed in
+    # that unit, full data's are whole numbers, so whole epochs of them add up exactly.
     FIELDS = ("batches", "rows_seen", "rows_kept", "nonfinite", "nonfinite_in_row", "elapsed",
-              "extra_selection_seconds")
+              "extra_selection_seconds", "step_costs")
 
     def __init__(self, device, num_classes: int, saved: Optional[dict] = None, order_done: int = 0,
-                 world_size: int = 1, nonfinite_in_row: int = 0, train_samples: int = 0):
+                 world_size: int = 1, nonfinite_in_row: int = 0, train_samples: int = 0,
+                 spent_before: tuple[float, float] = (0.0, 0.0), updates_per_epoch: int = 1):
         """`nonfinite_in_row`: the run's streak of non-finite steps when the epoch starts (it counts across
-        epochs). `train_samples`: the training set's size, for the unreadable samples' indices."""
+        epochs). `train_samples`: the training set's size, for the unreadable samples' indices.
+        `spent_before`: (compute in full-data epochs, training seconds) of the run's earlier epochs;
+        `updates_per_epoch`: full-data steps per epoch (a step's cost is counted in them)."""
         self.batches = self.rows_seen = self.rows_kept = self.nonfinite = 0
         self.nonfinite_in_row = nonfinite_in_row
-        self.elapsed = self.extra_selection_seconds = 0.0
+        self.elapsed = self.extra_selection_seconds = self.step_costs = 0.0
+        self.compute_before, self.seconds_before = spent_before
+        self.updates_per_epoch = updates_per_epoch
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.loss_count = torch.zeros((), dtype=torch.float64, device=device)  # samples in loss_sum: finite steps only
         self.class_rows = torch.zeros(2, num_classes, dtype=torch.float64, device=device)  # samples seen, kept
@@ -259,6 +275,11 @@ class EpochTally:
     def epoch_fraction(self, more_rows: int = 0) -> float:
         """How far the epoch is (0 to 1) once `more_rows` more rows of this rank are trained on."""
         return self.order_done(more_rows) / self.order_total
+
+    def spent(self) -> tuple[float, float]:
+        """(compute in full-data epochs, training seconds) of the run up to here (this rank's clock)."""
+        return (self.compute_before + self.step_costs / self.updates_per_epoch,
+                self.seconds_before + self.elapsed + self.extra_selection_seconds)
 
     def add(self, result: StepResult, idx: torch.Tensor) -> None:
         """Count one step (no host sync: the counts stay on the device). `idx`: the batch's (B,) int64
@@ -296,7 +317,7 @@ class EpochTally:
         for key in ("rows_seen", "rows_kept", "nonfinite", "loss_sum", "loss_count"):
             merged[key] = sum(s[key] for s in states)
         merged["unreadable"] = sorted({i for s in states for i in s["unreadable"]})
-        for key in ("batches", "nonfinite_in_row", "elapsed", "extra_selection_seconds"):
+        for key in ("batches", "nonfinite_in_row", "elapsed", "extra_selection_seconds", "step_costs"):
             merged[key] = max(s[key] for s in states)
         merged["class_rows"] = torch.tensor([s["class_rows"] for s in states], dtype=torch.float64).sum(0).tolist()
         merged["seconds"] = {k: max(s["seconds"].get(k, 0.0) for s in states) for k in states[0]["seconds"]}
@@ -320,14 +341,20 @@ def train_one_epoch(context: StepContext, loader, epoch: int, tally: EpochTally,
     """Train the rest of one epoch (call `prepare_epoch` first); returns its statistics, or None when
     `after_step(tally)` asked to stop early. `bar`: a tqdm bar, advanced once per step.
 
-    Sampler-level selection shortens the epoch; the LR schedule then advances by epoch
-    progress (full-data updates per epoch / steps this epoch), so it still ends on time."""
-    settings, mixup = context.settings, context.optimization.mixup
+    After each step the LR schedule moves to the run's clock (budget.RunClock): the epoch's progress (a
+    sampler-level subset's steps each count for more, so the schedule still ends on time), or under
+    `schedule.budget` the share of it spent. The epoch ends early, and reports what it trained, at the
+    step where the run's budget is spent."""
+    settings, mixup, scheduler = context.settings, context.optimization.mixup, context.optimization.scheduler
+    clock = settings.clock
     context.model.train()
     timer = tally.timer
     started = time.perf_counter() - tally.elapsed
     timer.reset_clock()
-    for x, y, idx in loader:
+    last_batch = tally.batches + len(loader)
+    compute, seconds = tally.spent()
+    spent = clock.budget_spent(compute, clock.seconds(seconds, tally.batches, force=True))
+    for x, y, idx in (() if spent else loader):  # spent: resumed at the step where the budget ended
         x, y = _to_device(x, y, settings)
         idx = idx.to(settings.device, non_blocking=True)
         if mixup is not None:
@@ -336,13 +363,18 @@ def train_one_epoch(context: StepContext, loader, epoch: int, tally: EpochTally,
         if not tally.order_total:  # every batch has this many rows (drop_last), on every rank
             tally.order_total = tally.order_done(len(loader) * x.shape[0])
             tally.full_data_total = settings.updates_per_epoch * x.shape[0] * tally.world_size
-        schedule_at = settings.updates_per_epoch * (epoch + tally.epoch_fraction(x.shape[0]))
-        result = train_step(Batch(x, y, idx), context, schedule_at, timer)
+        result = train_step(Batch(x, y, idx), context, None, timer)
         tally.add(result, idx)
+        tally.step_costs += settings.step_cost(x.shape[0], result.kept, result.split)
         if tally.nonfinite_in_row >= settings.max_nonfinite:  # the same on every rank: the norm is all-reduced
             raise TrainingStopped(f"{tally.nonfinite_in_row} non-finite losses in a row (epoch {epoch}, batch "
                                   f"{tally.batches}): {nonfinite_advice(settings, context.optimization)}")
         tally.elapsed = time.perf_counter() - started
+        compute, seconds = tally.spent()
+        seconds = clock.seconds(seconds, tally.batches, force=tally.batches == last_batch)
+        if scheduler is not None:
+            at = clock.position(epoch + tally.epoch_fraction(), compute, seconds)
+            scheduler.step_update(num_updates=settings.updates_per_epoch * at)
         if bar is not None:
             bar.update(1)
             if tally.batches % settings.log_every == 0:
@@ -350,6 +382,8 @@ def train_one_epoch(context: StepContext, loader, epoch: int, tally: EpochTally,
                                 img_s=f"{tally.rows_seen / tally.elapsed:.0f}")
         if after_step is not None and after_step(tally):
             return None
+        if clock.budget_spent(compute, seconds):
+            break
 
     host = torch.tensor([tally.rows_seen, tally.nonfinite], dtype=torch.float64)
     counts = all_reduce_sum(torch.cat([torch.stack([tally.loss_sum, tally.loss_count]), host.to(settings.device),
@@ -365,6 +399,7 @@ def train_one_epoch(context: StepContext, loader, epoch: int, tally: EpochTally,
     t = timer.totals()
     seconds = time.perf_counter() - started
     return {
+        "compute": tally.spent()[0],  # full-data epochs of compute, the run's so far
         # unweighted mean over the kept samples of the steps that updated; None: no step did
         "train_loss": loss_total / loss_count if loss_count else None,
         "samples_seen": round(seen),

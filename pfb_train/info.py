@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from pfb_train.costs import MODES, blocking_mode, cheaper_mode, count_flops, predicted_cost_ratio, shallow_flop_share
+from pfb_train.budget import budget_epochs
+from pfb_train.costs import (MODES, StepCost, blocking_mode, cheaper_mode, count_flops, predicted_cost_ratio,
+                             shallow_flop_share)
 from pfb_train.data.registry import get_source
 from pfb_train.models import build_model, split_spec
-from pfb_train.selection import get_method
+from pfb_train.selection import RunFacts, get_method
 
 
 def _num_classes(cfg) -> int:
@@ -56,4 +58,37 @@ def model_info(cfg) -> dict:
         "score_scale": score.scale,  # recompute mode's ranking pass
         "score_norm": score.norm,
         "predicted_ratio": {mode: predicted_cost_ratio(mode, share, realised, score.scale) for mode in MODES},
+        **budget_info(cfg, method, mode, share, score.scale),
     }
+
+
+# Sampler-level methods say only how small an epoch's subset can get (Selector.fewest_samples); asked of a
+# set this large, that is a fraction.
+LARGE_SET = 1_000_000
+
+
+def budget_info(cfg, method, mode: str, share: float, score_scale: float) -> dict:
+    """What schedule.budget buys: `budget_epochs`, the epochs a compute budget trains with the configured
+    method (budget.budget_epochs: a batch-level method's blocked ratio over its window, in schedule epochs,
+    at the cost model's price in `mode`), exact for batch-level methods up to rounding to whole rows;
+    `budget_epochs_bound` True where it is an upper bound (a sampler-level method: its smallest subset all
+    run long). Nothing without a budget; None for a seconds budget (the machine decides)."""
+    s = cfg.schedule
+    if s.budget is None:
+        return {}
+    if s.budget_unit == "seconds":
+        return {"budget_epochs": None, "budget_epochs_bound": False}
+    options, batch = cfg.blocking.chosen(), cfg.data.batch_size
+    if method.level == "sampler":
+        selector = method.build(options, RunFacts(epochs=s.epochs, batch_size=batch, seed=cfg.runtime.seed))
+        smallest = selector.fewest_samples(LARGE_SET) / LARGE_SET
+        return {"budget_epochs": s.budget / smallest, "budget_epochs_bound": smallest < 1}
+    window = options.schedule(s.epochs) if hasattr(options, "schedule") else None  # WindowOptions
+
+    def cost_at(t: float) -> float:
+        ratio = method.blocked_fraction_per_batch(options) if window is None else window.ratio_at(t)
+        if method.level != "batch" or ratio <= 0:
+            return 1.0
+        return StepCost(mode, share, score_scale if mode == "recompute" else 1.0)(batch, batch - round(ratio * batch), True)
+
+    return {"budget_epochs": budget_epochs(s.budget, s.epochs, cost_at), "budget_epochs_bound": False}

@@ -235,6 +235,9 @@ class ScorePass:
 
 EXACT_SCORE = ScorePass()
 AUTO_SCORE = ScorePass(None, "auto")
+# Scale 0: no ranking pass at all, for a selection that reads no features (random blocking): recompute
+# mode then runs the whole model on the kept rows only, and `select` gets (B, 0) features.
+NO_RANKING = ScorePass(0.0, "batch")
 # Half resolution: a quarter of the ranking pass's FLOPs; on Fashion-MNIST (3 seeds) it trained as
 # well as the exact pass (docs/RESULTS.md, "The ranking pass").
 AUTO_SCALE = 0.5
@@ -357,6 +360,8 @@ class BlockedModel(nn.Module):
         model's state as it was. Modules are switched to eval mode (`running`) outside the compiled
         parts, and batch statistics are undone by a copy rather than by flipping BatchNorm attributes:
         TorchDynamo guards on attributes, so a flip would cost a recompile."""
+        if score.scale == 0:  # NO_RANKING: the selection reads the batch size and device only
+            return x.new_zeros(x.shape[0], 0, dtype=torch.float32)
         score = self.resolve_score(score, x.shape[-1])
         x = score_input(x, score.scale)
         if score.norm == "running":
@@ -414,7 +419,7 @@ def check_score_pass(blocked: BlockedModel, score: ScorePass, img_size: int, key
     if score.norm == "running" and not blocked._shallow_norms:
         raise UserError(f"{key}.score_norm 'running' needs BatchNorm running statistics in the shallow part; "
                         f"'{name}' has none there (its norms use each sample's own statistics): use 'batch' or 'auto'")
-    if score.scale is not None and score.scale != 1.0:
+    if score.scale not in (None, 1.0, 0.0):  # 0: NO_RANKING, no pass to run
         size = max(1, round(img_size * score.scale))
         reason = blocked._runs_at(size)
         if reason is not None:

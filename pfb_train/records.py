@@ -24,6 +24,8 @@ def ranking_pass(net: BlockedModel, score) -> str:
     """'; ranking pass at 0.5x, running statistics' in recompute mode (nothing in reuse: it has none)."""
     if net.mode != "recompute":
         return ""
+    if score.scale == 0:
+        return "; no ranking pass: the selection reads no features"
     return f"; ranking pass at {score.scale}x, {score.norm} statistics"
 
 
@@ -145,6 +147,9 @@ def summarize(cfg: Config, history: list[dict], wall_seconds: float, run_dir, wo
         "best_top1": max(r["top1"] for r in evaluated),
         "blocked_fraction": blocked / max(slots, 1),  # of all sample-passes full data would make
         "train_seconds": sum(r["epoch_seconds"] for r in history),
+        "compute_spent": history[-1]["compute"],  # full-data epochs of compute, by the cost model (costs.StepCost)
+        "budget": cfg.schedule.budget,  # in budget_unit; None: the run trained schedule.epochs epochs
+        "budget_unit": cfg.schedule.budget_unit if cfg.schedule.budget is not None else None,
         "selection_seconds": sum(r["selection_seconds"] for r in history),
         "bad_samples": sum(r["bad_samples"] for r in history),
         "nonfinite_steps": sum(r["nonfinite_steps"] for r in history),

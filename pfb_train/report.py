@@ -134,8 +134,58 @@ def head_tail_top1(run: Run):
     return mean(order[:half]), mean(order[half:])
 
 
-def table_rows(runs: list[Run], baseline: list[Run]) -> list[dict]:
+def compute_curve(run: Run) -> list[tuple[float, float]]:
+    """(compute, top-1) at each evaluation: cumulative full-data epochs of compute (the epoch records'
+    `compute`) against validation top-1 (%). Empty for runs logged before records counted compute."""
+    return [(m["compute"], m["top1"]) for m in run.metrics if "top1" in m and "compute" in m]
+
+
+# A budgeted run ends at the step where its budget is spent, within one step of it: a compute this close
+# past a curve's end is read as its last evaluation.
+END_TOLERANCE = 0.01
+
+
+def top1_at_compute(curve: list[tuple[float, float]], compute: float):
+    """Top-1 at `compute` full-data epochs on a (compute, top-1) curve, linear between evaluations; None
+    before the first evaluation or past the end (beyond END_TOLERANCE of it)."""
+    if not curve or compute < curve[0][0] or compute > curve[-1][0] * (1 + END_TOLERANCE):
+        return None
+    for (c0, t0), (c1, t1) in zip(curve, curve[1:]):
+        if c0 <= compute <= c1:
+            return t0 + (t1 - t0) * (compute - c0) / (c1 - c0) if c1 > c0 else t1
+    return curve[-1][1]
+
+
+def compute_to_reach(curve: list[tuple[float, float]], target: float):
+    """Compute (full-data epochs) at which the validation curve first reaches `target` top-1 (%), linear
+    between the evaluations that straddle it (time-to-accuracy); None when it never does."""
+    for i, (c, t) in enumerate(curve):
+        if t >= target:
+            if i == 0:
+                return c
+            c0, t0 = curve[i - 1]
+            return c0 + (c - c0) * (target - t0) / (t - t0)
+    return None
+
+
+def _over_seeds(values: list) -> tuple:
+    """(mean, std, how many of `values` are not None) over the seeds that have a value."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None, None, 0
+    mean, std = _mean_std(present)
+    return mean, std, len(present)
+
+
+def table_rows(runs: list[Run], baseline: list[Run], target=None, compute=None) -> list[dict]:
+    """One row per setting (seeds grouped). `target`: the top-1 (%) whose compute to reach is reported
+    (None: the baseline's mean final top-1); `compute`: where top-1 at equal compute is read (None: the
+    baseline's mean compute spent)."""
     base_top1 = statistics.fmean(r.summary["top1"] for r in baseline)
+    target = base_top1 if target is None else target
+    if compute is None:
+        spent = [r.summary.get("compute_spent") for r in baseline]
+        compute = statistics.fmean(spent) if None not in spent else None
     base_hours = robust_seconds(baseline) * baseline[0].summary.get("world_size", 1) / 3600
     groups = group_runs(runs)
     rows = []
@@ -163,6 +213,14 @@ def table_rows(runs: list[Run], baseline: list[Run]) -> list[dict]:
             "device_hours": hours,
             "time_reduction_pct": 100 * (1 - hours / base_hours) if base_hours > 0 else 0.0,
         }
+        curves = [compute_curve(r) for r in group]
+        row["compute_spent"], row["compute_spent_std"], row["seeds_counted"] = _over_seeds(
+            [x.get("compute_spent") for x in s])
+        row["equal_compute"], row["target_top1"] = compute, target
+        row["top1_at_compute"], row["top1_at_compute_std"], row["seeds_at_compute"] = _over_seeds(
+            [top1_at_compute(c, compute) if compute is not None else None for c in curves])
+        row["compute_to_target"], row["compute_to_target_std"], row["seeds_reaching_target"] = _over_seeds(
+            [compute_to_reach(c, target) for c in curves])
         signals = [m["selection_signal"] for r in group for m in r.metrics if m.get("selection_signal") is not None]
         row["selection_signal"] = statistics.fmean(signals) if signals else None
         split = [head_tail_top1(r) for r in group]
@@ -177,9 +235,23 @@ def _pm(mean: float, std: float, seeds: int, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if seeds > 1 else f"{mean:.{digits}f}"
 
 
+def _of_seeds(mean, std, present: int, seeds: int, missing: str) -> str:
+    """A per-seed measure as 'mean ± std', 'mean (k/n seeds)' when only k have it, or `missing`."""
+    if present == 0:
+        return missing
+    if present < seeds:
+        return f"{mean:.2f} ({present}/{seeds} seeds)"
+    return _pm(mean, std, seeds)
+
+
 def markdown_table(rows: list[dict]) -> str:
     split = any("top1_tail" in r for r in rows)
+    counted = any(r.get("compute_spent") is not None for r in rows)
     head = "| run | seeds | blocked (realised) | signal | top-1 % | Δ top-1 |"
+    if counted:  # time-to-accuracy: compute in full-data epochs
+        equal, target = rows[0]["equal_compute"], rows[0]["target_top1"]
+        at = f"top-1 @ {equal:.2f} ep" if equal is not None else "top-1 @ equal compute"
+        head += f" compute (ep) | {at} | compute to {target:.2f} % |"
     if split:
         head += " head top-1 | tail top-1 |"
     head += " train s | training h | selection h | device-h | time saved |"
@@ -188,6 +260,11 @@ def markdown_table(rows: list[dict]) -> str:
         signal = "-" if r["selection_signal"] is None else f"{r['selection_signal']:.2f}"
         cells = [r["label"], str(r["seeds"]), f"{r['blocked_fraction']:.3f}", signal,
                  _pm(r["top1"], r["top1_std"], r["seeds"]), f"{r['top1_delta']:+.2f}"]
+        if counted:
+            cells += [_of_seeds(r["compute_spent"], r["compute_spent_std"], r["seeds_counted"], r["seeds"], "-"),
+                      _of_seeds(r["top1_at_compute"], r["top1_at_compute_std"], r["seeds_at_compute"], r["seeds"], "-"),
+                      _of_seeds(r["compute_to_target"], r["compute_to_target_std"], r["seeds_reaching_target"],
+                                r["seeds"], "not reached")]
         if split:
             cells += [_pm(r["top1_head"], r["top1_head_std"], r["seeds"]) if "top1_head" in r else "-",
                       _pm(r["top1_tail"], r["top1_tail_std"], r["seeds"]) if "top1_tail" in r else "-"]
@@ -256,6 +333,36 @@ def _line_plot(plt, groups, labels, field, cumulative, ylabel, path) -> bool:
     return drawn
 
 
+def _compute_plot(plt, groups, labels, path) -> bool:
+    """Top-1 against compute (full-data epochs), one colour per setting: the mean over seeds at each
+    evaluation (seeds aligned by evaluation; x their mean compute), the band from the lowest to the highest
+    seed. Settings whose runs did not count compute are left out."""
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    if len(groups) > 10:
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
+    drawn = False
+    for group, label in zip(groups, labels):
+        curves = [compute_curve(r) for r in group]
+        points = min(len(c) for c in curves)
+        if points == 0:
+            continue
+        x = [statistics.fmean(c[i][0] for c in curves) for i in range(points)]
+        y = [[c[i][1] for c in curves] for i in range(points)]
+        line, = ax.plot(x, [statistics.fmean(v) for v in y], marker="o", markersize=3, label=label)
+        if len(group) > 1:
+            ax.fill_between(x, [min(v) for v in y], [max(v) for v in y], color=line.get_color(), alpha=0.2, lw=0)
+        drawn = True
+    if drawn:
+        ax.set_xlabel("compute (full-data epochs)")
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(path)
+    plt.close(fig)
+    return drawn
+
+
 def _heatmaps(plt, groups, labels, path) -> bool:
     """Kept fraction per class (rows) per epoch (columns), one panel per method that blocks rows. Class
     ticks are labelled up to 30 classes; beyond that the panel still shows every class as a pixel row."""
@@ -286,8 +393,8 @@ def _heatmaps(plt, groups, labels, path) -> bool:
 
 
 def write_plots(runs: list[Run], out: Path) -> list[Path]:
-    """Per epoch, means over seeds: top-1, cumulative training time, kept fraction, selection signal;
-    and the kept fraction of each class per epoch as heatmaps."""
+    """Per epoch, means over seeds: top-1, cumulative training time, kept fraction, selection signal; top-1
+    against compute (seeds as a band); and the kept fraction of each class per epoch as heatmaps."""
     try:
         import matplotlib  # optional: without it the report has no plots
 
@@ -304,6 +411,8 @@ def write_plots(runs: list[Run], out: Path) -> list[Path]:
               "selection signal")]
     paths = [out / name for name, field, cumulative, ylabel in lines
              if _line_plot(plt, groups, labels, field, cumulative, ylabel, out / name)]
+    if _compute_plot(plt, groups, labels, out / "top1_vs_compute.png"):
+        paths.append(out / "top1_vs_compute.png")
     if _heatmaps(plt, groups, labels, out / "class_kept_fraction.png"):
         paths.append(out / "class_kept_fraction.png")
     return paths
@@ -349,10 +458,10 @@ def check_comparable(runs: list[Run], baseline: list[Run]) -> None:
                             "a repeat is not another seed; give one of them (or train with other seeds)")
 
 
-def report(run_dirs: list[str], baseline_dirs: list[str], out_dir: str) -> dict:
+def report(run_dirs: list[str], baseline_dirs: list[str], out_dir: str, target=None, compute=None) -> dict:
     """Write report.md, report.csv and the plots of `run_dirs` against `baseline_dirs` (full data) to
-    `out_dir`; a run directory given among both counts once, as a baseline. Raises UserError for an
-    unfinished run directory and for unlike runs (`check_comparable`)."""
+    `out_dir`; a run directory given among both counts once, as a baseline. `target` / `compute`: see
+    `table_rows`. Raises UserError for an unfinished run directory and for unlike runs (`check_comparable`)."""
     baseline = [load_run(p) for p in baseline_dirs]
     baseline_paths = {b.path.resolve() for b in baseline}
     others = [load_run(p) for p in run_dirs if Path(p).resolve() not in baseline_paths]
@@ -360,7 +469,7 @@ def report(run_dirs: list[str], baseline_dirs: list[str], out_dir: str) -> dict:
     runs = baseline + others
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = table_rows(runs, baseline)
+    rows = table_rows(runs, baseline, target, compute)
     md = markdown_table(rows)
     (out / "report.md").write_text(md)
     write_csv(rows, out / "report.csv")

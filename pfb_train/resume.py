@@ -15,6 +15,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import yaml
 
+from pfb_train.budget import RunClock, spent_so_far
 from pfb_train.checkpoint import (all_rng_states, has_checkpoint_files, latest_checkpoint, load_checkpoint,
                                   restore_rng, save_checkpoint)
 from pfb_train.config import Config, experiment_settings, flatten
@@ -221,7 +222,8 @@ def refuse_finished(cfg: Config, run_dir: Path, checkpoint: dict) -> None:
     found it finished while a run of the same name next to it is not (`unfinished_namesakes`): success
     would be reported for a run that was not continued."""
     done = checkpoint.get("epoch", 0)
-    if checkpoint.get("partial") is not None or done < cfg.schedule.epochs:
+    clock = RunClock(cfg.schedule.epochs, cfg.schedule.budget, cfg.schedule.budget_unit)
+    if checkpoint.get("partial") is not None or not clock.ended(done, *spent_so_far(checkpoint.get("history", []))):
         return
     if cfg.runtime.resume == "auto":
         waiting = unfinished_namesakes(run_dir, cfg.name)
@@ -231,8 +233,10 @@ def refuse_finished(cfg: Config, run_dir: Path, checkpoint: dict) -> None:
                             f"it with --resume {waiting[-1]}")
     evaluated = [r for r in checkpoint.get("history", []) if "top1" in r]
     epochs = f"{done} epoch{'s' if done != 1 else ''}" + (f", top-1 {evaluated[-1]['top1']:.2f}%" if evaluated else "")
-    how = (f"nothing trained, no file written. To train longer: --resume auto --set schedule.epochs={done + 10} "
-           f"(or more); to start anew: another name (--set name=...) or move {run_dir} away")
+    longer = (f"schedule.epochs={done + 10}" if cfg.schedule.budget is None else
+              f"schedule.budget={cfg.schedule.budget * 1.5:g} (the LR schedule stretches over the new budget)")
+    how = (f"nothing trained, no file written. To train longer: --resume auto --set {longer} (or more); to start "
+           f"anew: another name (--set name=...) or move {run_dir} away")
     changed = changed_settings(checkpoint.get("config", {}), cfg.to_dict())
     if changed:
         raise UserError(f"run {cfg.name} in {run_dir} finished its {epochs} with other settings "
@@ -315,4 +319,5 @@ def upgrade_partial(checkpoint: dict) -> Optional[dict]:
                          else float(tally["rows_kept"]))
         tally.setdefault("class_rows", [[0.0], [0.0]])
         tally.setdefault("unreadable", [])
+        tally.setdefault("step_costs", 0.0)
     return partial

@@ -6,6 +6,7 @@ it (resume.py) and reports it (records.py, metrics.py). This module only connect
 
 from __future__ import annotations
 
+import itertools
 import random
 import signal
 import time
@@ -23,7 +24,8 @@ from tqdm import tqdm
 
 from pfb_train.calibrate import ModeChoice, resolve_mode
 from pfb_train.config import Config, save_config
-from pfb_train.costs import blocking_mode
+from pfb_train.budget import RunClock, spent_so_far
+from pfb_train.costs import StepCost, blocking_mode, shallow_flop_share
 from pfb_train.data import build_datasets, build_loaders, dataset_labels
 from pfb_train.data.splits import sample_namer
 from pfb_train.distributed import (DistInfo, all_gather_objects, announce_stop, barrier, cleanup,
@@ -125,6 +127,7 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
         net = net.to(memory_format=torch.channels_last)
     score = check_score_pass(net, method.score_pass(cfg.blocking.chosen()), cfg.data.img_size,
                              f"blocking.{cfg.blocking.method}")
+    shallow_share = shallow_flop_share(net, cfg.data.img_size, net.in_chans)  # the cost model's s; before compile: one image
     # A resumed run keeps its checkpoint's mode (restore below): timing again could pick the other one.
     mode = resolve_mode(cfg, net, AMP_DTYPES[rt.amp]) if checkpoint is None else None
     if mode is not None:
@@ -159,9 +162,13 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
     optimization = Optimization(optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=rt.amp == "fp16"),
                                 ema, mixup)
     check_finite = device.type != "cuda" if rt.check_finite is None else rt.check_finite  # None: see config.py
+    # The mode a resumed run goes on in is its checkpoint's (restore, below).
+    cost_mode = checkpoint.get("blocking_mode") or net.mode if checkpoint is not None else net.mode
+    step_cost = StepCost(cost_mode, shallow_share, score.scale if cost_mode == "recompute" else 1.0)
     step_settings = StepSettings(device, AMP_DTYPES[rt.amp], rt.channels_last, o.label_smoothing, o.clip_grad,
                                  rt.log_every, updates_per_epoch=len(train_loader), check_finite=check_finite,
-                                 max_nonfinite=rt.max_nonfinite)
+                                 max_nonfinite=rt.max_nonfinite, step_cost=step_cost,
+                                 clock=RunClock(s.epochs, s.budget, s.budget_unit, every=rt.log_every))
 
     labels = dataset_labels(splits.train)
     class_counts = None if labels is None else tuple(torch.bincount(labels, minlength=splits.num_classes).tolist())
@@ -246,21 +253,30 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
     step_settings, optimization = state.settings.step_settings, state.optimization
     context = StepContext(state.train_module, state.selector, step_settings, optimization)
     wall_start = time.perf_counter() - (position.history[-1]["wall_seconds"] if position.history else 0.0)
+    clock = step_settings.clock
     with PreemptionSignals(every=rt.log_every, device=dist.device, announce=dist.is_main) as signals:
-        for epoch in range(position.epoch, cfg.schedule.epochs):
+        for epoch in itertools.count(position.epoch):
+            compute, seconds = spent_so_far(position.history)  # by the epochs before this one
+            seconds = clock.seconds(seconds, position.optimizer_steps, force=True)
+            if clock.ended(epoch, compute, seconds) and position.partial is None:
+                break
             if until_epoch is not None and epoch >= until_epoch:
                 return None
             partial = position.partial
             done = partial["order_done"] if partial is not None else 0
             tally = EpochTally(dist.device, state.net.num_classes, rank_tally(partial, dist), done, dist.world_size,
-                               position.nonfinite_in_row, state.settings.train_samples)
+                               position.nonfinite_in_row, state.settings.train_samples, (compute, seconds),
+                               step_settings.updates_per_epoch)
             resume = (position.subset, done) if partial is not None else None
-            tally.extra_selection_seconds += prepare_epoch(state.selector, state.train_loader, epoch, resume)
+            tally.extra_selection_seconds += prepare_epoch(state.selector, state.train_loader, epoch, resume,
+                                                           clock.position(epoch, compute, seconds))
             position.partial = position.subset = None
             rest = len(state.train_loader) * cfg.data.batch_size * dist.world_size  # samples left this epoch
             if partial is not None:  # this config's schedule from the first step on, not the saved lr
-                optimization.scheduler.step_update(
-                    num_updates=step_settings.updates_per_epoch * (epoch + done / (done + rest)))
+                compute, seconds = tally.spent()
+                at = clock.position(epoch + done / (done + rest), compute,
+                                    clock.seconds(seconds, position.optimizer_steps, force=True))
+                optimization.scheduler.step_update(num_updates=step_settings.updates_per_epoch * at)
 
             # Reached after the same number of steps on every rank (after a resume with another number
             # of processes rank 0 holds the merged tally): the forced check below is collective.
@@ -298,6 +314,12 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
             if partial is not None:  # resumed inside the epoch, perhaps with another batch size or world size
                 # (`rest` is 0 when the checkpoint came from the epoch's last step)
                 nominal = done + rest if state.train_loader.sampler.subset is None else max(nominal, seen + bad)
+            compute, seconds = tally.spent()
+            last = clock.ended(epoch + 1, compute, clock.seconds(seconds, position.optimizer_steps, force=True))
+            fraction = tally.order_done() / (done + rest) if done + rest else 1.0
+            if clock.budget is not None and last and fraction < 1:  # the budget ended the epoch here
+                nominal = round(nominal * fraction)
+                stats["epoch_fraction"] = fraction
             stats.update(sample_accounting(stats.pop("samples_seen"), stats.pop("samples_kept"), bad, nominal))
             if dist.world_size > 1 and not rt.sync_bn:  # ranks saw different batches: average BN statistics
                 distribute_bn(state.net, dist.world_size, reduce=True)
@@ -310,7 +332,7 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
                 record["starved_classes"] = starved
                 if dist.is_main:
                     print(starvation_warning(epoch, starved, record["class_kept_fraction"], cfg), flush=True)
-            if (epoch + 1) % rt.eval_every == 0 or epoch == cfg.schedule.epochs - 1:
+            if (epoch + 1) % rt.eval_every == 0 or last:
                 record.update(evaluate(state.train_module, state.val_loader, step_settings))
                 if optimization.ema is not None:
                     ema = evaluate(optimization.ema.module, state.val_loader, step_settings)
@@ -327,10 +349,12 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
             # A signal that came during the evaluation or the checkpoint: stop here, the epoch is saved.
             # After the last epoch the run ends as finished instead (its summary takes a moment).
             signum = signals.requested(position.optimizer_steps, force=True)
-            if signum and epoch + 1 < cfg.schedule.epochs:
+            if signum and not last:
                 raise preempted(signum, f"after epoch {epoch}, step {position.optimizer_steps}", state)
             if signum and dist.is_main:
                 print(f"note: {signal.Signals(signum).name} came as the last epoch ended: the run finishes", flush=True)
+            if last:
+                break
 
     summary = summarize(cfg, position.history, time.perf_counter() - wall_start,
                         str(state.run_dir) if state.run_dir else None, dist.world_size, dist.device.type,

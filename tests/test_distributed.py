@@ -90,3 +90,15 @@ def test_two_process_infobatch_scores_are_gathered_from_every_rank(tmp_path):
     assert r0["summary"]["blocked_fraction"] == r1["summary"]["blocked_fraction"] > 0
     for name in r0["model"]:
         assert torch.equal(r0["model"][name], r1["model"][name]), name
+
+
+@pytest.mark.slow
+def test_two_processes_end_a_seconds_budget_at_the_same_step(tmp_path):
+    """Each rank's clock runs on its own: the ranks agree on the time every runtime.log_every steps, so both
+    stop at one step (a disagreement would hang a collective) with identical weights and LR."""
+    (r0, r1), _ = launch(tmp_path, 2, True, "schedule.budget_unit=seconds", "schedule.budget=2",
+                         "schedule.epochs=1000", "runtime.log_every=2", timeout=120)
+    assert r0["summary"]["epochs"] == r1["summary"]["epochs"] < 1000
+    assert r0["summary"]["train_seconds"] >= 2
+    for name in r0["model"]:
+        assert torch.equal(r0["model"][name], r1["model"][name]), name

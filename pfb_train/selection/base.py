@@ -20,17 +20,18 @@ from pfb_train.seeding import derive_seed
 
 @dataclass
 class BlockingSchedule:
-    """Blocking is active for epochs [start, end); the blocked ratio may ramp up."""
+    """Blocking is active for epochs [start, end); the blocked ratio may ramp up. Epochs here are schedule
+    epochs (Selector.set_epoch's `position`): under schedule.budget an epoch may start at any point of them."""
 
     ratio: float
-    start: int = 0
-    end: Optional[int] = None  # None: never ends
+    start: float = 0
+    end: Optional[float] = None  # None: never ends
     ramp: str = "constant"  # constant | linear_to_mid
 
-    def active(self, epoch: int) -> bool:
+    def active(self, epoch: float) -> bool:
         return self.start <= epoch and (self.end is None or epoch < self.end)
 
-    def ratio_at(self, epoch: int) -> float:
+    def ratio_at(self, epoch: float) -> float:
         if not self.active(epoch):
             return 0.0
         if self.ramp == "linear_to_mid":  # 0.2 * ratio at `start`, full ratio from end/2 on
@@ -38,7 +39,7 @@ class BlockingSchedule:
             return self.ratio * (0.2 + 0.8 * (min(epoch, mid) - self.start) / (mid - self.start))
         return self.ratio
 
-    def kept(self, batch: int, epoch: int) -> int:
+    def kept(self, batch: int, epoch: float) -> int:
         """Rows kept of a batch of `batch`: fixed per step, so DDP ranks agree and nothing syncs."""
         return batch - round(self.ratio_at(epoch) * batch)
 
@@ -119,10 +120,15 @@ class Selector:
     def __init__(self, seed: int = 0):
         self.seed = derive_seed("selector", seed, get_rank())  # ranks hold different data: draw different noise
         self.epoch = 0
+        self.position = 0.0
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, position: Optional[float] = None) -> None:
+        """The epoch about to start. `position`: where it starts on the run's schedule, in schedule epochs
+        (budget.RunClock; None: `epoch`, as in a run without schedule.budget). Windows and other options
+        stated in epochs are read at `position`; random streams and per-epoch draws follow `epoch`."""
         self.epoch = epoch
+        self.position = float(epoch) if position is None else position
 
     def epoch_indices(self, num_samples: int) -> Optional[torch.Tensor]:
         """Sampler-level selection: the dataset indices to visit this epoch; None = all."""

@@ -31,14 +31,15 @@ class InfoBatchSelector(Selector):
         self.scores = None  # (N,) latest loss per sample, on the training device
         self.weights = None  # (N,) loss multiplier for this epoch
 
-    def pruning(self, epoch: int) -> bool:
-        return self.prune_ratio > 0 and epoch < self.delta * self.epochs
+    def pruning(self, position: float) -> bool:
+        """Whether the epoch starting at `position` (schedule epochs, Selector.set_epoch) prunes."""
+        return self.prune_ratio > 0 and position < self.delta * self.epochs
 
     def epoch_indices(self, num_samples: int):
         if self.scores is None:
             self.scores = torch.full((num_samples,), INITIAL_SCORE)
         self.weights = torch.ones_like(self.scores)
-        if not self.pruning(self.epoch):
+        if not self.pruning(self.position):
             return None
         candidates = (self.scores < self.scores.mean()).nonzero().flatten()  # once per epoch: sync is fine
         gen = torch.Generator().manual_seed(derive_seed("infobatch", self.shared_seed, self.epoch))
@@ -56,7 +57,7 @@ class InfoBatchSelector(Selector):
         return num_samples - round(self.prune_ratio * (num_samples - 1)) if self.prune_ratio > 0 else num_samples
 
     def loss_weights(self, sample_idx):
-        if not self.pruning(self.epoch):
+        if not self.pruning(self.position):
             return None
         if self.weights.device != sample_idx.device:
             self.weights = self.weights.to(sample_idx.device)  # once per epoch

@@ -197,13 +197,13 @@ class PFBSelector(Selector):
         return kde_log_density(v, self.centres, weights)
 
     def blocks_rows(self) -> bool:
-        return self.schedule.ratio_at(self.epoch) > 0
+        return self.schedule.ratio_at(self.position) > 0
 
     def score_pass(self) -> ScorePass:
         return self.score
 
     def needs_features(self) -> bool:  # the centres follow the data from the first epoch until blocking ends
-        return self.schedule.end is None or self.epoch < self.schedule.end
+        return self.schedule.end is None or self.position < self.schedule.end
 
     def select(self, feats: torch.Tensor, labels: Optional[torch.Tensor] = None):
         """Keep the k rarest rows (Selector.select); with stratify 'percentile', the k lowest
@@ -211,7 +211,7 @@ class PFBSelector(Selector):
         class keeping its share (stratify.py). Raises ValueError when `labels` is None and the options
         need them (stratify 'label' or 'percentile', density 'class')."""
         batch = feats.shape[0]
-        k = self.schedule.kept(batch, self.epoch)
+        k = self.schedule.kept(batch, self.position)
         if k == batch:
             return None
         with torch.autocast(feats.device.type, enabled=False):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from pfb_train.models import NO_RANKING, ScorePass
 from pfb_train.selection.base import WINDOW_LEGACY_KEYS, BlockingSchedule, Selector, WindowOptions
 from pfb_train.selection.registry import Method, register
 
@@ -16,11 +17,14 @@ class RandomSelector(Selector):
         self.schedule = schedule
 
     def blocks_rows(self) -> bool:
-        return self.schedule.ratio_at(self.epoch) > 0
+        return self.schedule.ratio_at(self.position) > 0
+
+    def score_pass(self) -> ScorePass:
+        return NO_RANKING  # the draw reads no features: recompute mode runs the kept rows alone
 
     def select(self, feats: torch.Tensor, labels=None):
         batch = feats.shape[0]
-        k = self.schedule.kept(batch, self.epoch)
+        k = self.schedule.kept(batch, self.position)
         if k == batch:
             return None
         order = torch.randperm(batch, device=feats.device, generator=self.generator(feats.device))
@@ -28,5 +32,6 @@ class RandomSelector(Selector):
 
 
 register(Method("random", level="batch", options=WindowOptions, ratio_option="ratio", legacy_keys=WINDOW_LEGACY_KEYS,
+                reads_features=False,
                 build=lambda o, run: RandomSelector(o.schedule(run.epochs), seed=run.seed),
                 summary="a uniformly random `ratio` of each batch is blocked (the control for pfb)"))

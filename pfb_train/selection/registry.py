@@ -30,7 +30,7 @@ from typing import Any, Callable, Literal, Optional
 
 from pfb_train.errors import UserError
 from pfb_train.plugins import Registry
-from pfb_train.models import ScorePass
+from pfb_train.models import NO_RANKING, ScorePass
 from pfb_train.typed import coerce_fields  # typed like every other config key
 
 LEVELS = ("none", "batch", "sampler")
@@ -62,6 +62,9 @@ class Method:
     # Options added after runs were written, each with the value its behaviour had before: a stored
     # config (run directory, checkpoint) without the key reads it so (config.experiment_settings).
     earlier_defaults: dict = dataclasses.field(default_factory=dict)
+    # Whether `select` reads the shallow features; False (random blocking): recompute mode runs no ranking
+    # pass (models.NO_RANKING), so the blocked rows cost nothing at all.
+    reads_features: bool = True
 
     def __post_init__(self):
         if self.level not in LEVELS:
@@ -87,7 +90,10 @@ class Method:
 
     def score_pass(self, options) -> ScorePass:
         """How recompute mode's ranking pass runs, from the options `score_scale` and `score_norm`
-        where the method has them (a method that ranks by shallow features may); else exact."""
+        where the method has them (a method that ranks by shallow features may); else exact. None for a
+        method whose selection reads no features (`reads_features`): NO_RANKING."""
+        if not self.reads_features:
+            return NO_RANKING
         return ScorePass(getattr(options, "score_scale", 1.0), getattr(options, "score_norm", "batch"))
 
 
