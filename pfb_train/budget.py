@@ -69,10 +69,12 @@ class RunClock:
 
 
 def spent_so_far(history: list[dict]) -> tuple[float, float]:
-    """(compute in full-data epochs, training seconds) spent by the epochs of `history` (epoch records)."""
+    """(compute in full-data epochs, training seconds) spent by the epochs of `history` (epoch records: their
+    cumulative `compute` and `seconds_spent`)."""
     if not history:
         return 0.0, 0.0
-    return history[-1].get("compute", 0.0), math.fsum(r["epoch_seconds"] for r in history)
+    last = history[-1]
+    return last.get("compute", 0.0), last.get("seconds_spent", math.fsum(r["epoch_seconds"] for r in history))
 
 
 def budget_epochs(budget: float, epochs: int, cost_at, points: int = 1000) -> float:

@@ -139,7 +139,8 @@ def _info(args) -> int:
         else:
             bound = "up to " if info["budget_epochs_bound"] else ""
             print(f"budget           {budget} (full-data epochs of compute) buys {bound}"
-                  f"{info['budget_epochs']:.2f} epochs of {info['method']} in mode {info['mode']}")
+                  f"{info['budget_epochs']:.2f} epochs of {info['method']} in mode {info['mode']} (windows "
+                  "switch at epoch starts: about one epoch either way)")
     return 0
 
 

@@ -231,10 +231,8 @@ class EpochTally:
 
     # rows_seen / rows_kept count rows, stand-ins of unreadable files included (host counts, for the
     # progress bar); the epoch's statistics count samples, from class_rows, which leaves stand-ins out.
-    # step_costs: this epoch's steps in full-data steps (costs.StepCost; the same on every rank). Summed in
-    # that unit, full data's are whole numbers, so whole epochs of them add up exactly.
     FIELDS = ("batches", "rows_seen", "rows_kept", "nonfinite", "nonfinite_in_row", "elapsed",
-              "extra_selection_seconds", "step_costs")
+              "extra_selection_seconds")
 
     def __init__(self, device, num_classes: int, saved: Optional[dict] = None, order_done: int = 0,
                  world_size: int = 1, nonfinite_in_row: int = 0, train_samples: int = 0,
@@ -245,7 +243,11 @@ class EpochTally:
         `updates_per_epoch`: full-data steps per epoch (a step's cost is counted in them)."""
         self.batches = self.rows_seen = self.rows_kept = self.nonfinite = 0
         self.nonfinite_in_row = nonfinite_in_row
-        self.elapsed = self.extra_selection_seconds = self.step_costs = 0.0
+        self.elapsed = self.extra_selection_seconds = 0.0
+        # This epoch's steps in full-data steps (costs.StepCost), the same on every rank: summed in that unit,
+        # full data's are whole numbers, so whole epochs of them add up exactly. Checkpointed once, not per
+        # rank (resume.save_checkpoints), as the run's compute is one number.
+        self.step_costs = 0.0
         self.compute_before, self.seconds_before = spent_before
         self.updates_per_epoch = updates_per_epoch
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -317,7 +319,7 @@ class EpochTally:
         for key in ("rows_seen", "rows_kept", "nonfinite", "loss_sum", "loss_count"):
             merged[key] = sum(s[key] for s in states)
         merged["unreadable"] = sorted({i for s in states for i in s["unreadable"]})
-        for key in ("batches", "nonfinite_in_row", "elapsed", "extra_selection_seconds", "step_costs"):
+        for key in ("batches", "nonfinite_in_row", "elapsed", "extra_selection_seconds"):
             merged[key] = max(s[key] for s in states)
         merged["class_rows"] = torch.tensor([s["class_rows"] for s in states], dtype=torch.float64).sum(0).tolist()
         merged["seconds"] = {k: max(s["seconds"].get(k, 0.0) for s in states) for k in states[0]["seconds"]}
@@ -351,10 +353,12 @@ def train_one_epoch(context: StepContext, loader, epoch: int, tally: EpochTally,
     timer = tally.timer
     started = time.perf_counter() - tally.elapsed
     timer.reset_clock()
-    last_batch = tally.batches + len(loader)
+    last_batch, steps = tally.batches + len(loader), 0  # steps: this call's, the same count on every rank
     compute, seconds = tally.spent()
-    spent = clock.budget_spent(compute, clock.seconds(seconds, tally.batches, force=True))
-    for x, y, idx in (() if spent else loader):  # spent: resumed at the step where the budget ended
+    # An epoch resumed from a checkpoint of the step that spent the budget trains no more (a fresh epoch
+    # trains: the run's end is decided at epoch ends, train.py).
+    spent = tally.order_base > 0 and clock.budget_spent(compute, clock.seconds(seconds, 0, force=True))
+    for x, y, idx in (() if spent else loader):
         x, y = _to_device(x, y, settings)
         idx = idx.to(settings.device, non_blocking=True)
         if mixup is not None:
@@ -370,8 +374,9 @@ def train_one_epoch(context: StepContext, loader, epoch: int, tally: EpochTally,
             raise TrainingStopped(f"{tally.nonfinite_in_row} non-finite losses in a row (epoch {epoch}, batch "
                                   f"{tally.batches}): {nonfinite_advice(settings, context.optimization)}")
         tally.elapsed = time.perf_counter() - started
+        steps += 1
         compute, seconds = tally.spent()
-        seconds = clock.seconds(seconds, tally.batches, force=tally.batches == last_batch)
+        seconds = clock.seconds(seconds, steps, force=tally.batches == last_batch)
         if scheduler is not None:
             at = clock.position(epoch + tally.epoch_fraction(), compute, seconds)
             scheduler.step_update(num_updates=settings.updates_per_epoch * at)

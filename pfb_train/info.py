@@ -70,9 +70,10 @@ LARGE_SET = 1_000_000
 def budget_info(cfg, method, mode: str, share: float, score_scale: float) -> dict:
     """What schedule.budget buys: `budget_epochs`, the epochs a compute budget trains with the configured
     method (budget.budget_epochs: a batch-level method's blocked ratio over its window, in schedule epochs,
-    at the cost model's price in `mode`), exact for batch-level methods up to rounding to whole rows;
-    `budget_epochs_bound` True where it is an upper bound (a sampler-level method: its smallest subset all
-    run long). Nothing without a budget; None for a seconds budget (the machine decides)."""
+    at the cost model's price in `mode`). A run switches windows at epoch starts, not at their exact
+    position, so it may train up to about one epoch more or less than this. `budget_epochs_bound` True where
+    it is an upper bound (a sampler-level method: its smallest subset all run long). Nothing without a
+    budget; None for a seconds budget (the machine decides)."""
     s = cfg.schedule
     if s.budget is None:
         return {}

@@ -45,6 +45,8 @@ def epoch_line(record: dict) -> str:
             f"{record['epoch_seconds']:.1f}s  {record['images_per_second']:.0f} img/s")
     if record.get("selection_signal") is not None:
         line += f"  signal {record['selection_signal']:.2f}"
+    if "epoch_fraction" in record:
+        line += f"  (budget spent {record['epoch_fraction']:.2f} of the way through the epoch)"
     if "vs_baseline_top1" in record:
         line += f"  | vs baseline: {record['vs_baseline_top1']:+.2f} pts"
     if "vs_baseline_time_saved_pct" in record:
@@ -156,7 +158,8 @@ def summarize(cfg: Config, history: list[dict], wall_seconds: float, run_dir, wo
         "world_size": world_size,
         "device": device,
         "wall_seconds": wall_seconds,
-        "seconds_per_epoch": sum(r["epoch_seconds"] for r in history) / len(history),
+        # over whole epochs' worth: a budget's last epoch counts for the part of it that ran
+        "seconds_per_epoch": sum(r["epoch_seconds"] for r in history) / sum(r.get("epoch_fraction", 1) for r in history),
         "run_dir": run_dir,
         # epochs where a class kept under half the mean kept fraction: [{epoch, classes: {class: kept}}]
         "starved_classes": [{"epoch": r["epoch"], "classes": r["starved_classes"]}

@@ -213,7 +213,7 @@ def table_rows(runs: list[Run], baseline: list[Run], target=None, compute=None) 
             "device_hours": hours,
             "time_reduction_pct": 100 * (1 - hours / base_hours) if base_hours > 0 else 0.0,
         }
-        curves = [compute_curve(r) for r in group]
+        curves = [c for c in (compute_curve(r) for r in group) if c]  # runs logged before compute was: none
         row["compute_spent"], row["compute_spent_std"], row["seeds_counted"] = _over_seeds(
             [x.get("compute_spent") for x in s])
         row["equal_compute"], row["target_top1"] = compute, target
@@ -221,6 +221,7 @@ def table_rows(runs: list[Run], baseline: list[Run], target=None, compute=None) 
             [top1_at_compute(c, compute) if compute is not None else None for c in curves])
         row["compute_to_target"], row["compute_to_target_std"], row["seeds_reaching_target"] = _over_seeds(
             [compute_to_reach(c, target) for c in curves])
+        row["seeds_with_curve"] = len(curves)
         signals = [m["selection_signal"] for r in group for m in r.metrics if m.get("selection_signal") is not None]
         row["selection_signal"] = statistics.fmean(signals) if signals else None
         split = [head_tail_top1(r) for r in group]
@@ -264,7 +265,7 @@ def markdown_table(rows: list[dict]) -> str:
             cells += [_of_seeds(r["compute_spent"], r["compute_spent_std"], r["seeds_counted"], r["seeds"], "-"),
                       _of_seeds(r["top1_at_compute"], r["top1_at_compute_std"], r["seeds_at_compute"], r["seeds"], "-"),
                       _of_seeds(r["compute_to_target"], r["compute_to_target_std"], r["seeds_reaching_target"],
-                                r["seeds"], "not reached")]
+                                r["seeds"], "not reached" if r["seeds_with_curve"] else "-")]
         if split:
             cells += [_pm(r["top1_head"], r["top1_head_std"], r["seeds"]) if "top1_head" in r else "-",
                       _pm(r["top1_tail"], r["top1_tail_std"], r["seeds"]) if "top1_tail" in r else "-"]
@@ -334,20 +335,23 @@ def _line_plot(plt, groups, labels, field, cumulative, ylabel, path) -> bool:
 
 
 def _compute_plot(plt, groups, labels, path) -> bool:
-    """Top-1 against compute (full-data epochs), one colour per setting: the mean over seeds at each
-    evaluation (seeds aligned by evaluation; x their mean compute), the band from the lowest to the highest
-    seed. Settings whose runs did not count compute are left out."""
+    """Top-1 against compute (full-data epochs), one colour per setting: the mean over seeds, each seed read
+    off its own validation curve (top1_at_compute) at every compute where one of them evaluated and all
+    of them have a value, and the band from the lowest seed to the highest. Settings whose runs did not
+    count compute are left out."""
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     if len(groups) > 10:
         ax.set_prop_cycle(color=plt.cm.tab20.colors)
     drawn = False
     for group, label in zip(groups, labels):
         curves = [compute_curve(r) for r in group]
-        points = min(len(c) for c in curves)
-        if points == 0:
+        if not all(curves):
             continue
-        x = [statistics.fmean(c[i][0] for c in curves) for i in range(points)]
-        y = [[c[i][1] for c in curves] for i in range(points)]
+        read = [(c, [top1_at_compute(curve, c) for curve in curves]) for c in sorted({c for k in curves for c, _ in k})]
+        read = [(c, v) for c, v in read if None not in v]
+        if not read:
+            continue
+        x, y = [c for c, _ in read], [v for _, v in read]
         line, = ax.plot(x, [statistics.fmean(v) for v in y], marker="o", markersize=3, label=label)
         if len(group) > 1:
             ax.fill_between(x, [min(v) for v in y], [max(v) for v in y], color=line.get_color(), alpha=0.2, lw=0)

@@ -234,7 +234,8 @@ def refuse_finished(cfg: Config, run_dir: Path, checkpoint: dict) -> None:
     evaluated = [r for r in checkpoint.get("history", []) if "top1" in r]
     epochs = f"{done} epoch{'s' if done != 1 else ''}" + (f", top-1 {evaluated[-1]['top1']:.2f}%" if evaluated else "")
     longer = (f"schedule.epochs={done + 10}" if cfg.schedule.budget is None else
-              f"schedule.budget={cfg.schedule.budget * 1.5:g} (the LR schedule stretches over the new budget)")
+              f"schedule.budget={cfg.schedule.budget * 1.5:g} (the schedule stretches over the new budget: the LR goes "
+              "back up to where that puts the run)")
     how = (f"nothing trained, no file written. To train longer: --resume auto --set {longer} (or more); to start "
            f"anew: another name (--set name=...) or move {run_dir} away")
     changed = changed_settings(checkpoint.get("config", {}), cfg.to_dict())
@@ -281,7 +282,9 @@ def save_checkpoints(state: RunState, epoch: int, tally: Optional[EpochTally], b
         position.nonfinite_in_row = tally.nonfinite_in_row  # every rank's start, whatever rank_tally gives it
         dist = state.settings.dist
         position.partial = {"order_done": tally.order_done(), "batch_size": state.cfg.data.batch_size,
-                            "world_size": dist.world_size, "ranks": all_gather_objects(tally.state_dict())}
+                            "world_size": dist.world_size, "ranks": all_gather_objects(tally.state_dict()),
+                            "step_costs": tally.step_costs,  # the epoch's compute so far, in full-data steps of
+                            "updates_per_epoch": tally.updates_per_epoch}  # this many per epoch
     position.subset = state.train_loader.sampler.subset if tally is not None else None
     checkpoint = {part.key: part.save(state) for part in CHECKPOINT_PARTS}  # rank_buffers, selector, rng: collective
     position.partial = position.subset = None  # they describe the checkpoint, not the live run
@@ -303,6 +306,15 @@ def rank_tally(partial: Optional[dict], dist: DistInfo) -> Optional[dict]:
     return EpochTally.merge(ranks) if dist.is_main else None
 
 
+def partial_step_costs(partial: dict, updates_per_epoch: int) -> float:
+    """An interrupted epoch's compute so far (EpochTally.step_costs) in full-data steps of `updates_per_epoch`
+    per epoch: as saved under the same batch size and number of processes (bit for bit), rescaled otherwise."""
+    saved = partial["updates_per_epoch"]
+    if saved is None or saved == updates_per_epoch:
+        return partial["step_costs"]
+    return partial["step_costs"] * updates_per_epoch / saved
+
+
 def upgrade_partial(checkpoint: dict) -> Optional[dict]:
     """The `partial` entry in today's form: checkpoints of earlier versions held rank 0's tally alone,
     with the position in batches, and their tallies lack entries added since (taken as the epoch's
@@ -314,10 +326,11 @@ def upgrade_partial(checkpoint: dict) -> Optional[dict]:
         batch_size, world_size = checkpoint["config"]["data"]["batch_size"], len(checkpoint["rng"])
         partial = {"order_done": partial["batches"] * batch_size * world_size, "batch_size": batch_size,
                    "world_size": world_size, "ranks": [partial] * world_size}
+    partial.setdefault("step_costs", 0.0)  # compute counted from the resume on
+    partial.setdefault("updates_per_epoch", None)
     for tally in partial["ranks"]:
         tally.setdefault("loss_count", float(sum(tally["class_rows"][1])) if "class_rows" in tally
                          else float(tally["rows_kept"]))
         tally.setdefault("class_rows", [[0.0], [0.0]])
         tally.setdefault("unreadable", [])
-        tally.setdefault("step_costs", 0.0)
     return partial

@@ -38,8 +38,8 @@ from pfb_train.models import build_model, check_score_pass, check_training_rows
 from pfb_train.preemption import PreemptionSignals
 from pfb_train.records import (describe_data, describe_options, epoch_line, no_step_line, ranking_pass,
                                sample_accounting, starvation_warning, starved_classes, summarize, unreadable_warning)
-from pfb_train.resume import (changed_settings, check_position, check_resumable, rank_tally, refuse_finished, restore,
-                              resume_option, resume_point, save_checkpoints)
+from pfb_train.resume import (changed_settings, check_position, check_resumable, partial_step_costs, rank_tally,
+                              refuse_finished, restore, resume_option, resume_point, save_checkpoints)
 from pfb_train.run_state import RunSettings, RunState
 from pfb_train.seeding import derive_seed
 from pfb_train.selection import get_method, selector_from_config
@@ -255,10 +255,12 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
     wall_start = time.perf_counter() - (position.history[-1]["wall_seconds"] if position.history else 0.0)
     clock = step_settings.clock
     with PreemptionSignals(every=rt.log_every, device=dist.device, announce=dist.is_main) as signals:
-        for epoch in itertools.count(position.epoch):
+        first = position.epoch
+        for epoch in itertools.count(first):
             compute, seconds = spent_so_far(position.history)  # by the epochs before this one
-            seconds = clock.seconds(seconds, position.optimizer_steps, force=True)
-            if clock.ended(epoch, compute, seconds) and position.partial is None:
+            # The run's end is decided once per epoch, at its end (`last`, below): here only for where a
+            # resume starts (a checkpoint's history is rank 0's, the same on every rank).
+            if epoch == first and position.partial is None and clock.ended(epoch, compute, seconds):
                 break
             if until_epoch is not None and epoch >= until_epoch:
                 return None
@@ -267,6 +269,8 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
             tally = EpochTally(dist.device, state.net.num_classes, rank_tally(partial, dist), done, dist.world_size,
                                position.nonfinite_in_row, state.settings.train_samples, (compute, seconds),
                                step_settings.updates_per_epoch)
+            if partial is not None:
+                tally.step_costs = partial_step_costs(partial, step_settings.updates_per_epoch)
             resume = (position.subset, done) if partial is not None else None
             tally.extra_selection_seconds += prepare_epoch(state.selector, state.train_loader, epoch, resume,
                                                            clock.position(epoch, compute, seconds))
@@ -314,8 +318,9 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
             if partial is not None:  # resumed inside the epoch, perhaps with another batch size or world size
                 # (`rest` is 0 when the checkpoint came from the epoch's last step)
                 nominal = done + rest if state.train_loader.sampler.subset is None else max(nominal, seen + bad)
-            compute, seconds = tally.spent()
-            last = clock.ended(epoch + 1, compute, clock.seconds(seconds, position.optimizer_steps, force=True))
+            # The training seconds the budget counts: the epochs' time, evaluation excluded (the slowest rank's)
+            stats["seconds_spent"] = clock.seconds(tally.seconds_before + stats["epoch_seconds"], 0, force=True)
+            last = clock.ended(epoch + 1, tally.spent()[0], stats["seconds_spent"])
             fraction = tally.order_done() / (done + rest) if done + rest else 1.0
             if clock.budget is not None and last and fraction < 1:  # the budget ended the epoch here
                 nominal = round(nominal * fraction)

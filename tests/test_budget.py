@@ -106,15 +106,37 @@ def test_resume_inside_a_budgeted_epoch_is_exact(tmp_path):
                                                                           read_metrics(resumed["run_dir"])], key
 
 
-def test_a_seconds_budget_stops_on_time(tmp_path):
+def test_resume_inside_an_epoch_with_another_batch_size_counts_compute_in_todays_steps(tmp_path):
+    steps = ["schedule.budget=2.5", "runtime.checkpoint_every=3"]
+    first = setup(load_config(None, [*TINY, *steps, "name=cut", f"runtime.output={tmp_path}"]), DistInfo())
+    fit(first, until_step=9)  # half of epoch 1: 3 of its 6 steps of 16
+    resumed = run(load_config(None, [*TINY, *steps, "name=cut", f"runtime.output={tmp_path}", "runtime.resume=auto",
+                                     "data.batch_size=32"]))  # the other 48 samples: 1 step of 32 (of 3 per epoch)
+    records = read_metrics(resumed["run_dir"])
+    assert records[1]["compute"] == pytest.approx(1 + 3 / 6 + 1 / 3)
+    assert 2.5 - 1e-9 <= resumed["compute_spent"] < 2.5 + 1 / 3
+
+
+def test_a_seconds_budget_stops_on_time(tmp_path, monkeypatch):
+    """Time after an epoch's last step (here a slow epoch_diagnostics) counts too, and the epoch in which the
+    budget runs out is the last one, evaluated, whether it ran out at a step or after the last one."""
+    import time
+
+    from pfb_train.selection.base import Selector
+
+    monkeypatch.setattr(Selector, "epoch_diagnostics", lambda self, device: time.sleep(0.2) or {})
     budget = 1.5
-    summary = train(tmp_path, "schedule.budget_unit=seconds", f"schedule.budget={budget}", "schedule.epochs=1000")
+    summary = train(tmp_path, "schedule.budget_unit=seconds", f"schedule.budget={budget}", "schedule.epochs=1000",
+                    "runtime.eval_every=1000")
     assert budget <= summary["train_seconds"] < budget + 1.0  # test_resnet steps take milliseconds
     assert summary["epochs"] < 1000
     records = read_metrics(summary["run_dir"])
-    assert records[-1]["lr"] == pytest.approx(0.001)
+    assert "top1" in records[-1] and records[-1]["seconds_spent"] == pytest.approx(summary["train_seconds"])
     stored = torch.load(f"{summary['run_dir']}/checkpoint-last.pt", weights_only=False)
-    assert sum(r["epoch_seconds"] for r in stored["history"]) == summary["train_seconds"]  # the time spent is kept
+    assert sum(r["epoch_seconds"] for r in stored["history"]) == pytest.approx(summary["train_seconds"])
+    ran_out_at_a_step = "epoch_fraction" in records[-1]
+    if ran_out_at_a_step:
+        assert records[-1]["lr"] == pytest.approx(0.001)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -130,7 +152,7 @@ def test_budget_settings_without_meaning_are_one_line(overrides, message):
 
 def test_a_finished_budgeted_run_says_how_to_train_longer(tmp_path):
     train(tmp_path, "schedule.budget=1", name="done")
-    with pytest.raises(RunFinished, match=r"schedule.budget=1.5 \(the LR schedule stretches"):
+    with pytest.raises(RunFinished, match=r"schedule.budget=1.5 \(the schedule stretches"):
         train(tmp_path, "schedule.budget=1", "runtime.resume=auto", name="done")
     longer = train(tmp_path, "schedule.budget=1.5", "runtime.resume=auto", name="done")  # as the line says
     assert 1.5 <= longer["compute_spent"] < 1.5 + 1 / STEPS and len(read_metrics(longer["run_dir"])) == 2

@@ -26,7 +26,7 @@ def launch(tmp_path, nproc, fit, *overrides, timeout=300):
     config = tmp_path / "ddp.yaml"
     config.write_text(CONFIG)
     out = tmp_path / f"out{nproc}"
-    out.mkdir()
+    out.mkdir(exist_ok=True)  # a run to resume may be there
     args = [str(HERE / "ddp_worker.py"), str(config), str(out), "fit" if fit else "eval", *overrides]
     if nproc == 1:
         cmd = [sys.executable, *args]
@@ -99,6 +99,28 @@ def test_two_processes_end_a_seconds_budget_at_the_same_step(tmp_path):
     (r0, r1), _ = launch(tmp_path, 2, True, "schedule.budget_unit=seconds", "schedule.budget=2",
                          "schedule.epochs=1000", "runtime.log_every=2", timeout=120)
     assert r0["summary"]["epochs"] == r1["summary"]["epochs"] < 1000
-    assert r0["summary"]["train_seconds"] >= 2
+    last = json.loads((tmp_path / "out2" / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["seconds_spent"] >= 2 and "top1" in last  # the slowest rank's time
     for name in r0["model"]:
         assert torch.equal(r0["model"][name], r1["model"][name]), name
+
+
+@pytest.mark.slow
+def test_a_budgeted_run_resumed_inside_an_epoch_on_two_processes_counts_one_compute(tmp_path):
+    """Stopped inside epoch 1 on one process, resumed on two: rank 0 takes the merged tally, rank 1 none, and
+    both still count the epoch's compute so far (it is checkpointed once), so they stop at the same step."""
+    from pfb_train.config import load_config
+    from pfb_train.distributed import DistInfo
+    from pfb_train.train import fit, setup
+
+    config = tmp_path / "ddp.yaml"
+    config.write_text(CONFIG)
+    budget = ["blocking.method=none", "schedule.budget=2.5", "schedule.epochs=4", "runtime.checkpoint_every=3"]
+    first = setup(load_config(str(config), [*budget, f"runtime.output={tmp_path}/out2/runs"]), DistInfo())
+    fit(first, until_step=9)  # 3 of epoch 1's 6 steps of 16
+    (r0, r1), _ = launch(tmp_path, 2, True, *budget, "runtime.resume=auto", timeout=120)
+    for name in r0["model"]:
+        assert torch.equal(r0["model"][name], r1["model"][name]), name
+    records = [json.loads(line) for line in (tmp_path / "out2" / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert records[1]["compute"] == pytest.approx(1 + 3 / 6 + 1 / 3)  # then the other 48: 1 step of 2 x 16 (of 3)
+    assert 2.5 - 1e-9 <= r0["summary"]["compute_spent"] < 2.5 + 1 / 3
