@@ -53,7 +53,7 @@ if ((PARALLEL > 1)); then
   for ((core = 0; core < PARALLEL; core++)); do (TRAIN="taskset -c $core $TRAIN"; worker) & done
   wait
 else
-  worker
+  (worker)  # a subshell: the worker's `set -f` must not reach the globs below
 fi
 rm -rf "$claims"
 
@@ -61,6 +61,8 @@ mkdir -p "$REPORT"
 for folder in "${FOLDERS[@]}"; do
   report_folder "$folder" || continue
   python scripts/paired_difference.py "$OUT/$folder" --reference full > "$REPORT/paired_vs_full_$folder.jsonl"
+  python scripts/paired_difference.py "$OUT/$folder" --reference random --match 'pfb|infobatch' \
+    > "$REPORT/paired_vs_random_$folder.jsonl"
 done
 # Every balanced run on one plot and in one table, against full data at budget 10.
 baselines=()

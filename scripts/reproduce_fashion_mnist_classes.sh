@@ -77,7 +77,7 @@ if ((PARALLEL > 1)); then
   for ((core = 0; core < PARALLEL; core++)); do (CORE="taskset -c $core"; TRAIN="$CORE $TRAIN"; worker) & done
   wait
 else
-  CORE="" worker
+  (CORE="" worker)  # a subshell: the worker's `set -f` must not reach the globs below
 fi
 rm -rf "$claims"
 
