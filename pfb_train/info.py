@@ -85,11 +85,12 @@ def budget_info(cfg, method, mode: str, share: float, score_scale: float) -> dic
         smallest = selector.fewest_samples(LARGE_SET) / LARGE_SET
         return {"budget_epochs": s.budget / smallest, "budget_epochs_bound": smallest < 1}
     window = options.schedule(s.epochs) if hasattr(options, "schedule") else None  # WindowOptions
+    step_cost = StepCost(mode, share, score_scale if mode == "recompute" else 1.0)
 
     def cost_at(t: float) -> float:
         ratio = method.blocked_fraction_per_batch(options) if window is None else window.ratio_at(t)
         if method.level != "batch" or ratio <= 0:
             return 1.0
-        return StepCost(mode, share, score_scale if mode == "recompute" else 1.0)(batch, batch - round(ratio * batch), True)
+        return step_cost(batch, batch - round(ratio * batch), True)
 
     return {"budget_epochs": budget_epochs(s.budget, s.epochs, cost_at), "budget_epochs_bound": False}

@@ -312,19 +312,18 @@ def class_kept_table(group: list[Run]) -> list[list[float]]:
     return [[col[c] if c < len(col) else float("nan") for col in columns] for c in range(classes)]
 
 
-def _line_plot(plt, groups, labels, field, cumulative, ylabel, path) -> bool:
+def _axes(plt, groups):
+    """A figure for one line per setting (the default colour cycle has 10 colours: tab20 beyond)."""
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    if len(groups) > 10:  # the default cycle has 10 colours
+    if len(groups) > 10:
         ax.set_prop_cycle(color=plt.cm.tab20.colors)
-    drawn = False
-    for group, label in zip(groups, labels):
-        x, y = _per_epoch_mean(group, field, cumulative)
-        if all(v != v for v in y):  # nothing logged (e.g. no signal for this method)
-            continue
-        ax.plot(x, y, marker="o", markersize=3, label=label)
-        drawn = True
+    return fig, ax
+
+
+def _save(plt, fig, ax, drawn: bool, xlabel: str, ylabel: str, path) -> bool:
+    """Label and write the figure if anything was drawn; close it either way. Returns `drawn`."""
     if drawn:
-        ax.set_xlabel("epoch")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
@@ -334,14 +333,24 @@ def _line_plot(plt, groups, labels, field, cumulative, ylabel, path) -> bool:
     return drawn
 
 
+def _line_plot(plt, groups, labels, field, cumulative, ylabel, path) -> bool:
+    fig, ax = _axes(plt, groups)
+    drawn = False
+    for group, label in zip(groups, labels):
+        x, y = _per_epoch_mean(group, field, cumulative)
+        if all(v != v for v in y):  # nothing logged (e.g. no signal for this method)
+            continue
+        ax.plot(x, y, marker="o", markersize=3, label=label)
+        drawn = True
+    return _save(plt, fig, ax, drawn, "epoch", ylabel, path)
+
+
 def _compute_plot(plt, groups, labels, path) -> bool:
     """Top-1 against compute (full-data epochs), one colour per setting: the mean over seeds, each seed read
     off its own validation curve (top1_at_compute) at every compute where one of them evaluated and all
     of them have a value, and the band from the lowest seed to the highest. Settings whose runs did not
     count compute are left out."""
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    if len(groups) > 10:
-        ax.set_prop_cycle(color=plt.cm.tab20.colors)
+    fig, ax = _axes(plt, groups)
     drawn = False
     for group, label in zip(groups, labels):
         curves = [compute_curve(r) for r in group]
@@ -356,15 +365,7 @@ def _compute_plot(plt, groups, labels, path) -> bool:
         if len(group) > 1:
             ax.fill_between(x, [min(v) for v in y], [max(v) for v in y], color=line.get_color(), alpha=0.2, lw=0)
         drawn = True
-    if drawn:
-        ax.set_xlabel("compute (full-data epochs)")
-        ax.set_ylabel("top-1 (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(path)
-    plt.close(fig)
-    return drawn
+    return _save(plt, fig, ax, drawn, "compute (full-data epochs)", "top-1 (%)", path)
 
 
 def _heatmaps(plt, groups, labels, path) -> bool:
