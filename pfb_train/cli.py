@@ -137,10 +137,14 @@ def _info(args) -> int:
         if info["budget_epochs"] is None:
             print(f"budget           {budget}: the epochs it buys depend on this machine's speed")
         else:
-            bound = "up to " if info["budget_epochs_bound"] else ""
-            print(f"budget           {budget} (full-data epochs of compute) buys {bound}"
-                  f"{info['budget_epochs']:.2f} epochs of {info['method']} in mode {info['mode']} (windows "
-                  "switch at epoch starts: about one epoch either way)")
+            if info["budget_epochs_bound"]:  # a sampler-level method: its subsets depend on the training
+                how = f"up to {info['budget_epochs']:.2f} epochs of {info['method']} (its smallest epochs throughout)"
+            elif info["blocked_rows"]:
+                how = (f"{info['budget_epochs']:.2f} epochs of {info['method']} in mode {info['mode']} (windows switch "
+                       "at epoch starts: about one epoch either way)")
+            else:
+                how = f"{info['budget_epochs']:.2f} epochs of {info['method']}"
+            print(f"budget           {budget} (full-data epochs of compute) buys {how}")
     return 0
 
 

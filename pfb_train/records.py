@@ -20,6 +20,15 @@ def describe_data(cfg: Config, train_samples: int) -> str:
     return f"{cfg.data.dataset}{where} ({train_samples} training samples)"
 
 
+def describe_budget(cfg: Config) -> str:
+    """', budget 6 full-data epochs of compute' or ', budget 3600 training seconds' (nothing without one)."""
+    s = cfg.schedule
+    if s.budget is None:
+        return ""
+    unit = "full-data epochs of compute" if s.budget_unit == "epochs" else "training seconds"
+    return f", budget {s.budget:g} {unit} (schedule.epochs {s.epochs} stretched over it)"
+
+
 def ranking_pass(net: BlockedModel, score) -> str:
     """'; ranking pass at 0.5x, running statistics' in recompute mode (nothing in reuse: it has none)."""
     if net.mode != "recompute":

@@ -200,6 +200,27 @@ def check_resumable(cfg: Config, checkpoint: dict) -> None:
         if before != after:
             raise UserError(f"cannot resume: the checkpoint was trained with {key} {before!r}, this config has "
                             f"{after!r}; use another run name (name=...) to start a new run")
+    check_same_clock(saved.get("schedule", {}), now["schedule"])
+
+
+def budget_name(schedule: dict) -> str:
+    """'schedule.budget 6 epochs', or 'no schedule.budget', for messages."""
+    if schedule.get("budget") is None:
+        return "no schedule.budget"
+    return f"schedule.budget {schedule['budget']:g} {schedule.get('budget_unit', 'epochs')}"
+
+
+def check_same_clock(saved: dict, now: dict) -> None:
+    """Refuse a resume that changes what the run's schedule is measured in (budget.RunClock): a budget added,
+    dropped, or counted in another unit would move the LR and the windows to another point of the schedule.
+    A budget raised or lowered in its own unit is a longer or shorter run, and goes on."""
+    if (saved.get("budget") is None) == (now["budget"] is None) and (
+            now["budget"] is None or saved.get("budget_unit", "epochs") == now["budget_unit"]):
+        return
+    keep = ("set schedule.budget=null" if saved.get("budget") is None else
+            f"set schedule.budget={saved['budget']:g} schedule.budget_unit={saved.get('budget_unit', 'epochs')}")
+    raise UserError(f"cannot resume: the checkpoint was trained with {budget_name(saved)}, this config has "
+                    f"{budget_name(now)}; {keep} to go on, or another run name (name=...) to start a new run")
 
 
 # Settings that change nothing about what is trained: a finished run relaunched with other values of

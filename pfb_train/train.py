@@ -36,7 +36,7 @@ from pfb_train.errors import Preempted, RunFinished, TrainingStopped, UserError
 from pfb_train.metrics import UNREADABLE_FILE, BaselineComparison, RunLogger, make_run_dir, rewrite_metrics
 from pfb_train.models import build_model, check_score_pass, check_training_rows
 from pfb_train.preemption import PreemptionSignals
-from pfb_train.records import (describe_data, describe_options, epoch_line, no_step_line, ranking_pass,
+from pfb_train.records import (describe_budget, describe_data, describe_options, epoch_line, no_step_line, ranking_pass,
                                sample_accounting, starvation_warning, starved_classes, summarize, unreadable_warning)
 from pfb_train.resume import (changed_settings, check_position, check_resumable, partial_step_costs, rank_tally,
                               refuse_finished, restore, resume_option, resume_point, save_checkpoints)
@@ -193,8 +193,8 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
         print(f"run {cfg.name}: {cfg.model.name} on {describe_data(cfg, len(splits.train))}, "
               f"split after {net.stage_name} (stage {net.stage}), blocking {describe_options(cfg)} "
               f"(mode {net.mode}: {mode.reason}{ranking_pass(net, score)}), "
-              f"{len(train_loader)} steps per full-data epoch, {dist.world_size} process(es) on {device.type} "
-              f"-> {state.run_dir}")
+              f"{len(train_loader)} steps per full-data epoch{describe_budget(cfg)}, {dist.world_size} process(es) "
+              f"on {device.type} -> {state.run_dir}")
         if checkpoint is not None:
             print(f"resumed at epoch {state.position.epoch}, step {state.position.optimizer_steps}")
         for note in splits.notes:
@@ -368,6 +368,7 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
     summary.update(blocking_mode=state.net.mode, blocking_mode_reason=state.mode_reason, ranking_pass=ranking)
     if dist.is_main:
         logger.write_summary(summary)
+        spent = "" if cfg.schedule.budget is None else f"  compute {summary['compute_spent']:.2f} full-data epochs"
         print(f"done: top-1 {summary['top1']:.2f}%  blocked {summary['blocked_fraction']:.3f} of sample-passes  "
-              f"{summary['seconds_per_epoch']:.1f} s/epoch  ({summary['run_dir']})")
+              f"{summary['seconds_per_epoch']:.1f} s/epoch{spent}  ({summary['run_dir']})")
     return summary

@@ -81,10 +81,13 @@ def test_a_budgeted_run_ends_within_one_step_of_its_budget_with_the_lr_at_its_en
         assert records[-1]["kept_fraction"] == 1.0 and records[1]["kept_fraction"] < 1.0
 
 
-def test_windows_and_warmup_are_read_on_the_budget_stretched_schedule(tmp_path):
+def test_windows_and_warmup_are_read_on_the_budget_stretched_schedule(tmp_path, capsys):
     """schedule.epochs 4 over a budget of 2: blocking from start_epoch 2 starts half-way through the
     compute, at epoch 1; the warm-up (1 schedule epoch) ends a quarter of the way, inside epoch 0."""
     summary = train(tmp_path, "blocking.method=pfb", "blocking.pfb.start_epoch=2", "schedule.budget=2")
+    out = capsys.readouterr().out
+    assert "budget 2 full-data epochs of compute (schedule.epochs 4 stretched over it)" in out
+    assert f"compute {summary['compute_spent']:.2f} full-data epochs" in out.splitlines()[-1]
     kept = [r["kept_fraction"] for r in read_metrics(summary["run_dir"])]
     assert kept[0] == 1.0 and all(k == 0.75 for k in kept[1:])
     lr = read_metrics(summary["run_dir"])[0]["lr"]  # after epoch 0: half-way (2 of 4 schedule epochs)
@@ -156,6 +159,17 @@ def test_a_finished_budgeted_run_says_how_to_train_longer(tmp_path):
         train(tmp_path, "schedule.budget=1", "runtime.resume=auto", name="done")
     longer = train(tmp_path, "schedule.budget=1.5", "runtime.resume=auto", name="done")  # as the line says
     assert 1.5 <= longer["compute_spent"] < 1.5 + 1 / STEPS and len(read_metrics(longer["run_dir"])) == 2
+
+
+@pytest.mark.parametrize("now, message", [
+    ([], "has no schedule.budget; set schedule.budget=1 schedule.budget_unit=epochs to go on"),
+    (["schedule.budget=5", "schedule.budget_unit=seconds"], "this config has schedule.budget 5 seconds"),
+])
+def test_a_resume_that_changes_what_the_schedule_is_measured_in_is_one_line(tmp_path, now, message):
+    first = setup(load_config(None, [*TINY, "schedule.budget=1", "name=r", f"runtime.output={tmp_path}"]), DistInfo())
+    fit(first, until_step=3)
+    with pytest.raises(UserError, match=message):
+        train(tmp_path, *now, "runtime.resume=auto", name="r")
 
 
 def test_info_gives_the_epochs_a_budget_buys():
