@@ -267,6 +267,7 @@ def test_a_gif_stands_in_on_dali_and_trains_on_cpu(tmp_path):
         assert sum(int((idx < 0).sum()) for _, _, idx in val) == stand_ins
 
 
+@pytest.mark.distributed
 def test_two_gloo_processes_see_the_pixels_of_one(folder, tmp_path, capsys):
     """2 gloo ranks on shards (tests/wds_worker.py): equal disjoint shares, and each sample's pixels as
     one process makes them (here, in this process: the worker's data settings)."""

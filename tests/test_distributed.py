@@ -9,6 +9,7 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
+pytestmark = pytest.mark.distributed
 
 CONFIG = """
 name: ddp
@@ -92,7 +93,6 @@ def test_two_process_infobatch_scores_are_gathered_from_every_rank(tmp_path):
         assert torch.equal(r0["model"][name], r1["model"][name]), name
 
 
-@pytest.mark.slow
 def test_two_processes_end_a_seconds_budget_at_the_same_step(tmp_path):
     """Each rank's clock runs on its own: the ranks agree on the time every runtime.log_every steps, so both
     stop at one step (a disagreement would hang a collective) with identical weights and LR."""
@@ -105,7 +105,6 @@ def test_two_processes_end_a_seconds_budget_at_the_same_step(tmp_path):
         assert torch.equal(r0["model"][name], r1["model"][name]), name
 
 
-@pytest.mark.slow
 def test_a_budgeted_run_resumed_inside_an_epoch_on_two_processes_counts_one_compute(tmp_path):
     """Stopped inside epoch 1 on one process, resumed on two: rank 0 takes the merged tally, rank 1 none, and
     both still count the epoch's compute so far (it is checkpointed once), so they stop at the same step."""

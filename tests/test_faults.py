@@ -412,6 +412,7 @@ runtime: {device: cpu, seed: 0, progress: false, threads: 1}
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("fault,code,message", [
     ("data", 2, "pfb-train: error: all 8 images of a batch are unreadable, e.g. /data/bad.jpg (on rank 1)"),
     ("bug", 1, "pfb-train: stopped: ZeroDivisionError: injected (on rank 1)"),
@@ -430,6 +431,7 @@ def test_a_fault_on_one_rank_stops_every_rank_with_the_same_line(fault, code, me
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("faults", ["data+echo", "data+bug"])
 def test_two_errors_at_once_still_give_every_rank_one_line(faults, tmp_path):
     """The first announcement stands on every rank: an error that is the echo of another rank's stop
@@ -463,7 +465,7 @@ def without_timings(records: list) -> list:
     return [{k: v for k, v in r.items() if "second" not in k} for r in records]
 
 
-@pytest.mark.slow
+@pytest.mark.distributed
 def test_a_torchrun_job_with_loader_workers_preempted_twice_then_resumed_exactly(tmp_path):
     """SIGTERM inside an epoch (at the next check), then in the last epoch (at its last step, before the
     evaluation): every rank stops at the same step with one line, and the resumed run is the

@@ -7,7 +7,7 @@ from pfb_train.config import load_config
 from pfb_train.selection import build_selector
 from pfb_train.train import run
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu
 
 TINY = ["model.name=resnet18", "blocking.method=pfb", "blocking.ratio=0.25", "blocking.centers=16",
         "data.dataset=synthetic", "data.img_size=32", "data.batch_size=32", "data.train_samples=256",

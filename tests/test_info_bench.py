@@ -33,6 +33,7 @@ def test_info_bad_model_is_one_line(capsys):
     assert len(err.strip().splitlines()) == 1 and "cannot split model 'levit_128s'" in err
 
 
+@pytest.mark.slow  # runs a script as a process
 def test_bench_step_prints_json_with_ratios():
     """The benchmark runs and reports; its timings are for docs/BENCHMARKS.md, not asserted here."""
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_step.py"), "--model", "resnet18", "--device", "cpu",
@@ -48,6 +49,7 @@ def test_bench_step_prints_json_with_ratios():
     assert set(out["phase_ms"]) == {"shallow", "select", "deep", "observe"} and 0 < out["selection_share"] < 1
 
 
+@pytest.mark.slow  # runs a script as a process
 def test_bench_data_measures_every_layout_and_path_in_one_run():
     pytest.importorskip("datasets")
     pytest.importorskip("webdataset")
@@ -71,12 +73,14 @@ def _bench(script, *args):
     return json.loads(result.stdout)  # stdout holds the JSON object only
 
 
+@pytest.mark.slow  # runs a script as a process
 def test_bench_reference_times_a_plain_loop():
     out = _bench("bench_reference.py", "--model", "resnet18", "--device", "cpu", "--img-size", "32", "--batch-size", "4",
                  "--num-classes", "10", "--warmup", "1", "--steps", "1", "--repeats", "2")
     assert len(out["repeats_ms"]) == 2 and out["images_per_second"] == pytest.approx(4000 / out["step_ms"])
 
 
+@pytest.mark.slow  # runs a script as a process
 @pytest.mark.parametrize("data", [["--data", "synthetic"], ["--data", "jpeg", "--decode", "device"]])
 def test_bench_train_runs_the_harness_for_both_methods(data):
     out = _bench("bench_train.py", "--model", "resnet18", "--device", "cpu", "--img-size", "32", "--batch-size", "8",
@@ -95,6 +99,7 @@ def _json_lines(script, *args) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
+@pytest.mark.slow  # runs a script as a process
 def test_selection_agreement_measures_signal_and_seed_agreement():
     rows = _json_lines("selection_agreement.py", "--data", "digits", "--models", "resnet18", "--feature-dims", "32",
                        "--batches", "3", "--batch-size", "64", "--centres", "16")
@@ -104,6 +109,7 @@ def test_selection_agreement_measures_signal_and_seed_agreement():
     assert low["signal"] > high["signal"] and low["seed_agreement"] > high["seed_agreement"]
 
 
+@pytest.mark.slow  # runs a script as a process
 def test_paired_difference_pairs_runs_by_seed(tmp_path):
     for name, seed, top1, per_class in [("random_r5", 0, 80.0, [70.0, 90.0]), ("random_r5", 1, 84.0, [80.0, 88.0]),
                                         ("pfb_r5", 0, 81.0, [72.0, 90.0]), ("pfb_r5", 1, 84.0, [78.0, 90.0]),

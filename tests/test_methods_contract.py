@@ -184,6 +184,7 @@ def test_training_steps_never_read_device_values_back(method):
     assert reads.ops == []
 
 
+@pytest.mark.distributed
 def test_every_method_keeps_ranks_in_agreement_and_resumes_exactly_under_two_processes(tmp_path):
     """One torchrun job of 2 gloo processes trains every registered method in turn, through and with
     a stop inside its second epoch: each rank resumes its own random streams and tallies."""

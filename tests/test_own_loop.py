@@ -32,6 +32,7 @@ def test_example_blocks_the_configured_count_and_trains(capsys):
     assert result["blocking"].selector.counts.sum() > 0  # the density model observed the kept rows
 
 
+@pytest.mark.distributed
 def test_example_under_two_ddp_processes():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "examples" / "own_loop.py"), "--epochs", "1", "--batch-size", "16"]

@@ -115,6 +115,7 @@ save_atomic({"payload": torch.ones(80_000_000), "tag": "new"}, sys.argv[1])
 """
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_leaves_previous_checkpoint_loadable(tmp_path):
     target = tmp_path / "checkpoint-last.pt"
     save_atomic({"tag": "old"}, target)
@@ -129,6 +130,7 @@ def test_sigkill_while_writing_leaves_previous_checkpoint_loadable(tmp_path):
     assert path == target
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
     args = [sys.executable, "-m", "pfb_train", "--config", "demo", "--set", f"runtime.output={tmp_path}",
             "--set", "schedule.epochs=30", "--set", "runtime.progress=false", "--set", "model.name=test_resnet",
@@ -304,6 +306,7 @@ def _mark_worker(folder: str, worker_id: int) -> None:
     open(f"{folder}/init{worker_id}", "w").close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("context", ["fork", "forkserver"])
 def test_loader_workers_run_the_callers_init_and_end_when_the_training_process_asks(context, tmp_path):
     """A caller's `worker_init_fn` still runs; the training process's own SIGTERM ends a worker at once
@@ -336,6 +339,7 @@ print("exiting", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_a_process_exits_while_its_loader_workers_are_alive(tmp_path):
     """The workers drop a stop signal from others, not their own training process's: the interpreter's
     exit ends them (multiprocessing terminates them) instead of waiting for them forever."""

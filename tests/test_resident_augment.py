@@ -214,7 +214,7 @@ def test_fashion_mnist_resume_inside_an_epoch_is_exact(tmp_path):
     assert_same_training_state(final_state(whole["run_dir"]), final_state(resumed["run_dir"]))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_on_a_gpu_the_batches_equal_the_cpus():
     splits = image_splits(n=40, channels=1, stored=14, size=16, padding=1, mean=(0.286,), std=(0.353,))
     cfg = DataConfig(dataset="fashion_mnist", img_size=16, batch_size=4, workers=0)

@@ -109,7 +109,7 @@ def test_stand_ins_for_unreadable_files_are_uint8_copies_of_a_readable_item(tmp_
     assert made.dtype == torch.float32 and torch.isfinite(made).all() and torch.equal(made_idx, idx)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_on_a_gpu_uint8_is_copied_and_normalised_on_the_side_stream(folder):
     _, gpu_train, gpu_val = cpu_loaders(folder, workers=1, device="cuda", pin_memory=True, channels_last=True)
     _, cpu_train, cpu_val = cpu_loaders(folder, workers=1, channels_last=True)

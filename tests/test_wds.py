@@ -195,6 +195,7 @@ def test_local_shuffle_moves_nothing_further_than_the_window():
 # ---------------------------------------------------------------- two processes
 
 
+@pytest.mark.distributed
 def test_two_gloo_processes_on_uneven_shards(shards, tmp_path):
     out = {}
     for nproc in (1, 2):
