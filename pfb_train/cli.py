@@ -21,7 +21,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="pfb-train", description="Train timm image classifiers with Partial Forward Blocking.")
+    parser = _Parser(prog="pfb-train", description="Train timm image classifiers with Partial Forward Blocking. "
+                     "Training is the default command: pfb-train --config CFG [--set KEY=VALUE ...] [--resume auto] "
+                     "(pfb-train train --help lists its options).")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     train = sub.add_parser("train", help="train one run (the default command)")
     info = sub.add_parser("info", help="model, split point, shallow FLOP share and predicted cost of each mode")
@@ -154,8 +156,15 @@ def _methods(args) -> int:
     for method in methods().values():
         print(f"{method.name} ({method.level} level): {method.summary}")
         for f in dataclasses.fields(method.options):
-            print(f"    blocking.{method.name}.{f.name} = {f.default!r}")
+            print(f"    blocking.{method.name}.{f.name} = {yaml_value(f.default)}")
     return 0
+
+
+def yaml_value(value) -> str:
+    """A default as a config file or --set writes it: null, true, 0.4, rank (YAML's flow style)."""
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def _datasets(args) -> int:

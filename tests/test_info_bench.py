@@ -122,3 +122,12 @@ def test_paired_difference_pairs_runs_by_seed(tmp_path):
     assert len(rows) == 1 and rows[0]["setting"] == "pfb_r5" and rows[0]["seeds"] == [0, 1]  # seed 2 has no pair
     assert rows[0]["top1_diff"] == pytest.approx(0.5) and rows[0]["top1_diff_std"] == pytest.approx(0.7071, abs=1e-3)
     assert rows[0]["class_top1_diff"] == [0.0, 1.0]
+
+
+def test_methods_and_help_speak_the_config_language(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "blocking.pfb.noise = null" in out and "blocking.pfb.stratify = percentile" in out and "None" not in out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "pfb-train --config CFG [--set KEY=VALUE ...] [--resume auto]" in " ".join(capsys.readouterr().out.split())
