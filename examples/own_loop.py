@@ -29,7 +29,11 @@ def main(argv=None) -> dict:
     ddp = "RANK" in os.environ
     if ddp:
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-    device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", 0))) if args.device == "cuda" else torch.device("cpu")
+    device = (
+        torch.device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+        if args.device == "cuda"
+        else torch.device("cpu")
+    )
     torch.manual_seed(0)
     images, labels = torch.randn(256, 3, 32, 32), torch.randint(0, 10, (256,))
     data = TensorDataset(images + labels.view(-1, 1, 1, 1) * 0.5, labels)  # learnable: class shifts the mean
@@ -37,8 +41,14 @@ def main(argv=None) -> dict:
     loader = DataLoader(data, batch_size=args.batch_size, sampler=sampler, shuffle=sampler is None, drop_last=True)
 
     model = timm.create_model("resnet18", num_classes=10)
-    blocking = pfb_train.Blocking(model, "pfb", ratio=args.ratio, centres=16, feature_dim=32,  # PFB
-                                  epochs=args.epochs)
+    blocking = pfb_train.Blocking(
+        model,
+        "pfb",
+        ratio=args.ratio,
+        centres=16,
+        feature_dim=32,  # PFB
+        epochs=args.epochs,
+    )
     net = blocking.model.to(device)  # the split model: use it where `model` was used
     train_module = torch.nn.parallel.DistributedDataParallel(net) if ddp else net
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)

@@ -9,10 +9,15 @@ The public API, for a training loop of one's own (README: "PFB in your own train
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Blocking": "pfb_train.blocking", "BlockedBatch": "pfb_train.blocking",
-    "BlockedModel": "pfb_train.models", "split_model": "pfb_train.models",
-    "Method": "pfb_train.selection", "Selector": "pfb_train.selection", "methods": "pfb_train.selection",
-    "register": "pfb_train.selection", "build_selector": "pfb_train.selection",
+    "Blocking": "pfb_train.blocking",
+    "BlockedBatch": "pfb_train.blocking",
+    "BlockedModel": "pfb_train.models",
+    "split_model": "pfb_train.models",
+    "Method": "pfb_train.selection",
+    "Selector": "pfb_train.selection",
+    "methods": "pfb_train.selection",
+    "register": "pfb_train.selection",
+    "build_selector": "pfb_train.selection",
     "UserError": "pfb_train.errors",
 }
 __all__ = sorted(_EXPORTS)

@@ -42,8 +42,9 @@ class BlockedBatch(NamedTuple):
     feats: Optional[torch.Tensor]  # (B, C) pooled shallow features of every row (float32), if the method uses them
 
 
-def forward(model: nn.Module, selector: Selector, x: torch.Tensor, y: torch.Tensor,
-            indices: Optional[torch.Tensor] = None) -> BlockedBatch:
+def forward(
+    model: nn.Module, selector: Selector, x: torch.Tensor, y: torch.Tensor, indices: Optional[torch.Tensor] = None
+) -> BlockedBatch:
     """Run `model` (a BlockedModel, or DDP around one) on a batch, blocking as `selector` decides.
     Epochs without blocking run the plain model: no second shallow pass in recompute mode.
     Shapes and dtypes as `Blocking.forward` gives them."""
@@ -98,12 +99,25 @@ class Blocking:
     and compute the loss on `logits.float()`: the density math runs in float32 regardless.
     """
 
-    def __init__(self, model: nn.Module, method: str = "pfb", stage: Union[int, str] = 1, mode: str = "auto",
-                 epochs: Optional[int] = None, batch_size: Optional[int] = None, seed: int = 0, **options):
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str = "pfb",
+        stage: Union[int, str] = 1,
+        mode: str = "auto",
+        epochs: Optional[int] = None,
+        batch_size: Optional[int] = None,
+        seed: int = 0,
+        **options,
+    ):
         timm_model = model.model if isinstance(model, BlockedModel) else model
-        run = RunFacts(epochs=epochs, batch_size=batch_size, seed=seed,
-                       mode=model.mode if isinstance(model, BlockedModel) else mode,
-                       num_classes=getattr(timm_model, "num_classes", None))  # timm models say (density 'class')
+        run = RunFacts(
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            mode=model.mode if isinstance(model, BlockedModel) else mode,
+            num_classes=getattr(timm_model, "num_classes", None),
+        )  # timm models say (density 'class')
         spec, values = configure(method, run, **options)
         self.selector = spec.build(values, run)
         if isinstance(model, BlockedModel):

@@ -42,8 +42,15 @@ def median_seconds(fn: Callable[[], None], device: torch.device, warmup: int = 2
     return statistics.median(times)
 
 
-def measure_part_times(blocked: BlockedModel, x: torch.Tensor, ratio: float, amp_dtype: Optional[torch.dtype] = None,
-                       score: ScorePass = EXACT_SCORE, warmup: int = 2, repeats: int = 5) -> PartTimes:
+def measure_part_times(
+    blocked: BlockedModel,
+    x: torch.Tensor,
+    ratio: float,
+    amp_dtype: Optional[torch.dtype] = None,
+    score: ScorePass = EXACT_SCORE,
+    warmup: int = 2,
+    repeats: int = 5,
+) -> PartTimes:
     """Seconds of one batch `x` (B, C, H, W) through forward + backward of: the whole model, a step
     blocking `ratio` of the rows in each mode, the shallow part alone; and the ranking pass (`score`).
     The model comes back as it was: weights, mode, BatchNorm statistics and RNG states untouched,
@@ -53,8 +60,10 @@ def measure_part_times(blocked: BlockedModel, x: torch.Tensor, ratio: float, amp
     keep = torch.arange(x.shape[0] - round(ratio * x.shape[0]), device=device)  # which rows: no matter for time
     was_training, was_mode = blocked.training, blocked.mode
     blocked.train()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-            kept_norm_stats(tracking_norms(blocked.model)):
+    with (
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        kept_norm_stats(tracking_norms(blocked.model)),
+    ):
         with torch.no_grad(), cast():
             grad_h = torch.randn_like(blocked.shallow(x))
 
@@ -74,6 +83,7 @@ def measure_part_times(blocked: BlockedModel, x: torch.Tensor, ratio: float, amp
                 with cast():
                     out = blocked(x, select=lambda feats: keep, score=score)
                 out.logits.float().sum().backward()
+
             return step
 
         def score_pass():
@@ -84,9 +94,13 @@ def measure_part_times(blocked: BlockedModel, x: torch.Tensor, ratio: float, amp
             return median_seconds(fn, device, warmup, repeats)
 
         try:
-            times = PartTimes(full=seconds(full), reuse=seconds(step_in("reuse")),
-                              recompute=seconds(step_in("recompute")), shallow=seconds(shallow),
-                              score=seconds(score_pass))
+            times = PartTimes(
+                full=seconds(full),
+                reuse=seconds(step_in("reuse")),
+                recompute=seconds(step_in("recompute")),
+                shallow=seconds(shallow),
+                score=seconds(score_pass),
+            )
         finally:
             blocked.zero_grad(set_to_none=True)
             blocked.train(was_training)
@@ -100,9 +114,16 @@ class ModeChoice(NamedTuple):
     times: Optional[PartTimes]  # what was measured (None: decided by FLOPs or set in the config)
 
 
-def choose_mode(blocked: BlockedModel, batch_shape: tuple, ratio: float, amp_dtype: Optional[torch.dtype] = None,
-                channels_last: bool = False, score: ScorePass = EXACT_SCORE, warmup: int = 2,
-                repeats: int = 5) -> ModeChoice:
+def choose_mode(
+    blocked: BlockedModel,
+    batch_shape: tuple,
+    ratio: float,
+    amp_dtype: Optional[torch.dtype] = None,
+    channels_last: bool = False,
+    score: ScorePass = EXACT_SCORE,
+    warmup: int = 2,
+    repeats: int = 5,
+) -> ModeChoice:
     """The mode whose blocked step (blocking `ratio` of batches of `batch_shape` (B, C, H, W)) is
     faster, timed on the model's device (`measure_part_times`)."""
     device = next(blocked.parameters()).device
@@ -111,8 +132,10 @@ def choose_mode(blocked: BlockedModel, batch_shape: tuple, ratio: float, amp_dty
     x = torch.randn(batch_shape, device=device, generator=noise).contiguous(memory_format=memory_format)
     times = measure_part_times(blocked, x, ratio, amp_dtype, score, warmup, repeats)
     reuse, recompute = (predicted_time_ratio(m, times) for m in ("reuse", "recompute"))
-    reason = (f"auto, timed on {device.type}: reuse {reuse:.2f}, recompute {recompute:.2f} of a full step's "
-              f"forward+backward (shallow part {times.shallow_share:.0%} of its time)")
+    reason = (
+        f"auto, timed on {device.type}: reuse {reuse:.2f}, recompute {recompute:.2f} of a full step's "
+        f"forward+backward (shallow part {times.shallow_share:.0%} of its time)"
+    )
     return ModeChoice(timed_cheaper_mode(times), reason, times)
 
 
@@ -130,11 +153,19 @@ def resolve_mode(cfg, blocked: BlockedModel, amp_dtype: Optional[torch.dtype] = 
     device = next(blocked.parameters()).device
     if device.type != "cuda":
         mode = cheaper_mode(blocked_fraction, score.scale)
-        reason = (f"auto, FLOP model: blocking {blocked_fraction} {'>' if mode == 'recompute' else '<='} "
-                  f"{score.scale ** 2 / 3:.3f}")
+        reason = (
+            f"auto, FLOP model: blocking {blocked_fraction} {'>' if mode == 'recompute' else '<='} "
+            f"{score.scale**2 / 3:.3f}"
+        )
         return ModeChoice(mode, reason, None)
-    choice = choose_mode(blocked, (d.batch_size, blocked.in_chans, d.img_size, d.img_size), blocked_fraction,
-                         amp_dtype, cfg.runtime.channels_last, score)
+    choice = choose_mode(
+        blocked,
+        (d.batch_size, blocked.in_chans, d.img_size, d.img_size),
+        blocked_fraction,
+        amp_dtype,
+        cfg.runtime.channels_last,
+        score,
+    )
     if is_distributed():
         modes = ("reuse", "recompute")
         chosen = modes[int(broadcast(torch.tensor([modes.index(choice.mode)], device=device)).item())]

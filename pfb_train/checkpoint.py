@@ -55,8 +55,10 @@ def save_checkpoint(state: dict, run_dir: Path, best: bool = False) -> Path:
     except (OSError, RuntimeError) as e:  # a full disk (torch's writer raises RuntimeError), a read-only mount
         reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed"
         free = shutil.disk_usage(run_dir).free / 2**20
-        raise UserError(f"cannot write a checkpoint in {run_dir} ({reason}; {free:.1f} MiB free); the checkpoints "
-                        "already there are kept: make room, then run the same command with --resume auto") from None
+        raise UserError(
+            f"cannot write a checkpoint in {run_dir} ({reason}; {free:.1f} MiB free); the checkpoints "
+            "already there are kept: make room, then run the same command with --resume auto"
+        ) from None
     return path
 
 
@@ -69,8 +71,13 @@ def has_checkpoint_files(run_dir) -> bool:
 # NumPy arrays: the array, its dtype (and the dtype's class), and the function that rebuilds the array,
 # under the name NumPy 2 pickles it by and the one NumPy 1 did.
 _RECONSTRUCT = (getattr(np, "_core", None) or np.core).multiarray._reconstruct
-EARLIER_NUMPY = (np.ndarray, np.dtype, type(np.dtype(np.uint32)), _RECONSTRUCT,
-                 (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"))
+EARLIER_NUMPY = (
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+    _RECONSTRUCT,
+    (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),
+)
 ALLOWED_NAMES = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in EARLIER_NUMPY}
 
 
@@ -87,9 +94,11 @@ def load_checkpoint(path: Path):
     except Exception as e:
         foreign = _foreign_objects(path)
         if foreign:
-            raise UserError(f"checkpoint {path} holds objects other than tensors and plain containers "
-                            f"({', '.join(foreign[:3])}), which loading would run as code; pfb-train never writes "
-                            "them: it was not loaded (use a checkpoint from a source you trust)") from None
+            raise UserError(
+                f"checkpoint {path} holds objects other than tensors and plain containers "
+                f"({', '.join(foreign[:3])}), which loading would run as code; pfb-train never writes "
+                "them: it was not loaded (use a checkpoint from a source you trust)"
+            ) from None
         print(f"pfb-train: warning: skipping unreadable checkpoint {path} ({type(e).__name__})", file=sys.stderr)
         return None
 

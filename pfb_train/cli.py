@@ -21,35 +21,69 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="pfb-train", description="Train timm image classifiers with Partial Forward Blocking. "
-                     "Training is the default command: pfb-train --config CFG [--set KEY=VALUE ...] [--resume auto] "
-                     "(pfb-train train --help lists its options).")
+    parser = _Parser(
+        prog="pfb-train",
+        description="Train timm image classifiers with Partial Forward Blocking. "
+        "Training is the default command: pfb-train --config CFG [--set KEY=VALUE ...] [--resume auto] "
+        "(pfb-train train --help lists its options).",
+    )
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     train = sub.add_parser("train", help="train one run (the default command)")
     info = sub.add_parser("info", help="model, split point, shallow FLOP share and predicted cost of each mode")
     info.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     rep = sub.add_parser("report", help="paper-style table (markdown, CSV) and plots from finished runs")
     rep.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (seeds of one setting are averaged)")
-    rep.add_argument("--baseline", action="append", required=True, metavar="RUN_DIR",
-                     help="full-data run(s) to compare against (repeat for several seeds)")
+    rep.add_argument(
+        "--baseline",
+        action="append",
+        required=True,
+        metavar="RUN_DIR",
+        help="full-data run(s) to compare against (repeat for several seeds)",
+    )
     rep.add_argument("--out", default="report", help="folder for report.md, report.csv and the PNG plots")
-    rep.add_argument("--target", type=float, metavar="TOP1",
-                     help="top-1 (%%) whose compute to reach is tabled (default: the baseline's final top-1)")
-    rep.add_argument("--compute", type=float, metavar="EPOCHS",
-                     help="compute (full-data epochs) where top-1 at equal compute is read (default: the baseline's)")
+    rep.add_argument(
+        "--target",
+        type=float,
+        metavar="TOP1",
+        help="top-1 (%%) whose compute to reach is tabled (default: the baseline's final top-1)",
+    )
+    rep.add_argument(
+        "--compute",
+        type=float,
+        metavar="EPOCHS",
+        help="compute (full-data epochs) where top-1 at equal compute is read (default: the baseline's)",
+    )
     sub.add_parser("methods", help="the registered selection methods, their level and options with defaults")
-    sub.add_parser("datasets", help="the registered data sources (data.dataset), what each reads and its data.* options")
-    shards = sub.add_parser("shards", help="write the config's train and validation splits as WebDataset shards "
-                                           "(timm's layout, data.dataset: wds)")
-    shards.add_argument("--out", required=True, metavar="DIR", help="folder for the .tar shards and _info.json "
-                        "(a half-written one is finished)")
+    sub.add_parser(
+        "datasets", help="the registered data sources (data.dataset), what each reads and its data.* options"
+    )
+    shards = sub.add_parser(
+        "shards",
+        help="write the config's train and validation splits as WebDataset shards (timm's layout, data.dataset: wds)",
+    )
+    shards.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="folder for the .tar shards and _info.json (a half-written one is finished)",
+    )
     shards.add_argument("--samples-per-shard", type=int, default=1000, metavar="N", help="default: 1000")
     for p in (train, info, shards):
         p.add_argument("--config", "-c", required=True, help="YAML file, or the name of a shipped config (e.g. demo)")
-        p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set blocking.pfb.ratio=0.3 (repeatable)")
-    train.add_argument("--resume", metavar="auto|RUN_DIR|CHECKPOINT",
-                       help="continue a run: auto = runs/<name> if it holds a checkpoint (same as --set runtime.resume=...)")
+        p.add_argument(
+            "--set",
+            "-s",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value, e.g. --set blocking.pfb.ratio=0.3 (repeatable)",
+        )
+    train.add_argument(
+        "--resume",
+        metavar="auto|RUN_DIR|CHECKPOINT",
+        help="continue a run: auto = runs/<name> if it holds a checkpoint (same as --set runtime.resume=...)",
+    )
     return parser
 
 
@@ -62,8 +96,14 @@ def main(argv=None) -> int:
         if args.command is None:
             build_parser().print_help()
             return 2
-        return {"train": _train, "info": _info, "report": _report, "methods": _methods, "datasets": _datasets,
-                "shards": _shards}[args.command](args)
+        return {
+            "train": _train,
+            "info": _info,
+            "report": _report,
+            "methods": _methods,
+            "datasets": _datasets,
+            "shards": _shards,
+        }[args.command](args)
     except UserError as e:
         say(f"pfb-train: error: {one_line(e)}")
         return 2
@@ -118,13 +158,19 @@ def _info(args) -> int:
     if args.json:
         print(json.dumps(info))
         return 0
-    print(f"model            {info['model']}  ({info['params'] / 1e6:.2f} M parameters: "
-          f"shallow {info['shallow_params'] / 1e6:.2f} M, deep {info['deep_params'] / 1e6:.2f} M)")
+    print(
+        f"model            {info['model']}  ({info['params'] / 1e6:.2f} M parameters: "
+        f"shallow {info['shallow_params'] / 1e6:.2f} M, deep {info['deep_params'] / 1e6:.2f} M)"
+    )
     print(f"split            after stage {info['stage']} ({info['stage_name']}) of {info['num_stages']}")
-    print(f"forward FLOPs    {info['gflops_per_image']:.3f} GFLOPs/image at {info['img_size']} px; "
-          f"shallow share {info['shallow_share']:.3f}")
-    print(f"method           {info['method']} ({info['level']} level, ratio {info['ratio']}); "
-          f"blocked per step {info['blocked_rows']} of {info['batch_size']} rows")
+    print(
+        f"forward FLOPs    {info['gflops_per_image']:.3f} GFLOPs/image at {info['img_size']} px; "
+        f"shallow share {info['shallow_share']:.3f}"
+    )
+    print(
+        f"method           {info['method']} ({info['level']} level, ratio {info['ratio']}); "
+        f"blocked per step {info['blocked_rows']} of {info['batch_size']} rows"
+    )
     if info["score_scale"] == 0:
         print("ranking pass     none: the selection reads no features (recompute mode runs the kept rows alone)")
     else:
@@ -142,8 +188,10 @@ def _info(args) -> int:
             if info["budget_epochs_bound"]:  # a sampler-level method: its subsets depend on the training
                 how = f"up to {info['budget_epochs']:.2f} epochs of {info['method']} (its smallest epochs throughout)"
             elif info["blocked_rows"]:
-                how = (f"{info['budget_epochs']:.2f} epochs of {info['method']} in mode {info['mode']} (windows switch "
-                       "at epoch starts: about one epoch either way)")
+                how = (
+                    f"{info['budget_epochs']:.2f} epochs of {info['method']} in mode {info['mode']} (windows switch "
+                    "at epoch starts: about one epoch either way)"
+                )
             else:
                 how = f"{info['budget_epochs']:.2f} epochs of {info['method']}"
             print(f"budget           {budget} (full-data epochs of compute) buys {how}")
@@ -172,8 +220,9 @@ def _datasets(args) -> int:
 
     for source in sources().values():
         print(f"{source.name}: {source.summary}")
-        keys = [f"data.{key}" + (" (required)" if key == "root" and source.needs_root else "")
-                for key in source.options]
+        keys = [
+            f"data.{key}" + (" (required)" if key == "root" and source.needs_root else "") for key in source.options
+        ]
         print(f"    {', '.join(keys) or 'no data.* options'}; data.decode: {' | '.join(source.decodes)}")
     return 0
 

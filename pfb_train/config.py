@@ -73,7 +73,9 @@ class DataConfig:
     train_samples: Optional[int] = None  # a fixed class-stratified subset (None: all), or a generated set's size
     val_samples: Optional[int] = None  # the same for validation
     imbalance: float = 1.0  # < 1: long-tailed training set, the last class keeps this fraction of its samples
-    rare_classes: Optional[list[int]] = None  # with imbalance < 1: these classes keep `imbalance` of their samples, the rest all
+    rare_classes: Optional[list[int]] = (
+        None  # with imbalance < 1: these classes keep `imbalance` of their samples, the rest all
+    )
     mixup: float = 0.0
     cutmix: float = 0.0
     auto_augment: Optional[str] = None  # timm policy string, e.g. "rand-m9-mstd0.5"
@@ -85,7 +87,9 @@ class DataConfig:
     val_split: str = "validation"
     image_key: Optional[str] = None  # sources of tables: the image column (None: the only one)
     label_key: Optional[str] = None  # the class-label column (None: the only one)
-    shuffle_window: int = 8192  # sharded sources: a sample moves at most this many places from its place in the shard stream
+    shuffle_window: int = (
+        8192  # sharded sources: a sample moves at most this many places from its place in the shard stream
+    )
 
 
 @dataclass
@@ -185,7 +189,9 @@ def _build_blocking(data: dict) -> BlockingConfig:
             continue
         if key in known:
             if value is not None and not isinstance(value, dict):
-                raise UserError(f"config section 'blocking.{key}' must be a mapping of method '{key}' options, got {value!r}")
+                raise UserError(
+                    f"config section 'blocking.{key}' must be a mapping of method '{key}' options, got {value!r}"
+                )
             sections.setdefault(key, {}).update(value or {})
             continue
         claimed = [m for m in known.values() if key in m.legacy_keys]
@@ -232,7 +238,9 @@ def _set_dotted(data: dict, dotted: str, value) -> None:
         last = i == len(parts) - 1
         if dataclasses.is_dataclass(tp):
             if last:
-                raise UserError(f"--set {dotted}: '{dotted}' is a section; set one of its keys, e.g. {dotted}.{next(iter(typing.get_type_hints(tp)))}")
+                raise UserError(
+                    f"--set {dotted}: '{dotted}' is a section; set one of its keys, e.g. {dotted}.{next(iter(typing.get_type_hints(tp)))}"
+                )
             if node.get(part) is None:  # absent or an empty YAML section
                 node[part] = {}
             if not isinstance(node[part], dict):
@@ -248,11 +256,13 @@ def _set_blocking(node: dict, parts: list[str], i: int, dotted: str, value) -> N
     """`--set blocking.<method>.<option>=v`, or a flat key of earlier versions (`blocking.ratio=v`),
     which sets the option it became in every method that reads it."""
     known = methods()
-    part, rest = parts[i], parts[i + 1:]
+    part, rest = parts[i], parts[i + 1 :]
     if part in known:
         if len(rest) != 1:
-            raise UserError(f"--set {dotted}: give one option of method '{part}', e.g. blocking.{part}."
-                            f"{(known[part].option_names() or ['<none>'])[0]}=...")
+            raise UserError(
+                f"--set {dotted}: give one option of method '{part}', e.g. blocking.{part}."
+                f"{(known[part].option_names() or ['<none>'])[0]}=..."
+            )
         if not isinstance(node.get(part), dict):
             node[part] = {}
         node[part][rest[0]] = value  # checked against the method's options when the config is built
@@ -393,16 +403,24 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise UserError(message)
 
-    need(cfg.name not in ("", ".", "..") and "/" not in cfg.name and "\\" not in cfg.name,
-         f"config key 'name' must be a plain folder name (no '/', not '.' or '..'), got {cfg.name!r}")
-    need(cfg.model.num_classes is None or cfg.model.num_classes >= 1,
-         f"config key 'model.num_classes' must be >= 1 (or null: the data set's), got {cfg.model.num_classes}")
+    need(
+        cfg.name not in ("", ".", "..") and "/" not in cfg.name and "\\" not in cfg.name,
+        f"config key 'name' must be a plain folder name (no '/', not '.' or '..'), got {cfg.name!r}",
+    )
+    need(
+        cfg.model.num_classes is None or cfg.model.num_classes >= 1,
+        f"config key 'model.num_classes' must be >= 1 (or null: the data set's), got {cfg.model.num_classes}",
+    )
     need(s.epochs >= 1, f"config key 'schedule.epochs' must be >= 1, got {s.epochs}")
     need(s.warmup_epochs >= 0, f"config key 'schedule.warmup_epochs' must be >= 0, got {s.warmup_epochs}")
-    need(s.budget is None or 0 < s.budget < math.inf,
-         f"config key 'schedule.budget' must be > 0 and finite ({s.budget_unit}), or null, got {s.budget}")
-    need(s.budget is not None or s.budget_unit == "epochs",
-         f"config key 'schedule.budget_unit' {s.budget_unit!r} needs a schedule.budget to count in it")
+    need(
+        s.budget is None or 0 < s.budget < math.inf,
+        f"config key 'schedule.budget' must be > 0 and finite ({s.budget_unit}), or null, got {s.budget}",
+    )
+    need(
+        s.budget is not None or s.budget_unit == "epochs",
+        f"config key 'schedule.budget_unit' {s.budget_unit!r} needs a schedule.budget to count in it",
+    )
     method = get_method(b.method)
     check_options(method, b.chosen(), RunFacts(epochs=s.epochs, batch_size=d.batch_size, seed=r.seed, mode=b.mode))
     # A value its method cannot take is an error whichever method runs; what depends on the run
@@ -420,16 +438,25 @@ def validate(cfg: Config) -> None:
     for key in ("train_samples", "val_samples"):
         value = getattr(d, key)
         need(value is None or value >= 1, f"config key 'data.{key}' must be >= 1, got {value}")
-        need(value is None or source.samples != "stored",
-             f"config key 'data.{key}' does not apply to dataset '{d.dataset}'")
+        need(
+            value is None or source.samples != "stored",
+            f"config key 'data.{key}' does not apply to dataset '{d.dataset}'",
+        )
     need(0.0 < d.imbalance <= 1.0, f"config key 'data.imbalance' must be in (0, 1], got {d.imbalance}")
     need(d.imbalance == 1.0 or source.imbalance, f"config key 'data.imbalance' does not apply to dataset '{d.dataset}'")
-    need(d.rare_classes is None or len(d.rare_classes) > 0, "config key 'data.rare_classes' is an empty list: "
-         "name the rare classes, or null for data.imbalance's exponential profile")
-    need(d.rare_classes is None or d.imbalance < 1.0,
-         f"config key 'data.rare_classes' needs data.imbalance < 1 (the share the rare classes keep), got {d.imbalance}")
-    need(d.rare_classes is None or len(set(d.rare_classes)) == len(d.rare_classes),
-         f"config key 'data.rare_classes' names a class twice: {d.rare_classes}")
+    need(
+        d.rare_classes is None or len(d.rare_classes) > 0,
+        "config key 'data.rare_classes' is an empty list: "
+        "name the rare classes, or null for data.imbalance's exponential profile",
+    )
+    need(
+        d.rare_classes is None or d.imbalance < 1.0,
+        f"config key 'data.rare_classes' needs data.imbalance < 1 (the share the rare classes keep), got {d.imbalance}",
+    )
+    need(
+        d.rare_classes is None or len(set(d.rare_classes)) == len(d.rare_classes),
+        f"config key 'data.rare_classes' names a class twice: {d.rare_classes}",
+    )
     need(d.mixup >= 0 and d.cutmix >= 0, "config keys 'data.mixup' and 'data.cutmix' must be >= 0")
     if source.needs_root:
         need(d.root is not None, f"config key 'data.root' is required for dataset '{d.dataset}'")
@@ -438,17 +465,27 @@ def validate(cfg: Config) -> None:
         takers = [s.name for s in sources().values() if d.decode in s.decodes]
         need(False, f"config key 'data.decode' '{d.decode}' applies to datasets {', '.join(takers)}, not '{d.dataset}'")
     if d.decode != "cpu":
-        need(d.auto_augment is None,
-             f"config key 'data.auto_augment' needs data.decode 'cpu' (the {d.decode} path crops and flips only)")
+        need(
+            d.auto_augment is None,
+            f"config key 'data.auto_augment' needs data.decode 'cpu' (the {d.decode} path crops and flips only)",
+        )
     if d.mixup > 0 or d.cutmix > 0:
         need(d.batch_size % 2 == 0, f"mixup/cutmix need an even 'data.batch_size', got {d.batch_size}")
-    need(o.ema_decay is None or 0 < o.ema_decay < 1, f"config key 'optim.ema_decay' must be in (0, 1), got {o.ema_decay}")
+    need(
+        o.ema_decay is None or 0 < o.ema_decay < 1, f"config key 'optim.ema_decay' must be in (0, 1), got {o.ema_decay}"
+    )
     need(o.lr > 0, f"config key 'optim.lr' must be > 0, got {o.lr}")
-    need(0.0 <= o.label_smoothing < 1.0, f"config key 'optim.label_smoothing' must be in [0, 1), got {o.label_smoothing}")
-    need(r.checkpoint_every is None or r.checkpoint_every >= 1,
-         f"config key 'runtime.checkpoint_every' must be >= 1, got {r.checkpoint_every}")
+    need(
+        0.0 <= o.label_smoothing < 1.0, f"config key 'optim.label_smoothing' must be in [0, 1), got {o.label_smoothing}"
+    )
+    need(
+        r.checkpoint_every is None or r.checkpoint_every >= 1,
+        f"config key 'runtime.checkpoint_every' must be >= 1, got {r.checkpoint_every}",
+    )
     need(r.max_nonfinite >= 1, f"config key 'runtime.max_nonfinite' must be >= 1, got {r.max_nonfinite}")
-    need(r.log_every >= 1 and r.eval_every >= 1, "config keys 'runtime.log_every' and 'runtime.eval_every' must be >= 1")
+    need(
+        r.log_every >= 1 and r.eval_every >= 1, "config keys 'runtime.log_every' and 'runtime.eval_every' must be >= 1"
+    )
     check_timm_values(cfg)
 
 
@@ -470,11 +507,15 @@ def check_timm_values(cfg: Config) -> None:
     if name not in optimizers:
         close = difflib.get_close_matches(name, optimizers, n=3)
         hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
-        raise UserError(f"config key 'optim.name': unknown timm optimizer '{cfg.optim.name}' ({hint}"
-                        f"timm.optim.list_optimizers() gives all {len(optimizers)})")
+        raise UserError(
+            f"config key 'optim.name': unknown timm optimizer '{cfg.optim.name}' ({hint}"
+            f"timm.optim.list_optimizers() gives all {len(optimizers)})"
+        )
     if cfg.schedule.name == "plateau":
-        raise UserError("config key 'schedule.name': 'plateau' steps once per epoch on a validation metric; "
-                        f"this harness steps the LR every update: choose one of {', '.join(SCHEDULES)}")
+        raise UserError(
+            "config key 'schedule.name': 'plateau' steps once per epoch on a validation metric; "
+            f"this harness steps the LR every update: choose one of {', '.join(SCHEDULES)}"
+        )
     if cfg.schedule.name not in SCHEDULES:
         raise _choice("schedule.name", cfg.schedule.name, SCHEDULES, "LR schedule")
     policy = cfg.data.auto_augment
@@ -483,8 +524,10 @@ def check_timm_values(cfg: Config) -> None:
             create_transform(cfg.data.img_size, is_training=True, auto_augment=policy)
         except Exception as e:  # timm asserts on an unknown policy, sometimes with no message
             reason = str(e).strip().splitlines()[0] if str(e).strip() else "not a policy timm knows"
-            raise UserError(f"config key 'data.auto_augment': {policy!r} is not a timm augmentation policy "
-                            f"({reason}); e.g. 'rand-m9-mstd0.5', 'augmix-m5', 'original', 'v0', or null") from None
+            raise UserError(
+                f"config key 'data.auto_augment': {policy!r} is not a timm augmentation policy "
+                f"({reason}); e.g. 'rand-m9-mstd0.5', 'augmix-m5', 'original', 'v0', or null"
+            ) from None
 
 
 def save_config(cfg: Config, path: Path) -> None:

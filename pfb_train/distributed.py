@@ -116,8 +116,9 @@ def _stop_key() -> str:
 
 def _store():
     """A client of the store torchrun serves at MASTER_ADDR:MASTER_PORT (the one env:// joins)."""
-    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                         timeout=timedelta(seconds=60))
+    return dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timedelta(seconds=60)
+    )
 
 
 def sharing_stops() -> bool:

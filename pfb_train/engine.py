@@ -97,8 +97,9 @@ def _to_device(x, y, settings: StepSettings):
     return x, y.to(settings.device, non_blocking=True)
 
 
-def prepare_epoch(selector, loader, epoch: int, resume: Optional[tuple] = None,
-                  position: Optional[float] = None) -> float:
+def prepare_epoch(
+    selector, loader, epoch: int, resume: Optional[tuple] = None, position: Optional[float] = None
+) -> float:
     """Hand the epoch to the selector and its subset (if any) to the sampler; returns seconds spent.
     `resume`: (subset, rows done) of an interrupted epoch: the same subset, the done rows skipped.
     `position`: where the epoch starts on the run's schedule (Selector.set_epoch; None: `epoch`)."""
@@ -141,8 +142,9 @@ class MarkedSelection:
         return getattr(self._selector, name)
 
 
-def train_step(batch: Batch, context: StepContext, schedule_at: Optional[float],
-               timer: Optional[PhaseTimer] = None) -> StepResult:
+def train_step(
+    batch: Batch, context: StepContext, schedule_at: Optional[float], timer: Optional[PhaseTimer] = None
+) -> StepResult:
     """One optimizer step on the rows the selector keeps (blocking.forward / weighted_mean / observe:
     the same calls a loop of one's own makes).
 
@@ -154,8 +156,9 @@ def train_step(batch: Batch, context: StepContext, schedule_at: Optional[float],
     guard = save_buffers(model, context.optimization, settings)  # before the forward changes BatchNorm statistics
     split = selector.blocks_rows()  # what blocking.forward asks too: whether the selection runs this step
     with autocast(settings):
-        blocked = blocking.forward(model, selector if timer is None else MarkedSelection(selector, timer),
-                                   batch.x, batch.y, batch.idx)
+        blocked = blocking.forward(
+            model, selector if timer is None else MarkedSelection(selector, timer), batch.x, batch.y, batch.idx
+        )
     losses = per_sample_loss(blocked.logits, blocked.targets, settings.label_smoothing)
     loss = blocking.weighted_mean(selector, blocked, losses)  # stand-ins (a negative index) weigh nothing
     finite = update(model, loss, context.optimization, settings, schedule_at, guard)
@@ -169,8 +172,9 @@ def train_step(batch: Batch, context: StepContext, schedule_at: Optional[float],
     present = blocking.holds_sample(batch.idx).double()
     kept_present = present if blocked.keep is None else present.index_select(0, blocked.keep)
     loss_sum = (losses.detach() * kept_present).sum()
-    return StepResult(loss.detach(), blocked.logits.shape[0], finite, loss_sum, labels, blocked.keep, present,
-                      kept_present, split)
+    return StepResult(
+        loss.detach(), blocked.logits.shape[0], finite, loss_sum, labels, blocked.keep, present, kept_present, split
+    )
 
 
 def save_buffers(model, optimization: Optimization, settings: StepSettings) -> bool:
@@ -183,8 +187,14 @@ def save_buffers(model, optimization: Optimization, settings: StepSettings) -> b
     return guard
 
 
-def update(model, loss: torch.Tensor, optimization: Optimization, settings: StepSettings,
-           schedule_at: Optional[float], guard: bool) -> bool:
+def update(
+    model,
+    loss: torch.Tensor,
+    optimization: Optimization,
+    settings: StepSettings,
+    schedule_at: Optional[float],
+    guard: bool,
+) -> bool:
     """Backward, clip, optimizer step, LR schedule, EMA. Returns whether the gradients were finite (always
     True without the guard); a step that was not changes no weight and restores the BatchNorm statistics."""
     optimization.optimizer.zero_grad(set_to_none=True)
@@ -231,12 +241,28 @@ class EpochTally:
 
     # rows_seen / rows_kept count rows, stand-ins of unreadable files included (host counts, for the
     # progress bar); the epoch's statistics count samples, from class_rows, which leaves stand-ins out.
-    FIELDS = ("batches", "rows_seen", "rows_kept", "nonfinite", "nonfinite_in_row", "elapsed",
-              "extra_selection_seconds")
+    FIELDS = (
+        "batches",
+        "rows_seen",
+        "rows_kept",
+        "nonfinite",
+        "nonfinite_in_row",
+        "elapsed",
+        "extra_selection_seconds",
+    )
 
-    def __init__(self, device, num_classes: int, saved: Optional[dict] = None, order_done: int = 0,
-                 world_size: int = 1, nonfinite_in_row: int = 0, train_samples: int = 0,
-                 spent_before: tuple[float, float] = (0.0, 0.0), updates_per_epoch: int = 1):
+    def __init__(
+        self,
+        device,
+        num_classes: int,
+        saved: Optional[dict] = None,
+        order_done: int = 0,
+        world_size: int = 1,
+        nonfinite_in_row: int = 0,
+        train_samples: int = 0,
+        spent_before: tuple[float, float] = (0.0, 0.0),
+        updates_per_epoch: int = 1,
+    ):
         """`nonfinite_in_row`: the run's streak of non-finite steps when the epoch starts (it counts across
         epochs). `train_samples`: the training set's size, for the unreadable samples' indices.
         `spent_before`: (compute in full-data epochs, training seconds) of the run's earlier epochs;
@@ -280,8 +306,10 @@ class EpochTally:
 
     def spent(self) -> tuple[float, float]:
         """(compute in full-data epochs, training seconds) of the run up to here (this rank's clock)."""
-        return (self.compute_before + self.step_costs / self.updates_per_epoch,
-                self.seconds_before + self.elapsed + self.extra_selection_seconds)
+        return (
+            self.compute_before + self.step_costs / self.updates_per_epoch,
+            self.seconds_before + self.elapsed + self.extra_selection_seconds,
+        )
 
     def add(self, result: StepResult, idx: torch.Tensor) -> None:
         """Count one step (no host sync: the counts stay on the device). `idx`: the batch's (B,) int64
@@ -307,9 +335,14 @@ class EpochTally:
         return self.unreadable[:-1].nonzero().flatten().tolist()
 
     def state_dict(self) -> dict:
-        return {**{k: getattr(self, k) for k in self.FIELDS}, "loss_sum": self.loss_sum.item(),
-                "loss_count": self.loss_count.item(), "class_rows": self.class_rows.tolist(),
-                "unreadable": self.unreadable_indices(), "seconds": self.timer.totals()}
+        return {
+            **{k: getattr(self, k) for k in self.FIELDS},
+            "loss_sum": self.loss_sum.item(),
+            "loss_count": self.loss_count.item(),
+            "class_rows": self.class_rows.tolist(),
+            "unreadable": self.unreadable_indices(),
+            "seconds": self.timer.totals(),
+        }
 
     @staticmethod
     def merge(states: list[dict]) -> dict:
@@ -338,8 +371,9 @@ def class_fractions(numerator: list, denominator: list, scale: float = 1.0) -> l
     return [round(scale * n / d, 4) if d > 0 else None for n, d in zip(numerator, denominator)]
 
 
-def train_one_epoch(context: StepContext, loader, epoch: int, tally: EpochTally, after_step=None,
-                    bar=None) -> Optional[dict]:
+def train_one_epoch(
+    context: StepContext, loader, epoch: int, tally: EpochTally, after_step=None, bar=None
+) -> Optional[dict]:
     """Train the rest of one epoch (call `prepare_epoch` first); returns its statistics, or None when
     `after_step(tally)` asked to stop early. `bar`: a tqdm bar, advanced once per step.
 
@@ -358,7 +392,7 @@ def train_one_epoch(context: StepContext, loader, epoch: int, tally: EpochTally,
     # An epoch resumed from a checkpoint of the step that spent the budget trains no more (a fresh epoch
     # trains: the run's end is decided at epoch ends, train.py).
     spent = tally.order_base > 0 and clock.budget_spent(compute, clock.seconds(seconds, 0, force=True))
-    for x, y, idx in (() if spent else loader):
+    for x, y, idx in () if spent else loader:
         x, y = _to_device(x, y, settings)
         idx = idx.to(settings.device, non_blocking=True)
         if mixup is not None:
@@ -371,8 +405,10 @@ def train_one_epoch(context: StepContext, loader, epoch: int, tally: EpochTally,
         tally.add(result, idx)
         tally.step_costs += settings.step_cost(x.shape[0], result.kept, result.split)
         if tally.nonfinite_in_row >= settings.max_nonfinite:  # the same on every rank: the norm is all-reduced
-            raise TrainingStopped(f"{tally.nonfinite_in_row} non-finite losses in a row (epoch {epoch}, batch "
-                                  f"{tally.batches}): {nonfinite_advice(settings, context.optimization)}")
+            raise TrainingStopped(
+                f"{tally.nonfinite_in_row} non-finite losses in a row (epoch {epoch}, batch "
+                f"{tally.batches}): {nonfinite_advice(settings, context.optimization)}"
+            )
         tally.elapsed = time.perf_counter() - started
         steps += 1
         compute, seconds = tally.spent()
@@ -383,22 +419,29 @@ def train_one_epoch(context: StepContext, loader, epoch: int, tally: EpochTally,
         if bar is not None:
             bar.update(1)
             if tally.batches % settings.log_every == 0:
-                bar.set_postfix(loss=f"{result.loss.item():.3f}", kept=f"{kept_so_far(tally):.2f}",
-                                img_s=f"{tally.rows_seen / tally.elapsed:.0f}")
+                bar.set_postfix(
+                    loss=f"{result.loss.item():.3f}",
+                    kept=f"{kept_so_far(tally):.2f}",
+                    img_s=f"{tally.rows_seen / tally.elapsed:.0f}",
+                )
         if after_step is not None and after_step(tally):
             return None
         if clock.budget_spent(compute, seconds):
             break
 
     host = torch.tensor([tally.rows_seen, tally.nonfinite], dtype=torch.float64)
-    counts = all_reduce_sum(torch.cat([torch.stack([tally.loss_sum, tally.loss_count]), host.to(settings.device),
-                                       tally.class_rows.flatten()]))
+    counts = all_reduce_sum(
+        torch.cat(
+            [torch.stack([tally.loss_sum, tally.loss_count]), host.to(settings.device), tally.class_rows.flatten()]
+        )
+    )
     (loss_total, loss_count, rows, nonfinite), (seen_by_class, kept_by_class) = _split(counts.tolist(), 4)
     seen, kept = sum(seen_by_class), sum(kept_by_class)  # samples: stand-ins of unreadable files left out
     bad = rows - seen
     if not math.isfinite(loss_total):  # without the per-step guard (runtime.check_finite false, or fp16)
-        raise TrainingStopped(f"the training loss of epoch {epoch} is not finite: "
-                              f"{nonfinite_advice(settings, context.optimization)}")
+        raise TrainingStopped(
+            f"the training loss of epoch {epoch} is not finite: {nonfinite_advice(settings, context.optimization)}"
+        )
     unreadable = all_gather_objects(tally.unreadable_indices()) if bad else []  # collective: `bad` is all-reduced
     diagnostics = context.selector.epoch_diagnostics(settings.device)  # collective: every rank reads its tallies
     t = timer.totals()
@@ -418,7 +461,9 @@ def train_one_epoch(context: StepContext, loader, epoch: int, tally: EpochTally,
         "selection_seconds": t.get("select", 0.0) + t.get("observe", 0.0) + tally.extra_selection_seconds,
         "images_per_second": seen / seconds if seconds > 0 else 0.0,
         "class_kept_fraction": class_fractions(kept_by_class, seen_by_class),  # of each class's rows loaded
-        "class_rows": [round(n) for n in seen_by_class],  # samples of each class loaded: the starvation check's evidence
+        "class_rows": [
+            round(n) for n in seen_by_class
+        ],  # samples of each class loaded: the starvation check's evidence
         "unreadable": sorted({i for rank in unreadable for i in rank}),  # dataset indices (train.py names them)
         **diagnostics,
     }
@@ -468,8 +513,11 @@ def evaluate(model, loader, settings: StepSettings) -> dict:
     per_class = torch.zeros(2, model.num_classes, dtype=torch.float64, device=settings.device)
     for x, y, idx in loader:
         x, y = _to_device(x, y, settings)
-        present = (torch.ones_like(y, dtype=torch.float64) if idx is None  # stand-ins of unreadable files: 0
-                   else blocking.holds_sample(idx.to(settings.device, non_blocking=True)).double())
+        present = (
+            torch.ones_like(y, dtype=torch.float64)
+            if idx is None  # stand-ins of unreadable files: 0
+            else blocking.holds_sample(idx.to(settings.device, non_blocking=True)).double()
+        )
         with autocast(settings):
             logits = model(x).logits.float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -480,5 +528,10 @@ def evaluate(model, loader, settings: StepSettings) -> dict:
         per_class[1].index_add_(0, y, present)
     totals = all_reduce_sum(torch.cat([totals, per_class.flatten()]))
     (correct1, correct5, loss, count), (hits, samples) = _split(totals.tolist(), 4)
-    return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count, "val_loss": loss / count,
-            "val_samples": round(count), "val_class_top1": class_fractions(hits, samples, scale=100.0)}
+    return {
+        "top1": 100.0 * correct1 / count,
+        "top5": 100.0 * correct5 / count,
+        "val_loss": loss / count,
+        "val_samples": round(count),
+        "val_class_top1": class_fractions(hits, samples, scale=100.0),
+    }

@@ -5,8 +5,15 @@ from __future__ import annotations
 import torch
 
 from pfb_train.budget import budget_epochs
-from pfb_train.costs import (MODES, StepCost, blocking_mode, cheaper_mode, count_flops, predicted_cost_ratio,
-                             shallow_flop_share)
+from pfb_train.costs import (
+    MODES,
+    StepCost,
+    blocking_mode,
+    cheaper_mode,
+    count_flops,
+    predicted_cost_ratio,
+    shallow_flop_share,
+)
 from pfb_train.data.registry import get_source
 from pfb_train.models import build_model, split_spec
 from pfb_train.selection import RunFacts, get_method
@@ -22,8 +29,9 @@ def _num_classes(cfg) -> int:
 def model_info(cfg) -> dict:
     model_cfg = type(cfg.model)(**{**vars(cfg.model), "pretrained": False})  # no weights needed to count
     with torch.device("meta"):  # shapes only: FLOPs are counted without doing the arithmetic
-        blocked = build_model(model_cfg, cfg.blocking.stage, _num_classes(cfg), blocking_mode(cfg.blocking),
-                              img_size=cfg.data.img_size).eval()
+        blocked = build_model(
+            model_cfg, cfg.blocking.stage, _num_classes(cfg), blocking_mode(cfg.blocking), img_size=cfg.data.img_size
+        ).eval()
     share = shallow_flop_share(blocked, cfg.data.img_size)
     x = torch.empty(1, 3, cfg.data.img_size, cfg.data.img_size, device="meta")
     with torch.no_grad():

@@ -95,8 +95,9 @@ class RunLogger:
             if key != "epoch" and isinstance(value, (int, float)):
                 self.writer.add_scalar(f"epoch/{key}", value, record["epoch"])
             elif isinstance(value, list) and any(v is not None for v in value):  # per-class values
-                self.writer.add_histogram(f"epoch/{key}", torch.tensor([v for v in value if v is not None]),
-                                          record["epoch"])
+                self.writer.add_histogram(
+                    f"epoch/{key}", torch.tensor([v for v in value if v is not None]), record["epoch"]
+                )
         self.writer.flush()
 
     def log_unreadable(self, epoch: int, names: list[str]) -> None:
@@ -135,7 +136,9 @@ class BaselineComparison:
     def __init__(self, run_dir):
         path = Path(run_dir).expanduser()
         if not (path / "metrics.jsonl").is_file():
-            raise UserError(f"config key 'runtime.baseline': no metrics.jsonl in {path} (expected a finished run directory)")
+            raise UserError(
+                f"config key 'runtime.baseline': no metrics.jsonl in {path} (expected a finished run directory)"
+            )
         records = read_metrics(path)
         self.top1 = {r["epoch"]: r["top1"] for r in records if "top1" in r}
         self.cumulative_seconds, total = {}, 0.0

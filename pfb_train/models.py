@@ -59,8 +59,13 @@ def _vit_spec(model) -> SplitSpec:
     # Blocks are equal, so each block is a stage; the class/register tokens and the position
     # embedding are loose parameters of the stem. Tokens are (B, N, C): pool over N.
     loose = tuple(n for n in ("cls_token", "reg_token", "pos_embed") if getattr(model, n, None) is not None)
-    return SplitSpec(stem=("patch_embed", "pos_drop", "patch_drop", "norm_pre") + loose,
-                     stages=_children(model, "blocks"), post=("norm",), feature_dims=(1,), stem_forward=_vit_stem)
+    return SplitSpec(
+        stem=("patch_embed", "pos_drop", "patch_drop", "norm_pre") + loose,
+        stages=_children(model, "blocks"),
+        post=("norm",),
+        feature_dims=(1,),
+        stem_forward=_vit_stem,
+    )
 
 
 def _efficientnet_spec(model) -> SplitSpec:
@@ -85,8 +90,10 @@ ADAPTERS: dict[str, Callable[[nn.Module], SplitSpec]] = {
     "MobileNetV3": _mobilenetv3_spec,
     "RegNet": _regnet_spec,
 }
-SUPPORTED = ("ResNet family (resnet, resnext, seresnet, wide_resnet), ConvNeXt, Swin, ViT/DeiT, EfficientNet, "
-             "MobileNetV3, RegNet, and models whose feature_info stages run in sequence")
+SUPPORTED = (
+    "ResNet family (resnet, resnext, seresnet, wide_resnet), ConvNeXt, Swin, ViT/DeiT, EfficientNet, "
+    "MobileNetV3, RegNet, and models whose feature_info stages run in sequence"
+)
 # Children that belong to timm's forward_head, never to forward_features.
 HEAD_NAMES = {"global_pool", "head", "head_drop", "fc", "fc_norm", "classifier", "flatten", "pre_logits", "head_dist"}
 
@@ -206,8 +213,10 @@ def _verify_split(model: nn.Module, blocked: "BlockedModel") -> None:
     finally:
         model.train(was_training)
     if not ok:
-        raise UserError(f"cannot split model '{_model_name(model)}' ({type(model).__name__}): its feature_info "
-                        f"stages do not run in sequence; supported: {SUPPORTED}")
+        raise UserError(
+            f"cannot split model '{_model_name(model)}' ({type(model).__name__}): its feature_info "
+            f"stages do not run in sequence; supported: {SUPPORTED}"
+        )
 
 
 @dataclass(frozen=True)
@@ -255,8 +264,10 @@ class BlockedModel(nn.Module):
     def __init__(self, model: nn.Module, stage: Union[int, str] = 1, mode: str = "reuse"):
         super().__init__()
         if mode not in ("reuse", "recompute"):
-            raise UserError(f"invalid blocking.mode {mode!r}; choose one of: reuse, recompute (auto is resolved "
-                            "from the ratio by pfb_train.costs.cheaper_mode)")
+            raise UserError(
+                f"invalid blocking.mode {mode!r}; choose one of: reuse, recompute (auto is resolved "
+                "from the ratio by pfb_train.costs.cheaper_mode)"
+            )
         self.model = model
         spec = split_spec(model)
         self.stage = resolve_stage(spec, stage)
@@ -302,8 +313,9 @@ class BlockedModel(nn.Module):
         density model. `dtype=` instead of `.float()` avoids a float32 copy of the whole activation."""
         return h.detach().mean(self.feature_dims, dtype=torch.float32)
 
-    def forward(self, x: torch.Tensor, select: Optional[Callable] = None, features: bool = False,
-                score: ScorePass = EXACT_SCORE) -> BlockedOutput:
+    def forward(
+        self, x: torch.Tensor, select: Optional[Callable] = None, features: bool = False, score: ScorePass = EXACT_SCORE
+    ) -> BlockedOutput:
         """`x`: (B, C, H, W) images. `select(feats) -> kept row indices or None`; without it this is
         the plain model, which returns the pooled shallow features too when `features` is set.
         `score`: how recompute mode ranks the rows (reuse ranks by its training pass's features)."""
@@ -346,7 +358,9 @@ class BlockedModel(nn.Module):
             self.eval()  # one image through, running statistics untouched
             try:
                 with torch.no_grad():
-                    self._eager_shallow(torch.zeros(1, self.in_chans, size, size, device=param.device, dtype=param.dtype))
+                    self._eager_shallow(
+                        torch.zeros(1, self.in_chans, size, size, device=param.device, dtype=param.dtype)
+                    )
                 self._takes_size[size] = None
             except Exception as e:
                 self._takes_size[size] = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -417,20 +431,30 @@ def check_score_pass(blocked: BlockedModel, score: ScorePass, img_size: int, key
     resolved = blocked.resolve_score(score, img_size)
     name = _model_name(blocked.model)
     if score.norm == "running" and not blocked._shallow_norms:
-        raise UserError(f"{key}.score_norm 'running' needs BatchNorm running statistics in the shallow part; "
-                        f"'{name}' has none there (its norms use each sample's own statistics): use 'batch' or 'auto'")
+        raise UserError(
+            f"{key}.score_norm 'running' needs BatchNorm running statistics in the shallow part; "
+            f"'{name}' has none there (its norms use each sample's own statistics): use 'batch' or 'auto'"
+        )
     if score.scale not in (None, 1.0, 0.0):  # 0: NO_RANKING, no pass to run
         size = max(1, round(img_size * score.scale))
         reason = blocked._runs_at(size)
         if reason is not None:
-            raise UserError(f"{key}.score_scale {score.scale} feeds '{name}' {size} px images (data.img_size "
-                            f"{img_size}), which its shallow part does not take ({reason}); use score_scale 1 "
-                            "or null (auto)")
+            raise UserError(
+                f"{key}.score_scale {score.scale} feeds '{name}' {size} px images (data.img_size "
+                f"{img_size}), which its shallow part does not take ({reason}); use score_scale 1 "
+                "or null (auto)"
+            )
     return resolved
 
 
-def check_training_rows(blocked: BlockedModel, img_size: int, batch_rows: int, kept_rows: int,
-                        ratio_key: Optional[str] = None, synced_ranks: int = 1) -> None:
+def check_training_rows(
+    blocked: BlockedModel,
+    img_size: int,
+    batch_rows: int,
+    kept_rows: int,
+    ratio_key: Optional[str] = None,
+    synced_ranks: int = 1,
+) -> None:
     """Refuse (UserError, one line) a batch that BatchNorm cannot train on: in training it needs two or more
     values per channel (PyTorch raises ValueError otherwise), and a layer whose input is one pixel per
     channel (the last stages of a small image) gets that from the rows alone.
@@ -450,12 +474,16 @@ def check_training_rows(blocked: BlockedModel, img_size: int, batch_rows: int, k
         layer = next((layer for layer, where in single if where == part), None)
         if layer is None or rows >= 2:
             continue
-        seen = (f"BatchNorm layer '{layer}' of '{name}' sees one value per channel per image at data.img_size "
-                f"{img_size} px, and in training BatchNorm needs two")
+        seen = (
+            f"BatchNorm layer '{layer}' of '{name}' sees one value per channel per image at data.img_size "
+            f"{img_size} px, and in training BatchNorm needs two"
+        )
         if batch_rows < 2:
             raise UserError(f"config key 'data.batch_size' is {batch_rows}: {seen}; set data.batch_size to 2 or more")
-        raise UserError(f"config key '{ratio_key}' keeps {rows} row of each batch of data.batch_size {batch_rows}: "
-                        f"{seen}; raise data.batch_size or lower {ratio_key}")
+        raise UserError(
+            f"config key '{ratio_key}' keeps {rows} row of each batch of data.batch_size {batch_rows}: "
+            f"{seen}; raise data.batch_size or lower {ratio_key}"
+        )
 
 
 def _single_value_norms(blocked: BlockedModel, img_size: int) -> list[tuple[str, str]]:
@@ -465,9 +493,11 @@ def _single_value_norms(blocked: BlockedModel, img_size: int) -> list[tuple[str,
     found, hooks = [], []
     for layer, module in blocked.model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
+
             def record(module, inputs, layer=layer):
                 if inputs[0][0].numel() == inputs[0].shape[1]:  # (C, *spatial) of one image: C values
                     found.append((layer, "shallow" if id(module) in shallow else "deep"))
+
             hooks.append(module.register_forward_pre_hook(record))
     if not hooks:
         return []
@@ -488,8 +518,10 @@ def create_timm_model(name: str, num_classes: int, pretrained: bool = False, **k
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except TypeError as e:  # an option this model's constructor does not take
-        raise UserError(f"timm model '{name}' cannot be built with {', '.join(f'{k}={v!r}' for k, v in kwargs.items())} "
-                        f"({_first_line(e)})") from None
+        raise UserError(
+            f"timm model '{name}' cannot be built with {', '.join(f'{k}={v!r}' for k, v in kwargs.items())} "
+            f"({_first_line(e)})"
+        ) from None
     except Exception as e:  # pretrained weights need the network or a local cache
         if pretrained:
             raise UserError(f"could not load pretrained weights for '{name}': {_first_line(e)}") from None
@@ -519,14 +551,24 @@ def runs_at(model: nn.Module, size: int) -> Optional[str]:
         model.train(was_training)
 
 
-def build_model(model_cfg, stage: Union[int, str], num_classes: int, mode: str = "reuse",
-                sync_bn: bool = False, img_size: Optional[int] = None) -> BlockedModel:
+def build_model(
+    model_cfg,
+    stage: Union[int, str],
+    num_classes: int,
+    mode: str = "reuse",
+    sync_bn: bool = False,
+    img_size: Optional[int] = None,
+) -> BlockedModel:
     """The timm model `model_cfg` describes, split after `stage`. With `img_size` (px), a model that
     does not run at that size as built (ViT, DeiT, Swin: a fixed input size) is built for it through
     timm's `img_size` argument. Raises UserError (one line) for an unknown model, options it does not
     take, or a size it cannot run at."""
-    options = dict(num_classes=num_classes, pretrained=model_cfg.pretrained, drop_rate=model_cfg.drop_rate,
-                   drop_path_rate=model_cfg.drop_path)
+    options = dict(
+        num_classes=num_classes,
+        pretrained=model_cfg.pretrained,
+        drop_rate=model_cfg.drop_rate,
+        drop_path_rate=model_cfg.drop_path,
+    )
     model = _prepared(create_timm_model(model_cfg.name, **options), model_cfg)
     default = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (None,))[-1]
     reason = runs_at(model, img_size) if img_size is not None and img_size != default else None
@@ -537,8 +579,10 @@ def build_model(model_cfg, stage: Union[int, str], num_classes: int, mode: str =
         except UserError:  # the model takes no img_size: the first reason stands
             pass
         if reason is not None:
-            raise UserError(f"model '{model_cfg.name}' does not run on data.img_size {img_size} px images ({reason}); "
-                            f"set data.img_size to a size it takes{f' (its default is {default})' if default else ''}")
+            raise UserError(
+                f"model '{model_cfg.name}' does not run on data.img_size {img_size} px images ({reason}); "
+                f"set data.img_size to a size it takes{f' (its default is {default})' if default else ''}"
+            )
     if sync_bn:  # before splitting: conversion swaps modules, and the views hold references
         model = timm.layers.convert_sync_batchnorm(model)
     return BlockedModel(model, stage, mode)
@@ -554,9 +598,12 @@ def cifar_stem(model: nn.Module) -> nn.Module:
     """The usual CIFAR ResNet: a 3x3 stride-1 first convolution and no max-pool keep 32 px inputs at
     full resolution into layer1 (timm's ImageNet stem would shrink them to 8 px)."""
     if type(model).__name__ != "ResNet" or not isinstance(model.conv1, nn.Conv2d):
-        raise UserError(f"config key 'model.cifar_stem' applies to ResNets with a single-conv stem, not '{_model_name(model)}'")
-    model.conv1 = nn.Conv2d(model.conv1.in_channels, model.conv1.out_channels, 3, 1, 1, bias=False,
-                            device=model.conv1.weight.device)
+        raise UserError(
+            f"config key 'model.cifar_stem' applies to ResNets with a single-conv stem, not '{_model_name(model)}'"
+        )
+    model.conv1 = nn.Conv2d(
+        model.conv1.in_channels, model.conv1.out_channels, 3, 1, 1, bias=False, device=model.conv1.weight.device
+    )
     model.maxpool = nn.Identity()
     return model
 

@@ -127,8 +127,10 @@ class PreemptionSignals:
             if self.signum == signal.SIGINT:
                 raise KeyboardInterrupt
             if self.announce:
-                sys.stderr.write("pfb-train: interrupt: stopping with a checkpoint at the end of this step (or "
-                                 "evaluation); Ctrl-C again aborts at once, without one\n")
+                sys.stderr.write(
+                    "pfb-train: interrupt: stopping with a checkpoint at the end of this step (or "
+                    "evaluation); Ctrl-C again aborts at once, without one\n"
+                )
         self.signum = signum
 
     def requested(self, step: int, force: bool = False) -> int:

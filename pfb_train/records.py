@@ -50,8 +50,10 @@ def epoch_line(record: dict) -> str:
     """The line printed after each epoch, e.g. 'epoch 3: loss 1.2345  top-1 61.20%  kept 0.600  12.3s  830 img/s'."""
     top1 = f"top-1 {record['top1']:.2f}%" if "top1" in record else "top-1 -"
     loss = "-" if record["train_loss"] is None else f"{record['train_loss']:.4f}"  # None: no step updated
-    line = (f"epoch {record['epoch']}: loss {loss}  {top1}  kept {record['kept_fraction']:.3f}  "
-            f"{record['epoch_seconds']:.1f}s  {record['images_per_second']:.0f} img/s")
+    line = (
+        f"epoch {record['epoch']}: loss {loss}  {top1}  kept {record['kept_fraction']:.3f}  "
+        f"{record['epoch_seconds']:.1f}s  {record['images_per_second']:.0f} img/s"
+    )
     if record.get("selection_signal") is not None:
         line += f"  signal {record['selection_signal']:.2f}"
     if "epoch_fraction" in record:
@@ -111,17 +113,21 @@ def unreadable_warning(epoch: int, names: list[str], listed) -> str:
     """The line for an epoch with unreadable training images: their count and first names; `listed`: the
     file holding every name (metrics.UNREADABLE_FILE)."""
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    return (f"warning: epoch {epoch}: {len(names)} unreadable training image(s), each stood in for by a readable "
-            f"one of its batch and left out of every count: {shown} (all in {listed})")
+    return (
+        f"warning: epoch {epoch}: {len(names)} unreadable training image(s), each stood in for by a readable "
+        f"one of its batch and left out of every count: {shown} (all in {listed})"
+    )
 
 
 def no_step_line(cfg: Config, epoch: int, sampler, world_size: int) -> str:
     """The stop line of an epoch that trained no step: its sampler-level subset was under one global batch."""
     method = get_method(cfg.blocking.method)
     visited = sampler.size if sampler.subset is None else len(sampler.subset)
-    return (f"epoch {epoch} trained no step: '{method.name}' left {visited} of the {sampler.size} training samples in "
-            f"it, fewer than one global batch (data.batch_size {cfg.data.batch_size} x {world_size} process(es)); "
-            f"lower {method.ratio_key} or data.batch_size")
+    return (
+        f"epoch {epoch} trained no step: '{method.name}' left {visited} of the {sampler.size} training samples in "
+        f"it, fewer than one global batch (data.batch_size {cfg.data.batch_size} x {world_size} process(es)); "
+        f"lower {method.ratio_key} or data.batch_size"
+    )
 
 
 def sample_accounting(seen: int, kept: int, bad: int, nominal: int) -> dict:
@@ -139,8 +145,15 @@ def sample_accounting(seen: int, kept: int, bad: int, nominal: int) -> dict:
     }
 
 
-def summarize(cfg: Config, history: list[dict], wall_seconds: float, run_dir, world_size: int, device: str,
-              class_counts: Optional[list] = None) -> dict:
+def summarize(
+    cfg: Config,
+    history: list[dict],
+    wall_seconds: float,
+    run_dir,
+    world_size: int,
+    device: str,
+    class_counts: Optional[list] = None,
+) -> dict:
     """summary.json: the run's totals over its epoch records (`history`), top-1 of the last evaluation."""
     slots = sum(r["samples_seen"] + r["samples_pruned"] for r in history)  # readable slots: see sample_accounting
     blocked = sum(r["samples_blocked"] + r["samples_pruned"] for r in history)
@@ -168,10 +181,14 @@ def summarize(cfg: Config, history: list[dict], wall_seconds: float, run_dir, wo
         "device": device,
         "wall_seconds": wall_seconds,
         # over whole epochs' worth: a budget's last epoch counts for the part of it that ran
-        "seconds_per_epoch": sum(r["epoch_seconds"] for r in history) / sum(r.get("epoch_fraction", 1) for r in history),
+        "seconds_per_epoch": sum(r["epoch_seconds"] for r in history)
+        / sum(r.get("epoch_fraction", 1) for r in history),
         "run_dir": run_dir,
         # epochs where a class kept under half the mean kept fraction: [{epoch, classes: {class: kept}}]
-        "starved_classes": [{"epoch": r["epoch"], "classes": r["starved_classes"]}
-                            for r in history if r.get("starved_classes")],
-        "train_class_counts": list(class_counts) if class_counts is not None else None,  # training samples per class (long-tailed sets: head vs tail)
+        "starved_classes": [
+            {"epoch": r["epoch"], "classes": r["starved_classes"]} for r in history if r.get("starved_classes")
+        ],
+        "train_class_counts": list(class_counts)
+        if class_counts is not None
+        else None,  # training samples per class (long-tailed sets: head vs tail)
     }

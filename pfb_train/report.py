@@ -28,9 +28,18 @@ from pfb_train.errors import UserError
 from pfb_train.metrics import read_metrics
 
 # Config keys that do not change what is trained: runs that differ only here are seeds of one row.
-NOT_THE_EXPERIMENT = {"name", "runtime.seed", "runtime.output", "runtime.resume", "runtime.baseline",
-                      "runtime.progress", "runtime.log_every", "runtime.threads", "runtime.checkpoint_every",
-                      "runtime.eval_every"}
+NOT_THE_EXPERIMENT = {
+    "name",
+    "runtime.seed",
+    "runtime.output",
+    "runtime.resume",
+    "runtime.baseline",
+    "runtime.progress",
+    "runtime.log_every",
+    "runtime.threads",
+    "runtime.checkpoint_every",
+    "runtime.eval_every",
+}
 
 
 @dataclass
@@ -74,8 +83,12 @@ def load_run(path) -> Run:
     path = Path(path)
     if not (path / "summary.json").is_file():
         raise UserError(f"not a finished run directory: {path} (no summary.json)")
-    return Run(path, json.loads((path / "summary.json").read_text()),
-               yaml.safe_load((path / "config.yaml").read_text()), read_metrics(path))
+    return Run(
+        path,
+        json.loads((path / "summary.json").read_text()),
+        yaml.safe_load((path / "config.yaml").read_text()),
+        read_metrics(path),
+    )
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -215,19 +228,24 @@ def table_rows(runs: list[Run], baseline: list[Run], target=None, compute=None) 
         }
         curves = [c for c in (compute_curve(r) for r in group) if c]  # runs logged before compute was: none
         row["compute_spent"], row["compute_spent_std"], row["seeds_counted"] = _over_seeds(
-            [x.get("compute_spent") for x in s])
+            [x.get("compute_spent") for x in s]
+        )
         row["equal_compute"], row["target_top1"] = compute, target
         row["top1_at_compute"], row["top1_at_compute_std"], row["seeds_at_compute"] = _over_seeds(
-            [top1_at_compute(c, compute) if compute is not None else None for c in curves])
+            [top1_at_compute(c, compute) if compute is not None else None for c in curves]
+        )
         row["compute_to_target"], row["compute_to_target_std"], row["seeds_reaching_target"] = _over_seeds(
-            [compute_to_reach(c, target) for c in curves])
+            [compute_to_reach(c, target) for c in curves]
+        )
         row["seeds_with_curve"] = len(curves)
         signals = [m["selection_signal"] for r in group for m in r.metrics if m.get("selection_signal") is not None]
         row["selection_signal"] = statistics.fmean(signals) if signals else None
         split = [head_tail_top1(r) for r in group]
         if all(x is not None for x in split):
             (row["top1_head"], row["top1_head_std"]), (row["top1_tail"], row["top1_tail_std"]) = (
-                _mean_std([x[0] for x in split]), _mean_std([x[1] for x in split]))
+                _mean_std([x[0] for x in split]),
+                _mean_std([x[1] for x in split]),
+            )
         rows.append(row)
     return rows
 
@@ -259,18 +277,38 @@ def markdown_table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         signal = "-" if r["selection_signal"] is None else f"{r['selection_signal']:.2f}"
-        cells = [r["label"], str(r["seeds"]), f"{r['blocked_fraction']:.3f}", signal,
-                 _pm(r["top1"], r["top1_std"], r["seeds"]), f"{r['top1_delta']:+.2f}"]
+        cells = [
+            r["label"],
+            str(r["seeds"]),
+            f"{r['blocked_fraction']:.3f}",
+            signal,
+            _pm(r["top1"], r["top1_std"], r["seeds"]),
+            f"{r['top1_delta']:+.2f}",
+        ]
         if counted:
-            cells += [_of_seeds(r["compute_spent"], r["compute_spent_std"], r["seeds_counted"], r["seeds"], "-"),
-                      _of_seeds(r["top1_at_compute"], r["top1_at_compute_std"], r["seeds_at_compute"], r["seeds"], "-"),
-                      _of_seeds(r["compute_to_target"], r["compute_to_target_std"], r["seeds_reaching_target"],
-                                r["seeds"], "not reached" if r["seeds_with_curve"] else "-")]
+            cells += [
+                _of_seeds(r["compute_spent"], r["compute_spent_std"], r["seeds_counted"], r["seeds"], "-"),
+                _of_seeds(r["top1_at_compute"], r["top1_at_compute_std"], r["seeds_at_compute"], r["seeds"], "-"),
+                _of_seeds(
+                    r["compute_to_target"],
+                    r["compute_to_target_std"],
+                    r["seeds_reaching_target"],
+                    r["seeds"],
+                    "not reached" if r["seeds_with_curve"] else "-",
+                ),
+            ]
         if split:
-            cells += [_pm(r["top1_head"], r["top1_head_std"], r["seeds"]) if "top1_head" in r else "-",
-                      _pm(r["top1_tail"], r["top1_tail_std"], r["seeds"]) if "top1_tail" in r else "-"]
-        cells += [_pm(r["train_seconds"], r["train_seconds_std"], r["seeds"], 1), f"{r['train_hours']:.4f}",
-                  f"{r['selection_hours']:.4f}", f"{r['device_hours']:.4f}", f"{r['time_reduction_pct']:.1f} %"]
+            cells += [
+                _pm(r["top1_head"], r["top1_head_std"], r["seeds"]) if "top1_head" in r else "-",
+                _pm(r["top1_tail"], r["top1_tail_std"], r["seeds"]) if "top1_tail" in r else "-",
+            ]
+        cells += [
+            _pm(r["train_seconds"], r["train_seconds_std"], r["seeds"], 1),
+            f"{r['train_hours']:.4f}",
+            f"{r['selection_hours']:.4f}",
+            f"{r['device_hours']:.4f}",
+            f"{r['time_reduction_pct']:.1f} %",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -361,7 +399,7 @@ def _compute_plot(plt, groups, labels, path) -> bool:
         if not read:
             continue
         x, y = [c for c, _ in read], [v for _, v in read]
-        line, = ax.plot(x, [statistics.fmean(v) for v in y], marker="o", markersize=3, label=label)
+        (line,) = ax.plot(x, [statistics.fmean(v) for v in y], marker="o", markersize=3, label=label)
         if len(group) > 1:
             ax.fill_between(x, [min(v) for v in y], [max(v) for v in y], color=line.get_color(), alpha=0.2, lw=0)
         drawn = True
@@ -371,20 +409,23 @@ def _compute_plot(plt, groups, labels, path) -> bool:
 def _heatmaps(plt, groups, labels, path) -> bool:
     """Kept fraction per class (rows) per epoch (columns), one panel per method that blocks rows. Class
     ticks are labelled up to 30 classes; beyond that the panel still shows every class as a pixel row."""
-    panels = [(label, class_kept_table(g)) for g, label in zip(groups, labels)
-              if any(m.get("samples_blocked", 0) > 0 for r in g for m in r.metrics)]
+    panels = [
+        (label, class_kept_table(g))
+        for g, label in zip(groups, labels)
+        if any(m.get("samples_blocked", 0) > 0 for r in g for m in r.metrics)
+    ]
     panels = [(label, table) for label, table in panels if table]
     if not panels:
         return False
     cols = min(3, len(panels))
     rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), dpi=110, squeeze=False,
-                             layout="constrained")
-    for ax in axes.flat[len(panels):]:
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), dpi=110, squeeze=False, layout="constrained")
+    for ax in axes.flat[len(panels) :]:
         ax.axis("off")
     for ax, (label, table) in zip(axes.flat, panels):
-        image = ax.imshow(table, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0, vmax=1.0,
-                          origin="lower")
+        image = ax.imshow(
+            table, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0, vmax=1.0, origin="lower"
+        )
         ax.set_title(textwrap.fill(label, 48), fontsize=7)
         ax.set_xlabel("epoch", fontsize=7)
         ax.set_ylabel("class", fontsize=7)
@@ -409,13 +450,17 @@ def write_plots(runs: list[Run], out: Path) -> list[Path]:
         return []
     groups = group_runs(runs)
     labels = group_labels(groups)
-    lines = [("top1.png", "top1", False, "top-1 (%)"),
-             ("wallclock.png", "epoch_seconds", True, "cumulative training time (s)"),
-             ("kept_fraction.png", "kept_fraction", False, "kept fraction of sample-passes"),
-             ("selection_signal.png", "selection_signal", False,
-              "selection signal")]
-    paths = [out / name for name, field, cumulative, ylabel in lines
-             if _line_plot(plt, groups, labels, field, cumulative, ylabel, out / name)]
+    lines = [
+        ("top1.png", "top1", False, "top-1 (%)"),
+        ("wallclock.png", "epoch_seconds", True, "cumulative training time (s)"),
+        ("kept_fraction.png", "kept_fraction", False, "kept fraction of sample-passes"),
+        ("selection_signal.png", "selection_signal", False, "selection signal"),
+    ]
+    paths = [
+        out / name
+        for name, field, cumulative, ylabel in lines
+        if _line_plot(plt, groups, labels, field, cumulative, ylabel, out / name)
+    ]
     if _compute_plot(plt, groups, labels, out / "top1_vs_compute.png"):
         paths.append(out / "top1_vs_compute.png")
     if _heatmaps(plt, groups, labels, out / "class_kept_fraction.png"):
@@ -425,8 +470,16 @@ def write_plots(runs: list[Run], out: Path) -> list[Path]:
 
 # What every run of one table shares: the data, the model and the image size. Runs that differ here are
 # other experiments: their top-1 and time differences would mean nothing.
-SAME_EXPERIMENT = ("data.dataset", "data.train_samples", "data.val_samples", "data.imbalance", "data.rare_classes",
-                   "data.img_size", "model.name", "model.cifar_stem")
+SAME_EXPERIMENT = (
+    "data.dataset",
+    "data.train_samples",
+    "data.val_samples",
+    "data.imbalance",
+    "data.rare_classes",
+    "data.img_size",
+    "model.name",
+    "model.cifar_stem",
+)
 
 
 def check_comparable(runs: list[Run], baseline: list[Run]) -> None:
@@ -446,12 +499,16 @@ def check_comparable(runs: list[Run], baseline: list[Run]) -> None:
         ours = flatten(run.config)
         for key in SAME_EXPERIMENT:
             if ours.get(key) != theirs.get(key):
-                raise UserError(f"run {run.path} has {key} {ours.get(key)!r}, the baseline {reference.path} has "
-                                f"{theirs.get(key)!r}: a report compares runs of one data set, model and image size")
+                raise UserError(
+                    f"run {run.path} has {key} {ours.get(key)!r}, the baseline {reference.path} has "
+                    f"{theirs.get(key)!r}: a report compares runs of one data set, model and image size"
+                )
         roots.add(ours.get("data.root"))
     if len(roots) > 1:
-        print(f"note: the runs read data.root {', '.join(sorted(map(repr, roots)))}: compared as the same data",
-              file=sys.stderr)
+        print(
+            f"note: the runs read data.root {', '.join(sorted(map(repr, roots)))}: compared as the same data",
+            file=sys.stderr,
+        )
     if len(group_runs(baseline)) > 1:
         raise UserError("the --baseline runs differ in more than their seed: give the seeds of one full-data setting")
     for group in group_runs(baseline + runs):
@@ -459,8 +516,10 @@ def check_comparable(runs: list[Run], baseline: list[Run]) -> None:
         repeated = next((s for s in seeds if seeds.count(s) > 1), None)
         if repeated is not None:
             same = [str(r.path) for r in group if r.seed == repeated]
-            raise UserError(f"runs {same[0]} and {same[1]} are one setting with the same runtime.seed {repeated}: "
-                            "a repeat is not another seed; give one of them (or train with other seeds)")
+            raise UserError(
+                f"runs {same[0]} and {same[1]} are one setting with the same runtime.seed {repeated}: "
+                "a repeat is not another seed; give one of them (or train with other seeds)"
+            )
 
 
 def report(run_dirs: list[str], baseline_dirs: list[str], out_dir: str, target=None, compute=None) -> dict:

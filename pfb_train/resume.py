@@ -16,8 +16,14 @@ import torch
 import yaml
 
 from pfb_train.budget import RunClock, spent_so_far
-from pfb_train.checkpoint import (all_rng_states, has_checkpoint_files, latest_checkpoint, load_checkpoint,
-                                  restore_rng, save_checkpoint)
+from pfb_train.checkpoint import (
+    all_rng_states,
+    has_checkpoint_files,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from pfb_train.config import Config, experiment_settings, flatten
 from pfb_train.data.loaders import ShardStreamSampler
 from pfb_train.distributed import DistInfo, all_gather_objects
@@ -35,8 +41,10 @@ def resume_point(resume: Optional[str], output: str, name: str):
         run_dir = Path(output).expanduser() / name
         checkpoint = latest_checkpoint(run_dir)[1]
         if checkpoint is None and has_checkpoint_files(run_dir):  # starting afresh would overwrite its metrics
-            raise UserError(f"no checkpoint in {run_dir} is readable (checkpoint-last.pt and checkpoint-prev.pt): "
-                            "move the run directory away to start afresh, or give another name")
+            raise UserError(
+                f"no checkpoint in {run_dir} is readable (checkpoint-last.pt and checkpoint-prev.pt): "
+                "move the run directory away to start afresh, or give another name"
+            )
         return run_dir, checkpoint
     path = Path(resume).expanduser()
     checkpoint = latest_checkpoint(path)[1] if path.is_dir() else load_checkpoint(path)
@@ -59,8 +67,15 @@ def unfinished_namesakes(run_dir: Path, name: str) -> list[Path]:
     if not run_dir.parent.is_dir():
         return []
     pattern = re.compile(re.escape(run_dir.name) + r"-[0-9]+")
-    found = [p for p in run_dir.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir()
-             and has_checkpoint_files(p) and not (p / "summary.json").exists() and _run_name(p) == name]
+    found = [
+        p
+        for p in run_dir.parent.iterdir()
+        if pattern.fullmatch(p.name)
+        and p.is_dir()
+        and has_checkpoint_files(p)
+        and not (p / "summary.json").exists()
+        and _run_name(p) == name
+    ]
     return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]))
 
 
@@ -119,8 +134,11 @@ def _load_selector(state: RunState, value: dict) -> None:
     selector, dist = state.selector, state.settings.dist
     built = selector.state_dict()  # what this rank starts with where the checkpoint has nothing for it
     built = {k: built[k] for k in selector.rank_local if k in built}
-    mine = per_rank[dist.rank] if len(per_rank) == dist.world_size else (
-        selector.merge_rank_states(per_rank) if dist.is_main else {})
+    mine = (
+        per_rank[dist.rank]
+        if len(per_rank) == dist.world_size
+        else (selector.merge_rank_states(per_rank) if dist.is_main else {})
+    )
     shared = {k: v for k, v in value.items() if k != "per_rank" and k not in selector.rank_local}
     selector.load_state_dict({**shared, **built, **mine})
 
@@ -136,8 +154,9 @@ def _save_rank_buffers(state: RunState) -> Optional[list]:
     if state.settings.dist.world_size == 1:
         return None
     ema = state.optimization.ema
-    return all_gather_objects({"model": _floating_buffers(state.net),
-                               "ema": _floating_buffers(ema.module) if ema is not None else None})
+    return all_gather_objects(
+        {"model": _floating_buffers(state.net), "ema": _floating_buffers(ema.module) if ema is not None else None}
+    )
 
 
 def _load_rank_buffers(state: RunState, value: Optional[list]) -> None:
@@ -146,8 +165,10 @@ def _load_rank_buffers(state: RunState, value: Optional[list]) -> None:
     if value is None or len(value) != dist.world_size:
         return
     ema = state.optimization.ema
-    for module, saved in ((state.net, value[dist.rank]["model"]),
-                          (ema.module if ema is not None else None, value[dist.rank]["ema"])):
+    for module, saved in (
+        (state.net, value[dist.rank]["model"]),
+        (ema.module if ema is not None else None, value[dist.rank]["ema"]),
+    ):
         if module is not None and saved is not None:
             for name, tensor in saved.items():
                 module.get_buffer(name).copy_(tensor)
@@ -155,16 +176,20 @@ def _load_rank_buffers(state: RunState, value: Optional[list]) -> None:
 
 def _restore_rng(state: RunState, value) -> None:
     if not restore_rng(value):
-        print("pfb-train: warning: the world size changed since the checkpoint; random streams restart",
-              file=sys.stderr)
+        print(
+            "pfb-train: warning: the world size changed since the checkpoint; random streams restart", file=sys.stderr
+        )
 
 
 # Everything a checkpoint holds, in one list: `save_checkpoints` writes these keys and `restore` reads
 # them back. `partial` and `subset` are set only by a checkpoint written inside an epoch.
 CHECKPOINT_PARTS = (
     Part("model", lambda s: s.net.state_dict(), lambda s, v: s.net.load_state_dict(v)),
-    Part("optimizer", lambda s: s.optimization.optimizer.state_dict(),
-         lambda s, v: s.optimization.optimizer.load_state_dict(v)),
+    Part(
+        "optimizer",
+        lambda s: s.optimization.optimizer.state_dict(),
+        lambda s, v: s.optimization.optimizer.load_state_dict(v),
+    ),
     Part("scaler", lambda s: s.optimization.scaler.state_dict(), lambda s, v: s.optimization.scaler.load_state_dict(v)),
     Part("ema", lambda s: s.optimization.ema.state_dict() if s.optimization.ema is not None else None, _load_ema),
     Part("rank_buffers", _save_rank_buffers, _load_rank_buffers),  # after model, ema: overrides rank 0's
@@ -173,8 +198,11 @@ CHECKPOINT_PARTS = (
     Part("epoch", lambda s: s.position.epoch, _set_position("epoch")),
     Part("step", lambda s: s.position.optimizer_steps, _set_position("optimizer_steps")),
     Part("history", lambda s: s.position.history, _set_position("history")),
-    Part("nonfinite_in_row", lambda s: s.position.nonfinite_in_row,
-         lambda s, v: setattr(s.position, "nonfinite_in_row", v or 0)),  # the streak counts across epochs
+    Part(
+        "nonfinite_in_row",
+        lambda s: s.position.nonfinite_in_row,
+        lambda s, v: setattr(s.position, "nonfinite_in_row", v or 0),
+    ),  # the streak counts across epochs
     Part("best_top1", lambda s: s.position.best_top1, _set_position("best_top1")),
     Part("partial", lambda s: s.position.partial, _set_position("partial")),  # see upgrade_partial
     Part("subset", lambda s: s.position.subset, _set_position("subset")),
@@ -198,8 +226,10 @@ def check_resumable(cfg: Config, checkpoint: dict) -> None:
         if option == "num_classes" and before is None:  # taken from the dataset: compared through the weights
             continue
         if before != after:
-            raise UserError(f"cannot resume: the checkpoint was trained with {key} {before!r}, this config has "
-                            f"{after!r}; use another run name (name=...) to start a new run")
+            raise UserError(
+                f"cannot resume: the checkpoint was trained with {key} {before!r}, this config has "
+                f"{after!r}; use another run name (name=...) to start a new run"
+            )
     check_same_clock(saved.get("schedule", {}), now["schedule"])
 
 
@@ -215,18 +245,32 @@ def check_same_clock(saved: dict, now: dict) -> None:
     dropped, or counted in another unit would move the LR and the windows to another point of the schedule.
     A budget raised or lowered in its own unit is a longer or shorter run, and goes on."""
     if (saved.get("budget") is None) == (now["budget"] is None) and (
-            now["budget"] is None or saved.get("budget_unit", "epochs") == now["budget_unit"]):
+        now["budget"] is None or saved.get("budget_unit", "epochs") == now["budget_unit"]
+    ):
         return
-    keep = ("set schedule.budget=null" if saved.get("budget") is None else
-            f"set schedule.budget={saved['budget']:g} schedule.budget_unit={saved.get('budget_unit', 'epochs')}")
-    raise UserError(f"cannot resume: the checkpoint was trained with {budget_name(saved)}, this config has "
-                    f"{budget_name(now)}; {keep} to go on, or another run name (name=...) to start a new run")
+    keep = (
+        "set schedule.budget=null"
+        if saved.get("budget") is None
+        else f"set schedule.budget={saved['budget']:g} schedule.budget_unit={saved.get('budget_unit', 'epochs')}"
+    )
+    raise UserError(
+        f"cannot resume: the checkpoint was trained with {budget_name(saved)}, this config has "
+        f"{budget_name(now)}; {keep} to go on, or another run name (name=...) to start a new run"
+    )
 
 
 # Settings that change nothing about what is trained: a finished run relaunched with other values of
 # these is the same run.
-HOW_IT_RUNS = ("runtime.resume", "runtime.progress", "runtime.log_every", "runtime.threads", "runtime.output",
-               "runtime.checkpoint_every", "runtime.baseline", "data.workers")
+HOW_IT_RUNS = (
+    "runtime.resume",
+    "runtime.progress",
+    "runtime.log_every",
+    "runtime.threads",
+    "runtime.output",
+    "runtime.checkpoint_every",
+    "runtime.baseline",
+    "data.workers",
+)
 
 
 def changed_settings(saved: dict, now: dict) -> list[str]:
@@ -249,20 +293,29 @@ def refuse_finished(cfg: Config, run_dir: Path, checkpoint: dict) -> None:
     if cfg.runtime.resume == "auto":
         waiting = unfinished_namesakes(run_dir, cfg.name)
         if waiting:
-            raise UserError(f"--resume auto found run {cfg.name} in {run_dir} finished, but {waiting[-1]} holds an "
-                            f"unfinished run of the same name (started without --resume): nothing trained; continue "
-                            f"it with --resume {waiting[-1]}")
+            raise UserError(
+                f"--resume auto found run {cfg.name} in {run_dir} finished, but {waiting[-1]} holds an "
+                f"unfinished run of the same name (started without --resume): nothing trained; continue "
+                f"it with --resume {waiting[-1]}"
+            )
     evaluated = [r for r in checkpoint.get("history", []) if "top1" in r]
     epochs = f"{done} epoch{'s' if done != 1 else ''}" + (f", top-1 {evaluated[-1]['top1']:.2f}%" if evaluated else "")
-    longer = (f"schedule.epochs={done + 10}" if cfg.schedule.budget is None else
-              f"schedule.budget={cfg.schedule.budget * 1.5:g} (the schedule stretches over the new budget: the LR goes "
-              "back up to where that puts the run)")
-    how = (f"nothing trained, no file written. To train longer: --resume auto --set {longer} (or more); to start "
-           f"anew: another name (--set name=...) or move {run_dir} away")
+    longer = (
+        f"schedule.epochs={done + 10}"
+        if cfg.schedule.budget is None
+        else f"schedule.budget={cfg.schedule.budget * 1.5:g} (the schedule stretches over the new budget: the LR goes "
+        "back up to where that puts the run)"
+    )
+    how = (
+        f"nothing trained, no file written. To train longer: --resume auto --set {longer} (or more); to start "
+        f"anew: another name (--set name=...) or move {run_dir} away"
+    )
     changed = changed_settings(checkpoint.get("config", {}), cfg.to_dict())
     if changed:
-        raise UserError(f"run {cfg.name} in {run_dir} finished its {epochs} with other settings "
-                        f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}): {how}")
+        raise UserError(
+            f"run {cfg.name} in {run_dir} finished its {epochs} with other settings "
+            f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}): {how}"
+        )
     raise RunFinished(f"run {cfg.name} in {run_dir} is finished ({epochs}): {how}")
 
 
@@ -271,19 +324,23 @@ def check_position(state: RunState, checkpoint: dict) -> None:
     order), or, inside an epoch of tar shards, another batch size or number of processes."""
     saved = checkpoint.get("train_samples")
     if saved is not None and saved != state.settings.train_samples:
-        raise UserError(f"cannot resume: the checkpoint's training set held {saved} samples, this config gives "
-                        f"{state.settings.train_samples} (data.train_samples, data.root or the files there changed); "
-                        "use another run name (name=...) to start a new run")
+        raise UserError(
+            f"cannot resume: the checkpoint's training set held {saved} samples, this config gives "
+            f"{state.settings.train_samples} (data.train_samples, data.root or the files there changed); "
+            "use another run name (name=...) to start a new run"
+        )
     partial = state.position.partial
     dist = state.settings.dist
     if partial is None or not isinstance(state.train_loader.sampler, ShardStreamSampler):
         return
     before, now = (partial["batch_size"], partial["world_size"]), (state.cfg.data.batch_size, dist.world_size)
     if before != now:
-        raise UserError(f"cannot resume inside epoch {state.position.epoch} of tar shards with data.batch_size "
-                        f"{now[0]} on {now[1]} process(es): it started with {before[0]} on {before[1]}, and each "
-                        "process reads its own part of the shards; resume with those to finish the epoch "
-                        "(epoch ends checkpoint too), then change them")
+        raise UserError(
+            f"cannot resume inside epoch {state.position.epoch} of tar shards with data.batch_size "
+            f"{now[0]} on {now[1]} process(es): it started with {before[0]} on {before[1]}, and each "
+            "process reads its own part of the shards; resume with those to finish the epoch "
+            "(epoch ends checkpoint too), then change them"
+        )
 
 
 def restore(state: RunState, checkpoint: dict) -> None:
@@ -302,10 +359,14 @@ def save_checkpoints(state: RunState, epoch: int, tally: Optional[EpochTally], b
     if tally is not None:
         position.nonfinite_in_row = tally.nonfinite_in_row  # every rank's start, whatever rank_tally gives it
         dist = state.settings.dist
-        position.partial = {"order_done": tally.order_done(), "batch_size": state.cfg.data.batch_size,
-                            "world_size": dist.world_size, "ranks": all_gather_objects(tally.state_dict()),
-                            "step_costs": tally.step_costs,  # the epoch's compute so far, in full-data steps of
-                            "updates_per_epoch": tally.updates_per_epoch}  # this many per epoch
+        position.partial = {
+            "order_done": tally.order_done(),
+            "batch_size": state.cfg.data.batch_size,
+            "world_size": dist.world_size,
+            "ranks": all_gather_objects(tally.state_dict()),
+            "step_costs": tally.step_costs,  # the epoch's compute so far, in full-data steps of
+            "updates_per_epoch": tally.updates_per_epoch,
+        }  # this many per epoch
     position.subset = state.train_loader.sampler.subset if tally is not None else None
     checkpoint = {part.key: part.save(state) for part in CHECKPOINT_PARTS}  # rank_buffers, selector, rng: collective
     position.partial = position.subset = None  # they describe the checkpoint, not the live run
@@ -345,13 +406,18 @@ def upgrade_partial(checkpoint: dict) -> Optional[dict]:
         return None
     if "ranks" not in partial:
         batch_size, world_size = checkpoint["config"]["data"]["batch_size"], len(checkpoint["rng"])
-        partial = {"order_done": partial["batches"] * batch_size * world_size, "batch_size": batch_size,
-                   "world_size": world_size, "ranks": [partial] * world_size}
+        partial = {
+            "order_done": partial["batches"] * batch_size * world_size,
+            "batch_size": batch_size,
+            "world_size": world_size,
+            "ranks": [partial] * world_size,
+        }
     partial.setdefault("step_costs", 0.0)  # compute counted from the resume on
     partial.setdefault("updates_per_epoch", None)
     for tally in partial["ranks"]:
-        tally.setdefault("loss_count", float(sum(tally["class_rows"][1])) if "class_rows" in tally
-                         else float(tally["rows_kept"]))
+        tally.setdefault(
+            "loss_count", float(sum(tally["class_rows"][1])) if "class_rows" in tally else float(tally["rows_kept"])
+        )
         tally.setdefault("class_rows", [[0.0], [0.0]])
         tally.setdefault("unreadable", [])
     return partial

@@ -36,8 +36,9 @@ def encoded_splits(d) -> tuple[list[EncodedSplit], int]:
     source = get_source(d.dataset)
     if source.encode is None:
         writable = [s.name for s in sources().values() if s.encode is not None]
-        raise UserError(f"dataset '{d.dataset}' has no stored images to write; `pfb-train shards` reads "
-                        f"{', '.join(writable)}")
+        raise UserError(
+            f"dataset '{d.dataset}' has no stored images to write; `pfb-train shards` reads {', '.join(writable)}"
+        )
     return source.encode(d)
 
 
@@ -62,8 +63,12 @@ def write_shards(d, out: str, samples_per_shard: int = 1000, progress: bool = Tr
     TarWriter = _tar_writer()
     splits, num_classes = encoded_splits(d)
     out_dir = Path(out).expanduser()
-    plan = {"dataset": d.dataset, "root": str(d.root), "samples_per_shard": samples_per_shard,
-            "splits": {s.name: s.length for s in splits}}
+    plan = {
+        "dataset": d.dataset,
+        "root": str(d.root),
+        "samples_per_shard": samples_per_shard,
+        "splits": {s.name: s.length for s in splits},
+    }
     if (out_dir / INFO_FILE).is_file() and not (out_dir / PLAN_FILE).is_file():
         print(f"{out_dir} is already complete ({INFO_FILE}): nothing to write")
         return json.loads((out_dir / INFO_FILE).read_text())
@@ -72,8 +77,10 @@ def write_shards(d, out: str, samples_per_shard: int = 1000, progress: bool = Tr
         begun = json.loads((out_dir / PLAN_FILE).read_text())
         if begun != plan:
             changed = next(k for k in plan if begun.get(k) != plan[k])
-            raise UserError(f"{out_dir} was begun with {changed} {begun.get(changed)!r}, not {plan[changed]!r}: "
-                            "run again with the same config and --samples-per-shard, or choose another --out")
+            raise UserError(
+                f"{out_dir} was begun with {changed} {begun.get(changed)!r}, not {plan[changed]!r}: "
+                "run again with the same config and --samples-per-shard, or choose another --out"
+            )
     else:
         _atomic_json(out_dir / PLAN_FILE, plan)
     for leftover in out_dir.glob("*.partial"):  # a shard being written when the last run stopped

@@ -111,8 +111,14 @@ def augment_ms(device: torch.device, batch_size: int, img_size: int, repeats: in
     """The device path's crop/resize/flip/normalise of one batch of decoded 500 x 375 images,
     median of `repeats`: host time (on a GPU, what launching its kernels costs the prefetch
     thread) and time to completion (device-synchronised)."""
-    augment = DeviceDecodeLoader(SimpleNamespace(generator=torch.Generator().manual_seed(0)), device, img_size,
-                                 train=True, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD).augment
+    augment = DeviceDecodeLoader(
+        SimpleNamespace(generator=torch.Generator().manual_seed(0)),
+        device,
+        img_size,
+        train=True,
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+    ).augment
     images = [torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8, device=device) for _ in range(batch_size)]
     host, total = [], []
     for _ in range(repeats + 1):  # the first call warms up
@@ -134,15 +140,23 @@ def as_hf_dataset(folder: Path, out: Path) -> Path:
     """The imagefolder's files, byte for byte, as a Hugging Face DatasetDict saved to `out`."""
     import datasets
 
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(
-        names=sorted(p.name for p in (folder / "train").iterdir()))})
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=sorted(p.name for p in (folder / "train").iterdir())),
+        }
+    )
     splits = {}
     for split, name in (("train", "train"), ("val", "validation")):
         files = sorted((folder / split).rglob("*.jpg"))
         names = features["label"].names
         splits[name] = datasets.Dataset.from_dict(
-            {"image": [{"bytes": f.read_bytes(), "path": None} for f in files],
-             "label": [names.index(f.parent.name) for f in files]}, features=features)
+            {
+                "image": [{"bytes": f.read_bytes(), "path": None} for f in files],
+                "label": [names.index(f.parent.name) for f in files],
+            },
+            features=features,
+        )
     datasets.DatasetDict(splits).save_to_disk(str(out))
     return out
 
@@ -153,8 +167,12 @@ def layout_root(name: str, folder: Path, tmp: Path) -> Path:
     if name == "wds":
         from pfb_train.shards import write_shards
 
-        write_shards(DataConfig(dataset="imagefolder", root=str(folder), val_split="validation"), str(tmp / "wds"),
-                     samples_per_shard=256, progress=False)
+        write_shards(
+            DataConfig(dataset="imagefolder", root=str(folder), val_split="validation"),
+            str(tmp / "wds"),
+            samples_per_shard=256,
+            progress=False,
+        )
         return tmp / "wds"
     return folder
 
@@ -175,9 +193,17 @@ def main() -> None:
     device = torch.device(args.device)
     layouts, decodes = args.data.split(","), args.decode.split(",")
     needed = args.batch_size * (args.warmup + args.batches)
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-              f"cpu x{os.cpu_count()} ({platform.machine()})", "workers": args.workers, "batch_size": args.batch_size,
-              "img_size": args.img_size, "images": needed, "rounds": args.rounds, "torch": torch.__version__}
+    result = {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu x{os.cpu_count()} ({platform.machine()})",
+        "workers": args.workers,
+        "batch_size": args.batch_size,
+        "img_size": args.img_size,
+        "images": needed,
+        "rounds": args.rounds,
+        "torch": torch.__version__,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.folder) if args.folder else Path(tmp) / "folder"
         if not args.folder:
@@ -188,8 +214,14 @@ def main() -> None:
         for _ in range(args.rounds):
             for name in layouts:
                 for decode in decodes:
-                    cfg = DataConfig(dataset=name, root=str(roots[name]), img_size=args.img_size,
-                                     batch_size=args.batch_size, workers=args.workers, decode=decode)
+                    cfg = DataConfig(
+                        dataset=name,
+                        root=str(roots[name]),
+                        img_size=args.img_size,
+                        batch_size=args.batch_size,
+                        workers=args.workers,
+                        decode=decode,
+                    )
                     splits = build_datasets(cfg, num_classes=len(list((folder / "train").iterdir())))
                     train, _ = build_loaders(splits, cfg, seed=0, pin_memory=device.type == "cuda", device=device)
                     rows[f"{name}_{decode}"].append(measure(train, device, args.warmup, args.batches))

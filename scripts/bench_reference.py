@@ -26,9 +26,18 @@ from timm.optim import create_optimizer_v2
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def reference_rate(model: str, device: str, batch_size: int, img_size: int, amp: str = "none",
-                   channels_last: bool = False, num_classes: int = 1000, warmup: int = 5, steps: int = 10,
-                   repeats: int = 3) -> dict:
+def reference_rate(
+    model: str,
+    device: str,
+    batch_size: int,
+    img_size: int,
+    amp: str = "none",
+    channels_last: bool = False,
+    num_classes: int = 1000,
+    warmup: int = 5,
+    steps: int = 10,
+    repeats: int = 3,
+) -> dict:
     device = torch.device(device)
     # The harness's CUDA defaults (runtime.cudnn_benchmark, runtime.tf32), so both sides use the same kernels.
     torch.backends.cudnn.benchmark = True
@@ -65,8 +74,11 @@ def reference_rate(model: str, device: str, batch_size: int, img_size: int, amp:
         sync()
         per_step.append((time.perf_counter() - start) / steps)
     median = statistics.median(per_step)
-    return {"step_ms": 1000 * median, "images_per_second": batch_size / median,
-            "repeats_ms": [round(1000 * t, 2) for t in per_step]}
+    return {
+        "step_ms": 1000 * median,
+        "images_per_second": batch_size / median,
+        "repeats_ms": [round(1000 * t, 2) for t in per_step],
+    }
 
 
 def device_name(device: str) -> str:
@@ -89,11 +101,33 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    result = reference_rate(args.model, args.device, args.batch_size, args.img_size, args.amp, args.channels_last,
-                            args.num_classes, args.warmup, args.steps, args.repeats)
-    print(json.dumps({"model": args.model, "batch_size": args.batch_size, "img_size": args.img_size, "amp": args.amp,
-                      "channels_last": args.channels_last, "device": device_name(args.device),
-                      "torch": torch.__version__, "timm": timm.__version__, **result}))
+    result = reference_rate(
+        args.model,
+        args.device,
+        args.batch_size,
+        args.img_size,
+        args.amp,
+        args.channels_last,
+        args.num_classes,
+        args.warmup,
+        args.steps,
+        args.repeats,
+    )
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "batch_size": args.batch_size,
+                "img_size": args.img_size,
+                "amp": args.amp,
+                "channels_last": args.channels_last,
+                "device": device_name(args.device),
+                "torch": torch.__version__,
+                "timm": timm.__version__,
+                **result,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

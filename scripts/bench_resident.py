@@ -84,24 +84,35 @@ def main() -> None:
     paths = [(f"loader_w{w}", "loader", [f"data.workers={w}"]) for w in args.workers.split(",")]
     paths.append(("resident", "resident", []))
     cfg = load_config(args.config, base)
-    result = {"config": args.config, "overrides": args.overrides, "dataset": cfg.data.dataset,
-              "batch_size": cfg.data.batch_size, "img_size": cfg.data.img_size, "epochs": args.epochs,
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-              f"cpu x{os.cpu_count()} ({platform.machine()})", "threads": torch.get_num_threads(),
-              "torch": torch.__version__}
+    result = {
+        "config": args.config,
+        "overrides": args.overrides,
+        "dataset": cfg.data.dataset,
+        "batch_size": cfg.data.batch_size,
+        "img_size": cfg.data.img_size,
+        "epochs": args.epochs,
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu x{os.cpu_count()} ({platform.machine()})",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
     rows: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for key, name, extra in paths:
                 with path(name):
                     seconds, images = serve_seconds(load_config(args.config, [*base, *extra]), device)
-                    row = rows.setdefault(key, {"serve_seconds": [], "serve_images_per_second": [],
-                                                "epoch_seconds": [], "data_seconds": []})
+                    row = rows.setdefault(
+                        key,
+                        {"serve_seconds": [], "serve_images_per_second": [], "epoch_seconds": [], "data_seconds": []},
+                    )
                     row["serve_seconds"].append(round(seconds, 3))
                     row["serve_images_per_second"].append(round(images / seconds, 1))
                     if args.epochs:
-                        epochs, data = train_seconds(args.config, [*base, *extra, f"schedule.epochs={args.epochs}",
-                                                                   f"name={key}_r{r}"], tmp)
+                        epochs, data = train_seconds(
+                            args.config, [*base, *extra, f"schedule.epochs={args.epochs}", f"name={key}_r{r}"], tmp
+                        )
                         row["epoch_seconds"] += epochs
                         row["data_seconds"] += data
     for key, row in rows.items():

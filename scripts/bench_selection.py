@@ -35,8 +35,13 @@ SELECTIONS = ("none", "label", "percentile", "random")
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--classes", type=int, nargs="+", default=[10, 100, 1000])
-    p.add_argument("--stratify", nargs="+", default=list(SELECTIONS), choices=SELECTIONS,
-                   help="PFB's stratify choices to run; 'random' is random blocking")
+    p.add_argument(
+        "--stratify",
+        nargs="+",
+        default=list(SELECTIONS),
+        choices=SELECTIONS,
+        help="PFB's stratify choices to run; 'random' is random blocking",
+    )
     p.add_argument("--sets", nargs="+", default=["look", "rare"], choices=["look", "rare"])
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--ratio", type=float, default=0.4)
@@ -44,7 +49,9 @@ def parse_args():
     p.add_argument("--dim", type=int, default=64, help="feature dimension (stage 1 of a ResNet: 64)")
     p.add_argument("--warmup", type=int, default=100, help="steps before blocking starts")
     p.add_argument("--steps", type=int, default=200, help="measured blocking steps")
-    p.add_argument("--noise", type=float, default=None, help="PFB's rank noise level (default: the option's default, 0.5)")
+    p.add_argument(
+        "--noise", type=float, default=None, help="PFB's rank noise level (default: the option's default, 0.5)"
+    )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 
@@ -80,8 +87,9 @@ def measure(kind: str, classes: int, selection: str, a) -> dict:
     options = dict(ratio=a.ratio, start_epoch=1, seed=a.seed)
     if selection != "random":
         options.update(centres=a.centres, feature_dim=a.dim, stratify=selection, noise=a.noise)
-    selector = build_selector("pfb" if selection != "random" else "random", batch_size=a.batch,
-                              num_classes=classes, **options)
+    selector = build_selector(
+        "pfb" if selection != "random" else "random", batch_size=a.batch, num_classes=classes, **options
+    )
     idx = torch.arange(a.batch)
     selector.set_epoch(0)
     for _ in range(a.warmup):
@@ -107,11 +115,17 @@ def measure(kind: str, classes: int, selection: str, a) -> dict:
         kept_by_group += torch.zeros(2).index_add_(0, group, kept.float())
         rows_by_group += torch.bincount(group, minlength=2).float()
     kept_share = kept_by_group / rows_by_group  # [group 0: sparse / rare, group 1: dense / frequent]
-    out = {"set": kind, "classes": classes, "selection": selection, "rows": a.batch, "ratio": a.ratio,
-           "noise": None if selection == "random" else selector.noise,
-           "blocked": round(blocked_rows / (a.batch * a.steps), 4),
-           "capture": round(blocked_typical / max(blocked_rows, 1), 3),
-           "select_observe_ms": round(1000 * seconds / a.steps, 3)}
+    out = {
+        "set": kind,
+        "classes": classes,
+        "selection": selection,
+        "rows": a.batch,
+        "ratio": a.ratio,
+        "noise": None if selection == "random" else selector.noise,
+        "blocked": round(blocked_rows / (a.batch * a.steps), 4),
+        "capture": round(blocked_typical / max(blocked_rows, 1), 3),
+        "select_observe_ms": round(1000 * seconds / a.steps, 3),
+    }
     if kind == "look":
         out["balance"] = round(float(kept_share[1] / kept_share[0]), 3)  # dense over sparse
     else:

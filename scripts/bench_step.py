@@ -28,8 +28,14 @@ import timm
 import torch
 
 from pfb_train.calibrate import measure_part_times, sync
-from pfb_train.costs import (cheaper_mode, predicted_cost_ratio, predicted_time_ratio, shallow_flop_share,
-                             step_flops, timed_cheaper_mode)
+from pfb_train.costs import (
+    cheaper_mode,
+    predicted_cost_ratio,
+    predicted_time_ratio,
+    shallow_flop_share,
+    step_flops,
+    timed_cheaper_mode,
+)
 from pfb_train.engine import Batch, Optimization, StepContext, StepSettings, train_step
 from pfb_train.metrics import PhaseTimer
 from pfb_train.models import ScorePass, split_model
@@ -42,14 +48,26 @@ def parse_args():
     p.add_argument("--model", default="resnet50")
     p.add_argument("--ratio", type=float, default=0.4)
     p.add_argument("--stage", default="1")
-    p.add_argument("--mode", choices=["auto", "reuse", "recompute"], default="auto",
-                   help="auto: the cheaper by the part times measured here (by FLOPs on the CPU), as blocking.mode: auto")
+    p.add_argument(
+        "--mode",
+        choices=["auto", "reuse", "recompute"],
+        default="auto",
+        help="auto: the cheaper by the part times measured here (by FLOPs on the CPU), as blocking.mode: auto",
+    )
     p.add_argument("--score-scale", type=float, default=1.0, help="pfb: ranking pass at this resolution factor")
-    p.add_argument("--score-norm", choices=["batch", "running"], default="batch",
-                   help="pfb: ranking pass normalised by batch or running statistics")
+    p.add_argument(
+        "--score-norm",
+        choices=["batch", "running"],
+        default="batch",
+        help="pfb: ranking pass normalised by batch or running statistics",
+    )
     p.add_argument("--method", choices=["pfb", "random"], default="pfb")
-    p.add_argument("--stratify", choices=["none", "label", "percentile"], default=None,
-                   help="pfb: blocking.pfb.stratify (default: the option's default); the labels are 1000 classes")
+    p.add_argument(
+        "--stratify",
+        choices=["none", "label", "percentile"],
+        default=None,
+        help="pfb: blocking.pfb.stratify (default: the option's default); the labels are 1000 classes",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=256)
@@ -60,11 +78,19 @@ def parse_args():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-check-finite", dest="check_finite", action="store_false",
-                   help="drop the non-finite-gradient guard (runtime.check_finite: false): its one host sync per step")
+    p.add_argument(
+        "--no-check-finite",
+        dest="check_finite",
+        action="store_false",
+        help="drop the non-finite-gradient guard (runtime.check_finite: false): its one host sync per step",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the shallow and deep parts (runtime.compile)")
-    p.add_argument("--profile", metavar="DIR", default=None,
-                   help="write torch.profiler tables of one full and one blocked step to DIR/profile_<method>.txt")
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        default=None,
+        help="write torch.profiler tables of one full and one blocked step to DIR/profile_<method>.txt",
+    )
     return p.parse_args()
 
 
@@ -128,12 +154,21 @@ def main() -> None:
     torch.manual_seed(0)
     base = timm.create_model(args.model, num_classes=1000)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=memory_format)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device).contiguous(
+        memory_format=memory_format
+    )
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
 
     # The parts' seconds, eagerly, on the untrained copy: what blocking.mode auto weighs on a GPU.
-    parts = measure_part_times(split_model(copy.deepcopy(base), stage).to(device, memory_format=memory_format),
-                               x, args.ratio, amp, score, warmup=3, repeats=10)
+    parts = measure_part_times(
+        split_model(copy.deepcopy(base), stage).to(device, memory_format=memory_format),
+        x,
+        args.ratio,
+        amp,
+        score,
+        warmup=3,
+        repeats=10,
+    )
     if auto:
         args.mode = timed_cheaper_mode(parts) if device.type == "cuda" else cheaper_mode(args.ratio, args.score_scale)
     results, phases = {}, {}
@@ -143,8 +178,9 @@ def main() -> None:
             blocked.compile_parts()
         options = {} if method == "none" else {"ratio": args.ratio}
         if method == "pfb":
-            options.update(centres=min(args.centres, args.batch_size), score_scale=args.score_scale,
-                           score_norm=args.score_norm)
+            options.update(
+                centres=min(args.centres, args.batch_size), score_scale=args.score_scale, score_norm=args.score_norm
+            )
             if args.stratify is not None:
                 options["stratify"] = args.stratify
         selector = build_selector(method, num_classes=1000, **options)
@@ -161,33 +197,57 @@ def main() -> None:
     t_none, t_blocked = statistics.median(results["none"]), statistics.median(results[args.method])
     timed = phases[args.method]
     selection_share = (timed.get("select", 0.0) + timed.get("observe", 0.0)) / sum(timed.values())
-    print(json.dumps({
-        "model": args.model, "method": args.method, "stratify": getattr(selector, "stratify", None), "mode": args.mode,
-        "mode_auto": auto, "stage": meta.stage_name,
-        "score_scale": args.score_scale, "score_norm": args.score_norm,
-        "ratio": args.ratio, "blocked_rows": args.batch_size - kept, "batch_size": args.batch_size,
-        "img_size": args.img_size, "amp": args.amp, "channels_last": args.channels_last,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} ({platform.processor() or platform.machine()})",
-        "torch": torch.__version__, "timm": timm.__version__,
-        "step_ms_none": 1000 * t_none, f"step_ms_{args.method}": 1000 * t_blocked,
-        "time_ratio": t_blocked / t_none,
-        "flop_ratio": flop_ratio,
-        "predicted_ratio": predicted_cost_ratio(args.mode, share, realised, args.score_scale),
-        "predicted_ratio_ideal": predicted_cost_ratio("ideal", share, realised),
-        "shallow_share": share,
-        "shallow_time_share": parts.shallow_share, "shallow_fwd_bwd_ms": 1e3 * parts.shallow,
-        "model_fwd_bwd_ms": 1e3 * parts.full, "score_pass_ms": 1e3 * parts.score,
-        "predicted_ratio_timed": predicted_time_ratio(args.mode, parts),  # what blocking.mode auto weighs on a GPU
-        "fwd_bwd_ratio_timed": {m: predicted_time_ratio(m, parts) for m in ("reuse", "recompute")},
-        # recompute: the `shallow` phase is the ranking pass; reuse: the training pass's shallow forward
-        "score_pass_share": timed.get("shallow", 0.0) / sum(timed.values()) if args.mode == "recompute" else 0.0,
-        "selection_share": selection_share,
-        "phase_ms": {k: round(1000 * v / args.steps, 3) for k, v in timed.items()},
-        "check_finite": args.check_finite, "compile": args.compile,
-        "images_per_second_none": args.batch_size / t_none,
-        "repeats_ms_none": [round(1000 * t, 2) for t in results["none"]],
-        f"repeats_ms_{args.method}": [round(1000 * t, 2) for t in results[args.method]],
-    }))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "method": args.method,
+                "stratify": getattr(selector, "stratify", None),
+                "mode": args.mode,
+                "mode_auto": auto,
+                "stage": meta.stage_name,
+                "score_scale": args.score_scale,
+                "score_norm": args.score_norm,
+                "ratio": args.ratio,
+                "blocked_rows": args.batch_size - kept,
+                "batch_size": args.batch_size,
+                "img_size": args.img_size,
+                "amp": args.amp,
+                "channels_last": args.channels_last,
+                "device": torch.cuda.get_device_name(device)
+                if device.type == "cuda"
+                else f"cpu x{torch.get_num_threads()} ({platform.processor() or platform.machine()})",
+                "torch": torch.__version__,
+                "timm": timm.__version__,
+                "step_ms_none": 1000 * t_none,
+                f"step_ms_{args.method}": 1000 * t_blocked,
+                "time_ratio": t_blocked / t_none,
+                "flop_ratio": flop_ratio,
+                "predicted_ratio": predicted_cost_ratio(args.mode, share, realised, args.score_scale),
+                "predicted_ratio_ideal": predicted_cost_ratio("ideal", share, realised),
+                "shallow_share": share,
+                "shallow_time_share": parts.shallow_share,
+                "shallow_fwd_bwd_ms": 1e3 * parts.shallow,
+                "model_fwd_bwd_ms": 1e3 * parts.full,
+                "score_pass_ms": 1e3 * parts.score,
+                "predicted_ratio_timed": predicted_time_ratio(
+                    args.mode, parts
+                ),  # what blocking.mode auto weighs on a GPU
+                "fwd_bwd_ratio_timed": {m: predicted_time_ratio(m, parts) for m in ("reuse", "recompute")},
+                # recompute: the `shallow` phase is the ranking pass; reuse: the training pass's shallow forward
+                "score_pass_share": timed.get("shallow", 0.0) / sum(timed.values())
+                if args.mode == "recompute"
+                else 0.0,
+                "selection_share": selection_share,
+                "phase_ms": {k: round(1000 * v / args.steps, 3) for k, v in timed.items()},
+                "check_finite": args.check_finite,
+                "compile": args.compile,
+                "images_per_second_none": args.batch_size / t_none,
+                "repeats_ms_none": [round(1000 * t, 2) for t in results["none"]],
+                f"repeats_ms_{args.method}": [round(1000 * t, 2) for t in results[args.method]],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -56,15 +56,22 @@ def parse_args():
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--data", choices=["synthetic", "jpeg"], default="synthetic")
-    p.add_argument("--decode", choices=["cpu", "device", "dali"], default="cpu",
-                   help="--data jpeg: where JPEGs are decoded")
+    p.add_argument(
+        "--decode", choices=["cpu", "device", "dali"], default="cpu", help="--data jpeg: where JPEGs are decoded"
+    )
     p.add_argument("--compile", action="store_true", help="runtime.compile=true for both runs")
     p.add_argument("--folder", help="--data jpeg: an existing imagefolder root (default: generate one)")
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--num-classes", type=int, default=1000, help="--data synthetic: classes (the head's size)")
     p.add_argument("--reference", action="store_true", help="also time the plain reference loop")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra config overrides for both runs, e.g. runtime.check_finite=false")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config overrides for both runs, e.g. runtime.check_finite=false",
+    )
     return p.parse_args()
 
 
@@ -93,20 +100,40 @@ def main() -> None:
                 make_folder(root, samples, classes=JPEG_CLASSES)
             data = ["data.dataset=imagefolder", f"data.root={root}", f"data.decode={args.decode}"]
         else:
-            data = ["data.dataset=synthetic", f"data.train_samples={samples}", f"data.val_samples={args.batch_size}",
-                    f"model.num_classes={args.num_classes}"]
+            data = [
+                "data.dataset=synthetic",
+                f"data.train_samples={samples}",
+                f"data.val_samples={args.batch_size}",
+                f"model.num_classes={args.num_classes}",
+            ]
         common = [
-            f"model.name={args.model}", f"data.img_size={args.img_size}", f"data.batch_size={args.batch_size}",
-            f"data.workers={args.workers}", "optim.lr=0.01", f"schedule.epochs={args.epochs}",
-            "schedule.warmup_epochs=0", f"runtime.device={args.device}", f"runtime.amp={args.amp}",
-            f"runtime.channels_last={str(args.channels_last).lower()}", f"runtime.output={tmp}/runs",
-            "runtime.progress=false", f"runtime.eval_every={args.epochs}", f"blocking.stage={args.stage}",
-            f"blocking.mode={args.mode}", f"runtime.compile={str(args.compile).lower()}", *data,
+            f"model.name={args.model}",
+            f"data.img_size={args.img_size}",
+            f"data.batch_size={args.batch_size}",
+            f"data.workers={args.workers}",
+            "optim.lr=0.01",
+            f"schedule.epochs={args.epochs}",
+            "schedule.warmup_epochs=0",
+            f"runtime.device={args.device}",
+            f"runtime.amp={args.amp}",
+            f"runtime.channels_last={str(args.channels_last).lower()}",
+            f"runtime.output={tmp}/runs",
+            "runtime.progress=false",
+            f"runtime.eval_every={args.epochs}",
+            f"blocking.stage={args.stage}",
+            f"blocking.mode={args.mode}",
+            f"runtime.compile={str(args.compile).lower()}",
+            *data,
         ]
-        blocking = {"none": ["blocking.method=none"],
-                    args.method: [f"blocking.method={args.method}", f"blocking.{args.method}.ratio={args.ratio}",
-                                  f"blocking.{args.method}.start_epoch=0"]
-                    + ([f"blocking.pfb.centres={min(64, args.batch_size)}"] if args.method == "pfb" else [])}
+        blocking = {
+            "none": ["blocking.method=none"],
+            args.method: [
+                f"blocking.method={args.method}",
+                f"blocking.{args.method}.ratio={args.ratio}",
+                f"blocking.{args.method}.start_epoch=0",
+            ]
+            + ([f"blocking.pfb.centres={min(64, args.batch_size)}"] if args.method == "pfb" else []),
+        }
         runs = {}
         for method, options in blocking.items():
             cfg = load_config(None, [*common, *options, f"name={method}", *args.overrides])
@@ -115,20 +142,42 @@ def main() -> None:
             runs[method] = {**steady_state(summary["run_dir"]), "top1": summary["top1"]}
 
     result = {
-        "model": args.model, "data": args.data, "decode": args.decode if args.data == "jpeg" else None,
-        "batch_size": args.batch_size, "img_size": args.img_size, "amp": args.amp,
-        "channels_last": args.channels_last, "compile": args.compile, "workers": args.workers, "steps_per_epoch": args.steps_per_epoch,
-        "timed_epochs": args.epochs - 1, "method": args.method, "ratio": args.ratio, "overrides": args.overrides,
-        "device": device_name(args.device), "torch": torch.__version__, "timm": timm.__version__,
-        "none": runs["none"], args.method: runs[args.method],
+        "model": args.model,
+        "data": args.data,
+        "decode": args.decode if args.data == "jpeg" else None,
+        "batch_size": args.batch_size,
+        "img_size": args.img_size,
+        "amp": args.amp,
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "workers": args.workers,
+        "steps_per_epoch": args.steps_per_epoch,
+        "timed_epochs": args.epochs - 1,
+        "method": args.method,
+        "ratio": args.ratio,
+        "overrides": args.overrides,
+        "device": device_name(args.device),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "none": runs["none"],
+        args.method: runs[args.method],
         "time_ratio": runs[args.method]["seconds"] / runs["none"]["seconds"],
         "images_per_second_none": runs["none"]["images_per_second"],
         f"images_per_second_{args.method}": runs[args.method]["images_per_second"],
-        "data_wait_share": runs["none"]["data_share"], f"data_wait_share_{args.method}": runs[args.method]["data_share"],
+        "data_wait_share": runs["none"]["data_share"],
+        f"data_wait_share_{args.method}": runs[args.method]["data_share"],
     }
     if args.reference:
-        ref = reference_rate(args.model, args.device, args.batch_size, args.img_size, args.amp, args.channels_last,
-                             JPEG_CLASSES if args.data == "jpeg" else args.num_classes, steps=args.steps_per_epoch)
+        ref = reference_rate(
+            args.model,
+            args.device,
+            args.batch_size,
+            args.img_size,
+            args.amp,
+            args.channels_last,
+            JPEG_CLASSES if args.data == "jpeg" else args.num_classes,
+            steps=args.steps_per_epoch,
+        )
         result["reference"] = ref
         result["baseline_vs_reference"] = runs["none"]["images_per_second"] / ref["images_per_second"]
     print(json.dumps(result))

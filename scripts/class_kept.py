@@ -39,8 +39,13 @@ def mean(values):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("folder", type=Path)
-    p.add_argument("--group", type=int, nargs="+", default=None,
-                   help="classes compared with the rest (default: data.rare_classes, else the upper half)")
+    p.add_argument(
+        "--group",
+        type=int,
+        nargs="+",
+        default=None,
+        help="classes compared with the rest (default: data.rare_classes, else the upper half)",
+    )
     a = p.parse_args()
     settings = defaultdict(list)
     for summary in sorted(a.folder.glob("*/summary.json")):
@@ -61,15 +66,24 @@ def main():
             last = next(r["val_class_top1"] for r in reversed(records) if "val_class_top1" in r)
             group_top1.append(mean([last[c] for c in group]))
             rest_top1.append(mean([t for c, t in enumerate(last) if c not in group]))
-        out = {"setting": setting, "seeds": len(runs), "class_kept": None, "kept_range": None, "signal": None,
-               "group": group, "group_kept_ratio": None}
+        out = {
+            "setting": setting,
+            "seeds": len(runs),
+            "class_kept": None,
+            "kept_range": None,
+            "signal": None,
+            "group": group,
+            "group_kept_ratio": None,
+        }
         if kept:  # a run that blocked nothing (full data) has only the top-1 columns
             per_class = [mean(column) for column in zip(*kept)]
             rest = [k for c, k in enumerate(per_class) if c not in group]
-            out.update(class_kept=[round(k, 3) for k in per_class],
-                       kept_range=[round(min(per_class), 3), round(max(per_class), 3)],
-                       signal=None if mean(signals) is None else round(mean(signals), 3),
-                       group_kept_ratio=round(mean([per_class[c] for c in group]) / mean(rest), 3))
+            out.update(
+                class_kept=[round(k, 3) for k in per_class],
+                kept_range=[round(min(per_class), 3), round(max(per_class), 3)],
+                signal=None if mean(signals) is None else round(mean(signals), 3),
+                group_kept_ratio=round(mean([per_class[c] for c in group]) / mean(rest), 3),
+            )
         print(json.dumps({**out, "group_top1": round(mean(group_top1), 2), "rest_top1": round(mean(rest_top1), 2)}))
 
 

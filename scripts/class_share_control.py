@@ -39,6 +39,14 @@ def build_control(options: PFBOptions, run) -> ClassShareRandom:
 
 
 if __name__ == "__main__":
-    register(Method("class_share_random", level="batch", options=PFBOptions, build=build_control, ratio_option="ratio",
-                    summary="control: PFB's class-history selection on random scores (the class-share term alone)"))
+    register(
+        Method(
+            "class_share_random",
+            level="batch",
+            options=PFBOptions,
+            build=build_control,
+            ratio_option="ratio",
+            summary="control: PFB's class-history selection on random scores (the class-share term alone)",
+        )
+    )
     sys.exit(cli.main())

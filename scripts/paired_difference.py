@@ -51,12 +51,22 @@ def main():
         diffs = [seeds[s][0] - reference[s][0] for s in shared]
         per_class = None
         if all(seeds[s][1] and reference[s][1] for s in shared):
-            per_class = [round(statistics.fmean(seeds[s][1][c] - reference[s][1][c] for s in shared), 2)
-                         for c in range(len(reference[shared[0]][1]))]
-        print(json.dumps({"setting": setting, "reference": args.reference, "seeds": shared,
-                          "top1_diff": round(statistics.fmean(diffs), 3),
-                          "top1_diff_std": round(statistics.stdev(diffs), 3) if len(diffs) > 1 else None,
-                          "class_top1_diff": per_class}))
+            per_class = [
+                round(statistics.fmean(seeds[s][1][c] - reference[s][1][c] for s in shared), 2)
+                for c in range(len(reference[shared[0]][1]))
+            ]
+        print(
+            json.dumps(
+                {
+                    "setting": setting,
+                    "reference": args.reference,
+                    "seeds": shared,
+                    "top1_diff": round(statistics.fmean(diffs), 3),
+                    "top1_diff_std": round(statistics.stdev(diffs), 3) if len(diffs) > 1 else None,
+                    "class_top1_diff": per_class,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -77,15 +77,24 @@ def parse_args():
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--batches", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--ratio", type=float, default=None, help="blocked share of each batch (default 0.5; "
-                   "--score-pass: 0.4)")
+    p.add_argument(
+        "--ratio", type=float, default=None, help="blocked share of each batch (default 0.5; --score-pass: 0.4)"
+    )
     p.add_argument("--centres", type=int, default=64)
-    p.add_argument("--score-pass", action="store_true",
-                   help="measure cheaper ranking passes (score_scale x score_norm) against the exact one")
+    p.add_argument(
+        "--score-pass",
+        action="store_true",
+        help="measure cheaper ranking passes (score_scale x score_norm) against the exact one",
+    )
     p.add_argument("--score-scales", nargs="+", type=float, default=[1.0, 0.75, 0.5, 0.25])
     p.add_argument("--score-norms", nargs="+", default=["batch", "running"], choices=["batch", "running"])
-    p.add_argument("--train-steps", nargs="+", type=int, default=[300],
-                   help="--score-pass: SGD steps of the brief training, one per model or one for all")
+    p.add_argument(
+        "--train-steps",
+        nargs="+",
+        type=int,
+        default=[300],
+        help="--score-pass: SGD steps of the brief training, one per model or one for all",
+    )
     p.add_argument("--train-batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05, help="--score-pass: SGD learning rate (momentum 0.9)")
     args = p.parse_args()
@@ -111,16 +120,31 @@ def blocked_rows(selector, feats: torch.Tensor) -> set:
 
 def measure(batches, ratio, centres, dim, estimator, form, noise) -> dict:
     # one ranking over the batch (stratify none): these are the ranking's own properties, measured without labels
-    pair = [build_selector("pfb", stratify="none", ratio=ratio, centres=centres, feature_dim=dim, estimator=estimator,
-                           noise_form=form, noise=noise, centre_weights="uniform" if form == "max_abs" else "counts",
-                           seed=seed) for seed in (0, 1)]
+    pair = [
+        build_selector(
+            "pfb",
+            stratify="none",
+            ratio=ratio,
+            centres=centres,
+            feature_dim=dim,
+            estimator=estimator,
+            noise_form=form,
+            noise=noise,
+            centre_weights="uniform" if form == "max_abs" else "counts",
+            seed=seed,
+        )
+        for seed in (0, 1)
+    ]
     shared = blocked_total = 0
     for feats in batches:
         a, b = (blocked_rows(selector, feats) for selector in pair)
         shared += len(a & b)
         blocked_total += len(a)
-    return {"signal": round(pair[0].epoch_diagnostics("cpu")["selection_signal"], 3),
-            "seed_agreement": round(shared / blocked_total, 3), "noise": pair[0].noise}
+    return {
+        "signal": round(pair[0].epoch_diagnostics("cpu")["selection_signal"], 3),
+        "seed_agreement": round(shared / blocked_total, 3),
+        "noise": pair[0].noise,
+    }
 
 
 # -- --score-pass: cheaper ranking passes against the exact one ---------------------------------
@@ -170,15 +194,18 @@ def brief_training(model, dataset, steps: int, batch_size: int, lr: float) -> fl
 def top1(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
     model.eval()
     try:
-        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in zip(images.split(batch_size),
-                                                                           labels.split(batch_size)))
+        correct = sum(
+            int((model(x).argmax(1) == y).sum()) for x, y in zip(images.split(batch_size), labels.split(batch_size))
+        )
     finally:
         model.train()
     return correct / len(labels)
 
 
 def pfb_pair(ratio: float, centres: int, noise, seeds) -> list:
-    return [build_selector("pfb", stratify="none", ratio=ratio, centres=centres, noise=noise, seed=seed) for seed in seeds]
+    return [
+        build_selector("pfb", stratify="none", ratio=ratio, centres=centres, noise=noise, seed=seed) for seed in seeds
+    ]
 
 
 def blocked_agreement(reference, other, ref_batches, other_batches) -> float:
@@ -200,9 +227,16 @@ def score_pass_rows(blocked, batches, args, head: dict):
         cheap = [blocked.score_features(x, ScorePass(scale, norm)) for x in batches]
         agreement = blocked_agreement(*pfb_pair(args.ratio, args.centres, None, (0, 0)), exact, cheap)
         noise_free = blocked_agreement(*pfb_pair(args.ratio, args.centres, 0.0, (0, 0)), exact, cheap)
-        yield {**head, "score_scale": scale, "score_norm": norm, "ratio": args.ratio,
-               "agreement": round(agreement, 4), "agreement_noise_free": round(noise_free, 4),
-               "seed_agreement": round(seed_agreement, 4), "random_reference": round(random_reference, 4)}
+        yield {
+            **head,
+            "score_scale": scale,
+            "score_norm": norm,
+            "ratio": args.ratio,
+            "agreement": round(agreement, 4),
+            "agreement_noise_free": round(noise_free, 4),
+            "seed_agreement": round(seed_agreement, 4),
+            "random_reference": round(random_reference, 4),
+        }
 
 
 def score_pass_main(args) -> None:
@@ -210,10 +244,13 @@ def score_pass_main(args) -> None:
     splits = build_datasets(cfg)
     images, labels, train_set = heldout_split(splits, args.batches * args.batch_size)
     batches = list(images.split(args.batch_size))
-    log(f"{args.data}: {len(batches)} held-out batches ({len(images)} images, {args.img_size} px); "
-        f"brief training on {len(train_set)} images")
-    steps_of = dict(zip(args.models, args.train_steps * len(args.models) if len(args.train_steps) == 1
-                        else args.train_steps))
+    log(
+        f"{args.data}: {len(batches)} held-out batches ({len(images)} images, {args.img_size} px); "
+        f"brief training on {len(train_set)} images"
+    )
+    steps_of = dict(
+        zip(args.models, args.train_steps * len(args.models) if len(args.train_steps) == 1 else args.train_steps)
+    )
     for model_name in args.models:
         torch.manual_seed(0)
         model = timm.create_model(model_name, num_classes=splits.num_classes)
@@ -226,10 +263,18 @@ def score_pass_main(args) -> None:
                 seconds = brief_training(model, train_set, steps, args.train_batch_size, args.lr)
                 heldout = round(top1(model, images, labels, args.batch_size), 4)
                 log(f"{model_name}: trained in {seconds:.0f} s, held-out top-1 {heldout}")
-            head = {"data": args.data, "model": model_name, "state": state, "train_steps": steps,
-                    "train_batch_size": args.train_batch_size if steps else None,
-                    "train_images": len(train_set) if steps else None, "heldout_top1": heldout,
-                    "img_size": args.img_size, "batches": len(batches), "batch_size": args.batch_size}
+            head = {
+                "data": args.data,
+                "model": model_name,
+                "state": state,
+                "train_steps": steps,
+                "train_batch_size": args.train_batch_size if steps else None,
+                "train_images": len(train_set) if steps else None,
+                "heldout_top1": heldout,
+                "img_size": args.img_size,
+                "batches": len(batches),
+                "batch_size": args.batch_size,
+            }
             for row in score_pass_rows(blocked, batches, args, head):
                 print(json.dumps(row), flush=True)
 
@@ -247,9 +292,20 @@ def main():
         channels = batches[0].shape[1]
         for dim, (estimator, form, noise) in itertools.product(args.feature_dims, SETTINGS):
             result = measure(batches, args.ratio, args.centres, dim, estimator, form, noise)
-            print(json.dumps({"data": args.data, "model": model_name, "feature_dim": min(dim, channels),
-                              "estimator": estimator, "noise_form": form, **result, "ratio": args.ratio}),
-                  flush=True)
+            print(
+                json.dumps(
+                    {
+                        "data": args.data,
+                        "model": model_name,
+                        "feature_dim": min(dim, channels),
+                        "estimator": estimator,
+                        "noise_form": form,
+                        **result,
+                        "ratio": args.ratio,
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,9 @@ def pytest_collection_modifyitems(config, items):
 def run_cli(*args, cwd=None, timeout=300):
     """Run `python -m pfb_train ARGS` in a subprocess; returns CompletedProcess with text output."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "pfb_train", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "pfb_train", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+    )
 
 
 class BatchList:

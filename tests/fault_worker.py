@@ -21,7 +21,7 @@ from pfb_train.distributed import group_broken, stopped_elsewhere
 from pfb_train.errors import UserError
 
 fault, faulty_rank = sys.argv[1], int(sys.argv[2])
-args = sys.argv[sys.argv.index("--") + 1:]
+args = sys.argv[sys.argv.index("--") + 1 :]
 
 
 def inject_data_fault():

@@ -18,8 +18,10 @@ def train(method: str, out: str, name: str, dist, **until) -> None:
     state = setup(load_config(None, [*overrides(method, out, name), "runtime.threads=1", *resume]), dist)
     summary = fit(state, **until)
     if summary is not None:
-        torch.save({"model": state.net.state_dict(), "selector": state.selector.state_dict(), "summary": summary},
-                   f"{out}/{name}_rank{dist.rank}.pt")
+        torch.save(
+            {"model": state.net.state_dict(), "selector": state.selector.state_dict(), "summary": summary},
+            f"{out}/{name}_rank{dist.rank}.pt",
+        )
 
 
 dist = init_distributed("cpu")

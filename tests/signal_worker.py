@@ -16,7 +16,7 @@ import time
 from pfb_train import cli, engine, train
 
 moment = sys.argv[1]
-args = sys.argv[sys.argv.index("--") + 1:]
+args = sys.argv[sys.argv.index("--") + 1 :]
 under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
 fired = []
 

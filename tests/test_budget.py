@@ -17,11 +17,25 @@ from pfb_train.report import compute_to_reach, top1_at_compute
 from pfb_train.train import fit, run, setup
 
 # 96 samples in batches of 16: 6 steps per full-data epoch; ratio 0.25 blocks exactly 4 rows of 16
-TINY = ["model.name=test_resnet", "data.dataset=synthetic", "data.img_size=32", "data.batch_size=16",
-        "data.train_samples=96", "data.val_samples=32", "data.workers=0", "schedule.epochs=4",
-        "schedule.warmup_epochs=1", "schedule.min_lr=0.001", "runtime.progress=false", "runtime.device=cpu",
-        "blocking.pfb.centres=8", "blocking.pfb.ratio=0.25", "blocking.random.ratio=0.25",
-        "blocking.static_random.drop_fraction=0.25", "blocking.infobatch.prune_ratio=0.5"]
+TINY = [
+    "model.name=test_resnet",
+    "data.dataset=synthetic",
+    "data.img_size=32",
+    "data.batch_size=16",
+    "data.train_samples=96",
+    "data.val_samples=32",
+    "data.workers=0",
+    "schedule.epochs=4",
+    "schedule.warmup_epochs=1",
+    "schedule.min_lr=0.001",
+    "runtime.progress=false",
+    "runtime.device=cpu",
+    "blocking.pfb.centres=8",
+    "blocking.pfb.ratio=0.25",
+    "blocking.random.ratio=0.25",
+    "blocking.static_random.drop_fraction=0.25",
+    "blocking.infobatch.prune_ratio=0.5",
+]
 STEPS = 6
 
 
@@ -39,8 +53,14 @@ def shallow_share(cfg_overrides=()) -> float:
 @pytest.mark.parametrize("mode, scale", [("reuse", 1.0), ("recompute", 0.5)])
 def test_compute_is_the_cost_model_of_the_realised_rows(tmp_path, mode, scale):
     """One full-data epoch, then two at ratio 0.25 (start_epoch 1): 1 + 2 x the cost model's ratio."""
-    summary = train(tmp_path, "blocking.method=pfb", "blocking.pfb.start_epoch=1", f"blocking.mode={mode}",
-                    f"blocking.pfb.score_scale={scale}", "schedule.epochs=3")
+    summary = train(
+        tmp_path,
+        "blocking.method=pfb",
+        "blocking.pfb.start_epoch=1",
+        f"blocking.mode={mode}",
+        f"blocking.pfb.score_scale={scale}",
+        "schedule.epochs=3",
+    )
     ratio = predicted_cost_ratio(mode, shallow_share(), 0.25, scale)
     compute = [r["compute"] for r in read_metrics(summary["run_dir"])]
     assert compute == pytest.approx([1, 1 + ratio, 1 + 2 * ratio], rel=1e-9)
@@ -48,8 +68,13 @@ def test_compute_is_the_cost_model_of_the_realised_rows(tmp_path, mode, scale):
 
 
 def test_sampler_level_epochs_cost_their_steps_and_random_blocking_runs_no_ranking_pass(tmp_path):
-    static = train(tmp_path, "blocking.method=static_random", "blocking.static_random.drop_fraction=0.33",
-                   "schedule.epochs=2", name="static")
+    static = train(
+        tmp_path,
+        "blocking.method=static_random",
+        "blocking.static_random.drop_fraction=0.33",
+        "schedule.epochs=2",
+        name="static",
+    )
     assert static["compute_spent"] == pytest.approx(2 * 4 / STEPS)  # 64 of 96 samples: 4 steps of 6
     random = train(tmp_path, "blocking.method=random", "schedule.epochs=2", name="random")
     assert random["blocking_mode"] == "recompute"  # auto: with no ranking pass, recompute costs the kept rows only
@@ -105,16 +130,20 @@ def test_resume_inside_a_budgeted_epoch_is_exact(tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["step"] == b["step"]
     for key in ("compute", "lr", "kept_fraction", "top1", "epoch_fraction"):
-        assert [r.get(key) for r in read_metrics(whole["run_dir"])] == [r.get(key) for r in
-                                                                          read_metrics(resumed["run_dir"])], key
+        assert [r.get(key) for r in read_metrics(whole["run_dir"])] == [
+            r.get(key) for r in read_metrics(resumed["run_dir"])
+        ], key
 
 
 def test_resume_inside_an_epoch_with_another_batch_size_counts_compute_in_todays_steps(tmp_path):
     steps = ["schedule.budget=2.5", "runtime.checkpoint_every=3"]
     first = setup(load_config(None, [*TINY, *steps, "name=cut", f"runtime.output={tmp_path}"]), DistInfo())
     fit(first, until_step=9)  # half of epoch 1: 3 of its 6 steps of 16
-    resumed = run(load_config(None, [*TINY, *steps, "name=cut", f"runtime.output={tmp_path}", "runtime.resume=auto",
-                                     "data.batch_size=32"]))  # the other 48 samples: 1 step of 32 (of 3 per epoch)
+    resumed = run(
+        load_config(
+            None, [*TINY, *steps, "name=cut", f"runtime.output={tmp_path}", "runtime.resume=auto", "data.batch_size=32"]
+        )
+    )  # the other 48 samples: 1 step of 32 (of 3 per epoch)
     records = read_metrics(resumed["run_dir"])
     assert records[1]["compute"] == pytest.approx(1 + 3 / 6 + 1 / 3)
     assert 2.5 - 1e-9 <= resumed["compute_spent"] < 2.5 + 1 / 3
@@ -129,8 +158,13 @@ def test_a_seconds_budget_stops_on_time(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Selector, "epoch_diagnostics", lambda self, device: time.sleep(0.2) or {})
     budget = 1.5
-    summary = train(tmp_path, "schedule.budget_unit=seconds", f"schedule.budget={budget}", "schedule.epochs=1000",
-                    "runtime.eval_every=1000")
+    summary = train(
+        tmp_path,
+        "schedule.budget_unit=seconds",
+        f"schedule.budget={budget}",
+        "schedule.epochs=1000",
+        "runtime.eval_every=1000",
+    )
     assert budget <= summary["train_seconds"] < budget + 1.0  # test_resnet steps take milliseconds
     assert summary["epochs"] < 1000
     records = read_metrics(summary["run_dir"])
@@ -142,12 +176,15 @@ def test_a_seconds_budget_stops_on_time(tmp_path, monkeypatch):
         assert records[-1]["lr"] == pytest.approx(0.001)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["schedule.budget=0"], "config key 'schedule.budget' must be > 0 and finite"),
-    (["schedule.budget=.inf"], "config key 'schedule.budget' must be > 0 and finite"),
-    (["schedule.budget_unit=seconds"], "config key 'schedule.budget_unit' 'seconds' needs a schedule.budget"),
-    (["schedule.budget_unit=hours", "schedule.budget=1"], "schedule.budget_unit"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["schedule.budget=0"], "config key 'schedule.budget' must be > 0 and finite"),
+        (["schedule.budget=.inf"], "config key 'schedule.budget' must be > 0 and finite"),
+        (["schedule.budget_unit=seconds"], "config key 'schedule.budget_unit' 'seconds' needs a schedule.budget"),
+        (["schedule.budget_unit=hours", "schedule.budget=1"], "schedule.budget_unit"),
+    ],
+)
 def test_budget_settings_without_meaning_are_one_line(overrides, message):
     with pytest.raises(UserError, match=message):
         load_config(None, [*TINY, *overrides])
@@ -161,10 +198,13 @@ def test_a_finished_budgeted_run_says_how_to_train_longer(tmp_path):
     assert 1.5 <= longer["compute_spent"] < 1.5 + 1 / STEPS and len(read_metrics(longer["run_dir"])) == 2
 
 
-@pytest.mark.parametrize("now, message", [
-    ([], "has no schedule.budget; set schedule.budget=1 schedule.budget_unit=epochs to go on"),
-    (["schedule.budget=5", "schedule.budget_unit=seconds"], "this config has schedule.budget 5 seconds"),
-])
+@pytest.mark.parametrize(
+    "now, message",
+    [
+        ([], "has no schedule.budget; set schedule.budget=1 schedule.budget_unit=epochs to go on"),
+        (["schedule.budget=5", "schedule.budget_unit=seconds"], "this config has schedule.budget 5 seconds"),
+    ],
+)
 def test_a_resume_that_changes_what_the_schedule_is_measured_in_is_one_line(tmp_path, now, message):
     first = setup(load_config(None, [*TINY, "schedule.budget=1", "name=r", f"runtime.output={tmp_path}"]), DistInfo())
     fit(first, until_step=3)
@@ -214,13 +254,25 @@ def test_report_tables_top1_at_equal_compute_and_compute_to_the_baselines_top1(t
         config = Config().to_dict()
         config["name"], config["runtime"]["seed"], config["blocking"]["method"] = name, seed, method
         (path / "config.yaml").write_text(yaml.safe_dump(config))
-        records = [{"epoch": e, "epoch_seconds": 1.0, "top1": t, "compute": c, "kept_fraction": 1.0,
-                    "samples_blocked": 0} for e, (c, t) in enumerate(curve)]
+        records = [
+            {"epoch": e, "epoch_seconds": 1.0, "top1": t, "compute": c, "kept_fraction": 1.0, "samples_blocked": 0}
+            for e, (c, t) in enumerate(curve)
+        ]
         (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        (path / "summary.json").write_text(json.dumps({
-            "method": method, "ratio": 0.4, "ratio_option": None if method == "none" else "ratio",
-            "top1": curve[-1][1], "blocked_fraction": 0.0, "train_seconds": 1.0 * len(curve),
-            "compute_spent": curve[-1][0], "world_size": 1}))
+        (path / "summary.json").write_text(
+            json.dumps(
+                {
+                    "method": method,
+                    "ratio": 0.4,
+                    "ratio_option": None if method == "none" else "ratio",
+                    "top1": curve[-1][1],
+                    "blocked_fraction": 0.0,
+                    "train_seconds": 1.0 * len(curve),
+                    "compute_spent": curve[-1][0],
+                    "world_size": 1,
+                }
+            )
+        )
         return str(path)
 
     base = [fake(f"full{s}", s, "none", [(1.0, 60.0), (2.0, 70.0 + s)]) for s in (0, 1)]  # final 70.5 on average

@@ -45,9 +45,11 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_not_run(tmp_path, capsy
     code = train(tmp_path, "--resume", "auto")
     err = capsys.readouterr().err
     assert code == 2 and not mark.exists()
-    assert err.strip() == (f"pfb-train: error: checkpoint {run_dir / 'checkpoint-last.pt'} holds objects other than "
-                           "tensors and plain containers (posix.system), which loading would run as code; pfb-train "
-                           "never writes them: it was not loaded (use a checkpoint from a source you trust)")
+    assert err.strip() == (
+        f"pfb-train: error: checkpoint {run_dir / 'checkpoint-last.pt'} holds objects other than "
+        "tensors and plain containers (posix.system), which loading would run as code; pfb-train "
+        "never writes them: it was not loaded (use a checkpoint from a source you trust)"
+    )
 
 
 @pytest.mark.parametrize("write", ["pickle", "torch.save before 1.6"])

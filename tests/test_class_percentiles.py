@@ -31,13 +31,14 @@ def test_the_percentile_is_the_place_among_the_class_history():
     history.add(history.batch_counts(torch.cat([top, spread]), torch.tensor([0] * 100 + [1] * 100), torch.ones(200)))
     assert history.hist[0, BINS - 1] == 100 and history.hist[1].sum() == 100
     g = torch.Generator().manual_seed(0)
-    draws = torch.stack([history.score(torch.tensor([0.99, 0.99, 0.5]), torch.tensor([0, 1, 1]), g).exp()
-                         for _ in range(400)])
+    draws = torch.stack(
+        [history.score(torch.tensor([0.99, 0.99, 0.5]), torch.tensor([0, 1, 1]), g).exp() for _ in range(400)]
+    )
     # class 0's usual rank is its median, drawn across its one bin: its percentile spreads evenly over
     # [low, high] (the prior's rows hold the rest), not 1 every time
     low, high = PRIOR_ROWS * 0.99 / (100 + PRIOR_ROWS), (100 + PRIOR_ROWS * 0.99) / (100 + PRIOR_ROWS)
     assert low - 1e-5 <= draws[:, 0].min() and draws[:, 0].max() <= high + 1e-5
-    assert abs(draws[:, 0].mean() - 0.5) < 0.05 and abs(draws[:, 0].std() - (high - low) / 12 ** 0.5) < 0.03
+    assert abs(draws[:, 0].mean() - 0.5) < 0.05 and abs(draws[:, 0].std() - (high - low) / 12**0.5) < 0.03
     # class 1: 0.99 is near its top, 0.5 near its middle, whatever the draw inside the bin
     assert draws[:, 1].min() > 0.95 and abs(draws[:, 2].mean() - 0.5) < 0.03
 
@@ -56,8 +57,9 @@ def test_a_class_rare_in_the_data_scores_lower_at_the_same_percentile():
 
 def test_the_history_decays_by_the_rows_it_takes_and_leaves_out_rows_of_weight_zero():
     history = ClassPercentiles(3, memory=4.0)  # about 4 rows per class: 12 in all
-    counts = history.batch_counts(torch.tensor([0.1, 0.6, 0.6, 0.9]), torch.tensor([0, 2, 2, 1]),
-                                  torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    counts = history.batch_counts(
+        torch.tensor([0.1, 0.6, 0.6, 0.9]), torch.tensor([0, 2, 2, 1]), torch.tensor([1.0, 1.0, 1.0, 0.0])
+    )
     assert counts.sum() == 3 and counts[2, int(0.6 * BINS)] == 2 and counts[1].sum() == 0
     history.add(counts)
     history.add(counts)
@@ -73,8 +75,10 @@ def test_counts_summed_over_ranks_are_the_counts_of_the_whole_batch():
     ranks, labels = torch.rand(64, generator=g), torch.randint(0, 5, (64,), generator=g)
     one, two = ClassPercentiles(5, 100.0), ClassPercentiles(5, 100.0)
     one.add(one.batch_counts(ranks, labels, torch.ones(64)))
-    two.add(two.batch_counts(ranks[:32], labels[:32], torch.ones(32))
-            + two.batch_counts(ranks[32:], labels[32:], torch.ones(32)))
+    two.add(
+        two.batch_counts(ranks[:32], labels[:32], torch.ones(32))
+        + two.batch_counts(ranks[32:], labels[32:], torch.ones(32))
+    )
     assert torch.equal(one.hist, two.hist)
     restored = ClassPercentiles(5, 100.0)
     restored.load_state_dict(one.state_dict())
@@ -82,8 +86,16 @@ def test_counts_summed_over_ranks_are_the_counts_of_the_whole_batch():
 
 
 def test_the_histories_learn_from_every_row_before_and_during_blocking():
-    selector = build_selector("pfb", ratio=0.5, centres=4, feature_dim=8, stratify="percentile", num_classes=3,
-                              start_epoch=1, class_memory=1e6)
+    selector = build_selector(
+        "pfb",
+        ratio=0.5,
+        centres=4,
+        feature_dim=8,
+        stratify="percentile",
+        num_classes=3,
+        start_epoch=1,
+        class_memory=1e6,
+    )
     g = torch.Generator().manual_seed(0)
     feats, labels = torch.randn(16, 8, generator=g), torch.arange(16) % 3
     selector.observe(feats, None, torch.arange(16), None, labels)  # before the window: every row
@@ -91,8 +103,9 @@ def test_the_histories_learn_from_every_row_before_and_during_blocking():
     selector.set_epoch(1)
     keep = selector.select(feats, labels)
     selector.observe(feats, keep, keep, None, labels[keep])  # blocking: the 8 blocked rows count too
-    assert keep.shape[0] == 8 and torch.allclose(selector.class_percentiles.hist.sum(dim=1),
-                                                 torch.tensor([12.0, 10.0, 10.0]), atol=1e-3)
+    assert keep.shape[0] == 8 and torch.allclose(
+        selector.class_percentiles.hist.sum(dim=1), torch.tensor([12.0, 10.0, 10.0]), atol=1e-3
+    )
     with pytest.raises(ValueError, match="no select"):  # a blocked batch whose select never ran
         selector.observe(feats, keep, keep, None, labels[keep])
 
@@ -102,7 +115,8 @@ def test_percentile_needs_the_classes():
         build_selector("pfb", ratio=0.4, stratify="percentile")
     with pytest.raises(ValueError, match="labels"):
         build_selector("pfb", ratio=0.4, centres=4, feature_dim=4, stratify="percentile", num_classes=3).select(
-            torch.randn(8, 4))
+            torch.randn(8, 4)
+        )
     with pytest.raises(UserError, match="noise_form"):  # the score is a percentile: a log-density's noise means nothing
         build_selector("pfb", ratio=0.4, stratify="percentile", noise_form="max_abs", num_classes=3)
 
@@ -113,13 +127,16 @@ def _stream(selector, steps, batch, classes, dense, gen, feats_dim=16):
     the rest spread. Returns per-class kept fractions of the blocking steps."""
     kept, seen = torch.zeros(classes), torch.zeros(classes)
     order = torch.empty(0, dtype=torch.long)
-    for step in range(steps):
+    for _ in range(steps):
         if len(order) < batch:
             order = torch.cat([order, torch.randperm(classes, generator=gen)])
         labels, order = order[:batch], order[batch:]
         is_dense = (labels < dense).unsqueeze(1)
-        feats = torch.where(is_dense, 0.05 * torch.randn(batch, feats_dim, generator=gen),
-                            3.0 * torch.randn(batch, feats_dim, generator=gen))
+        feats = torch.where(
+            is_dense,
+            0.05 * torch.randn(batch, feats_dim, generator=gen),
+            3.0 * torch.randn(batch, feats_dim, generator=gen),
+        )
         keep = selector.select(feats, labels) if selector.blocks_rows() else None
         mask = torch.ones(batch, dtype=torch.bool)
         if keep is not None:
@@ -137,8 +154,17 @@ def test_a_class_present_once_per_epoch_is_never_starved(stratify):
     """1000 classes, 250 rows a step: every class shows one row per 4-step epoch. The first 100 classes
     always hold the batch's densest rows. Ranked over the batch (none) they are blocked every time;
     against their own history (percentile) they give up their share like every other class."""
-    selector = build_selector("pfb", ratio=0.4, centres=16, feature_dim=16, noise=0.0, stratify=stratify,
-                              num_classes=1000, start_epoch=1, update_rate=0.1)
+    selector = build_selector(
+        "pfb",
+        ratio=0.4,
+        centres=16,
+        feature_dim=16,
+        noise=0.0,
+        stratify=stratify,
+        num_classes=1000,
+        start_epoch=1,
+        update_rate=0.1,
+    )
     gen = torch.Generator().manual_seed(0)
     selector.set_epoch(0)
     _stream(selector, 40, 250, 1000, 100, gen)  # ten epochs without blocking: the histories fill
@@ -154,16 +180,20 @@ def test_a_class_present_once_per_epoch_is_never_starved(stratify):
 
 def test_rare_classes_keep_more_of_their_rows_and_look_alike_classes_keep_their_share():
     """Ten classes: 0-4 look alike (dense), 5-9 do not; 8 and 9 are ten times rarer in the data."""
-    selector = build_selector("pfb", ratio=0.4, centres=16, feature_dim=16, stratify="percentile", num_classes=10,
-                              start_epoch=1)
+    selector = build_selector(
+        "pfb", ratio=0.4, centres=16, feature_dim=16, stratify="percentile", num_classes=10, start_epoch=1
+    )
     gen = torch.Generator().manual_seed(0)
     weights = torch.tensor([1.0] * 8 + [0.1] * 2)
     kept, seen = torch.zeros(10), torch.zeros(10)
     for step in range(160):
         selector.set_epoch(0 if step < 40 else 1)
         labels = torch.multinomial(weights, 128, replacement=True, generator=gen)
-        feats = torch.where((labels < 5).unsqueeze(1), 0.05 * torch.randn(128, 16, generator=gen),
-                            3.0 * torch.randn(128, 16, generator=gen))
+        feats = torch.where(
+            (labels < 5).unsqueeze(1),
+            0.05 * torch.randn(128, 16, generator=gen),
+            3.0 * torch.randn(128, 16, generator=gen),
+        )
         keep = selector.select(feats, labels) if selector.blocks_rows() else None
         rows = torch.arange(128) if keep is None else keep
         selector.observe(feats, keep, rows, None, labels[rows])

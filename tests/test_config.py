@@ -12,9 +12,17 @@ def write(tmp_path, text):
 
 
 def test_defaults_and_overrides_are_typed(tmp_path):
-    cfg = load_config(write(tmp_path, "blocking: {method: pfb}\n"),
-                      ["blocking.pfb.ratio=0.3", "schedule.epochs=7", "optim.lr=1e-3", "blocking.stage=layer2",
-                       "runtime.channels_last=true", "model.num_classes=null"])
+    cfg = load_config(
+        write(tmp_path, "blocking: {method: pfb}\n"),
+        [
+            "blocking.pfb.ratio=0.3",
+            "schedule.epochs=7",
+            "optim.lr=1e-3",
+            "blocking.stage=layer2",
+            "runtime.channels_last=true",
+            "model.num_classes=null",
+        ],
+    )
     assert cfg.blocking.chosen().ratio == 0.3 and cfg.schedule.epochs == 7
     assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1e-3  # "1e-3" is a YAML string: coerced
     assert cfg.blocking.stage == "layer2" and cfg.runtime.channels_last is True
@@ -28,33 +36,55 @@ def test_int_accepted_for_float_but_not_bool_for_int(tmp_path):
         load_config(write(tmp_path, "schedule: {epochs: true}\n"))
 
 
-@pytest.mark.parametrize("text,overrides,message", [
-    ("blocking: {pfb: {ratoi: 0.4}}\n", [], "config key 'blocking.pfb.ratoi' is not an option of method 'pfb' (did you mean 'blocking.pfb.ratio'? "
-                                          "its options: ratio,"),
-    ("blocking: {metod: pfb}\n", [], "unknown config key 'blocking.metod' (did you mean 'blocking.method'?)"),
-    ("", ["blocking.random.centres=3"], "config key 'blocking.random.centres' is not an option of method 'random' "
-                                        "(its options: ratio, start_epoch, end_epoch, ramp)"),
-    ("blocking: {pfb: 3}\n", [], "config section 'blocking.pfb' must be a mapping of method 'pfb' options"),
-    ("", ["blocking.pfb=3"], "--set blocking.pfb: give one option of method 'pfb', e.g. blocking.pfb.ratio="),
-    ("modle: {name: resnet18}\n", [], "unknown config key 'modle' (did you mean 'model'?)"),
-    ("", ["data.batchsize=3"], "unknown config key 'data.batchsize' (did you mean 'data.batch_size'?)"),
-    ("", ["blocking.pfb.ratio=abc"], "config key 'blocking.pfb.ratio': expected float, got 'abc'"),
-    ("", ["blocking.method=pfbb"], "unknown blocking.method 'pfbb'; choose one of: none, random, pfb, infobatch"),
-    ("", ["blocking.method=pfb", "blocking.pfb.ratio=1.0"], "'blocking.pfb.ratio' must be in [0, 1)"),
-    ("", ["blocking.method=random", "blocking.ratio=-0.1"], "'blocking.random.ratio' must be in [0, 1)"),
-    ("", ["blocking.method=infobatch", "blocking.infobatch.prune_ratio=1"], "'blocking.infobatch.prune_ratio' must be"),
-    ("", ["blocking=3"], "'blocking' is a section"),
-    ("", ["ratio"], "--set expects key=value"),
-    ("blocking: 3\n", [], "config section 'blocking' must be a mapping"),
-    ("- a\n- b\n", [], "must hold a mapping of sections"),
-    ("model: {name: [unclosed\n", [], "is not valid YAML"),
-    ("", ["data.dataset=imagefolder"], "'data.root' is required for dataset 'imagefolder'"),
-    ("", ["model.num_classes=-1"], "config key 'model.num_classes' must be >= 1 (or null: the data set's), got -1"),
-    ("", ["blocking.method=pfb", "data.batch_size=16", "blocking.pfb.centres=32"], "must be >= 'blocking.pfb.centres'"),
-    ("", ["blocking.method=pfb", "data.batch_size=16", "blocking.centers=32"], "must be >= 'blocking.pfb.centres'"),
-    ("", ["blocking.method=random", "blocking.random.start_epoch=10", "blocking.random.end_epoch=5"],
-     "must be greater than 'blocking.random.start_epoch'"),
-])
+@pytest.mark.parametrize(
+    "text,overrides,message",
+    [
+        (
+            "blocking: {pfb: {ratoi: 0.4}}\n",
+            [],
+            "config key 'blocking.pfb.ratoi' is not an option of method 'pfb' (did you mean 'blocking.pfb.ratio'? "
+            "its options: ratio,",
+        ),
+        ("blocking: {metod: pfb}\n", [], "unknown config key 'blocking.metod' (did you mean 'blocking.method'?)"),
+        (
+            "",
+            ["blocking.random.centres=3"],
+            "config key 'blocking.random.centres' is not an option of method 'random' "
+            "(its options: ratio, start_epoch, end_epoch, ramp)",
+        ),
+        ("blocking: {pfb: 3}\n", [], "config section 'blocking.pfb' must be a mapping of method 'pfb' options"),
+        ("", ["blocking.pfb=3"], "--set blocking.pfb: give one option of method 'pfb', e.g. blocking.pfb.ratio="),
+        ("modle: {name: resnet18}\n", [], "unknown config key 'modle' (did you mean 'model'?)"),
+        ("", ["data.batchsize=3"], "unknown config key 'data.batchsize' (did you mean 'data.batch_size'?)"),
+        ("", ["blocking.pfb.ratio=abc"], "config key 'blocking.pfb.ratio': expected float, got 'abc'"),
+        ("", ["blocking.method=pfbb"], "unknown blocking.method 'pfbb'; choose one of: none, random, pfb, infobatch"),
+        ("", ["blocking.method=pfb", "blocking.pfb.ratio=1.0"], "'blocking.pfb.ratio' must be in [0, 1)"),
+        ("", ["blocking.method=random", "blocking.ratio=-0.1"], "'blocking.random.ratio' must be in [0, 1)"),
+        (
+            "",
+            ["blocking.method=infobatch", "blocking.infobatch.prune_ratio=1"],
+            "'blocking.infobatch.prune_ratio' must be",
+        ),
+        ("", ["blocking=3"], "'blocking' is a section"),
+        ("", ["ratio"], "--set expects key=value"),
+        ("blocking: 3\n", [], "config section 'blocking' must be a mapping"),
+        ("- a\n- b\n", [], "must hold a mapping of sections"),
+        ("model: {name: [unclosed\n", [], "is not valid YAML"),
+        ("", ["data.dataset=imagefolder"], "'data.root' is required for dataset 'imagefolder'"),
+        ("", ["model.num_classes=-1"], "config key 'model.num_classes' must be >= 1 (or null: the data set's), got -1"),
+        (
+            "",
+            ["blocking.method=pfb", "data.batch_size=16", "blocking.pfb.centres=32"],
+            "must be >= 'blocking.pfb.centres'",
+        ),
+        ("", ["blocking.method=pfb", "data.batch_size=16", "blocking.centers=32"], "must be >= 'blocking.pfb.centres'"),
+        (
+            "",
+            ["blocking.method=random", "blocking.random.start_epoch=10", "blocking.random.end_epoch=5"],
+            "must be greater than 'blocking.random.start_epoch'",
+        ),
+    ],
+)
 def test_bad_config_is_one_line_user_error(tmp_path, text, overrides, message):
     with pytest.raises(UserError) as err:
         load_config(write(tmp_path, text), overrides)
@@ -84,8 +114,9 @@ def test_saved_config_round_trips(tmp_path):
 
 
 def test_base_key_merges_recipe_and_variant(tmp_path):
-    (tmp_path / "recipe.yaml").write_text("name: full\nblocking: {method: none, ratio: 0.4, centers: 16}\n"
-                                          "schedule: {epochs: 7}\n")
+    (tmp_path / "recipe.yaml").write_text(
+        "name: full\nblocking: {method: none, ratio: 0.4, centers: 16}\nschedule: {epochs: 7}\n"
+    )
     (tmp_path / "variant.yaml").write_text("base: recipe.yaml\nname: pfb30\nblocking: {method: pfb, ratio: 0.3}\n")
     cfg = load_config(str(tmp_path / "variant.yaml"))
     assert cfg.name == "pfb30" and cfg.blocking.method == "pfb" and cfg.blocking.chosen().ratio == 0.3
@@ -117,7 +148,13 @@ def test_flat_blocking_keys_of_earlier_versions_set_the_options_they_became(tmp_
     old = "blocking: {method: pfb, ratio: 0.3, centers: 16, ema: 0.2, weights: uniform, delta: 0.5, start_epoch: 2}\n"
     cfg = load_config(write(tmp_path, old))
     pfb, options = cfg.blocking.chosen(), cfg.blocking.options
-    assert (pfb.ratio, pfb.centres, pfb.update_rate, pfb.centre_weights, pfb.start_epoch) == (0.3, 16, 0.2, "uniform", 2)
+    assert (pfb.ratio, pfb.centres, pfb.update_rate, pfb.centre_weights, pfb.start_epoch) == (
+        0.3,
+        16,
+        0.2,
+        "uniform",
+        2,
+    )
     assert options["random"].ratio == 0.3 and options["random"].start_epoch == 2
     assert options["infobatch"].prune_ratio == 0.3 and options["infobatch"].delta == 0.5
     assert options["static_random"].drop_fraction == 0.3

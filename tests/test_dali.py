@@ -44,8 +44,9 @@ def folder(tmp_path_factory):
 
 
 def loaders(root, decode, dataset="imagefolder", channels_last=False, **kw):
-    cfg = DataConfig(**{"dataset": dataset, "root": str(root), "img_size": 32, "batch_size": 4, "workers": 0,
-                        "decode": decode, **kw})
+    cfg = DataConfig(
+        **{"dataset": dataset, "root": str(root), "img_size": 32, "batch_size": 4, "workers": 0, "decode": decode, **kw}
+    )
     splits = build_datasets(cfg)
     return splits, *build_loaders(splits, cfg, seed=0, channels_last=channels_last)
 
@@ -59,8 +60,13 @@ def reference_crop(path, box, flip, size=32):
     """The train augmentation written out for one image: crop the box, resize (antialiased bilinear), flip, normalise."""
     image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1).float()
     top, left, h, w = box
-    crop = F.interpolate(image[None, :, top:top + h, left:left + w], size=(size, size), mode="bilinear",
-                         antialias=True, align_corners=False)[0]
+    crop = F.interpolate(
+        image[None, :, top : top + h, left : left + w],
+        size=(size, size),
+        mode="bilinear",
+        antialias=True,
+        align_corners=False,
+    )[0]
     return ((crop.flip(-1) if flip else crop) - MEAN) / STD
 
 
@@ -182,8 +188,16 @@ def test_without_dali_the_error_names_the_install(folder, monkeypatch, capsys, t
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_dali)
-    settings = ["data.dataset=imagefolder", f"data.root={folder}", "data.decode=dali", "model.num_classes=null",
-                "data.batch_size=4", "blocking.method=none", f"runtime.output={tmp_path}", "runtime.progress=false"]
+    settings = [
+        "data.dataset=imagefolder",
+        f"data.root={folder}",
+        "data.decode=dali",
+        "model.num_classes=null",
+        "data.batch_size=4",
+        "blocking.method=none",
+        f"runtime.output={tmp_path}",
+        "runtime.progress=false",
+    ]
     code = main(["--config", "demo", *(arg for item in settings for arg in ("--set", item))])
     err = capsys.readouterr().err
     assert code == 2 and "pip install nvidia-dali-cuda130" in err and "Traceback" not in err
@@ -193,11 +207,24 @@ def test_without_dali_the_error_names_the_install(folder, monkeypatch, capsys, t
 
 
 def overrides(root, out, method="pfb", *extra, dataset="imagefolder"):
-    return ["model.name=test_resnet", "model.num_classes=null", f"data.dataset={dataset}", f"data.root={root}",
-            "data.img_size=16", "data.batch_size=4", "data.workers=0", "data.decode=dali", "schedule.epochs=2",
-            "schedule.warmup_epochs=0", "runtime.device=cpu", "runtime.progress=false", f"runtime.output={out}",
-            f"blocking.method={method}", *(f"blocking.{method}.{k}={v}" for k, v in SMALL_RUN.get(method, {}).items()),
-            *extra]
+    return [
+        "model.name=test_resnet",
+        "model.num_classes=null",
+        f"data.dataset={dataset}",
+        f"data.root={root}",
+        "data.img_size=16",
+        "data.batch_size=4",
+        "data.workers=0",
+        "data.decode=dali",
+        "schedule.epochs=2",
+        "schedule.warmup_epochs=0",
+        "runtime.device=cpu",
+        "runtime.progress=false",
+        f"runtime.output={out}",
+        f"blocking.method={method}",
+        *(f"blocking.{method}.{k}={v}" for k, v in SMALL_RUN.get(method, {}).items()),
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("method", list(methods()))
@@ -209,7 +236,12 @@ def test_every_method_trains_with_dali(method, folder, tmp_path):
 
 def test_resume_inside_an_epoch_is_exact_with_another_worker_count(folder, tmp_path):
     def train(name, workers, resume=False, **until):
-        extra = [f"name={name}", "data.mixup=0.2", f"data.workers={workers}", *(["runtime.resume=auto"] if resume else [])]
+        extra = [
+            f"name={name}",
+            "data.mixup=0.2",
+            f"data.workers={workers}",
+            *(["runtime.resume=auto"] if resume else []),
+        ]
         state = setup(load_config(None, overrides(folder, tmp_path, "infobatch", *extra)), DistInfo())
         fit(state, **until)
         return state
@@ -225,15 +257,39 @@ def test_hf_and_wds_layouts_give_the_folders_pixels(folder, tmp_path, capsys):
     pytest.importorskip("webdataset")
     datasets = pytest.importorskip("datasets")
     shards = tmp_path / "shards"
-    assert main(["shards", "--config", "demo", "--set", "data.dataset=imagefolder", "--set", f"data.root={folder}",
-                 "--set", "runtime.progress=false", "--out", str(shards), "--samples-per-shard", "5"]) == 0
+    assert (
+        main(
+            [
+                "shards",
+                "--config",
+                "demo",
+                "--set",
+                "data.dataset=imagefolder",
+                "--set",
+                f"data.root={folder}",
+                "--set",
+                "runtime.progress=false",
+                "--out",
+                str(shards),
+                "--samples-per-shard",
+                "5",
+            ]
+        )
+        == 0
+    )
     hf_root = tmp_path / "hf"
     splits = build_datasets(DataConfig(dataset="imagefolder", root=str(folder), decode="dali"))
-    rows = {name: {"image": [{"bytes": split.loader(path).numpy().tobytes(), "path": None} for path, _ in split.samples],
-                   "label": [label for _, label in split.samples]}
-            for name, split in (("train", splits.train), ("validation", splits.val))}
+    rows = {
+        name: {
+            "image": [{"bytes": split.loader(path).numpy().tobytes(), "path": None} for path, _ in split.samples],
+            "label": [label for _, label in split.samples],
+        }
+        for name, split in (("train", splits.train), ("validation", splits.val))
+    }
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
-    datasets.DatasetDict({k: datasets.Dataset.from_dict(v, features=features) for k, v in rows.items()}).save_to_disk(hf_root)
+    datasets.DatasetDict({k: datasets.Dataset.from_dict(v, features=features) for k, v in rows.items()}).save_to_disk(
+        hf_root
+    )
     _, _, folder_val = loaders(folder, "dali")
     want = torch.cat([x for x, _, _ in folder_val])
     for dataset, root in (("hf", hf_root), ("wds", shards)):
@@ -272,11 +328,33 @@ def test_two_gloo_processes_see_the_pixels_of_one(folder, tmp_path, capsys):
     """2 gloo ranks on shards (tests/wds_worker.py): equal disjoint shares, and each sample's pixels as
     one process makes them (here, in this process: the worker's data settings)."""
     shards = tmp_path / "shards"
-    assert main(["shards", "--config", "demo", "--set", "data.dataset=imagefolder", "--set", f"data.root={folder}",
-                 "--set", "runtime.progress=false", "--out", str(shards), "--samples-per-shard", "4"]) == 0
+    assert (
+        main(
+            [
+                "shards",
+                "--config",
+                "demo",
+                "--set",
+                "data.dataset=imagefolder",
+                "--set",
+                f"data.root={folder}",
+                "--set",
+                "runtime.progress=false",
+                "--out",
+                str(shards),
+                "--samples-per-shard",
+                "4",
+            ]
+        )
+        == 0
+    )
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    result = subprocess.run([*launcher, str(HERE / "wds_worker.py"), str(shards), str(tmp_path), "data.decode=dali"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [*launcher, str(HERE / "wds_worker.py"), str(shards), str(tmp_path), "data.decode=dali"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0["val_samples"] == r1["val_samples"] == 19
@@ -284,8 +362,12 @@ def test_two_gloo_processes_see_the_pixels_of_one(folder, tmp_path, capsys):
         seen = [i for batch in r0["epochs"][number] + r1["epochs"][number] for i in batch]
         assert len(seen) == len(set(seen)) == 16  # 19 samples, 2 ranks x batch 4: 2 steps each
     _, single, _ = loaders(shards, "dali", dataset="wds", img_size=16)
-    alone = {(number, i): x.double().sum().item() for number in range(2)
-             for images, _, idx in epoch(single, number) for i, x in zip(idx.tolist(), images)}
+    alone = {
+        (number, i): x.double().sum().item()
+        for number in range(2)
+        for images, _, idx in epoch(single, number)
+        for i, x in zip(idx.tolist(), images)
+    }
     both = {**r0["pixel_sums"], **r1["pixel_sums"]}
     assert len(both.keys() & alone.keys()) >= 16  # a sample's pixels do not depend on which rank made them
     assert all(both[k] == pytest.approx(alone[k], rel=1e-6) for k in both.keys() & alone.keys())

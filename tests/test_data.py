@@ -13,7 +13,7 @@ from pfb_train.errors import UserError
 def make_image_folder(root, classes=("cat", "dog"), per_class=(6, 3), size=(40, 30)):
     rng = np.random.default_rng(0)
     for split, count in zip(("train", "val"), per_class):
-        for c, name in enumerate(classes):
+        for name in classes:
             folder = root / split / name
             folder.mkdir(parents=True)
             for i in range(count):
@@ -37,23 +37,28 @@ def test_imagefolder_loads_real_files_with_indices(tmp_path):
     assert sum(len(b[2]) for b in val) == 6  # validation visits every sample once
 
 
-@pytest.mark.parametrize("layout,message", [
-    ("missing_root", "data.root does not exist"),
-    ("no_val", "dataset folder not found"),
-    ("empty_class", "holds no images"),
-    ("class_mismatch", "different class folders"),
-])
+@pytest.mark.parametrize(
+    "layout,message",
+    [
+        ("missing_root", "data.root does not exist"),
+        ("no_val", "dataset folder not found"),
+        ("empty_class", "holds no images"),
+        ("class_mismatch", "different class folders"),
+    ],
+)
 def test_imagefolder_bad_layouts(tmp_path, layout, message):
     root = tmp_path / "data"
     if layout != "missing_root":
         make_image_folder(root)
     if layout == "no_val":
         import shutil
+
         shutil.rmtree(root / "val")
     elif layout == "empty_class":
         (root / "train" / "zebra").mkdir()
     elif layout == "class_mismatch":
         import shutil
+
         shutil.rmtree(root / "val" / "dog")
     cfg = DataConfig(dataset="imagefolder", root=str(root), img_size=32, batch_size=2, workers=0)
     with pytest.raises(UserError, match=message):
@@ -96,7 +101,13 @@ def write_cifar(root, name="cifar10", n_train=20, n_test=10):
 
     rng = np.random.default_rng(0)
     if name == "cifar10":
-        folder, train, test, key, classes = root / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels", 10
+        folder, train, test, key, classes = (
+            root / "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)],
+            ["test_batch"],
+            "labels",
+            10,
+        )
     else:
         folder, train, test, key, classes = root / "cifar-100-python", ["train"], ["test"], "fine_labels", 100
     folder.mkdir(parents=True)
@@ -197,8 +208,11 @@ def test_fashion_mnist_refuses_labels_outside_its_ten_classes(tmp_path):
     the model's classes: a one-line error naming the file instead."""
     root = write_fashion_mnist(tmp_path / "fm", compress=False)
     write_idx(root / FASHION_MNIST_FILES["train"][1], np.arange(120) % 27, compress=False)
-    with pytest.raises(UserError, match=r"labels file .*train-labels-idx1-ubyte holds class 26, outside 0..9: "
-                                        r"fashion_mnist has 10 classes"):
+    with pytest.raises(
+        UserError,
+        match=r"labels file .*train-labels-idx1-ubyte holds class 26, outside 0..9: "
+        r"fashion_mnist has 10 classes",
+    ):
         build_datasets(DataConfig(dataset="fashion_mnist", root=str(root), img_size=28))
 
 
@@ -210,14 +224,18 @@ def test_fixed_stratified_subset_and_long_tail(tmp_path):
     assert torch.bincount(dataset_labels(splits.val)).tolist() == [3] * 10
     again = build_datasets(cfg)
     assert torch.equal(splits.train.images, again.train.images)  # fixed: the same subset every time
-    tail = build_datasets(DataConfig(dataset="fashion_mnist", root=str(root), img_size=28, train_samples=100,
-                                     imbalance=0.1))
+    tail = build_datasets(
+        DataConfig(dataset="fashion_mnist", root=str(root), img_size=28, train_samples=100, imbalance=0.1)
+    )
     counts = torch.bincount(dataset_labels(tail.train)).tolist()
     assert counts == long_tailed_counts([10] * 10, 0.1) and counts[0] == 10 and counts[-1] == 1
     assert counts == sorted(counts, reverse=True)
     assert len(tail.val) == 50  # validation stays balanced and whole
-    step = build_datasets(DataConfig(dataset="fashion_mnist", root=str(root), img_size=28, train_samples=100,
-                                     imbalance=0.2, rare_classes=[0, 7]))
+    step = build_datasets(
+        DataConfig(
+            dataset="fashion_mnist", root=str(root), img_size=28, train_samples=100, imbalance=0.2, rare_classes=[0, 7]
+        )
+    )
     assert torch.bincount(dataset_labels(step.train)).tolist() == [2, 10, 10, 10, 10, 10, 10, 2, 10, 10]
 
 
@@ -231,10 +249,30 @@ def test_digits_subset_keeps_class_proportions():
 
 def test_fashion_mnist_trains_from_the_cli(cli, tmp_path):
     root = write_fashion_mnist(tmp_path / "fm", train_per_class=8)
-    result = cli("--config", "fashion_mnist", "--set", f"data.root={root}", "--set", "data.train_samples=64",
-                 "--set", "data.val_samples=20", "--set", "data.batch_size=16", "--set", "blocking.centers=8",
-                 "--set", "schedule.epochs=2", "--set", "blocking.method=pfb", "--set", "blocking.start_epoch=0",
-                 "--set", f"runtime.output={tmp_path}/runs", "--set", "name=fm")
+    result = cli(
+        "--config",
+        "fashion_mnist",
+        "--set",
+        f"data.root={root}",
+        "--set",
+        "data.train_samples=64",
+        "--set",
+        "data.val_samples=20",
+        "--set",
+        "data.batch_size=16",
+        "--set",
+        "blocking.centers=8",
+        "--set",
+        "schedule.epochs=2",
+        "--set",
+        "blocking.method=pfb",
+        "--set",
+        "blocking.start_epoch=0",
+        "--set",
+        f"runtime.output={tmp_path}/runs",
+        "--set",
+        "name=fm",
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "runs" / "fm" / "summary.json").read_text())
     counts = summary["train_class_counts"]

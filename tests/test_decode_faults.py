@@ -51,9 +51,15 @@ def undecodable(kind: str, bomb: bytes):
     """(stored bytes or None, extension) of one image that cannot be decoded."""
     png = encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8)), "PNG")
     jpeg = encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8)), "JPEG")
-    return {"empty": (b"", "png"), "null": (None, "png"), "no_image_member": (None, "png"),
-            "truncated_png": (png[: len(png) // 2], "png"), "truncated_jpeg": (jpeg[: len(jpeg) // 3], "jpg"),
-            "not_an_image": (b"notes saved with the wrong suffix\n", "jpg"), "bomb": (bomb, "png")}[kind]
+    return {
+        "empty": (b"", "png"),
+        "null": (None, "png"),
+        "no_image_member": (None, "png"),
+        "truncated_png": (png[: len(png) // 2], "png"),
+        "truncated_jpeg": (jpeg[: len(jpeg) // 3], "jpg"),
+        "not_an_image": (b"notes saved with the wrong suffix\n", "jpg"),
+        "bomb": (bomb, "png"),
+    }[kind]
 
 
 # Odd pixel modes: (stored bytes, extension, the RGB every decode path gives, tolerance)
@@ -62,8 +68,12 @@ ODD_MODES = {
     "pgm_16_bit": lambda: (encode(grey16(0x4000), "PPM"), "pgm", (0x40,) * 3, 0),  # PIL mode I
     "tiff_float": lambda: (encode(Image.fromarray(np.full((24, 24), 0.75, np.float32)), "TIFF"), "tif", (191,) * 3, 0),
     "la_png": lambda: (encode(Image.new("LA", (24, 24), (100, 30)), "PNG"), "png", (100,) * 3, 0),
-    "palette_transparency": lambda: (encode(palette_with_transparency(), "PNG", transparency=bytes([0, 128])), "png",
-                                     (200, 100, 50), 0),
+    "palette_transparency": lambda: (
+        encode(palette_with_transparency(), "PNG", transparency=bytes([0, 128])),
+        "png",
+        (200, 100, 50),
+        0,
+    ),
     "cmyk_jpeg": lambda: (encode(Image.new("CMYK", (24, 24), (10, 200, 30, 0)), "JPEG"), "jpg", (245, 55, 225), 3),
     "one_bit": lambda: (encode(Image.new("1", (24, 24), 1), "PNG"), "png", (255,) * 3, 0),
     "rgba_png": lambda: (encode(Image.new("RGBA", (24, 24), (10, 20, 30, 0)), "PNG"), "png", (10, 20, 30), 0),
@@ -83,8 +93,10 @@ def write_layout(layout: str, root, first, extension: str):
                 (root / split / f"c{label}" / f"{i}.{ext}").write_bytes(data)
     elif layout == "hf":
         features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["c0", "c1"])})
-        rows = {"image": [None if data is None else {"bytes": data, "path": None} for data, _, _ in samples],
-                "label": [label for _, _, label in samples]}
+        rows = {
+            "image": [None if data is None else {"bytes": data, "path": None} for data, _, _ in samples],
+            "label": [label for _, _, label in samples],
+        }
         split = datasets.Dataset.from_dict(rows, features=features)
         datasets.DatasetDict({"train": split, "validation": split}).save_to_disk(str(root))
     else:
@@ -154,8 +166,9 @@ def test_device_paths_refuse_a_bomb_before_decoding(bomb, monkeypatch):
     (item,), _, _, sizes = dali.collate_sized_bytes([(data, 0, 7)])
     assert isinstance(item, Unreadable) and sizes.tolist() == [[0, 0]]
     monkeypatch.setattr(device_decode, "decode_image", lambda *a, **k: pytest.fail("decoded a bomb"))
-    loader = device_decode.DeviceDecodeLoader(SimpleNamespace(generator=None), "cpu", 16, False, (0.5,) * 3,
-                                              (0.5,) * 3, paths=["bomb.png"])
+    loader = device_decode.DeviceDecodeLoader(
+        SimpleNamespace(generator=None), "cpu", 16, False, (0.5,) * 3, (0.5,) * 3, paths=["bomb.png"]
+    )
     images, good = loader.decode([Unreadable(None, "too many pixels")], torch.tensor([0]))
     assert images == [None] and not good.any()
 
@@ -173,8 +186,10 @@ def odd_mode_cases():
 @pytest.mark.parametrize("layout,kind", list(odd_mode_cases()))
 def test_odd_pixel_modes_become_sensible_rgb_on_the_cpu_path(layout, kind, tmp_path):
     data, extension, rgb, tolerance = ODD_MODES[kind]()
-    splits = build_datasets(DataConfig(**write_layout(layout, tmp_path / "data", data, extension)),
-                            num_classes=2 if layout == "wds" else None)
+    splits = build_datasets(
+        DataConfig(**write_layout(layout, tmp_path / "data", data, extension)),
+        num_classes=2 if layout == "wds" else None,
+    )
     image, label = splits.val[0]  # the eval transform: a uint8 (3, 16, 16) crop of a constant image
     assert image.dtype == torch.uint8 and label == 0
     want = torch.tensor(rgb).view(3, 1, 1).expand_as(image).int()
@@ -192,11 +207,13 @@ def test_16_bit_greyscale_gives_the_same_pixels_on_every_decode_path(tmp_path):
     for decode in ("cpu", "device", "dali"):
         cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), img_size=16, batch_size=4, workers=0, decode=decode)
         _, val = build_loaders(build_datasets(cfg), cfg, seed=0)
-        (x, y, _), = list(val)
+        ((x, y, _),) = list(val)
         batches[decode] = x
     level = 1.05 / (0.224 * 255)  # one grey level, normalised (by the smallest of timm's ImageNet stds)
-    want = (torch.tensor([0x40, 0x40, 0xC0, 0xC0]).view(4, 1, 1, 1) / 255 - torch.tensor(
-        [0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    want = (
+        torch.tensor([0x40, 0x40, 0xC0, 0xC0]).view(4, 1, 1, 1) / 255
+        - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    ) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     assert torch.allclose(batches["cpu"], want.expand_as(batches["cpu"]), atol=1e-4)
     assert torch.allclose(batches["device"], batches["cpu"], atol=1e-4)
     assert torch.allclose(batches["dali"], batches["cpu"], atol=level)  # DALI scales by 255/65535: a level off
@@ -209,8 +226,9 @@ def test_the_device_path_decodes_what_torchvision_io_does_not_read(tmp_path):
     data, _, rgb, _ = ODD_MODES["tiff_float"]()
     loader = DeviceDecodeLoader(SimpleNamespace(generator=None), "cpu", 16, False, (0.5,) * 3, (0.5,) * 3)
     bmp = encode(Image.new("RGB", (24, 24), (1, 2, 3)), "BMP")
-    images, good = loader.decode([torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in (data, bmp)],
-                                 torch.tensor([0, 1]))
+    images, good = loader.decode(
+        [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in (data, bmp)], torch.tensor([0, 1])
+    )
     assert good.all() and images[0][:, 0, 0].tolist() == list(rgb) and images[1][:, 0, 0].tolist() == [1, 2, 3]
 
 
@@ -247,8 +265,10 @@ def write_plain_parquet(root, extra_int_column=False):
     struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     for split in ("train", "validation"):
         labels = [i % 3 for i in range(6)]
-        images = [{"bytes": encode(Image.new("RGB", (20, 20), (80 * c,) * 3), "PNG"), "path": f"{i}.png"}
-                  for i, c in enumerate(labels)]
+        images = [
+            {"bytes": encode(Image.new("RGB", (20, 20), (80 * c,) * 3), "PNG"), "path": f"{i}.png"}
+            for i, c in enumerate(labels)
+        ]
         columns = {"image": pa.array(images, struct), "label": pa.array(labels, pa.int64())}
         if extra_int_column:
             columns["width"] = pa.array([20] * 6, pa.int64())
@@ -268,11 +288,16 @@ def test_a_plain_parquet_file_is_read_with_or_without_naming_its_columns(tmp_pat
     with pytest.raises(UserError, match=r"holds 2, outside 0\.\.1 \(model\.num_classes 2\)"):
         build_datasets(cfg, num_classes=2)
     two = write_plain_parquet(tmp_path / "two", extra_int_column=True)
-    with pytest.raises(UserError, match=r"more than one integer column; set data\.label_key \(columns: image "
-                                        r"\(struct of bytes/path\), label \(int64\), width \(int64\)\)"):
+    with pytest.raises(
+        UserError,
+        match=r"more than one integer column; set data\.label_key \(columns: image "
+        r"\(struct of bytes/path\), label \(int64\), width \(int64\)\)",
+    ):
         build_datasets(DataConfig(dataset="hf", root=str(two), img_size=16, workers=0))
-    assert build_datasets(DataConfig(dataset="hf", root=str(two), img_size=16, workers=0,
-                                     label_key="label")).num_classes == 3
+    assert (
+        build_datasets(DataConfig(dataset="hf", root=str(two), img_size=16, workers=0, label_key="label")).num_classes
+        == 3
+    )
 
 
 def test_a_plain_parquet_file_trains_from_the_cli(tmp_path, capsys):
@@ -292,8 +317,10 @@ def test_dots_in_webdataset_keys_are_one_line_saying_why(info, tmp_path, capsys)
             for i in range(6):
                 add_members(tar, [(f"n01440764_1002{i}.part1.jpg", jpeg), (f"n01440764_1002{i}.part1.cls", b"0")])
     if info:  # timm's layout: the shards are not scanned at the start, the first read finds it
-        splits = {s: {"filenames": [f"{s}-000000.tar"], "shard_lengths": [6], "num_samples": 6}
-                  for s in ("train", "validation")}
+        splits = {
+            s: {"filenames": [f"{s}-000000.tar"], "shard_lengths": [6], "num_samples": 6}
+            for s in ("train", "validation")
+        }
         (root / "_info.json").write_text(json.dumps({"splits": splits, "num_classes": 2}))
     code, _, err = cli(capsys, *wds_args(root, tmp_path / "runs", "model.num_classes=2"))
     line = one_line(err)

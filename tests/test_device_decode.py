@@ -85,11 +85,27 @@ def test_unreadable_files_are_stood_in_for_or_fatal(folder):
 
 
 def test_training_run_with_device_decode(folder, tmp_path):
-    summary = run(load_config(None, [
-        "model.name=resnet18", "data.dataset=imagefolder", f"data.root={folder}", "data.decode=device",
-        "data.img_size=32", "data.batch_size=4", "data.workers=0", "schedule.epochs=1", "schedule.warmup_epochs=0",
-        "blocking.method=pfb", "blocking.centers=4", "runtime.progress=false", "runtime.device=cpu",
-        f"runtime.output={tmp_path}/runs"]))
+    summary = run(
+        load_config(
+            None,
+            [
+                "model.name=resnet18",
+                "data.dataset=imagefolder",
+                f"data.root={folder}",
+                "data.decode=device",
+                "data.img_size=32",
+                "data.batch_size=4",
+                "data.workers=0",
+                "schedule.epochs=1",
+                "schedule.warmup_epochs=0",
+                "blocking.method=pfb",
+                "blocking.centers=4",
+                "runtime.progress=false",
+                "runtime.device=cpu",
+                f"runtime.output={tmp_path}/runs",
+            ],
+        )
+    )
     record = read_metrics(summary["run_dir"])[0]
     assert record["samples_seen"] == 12 and record["val_samples"] == 12 and record["samples_blocked"] > 0
 
@@ -98,14 +114,17 @@ def test_device_decode_config_errors():
     with pytest.raises(UserError, match="applies to datasets imagefolder, hf, wds, not 'digits'"):
         load_config(None, ["data.decode=device", "data.dataset=digits"])
     with pytest.raises(UserError, match="auto_augment"):
-        load_config(None, ["data.decode=device", "data.dataset=imagefolder", "data.root=/x",
-                           "data.auto_augment=rand-m9-mstd0.5"])
+        load_config(
+            None,
+            ["data.decode=device", "data.dataset=imagefolder", "data.root=/x", "data.auto_augment=rand-m9-mstd0.5"],
+        )
 
 
 def box_stats(boxes, height, width):
     top, left, h, w = boxes.double().unbind(1)
-    return torch.stack([(h * w / (height * width)).mean(), (w / h).log().mean(), (top / height).mean(),
-                        (left / width).mean()])
+    return torch.stack(
+        [(h * w / (height * width)).mean(), (w / h).log().mean(), (top / height).mean(), (left / width).mean()]
+    )
 
 
 @pytest.mark.parametrize("height, width", [(375, 500), (500, 100), (64, 64)])
@@ -129,8 +148,9 @@ def test_batched_crop_boxes_fall_back_to_a_clamped_centre_crop():
     from torchvision.transforms import v2
 
     sizes = [(10, 200), (300, 12)]
-    boxes = random_resized_boxes(torch.tensor([s[0] for s in sizes]), torch.tensor([s[1] for s in sizes]),
-                                 torch.Generator().manual_seed(0))
+    boxes = random_resized_boxes(
+        torch.tensor([s[0] for s in sizes]), torch.tensor([s[1] for s in sizes]), torch.Generator().manual_seed(0)
+    )
     expected = [v2.RandomResizedCrop.get_params(torch.empty(3, *s), [0.08, 1.0], [3 / 4, 4 / 3]) for s in sizes]
     assert boxes.tolist() == [list(e) for e in expected] == [[0, 93, 10, 13], [142, 0, 16, 12]]
 

@@ -34,8 +34,12 @@ class KeepFirstRows(Selector):
 
 def _context(model, selector, mixup=None) -> StepContext:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    return StepContext(model, selector, StepSettings(torch.device("cpu"), label_smoothing=0.1, check_finite=False),
-                       Optimization(optimizer, None, torch.amp.GradScaler("cpu", enabled=False), mixup=mixup))
+    return StepContext(
+        model,
+        selector,
+        StepSettings(torch.device("cpu"), label_smoothing=0.1, check_finite=False),
+        Optimization(optimizer, None, torch.amp.GradScaler("cpu", enabled=False), mixup=mixup),
+    )
 
 
 def test_kept_fraction_per_class_counts_the_kept_rows_of_each_class():
@@ -96,9 +100,18 @@ def test_eval_reports_top1_per_class():
 def test_demo_on_synthetic_data_logs_a_signal_every_epoch(tmp_path):
     """The issue's check, shortened: every epoch of a pfb run blocking from epoch 0 has a numeric
     selection_signal in [0, 1], density percentiles and a kept fraction per class."""
-    cfg = load_config("demo", ["data.dataset=synthetic", "blocking.start_epoch=0", "schedule.epochs=2",
-                               "data.train_samples=256", "data.val_samples=100", f"runtime.output={tmp_path}",
-                               "runtime.progress=false"])
+    cfg = load_config(
+        "demo",
+        [
+            "data.dataset=synthetic",
+            "blocking.start_epoch=0",
+            "schedule.epochs=2",
+            "data.train_samples=256",
+            "data.val_samples=100",
+            f"runtime.output={tmp_path}",
+            "runtime.progress=false",
+        ],
+    )
     records = read_metrics(run(cfg)["run_dir"])
     assert len(records) == 2
     for r in records:

@@ -62,9 +62,12 @@ def test_degenerate_sizes_clipping_and_the_ema_under_two_processes(tmp_path):
     """One validation sample for two ranks (rank 1 has no evaluation batch: it used to hang the job in the
     evaluation forward's buffer broadcast); clipping under DDP; each rank's EMA BatchNorm statistics
     averaged at the epoch end, so `top1_ema` and the saved EMA are every rank's."""
-    (r0, r1), _ = launch(tmp_path, 2, True, "data.val_samples=1", "optim.clip_grad=0.01", "optim.ema_decay=0.5",
-                          timeout=120)
-    metrics = [json.loads(line) for line in (tmp_path / "out2" / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    (r0, r1), _ = launch(
+        tmp_path, 2, True, "data.val_samples=1", "optim.clip_grad=0.01", "optim.ema_decay=0.5", timeout=120
+    )
+    metrics = [
+        json.loads(line) for line in (tmp_path / "out2" / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [m["val_samples"] for m in metrics] == [1, 1] and all("top1_ema" in m for m in metrics)
     assert r0["grad_norm"] == pytest.approx(0.01, rel=1e-4) and r1["grad_norm"] == pytest.approx(0.01, rel=1e-4)
     assert r0["ema_buffers"].keys() == r1["ema_buffers"].keys() and r0["ema_buffers"]
@@ -96,8 +99,16 @@ def test_two_process_infobatch_scores_are_gathered_from_every_rank(tmp_path):
 def test_two_processes_end_a_seconds_budget_at_the_same_step(tmp_path):
     """Each rank's clock runs on its own: the ranks agree on the time every runtime.log_every steps, so both
     stop at one step (a disagreement would hang a collective) with identical weights and LR."""
-    (r0, r1), _ = launch(tmp_path, 2, True, "schedule.budget_unit=seconds", "schedule.budget=2",
-                         "schedule.epochs=1000", "runtime.log_every=2", timeout=120)
+    (r0, r1), _ = launch(
+        tmp_path,
+        2,
+        True,
+        "schedule.budget_unit=seconds",
+        "schedule.budget=2",
+        "schedule.epochs=1000",
+        "runtime.log_every=2",
+        timeout=120,
+    )
     assert r0["summary"]["epochs"] == r1["summary"]["epochs"] < 1000
     last = json.loads((tmp_path / "out2" / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["seconds_spent"] >= 2 and "top1" in last  # the slowest rank's time
@@ -120,6 +131,8 @@ def test_a_budgeted_run_resumed_inside_an_epoch_on_two_processes_counts_one_comp
     (r0, r1), _ = launch(tmp_path, 2, True, *budget, "runtime.resume=auto", timeout=120)
     for name in r0["model"]:
         assert torch.equal(r0["model"][name], r1["model"][name]), name
-    records = [json.loads(line) for line in (tmp_path / "out2" / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (tmp_path / "out2" / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert records[1]["compute"] == pytest.approx(1 + 3 / 6 + 1 / 3)  # then the other 48: 1 step of 2 x 16 (of 3)
     assert 2.5 - 1e-9 <= r0["summary"]["compute_spent"] < 2.5 + 1 / 3

@@ -13,8 +13,11 @@ from pfb_train.models import frozen_norm_stats, split_model, split_spec
 FAMILIES = {
     "resnet": ("resnet18", {}, 64),
     "convnext": ("convnext_atto", {}, 64),
-    "swin": ("swin_tiny_patch4_window7_224",
-             dict(img_size=64, window_size=2, embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)), 64),
+    "swin": (
+        "swin_tiny_patch4_window7_224",
+        dict(img_size=64, window_size=2, embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)),
+        64,
+    ),
     "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=4), 32),
     "deit": ("deit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=3), 32),
     "efficientnet": ("efficientnet_b0", {}, 64),
@@ -53,7 +56,9 @@ def test_gradients_reach_every_parameter_when_nothing_is_blocked(family):
             p.add_(0.01 * torch.randn_like(p))
     blocked = split_model(model, 1).train()
     blocked(torch.randn(4, 3, size, size), select=lambda f: None).logits.square().sum().backward()
-    missing = [n for n, p in blocked.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    missing = [
+        n for n, p in blocked.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
     assert not missing, missing
 
 

@@ -90,10 +90,23 @@ def odd_image(kind: str, path_stem: Path) -> Path:
     return path
 
 
-TRAIN = ["model.name=test_resnet", "data.dataset=imagefolder", "data.img_size=16", "data.batch_size=4", "data.workers=0",
-         "schedule.epochs=1", "schedule.warmup_epochs=0", "runtime.progress=false", "runtime.device=cpu",
-         "model.num_classes=null", "blocking.method=pfb", "blocking.pfb.centres=2", "blocking.pfb.ratio=0.25",
-         "blocking.pfb.start_epoch=0", "data.mixup=0.2"]
+TRAIN = [
+    "model.name=test_resnet",
+    "data.dataset=imagefolder",
+    "data.img_size=16",
+    "data.batch_size=4",
+    "data.workers=0",
+    "schedule.epochs=1",
+    "schedule.warmup_epochs=0",
+    "runtime.progress=false",
+    "runtime.device=cpu",
+    "model.num_classes=null",
+    "blocking.method=pfb",
+    "blocking.pfb.centres=2",
+    "blocking.pfb.ratio=0.25",
+    "blocking.pfb.start_epoch=0",
+    "data.mixup=0.2",
+]
 
 
 def train_args(root, out, *extra):
@@ -157,9 +170,22 @@ def make_shards(capsys, tmp_path) -> Path:
     """A folder of real JPEGs (12 train, 12 val) written as shards of 4 by `pfb-train shards`."""
     folder = write_folder(tmp_path / "folder")
     odd_image("one_pixel", folder / "train" / "b" / "extra")
-    code, _, err = cli(capsys, "shards", "--config", "demo", "--set", "data.dataset=imagefolder", "--set",
-                       f"data.root={folder}", "--set", "runtime.progress=false", "--out", str(tmp_path / "shards"),
-                       "--samples-per-shard", "4")
+    code, _, err = cli(
+        capsys,
+        "shards",
+        "--config",
+        "demo",
+        "--set",
+        "data.dataset=imagefolder",
+        "--set",
+        f"data.root={folder}",
+        "--set",
+        "runtime.progress=false",
+        "--out",
+        str(tmp_path / "shards"),
+        "--samples-per-shard",
+        "4",
+    )
     assert code == 0, err
     return tmp_path / "shards"
 
@@ -177,9 +203,11 @@ def rewrite_shard(path: Path, change) -> None:
 
 def set_member(extension: str, data: bytes):
     """A change that gives the shard's first sample's `extension` member these bytes."""
+
     def change(members):
         first = members[0][0].split(".")[0]
         return [(n, data if n == f"{first}.{extension}" else d) for n, d in members]
+
     return change
 
 
@@ -189,18 +217,31 @@ def wds_args(root, out, *extra):
 
 def test_shards_needs_the_webdataset_extra(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "webdataset", None)  # as if it were not installed
-    code, _, err = cli(capsys, "shards", "--config", "demo", "--set", "data.dataset=imagefolder", "--set",
-                       f"data.root={write_folder(tmp_path / 'folder')}", "--out", str(tmp_path / "shards"))
+    code, _, err = cli(
+        capsys,
+        "shards",
+        "--config",
+        "demo",
+        "--set",
+        "data.dataset=imagefolder",
+        "--set",
+        f"data.root={write_folder(tmp_path / 'folder')}",
+        "--out",
+        str(tmp_path / "shards"),
+    )
     assert code == 2 and "needs the webdataset package: pip install 'pfb-train[data]'" in one_line(err)
 
 
-@pytest.mark.parametrize("fault,message", [
-    ("missing_split", "split 'test' not found in"),
-    ("missing_shard", "shard file not found:"),
-    ("truncated_shard", "is truncated"),
-    ("label_outside_num_classes", "has label 7, outside 0..1 (model.num_classes 2)"),
-    ("info_not_json", "_info.json is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "fault,message",
+    [
+        ("missing_split", "split 'test' not found in"),
+        ("missing_shard", "shard file not found:"),
+        ("truncated_shard", "is truncated"),
+        ("label_outside_num_classes", "has label 7, outside 0..1 (model.num_classes 2)"),
+        ("info_not_json", "_info.json is not valid JSON"),
+    ],
+)
 def test_shard_mistakes_are_one_line(fault, message, tmp_path, capsys):
     root = make_shards(capsys, tmp_path)
     extra = []
@@ -238,11 +279,14 @@ def test_a_broken_sample_in_a_shard_is_counted_not_fatal(fault, decode, tmp_path
     assert record["bad_samples"] == 1 and record["samples_seen"] == 11
 
 
-@pytest.mark.parametrize("fault,note", [
-    ("info_absent", "_info.json in {root}: counted split 'train' from its 3 shard(s) instead (12 samples)"),
-    ("shard_replaced", "_info.json says train-000001.tar has"),
-    ("count_disagrees", "_info.json gives num_samples 13 but its shard_lengths add up to 12"),
-])
+@pytest.mark.parametrize(
+    "fault,note",
+    [
+        ("info_absent", "_info.json in {root}: counted split 'train' from its 3 shard(s) instead (12 samples)"),
+        ("shard_replaced", "_info.json says train-000001.tar has"),
+        ("count_disagrees", "_info.json gives num_samples 13 but its shard_lengths add up to 12"),
+    ],
+)
 def test_an_absent_or_disagreeing_info_file_is_counted_once_and_said(fault, note, tmp_path, capsys):
     root = make_shards(capsys, tmp_path)
     info = json.loads((root / "_info.json").read_text())
@@ -263,9 +307,24 @@ def test_an_absent_or_disagreeing_info_file_is_counted_once_and_said(fault, note
 
 # ---------------------------------------------------------------- checkpoints and resuming
 
-DEMO = ["--config", "demo", "--set", "schedule.epochs=2", "--set", "runtime.progress=false",
-        "--set", "data.train_samples=128", "--set", "data.val_samples=64",
-        "--set", "data.batch_size=32", "--set", "blocking.pfb.start_epoch=0", "--set", "blocking.pfb.centres=8"]
+DEMO = [
+    "--config",
+    "demo",
+    "--set",
+    "schedule.epochs=2",
+    "--set",
+    "runtime.progress=false",
+    "--set",
+    "data.train_samples=128",
+    "--set",
+    "data.val_samples=64",
+    "--set",
+    "data.batch_size=32",
+    "--set",
+    "blocking.pfb.start_epoch=0",
+    "--set",
+    "blocking.pfb.centres=8",
+]
 
 
 def finished_run(capsys, out, *extra):
@@ -278,8 +337,9 @@ def test_a_truncated_last_checkpoint_resumes_from_the_previous(tmp_path, capsys)
     run_dir = finished_run(capsys, tmp_path)
     last = run_dir / "checkpoint-last.pt"
     last.write_bytes(last.read_bytes()[:1000])
-    code, _, err = cli(capsys, *DEMO, "--set", f"runtime.output={tmp_path}", "--set", "schedule.epochs=3",
-                       "--resume", "auto")
+    code, _, err = cli(
+        capsys, *DEMO, "--set", f"runtime.output={tmp_path}", "--set", "schedule.epochs=3", "--resume", "auto"
+    )
     assert code == 0 and "skipping unreadable checkpoint" in one_line(err)
     assert [r["epoch"] for r in read_metrics(run_dir)] == [0, 1, 2]  # epoch 1 again, from checkpoint-prev
 
@@ -295,7 +355,9 @@ def test_both_checkpoints_unreadable_stops_instead_of_starting_over(tmp_path, ca
     assert (run_dir / "metrics.jsonl").read_text() == before  # the logged epochs are still there
 
 
-@pytest.mark.parametrize("change,key", [("model.name=resnet34", "model.name"), ("blocking.method=random", "blocking.method")])
+@pytest.mark.parametrize(
+    "change,key", [("model.name=resnet34", "model.name"), ("blocking.method=random", "blocking.method")]
+)
 def test_resuming_with_a_changed_model_or_method(change, key, tmp_path, capsys):
     run_dir = finished_run(capsys, tmp_path)
     code, _, err = cli(capsys, *DEMO, "--set", f"runtime.output={tmp_path}", "--set", change, "--resume", "auto")
@@ -340,15 +402,19 @@ def test_a_full_output_folder_keeps_the_checkpoints_already_written(tmp_path, ca
 
 # ---------------------------------------------------------------- config and report mistakes
 
-@pytest.mark.parametrize("args,message", [
-    (["--config", "{tmp}/a.yaml"], "loops back"),
-    (["--config", "demo", "--set", "schedule.epochs"], "--set expects key=value"),
-    (["--config", "demo", "--set", "name=runs/evil"], "config key 'name' must be a plain folder name"),
-    (["--config", "demo", "--set", "name=.."], "config key 'name' must be a plain folder name"),
-    (["report", "{tmp}/nowhere", "--baseline", "{tmp}/nowhere"], "not a finished run directory"),
-    (["report", "{tmp}/empty", "--baseline", "{tmp}/empty"], "not a finished run directory"),
-    (["report", "{tmp}/unfinished", "--baseline", "{tmp}/unfinished"], "not a finished run directory"),
-])
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--config", "{tmp}/a.yaml"], "loops back"),
+        (["--config", "demo", "--set", "schedule.epochs"], "--set expects key=value"),
+        (["--config", "demo", "--set", "name=runs/evil"], "config key 'name' must be a plain folder name"),
+        (["--config", "demo", "--set", "name=.."], "config key 'name' must be a plain folder name"),
+        (["report", "{tmp}/nowhere", "--baseline", "{tmp}/nowhere"], "not a finished run directory"),
+        (["report", "{tmp}/empty", "--baseline", "{tmp}/empty"], "not a finished run directory"),
+        (["report", "{tmp}/unfinished", "--baseline", "{tmp}/unfinished"], "not a finished run directory"),
+    ],
+)
 def test_config_and_report_mistakes(args, message, tmp_path, capsys):
     (tmp_path / "a.yaml").write_text("base: b.yaml\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
@@ -361,16 +427,34 @@ def test_config_and_report_mistakes(args, message, tmp_path, capsys):
 
 # ---------------------------------------------------------------- signals and multi-process stops
 
+
 def popen(*args, **kwargs):
-    return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        **kwargs,
+    )
 
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_auto(tmp_path):
     """Killed without warning, twice, with a checkpoint every step: each epoch is logged once and the run ends."""
-    args = ["-m", "pfb_train", *DEMO, "--set", f"runtime.output={tmp_path}", "--set", "schedule.epochs=3",
-            "--set", "runtime.checkpoint_every=1", "--resume", "auto"]
+    args = [
+        "-m",
+        "pfb_train",
+        *DEMO,
+        "--set",
+        f"runtime.output={tmp_path}",
+        "--set",
+        "schedule.epochs=3",
+        "--set",
+        "runtime.checkpoint_every=1",
+        "--resume",
+        "auto",
+    ]
     rng = random.Random(0)
     for _ in range(2):
         proc = popen(*args)
@@ -388,8 +472,16 @@ def test_sigkill_at_random_moments_then_resume_auto(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("moment", ["first_step", "evaluation"])
 def test_sigterm_during_the_first_step_or_evaluation(moment, tmp_path):
-    args = [str(HERE / "signal_worker.py"), moment, "--", *DEMO, "--set", f"runtime.output={tmp_path}",
-            "--resume", "auto"]
+    args = [
+        str(HERE / "signal_worker.py"),
+        moment,
+        "--",
+        *DEMO,
+        "--set",
+        f"runtime.output={tmp_path}",
+        "--resume",
+        "auto",
+    ]
     first = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
     assert first.returncode == 128 + signal.SIGTERM, first.stderr
     # during the evaluation: the stop comes right after the epoch's checkpoint, not a step later
@@ -413,16 +505,32 @@ runtime: {device: cpu, seed: 0, progress: false, threads: 1}
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("fault,code,message", [
-    ("data", 2, "pfb-train: error: all 8 images of a batch are unreadable, e.g. /data/bad.jpg (on rank 1)"),
-    ("bug", 1, "pfb-train: stopped: ZeroDivisionError: injected (on rank 1)"),
-])
+@pytest.mark.parametrize(
+    "fault,code,message",
+    [
+        ("data", 2, "pfb-train: error: all 8 images of a batch are unreadable, e.g. /data/bad.jpg (on rank 1)"),
+        ("bug", 1, "pfb-train: stopped: ZeroDivisionError: injected (on rank 1)"),
+    ],
+)
 def test_a_fault_on_one_rank_stops_every_rank_with_the_same_line(fault, code, message, tmp_path):
     (tmp_path / "ddp.yaml").write_text(DDP_CONFIG)
     started = time.monotonic()
-    result = subprocess.run([*TORCHRUN, str(HERE / "fault_worker.py"), fault, "1", "--", "--config",
-                             str(tmp_path / "ddp.yaml"), "--set", f"runtime.output={tmp_path}"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            *TORCHRUN,
+            str(HERE / "fault_worker.py"),
+            fault,
+            "1",
+            "--",
+            "--config",
+            str(tmp_path / "ddp.yaml"),
+            "--set",
+            f"runtime.output={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert time.monotonic() - started < 60  # promptly: no collective timeout
     # both ranks, one line each (counted, not split: two processes may write to stderr at the same moment)
     assert result.stderr.count(message) == 2 and result.stderr.count("pfb-train:") == 2, result.stderr[-2000:]
@@ -437,14 +545,29 @@ def test_two_errors_at_once_still_give_every_rank_one_line(faults, tmp_path):
     """The first announcement stands on every rank: an error that is the echo of another rank's stop
     (a collective on an aborted group), or a second real error at the same moment, does not replace it."""
     (tmp_path / "ddp.yaml").write_text(DDP_CONFIG)
-    result = subprocess.run([*TORCHRUN, str(HERE / "fault_worker.py"), faults, "1", "--", "--config",
-                             str(tmp_path / "ddp.yaml"), "--set", f"runtime.output={tmp_path}"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            *TORCHRUN,
+            str(HERE / "fault_worker.py"),
+            faults,
+            "1",
+            "--",
+            "--config",
+            str(tmp_path / "ddp.yaml"),
+            "--set",
+            f"runtime.output={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     data = "pfb-train: error: all 8 images of a batch are unreadable, e.g. /data/bad.jpg (on rank 1)"
     bug = "pfb-train: stopped: ValueError: injected at the same time (on rank 0)"
     # counted, not split into lines: two processes may write to stderr at the same moment
     assert result.stderr.count("pfb-train:") == 2, result.stderr[-3000:]
-    assert result.stderr.count(data) == 2 or (faults == "data+bug" and result.stderr.count(bug) == 2), result.stderr[-3000:]
+    assert result.stderr.count(data) == 2 or (faults == "data+bug" and result.stderr.count(bug) == 2), result.stderr[
+        -3000:
+    ]
     assert "pfb_train/" not in result.stderr and "exitcode  : 0" not in result.stderr
 
 
@@ -471,15 +594,36 @@ def test_a_torchrun_job_with_loader_workers_preempted_twice_then_resumed_exactly
     evaluation): every rank stops at the same step with one line, and the resumed run is the
     uninterrupted one, every rank's noise streams and BatchNorm statistics included."""
     (tmp_path / "ddp.yaml").write_text(FOLDER_DDP_CONFIG)
-    args = ["--config", str(tmp_path / "ddp.yaml"), "--set", f"data.root={write_folder(tmp_path / 'data', per_class=25)}"]
-    whole = subprocess.run([*TORCHRUN, "-m", "pfb_train", *args, "--set", f"runtime.output={tmp_path / 'whole'}"],
-                           capture_output=True, text=True, timeout=300)
+    args = [
+        "--config",
+        str(tmp_path / "ddp.yaml"),
+        "--set",
+        f"data.root={write_folder(tmp_path / 'data', per_class=25)}",
+    ]
+    whole = subprocess.run(
+        [*TORCHRUN, "-m", "pfb_train", *args, "--set", f"runtime.output={tmp_path / 'whole'}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert whole.returncode == 0, whole.stderr[-2000:]
     args += ["--set", f"runtime.output={tmp_path}", "--resume", "auto"]
     # (step of this launch at which rank 0 signals torchrun, runtime.log_every, where every rank stops)
     for signal_at, log_every, stop in [(3, 2, "at epoch 0, step 4"), (10, 50, "at epoch 2, step 18")]:
-        cut = subprocess.run([*TORCHRUN, str(HERE / "signal_worker.py"), f"step={signal_at}", "--", *args, "--set",
-                              f"runtime.log_every={log_every}"], capture_output=True, text=True, timeout=300)
+        cut = subprocess.run(
+            [
+                *TORCHRUN,
+                str(HERE / "signal_worker.py"),
+                f"step={signal_at}",
+                "--",
+                *args,
+                "--set",
+                f"runtime.log_every={log_every}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         line = f"pfb-train: stopped by SIGTERM {stop}; checkpoint saved in {tmp_path / 'ddp'};"
         assert cut.stderr.count(line) == 2 and cut.stderr.count("pfb-train:") == 2, cut.stderr[-3000:]
         assert "DataLoader worker" not in cut.stderr and "pfb_train/" not in cut.stderr  # (torchrun prints its own)

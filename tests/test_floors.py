@@ -43,7 +43,9 @@ def test_floors_cover_every_late_api_the_code_calls():
     for api in used:
         dist, first, where = LATE_APIS[api]
         assert dist in floors, f"setup.cfg declares no floor for {dist}"
-        assert version(floors[dist]) >= version(first), f"{api} needs {dist}>={first} ({where}); setup.cfg says >={floors[dist]}"
+        assert version(floors[dist]) >= version(first), (
+            f"{api} needs {dist}>={first} ({where}); setup.cfg says >={floors[dist]}"
+        )
 
 
 def test_torchvision_floor_pairs_with_the_torch_floor():

@@ -9,10 +9,23 @@ from pfb_train.train import run
 
 pytestmark = pytest.mark.gpu
 
-TINY = ["model.name=resnet18", "blocking.method=pfb", "blocking.ratio=0.25", "blocking.centers=16",
-        "data.dataset=synthetic", "data.img_size=32", "data.batch_size=32", "data.train_samples=256",
-        "data.val_samples=64", "data.workers=0", "schedule.epochs=2", "schedule.warmup_epochs=0",
-        "runtime.device=cuda", "runtime.channels_last=true", "runtime.progress=false"]
+TINY = [
+    "model.name=resnet18",
+    "blocking.method=pfb",
+    "blocking.ratio=0.25",
+    "blocking.centers=16",
+    "data.dataset=synthetic",
+    "data.img_size=32",
+    "data.batch_size=32",
+    "data.train_samples=256",
+    "data.val_samples=64",
+    "data.workers=0",
+    "schedule.epochs=2",
+    "schedule.warmup_epochs=0",
+    "runtime.device=cuda",
+    "runtime.channels_last=true",
+    "runtime.progress=false",
+]
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
@@ -47,8 +60,9 @@ def test_device_decode_on_gpu_matches_cpu_decode(tmp_path):
     assert (a.cpu() - b).abs().mean() < 0.05  # nvJPEG and libjpeg round differently
 
 
-@pytest.mark.parametrize("mode,score", [("reuse", {}), ("recompute", {}),
-                                        ("recompute", {"score_scale": 0.5, "score_norm": "running"})])
+@pytest.mark.parametrize(
+    "mode,score", [("reuse", {}), ("recompute", {}), ("recompute", {"score_scale": 0.5, "score_norm": "running"})]
+)
 def test_pfb_step_never_synchronises_the_gpu(mode, score):
     """CUDA's own detector: any host wait inside the step (item, nonzero, copies to the host) raises."""
     import timm
@@ -60,10 +74,12 @@ def test_pfb_step_never_synchronises_the_gpu(mode, score):
     model = model.to(memory_format=torch.channels_last)
     selector = build_selector("pfb", stratify="none", ratio=0.4, centres=8, feature_dim=16, **score)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    ctx = StepContext(model, selector,
-                      StepSettings(torch.device("cuda"), torch.bfloat16, channels_last=True, clip_grad=1.0,
-                                   check_finite=False),
-                      Optimization(optimizer, None, torch.amp.GradScaler("cuda", enabled=False)))
+    ctx = StepContext(
+        model,
+        selector,
+        StepSettings(torch.device("cuda"), torch.bfloat16, channels_last=True, clip_grad=1.0, check_finite=False),
+        Optimization(optimizer, None, torch.amp.GradScaler("cuda", enabled=False)),
+    )
     x = torch.randn(20, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
     batch = Batch(x, torch.arange(20, device="cuda") % 4, torch.arange(20, device="cuda"))
     train_step(batch, ctx, schedule_at=1)  # first step: lazy initialisation may sync
@@ -150,11 +166,30 @@ def test_dali_mixed_decoder_matches_its_cpu_operators(tmp_path):
             assert a.device.type == "cuda" and a.is_contiguous(memory_format=torch.channels_last)
             assert torch.equal(ia.cpu(), ib) and torch.equal(ya.cpu(), yb)
             assert (a.cpu() - b).abs().mean() < 0.05  # nvJPEG and libjpeg-turbo round differently
-    summary = run(load_config(None, [
-        "model.name=resnet18", "data.dataset=imagefolder", f"data.root={tmp_path}", "data.decode=dali",
-        "data.img_size=32", "data.batch_size=4", "data.workers=2", "schedule.epochs=2", "schedule.warmup_epochs=0",
-        "blocking.method=pfb", "blocking.pfb.centres=4", "blocking.pfb.ratio=0.25", "runtime.device=cuda",
-        "runtime.amp=bf16", "runtime.channels_last=true", "runtime.progress=false", f"runtime.output={tmp_path}/runs"]))
+    summary = run(
+        load_config(
+            None,
+            [
+                "model.name=resnet18",
+                "data.dataset=imagefolder",
+                f"data.root={tmp_path}",
+                "data.decode=dali",
+                "data.img_size=32",
+                "data.batch_size=4",
+                "data.workers=2",
+                "schedule.epochs=2",
+                "schedule.warmup_epochs=0",
+                "blocking.method=pfb",
+                "blocking.pfb.centres=4",
+                "blocking.pfb.ratio=0.25",
+                "runtime.device=cuda",
+                "runtime.amp=bf16",
+                "runtime.channels_last=true",
+                "runtime.progress=false",
+                f"runtime.output={tmp_path}/runs",
+            ],
+        )
+    )
     assert summary["blocked_fraction"] == pytest.approx(0.25)
 
 
@@ -179,8 +214,9 @@ def test_inductor_compiled_step_matches_eager_and_auto_mode_times_the_parts(tmp_
         if compiled:
             blocked.compile_parts()
         selector = build_selector("pfb", stratify="none", ratio=0.4, centres=16, score_scale=0.5, score_norm="running")
-        optimization = Optimization(torch.optim.SGD(blocked.parameters(), lr=0.01), None,
-                                    torch.amp.GradScaler("cuda", enabled=False))
+        optimization = Optimization(
+            torch.optim.SGD(blocked.parameters(), lr=0.01), None, torch.amp.GradScaler("cuda", enabled=False)
+        )
         context = StepContext(blocked, selector, StepSettings(torch.device("cuda")), optimization)
         steps = [train_step(Batch(x, y, idx), context, 1.0) for _ in range(3)]
         outcome.append(steps)

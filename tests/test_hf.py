@@ -33,7 +33,10 @@ def make_dataset(per_class=8, bad=0, extra_image_column=False):
         features["mask"] = datasets.Image()
 
     def split(n):
-        rows = {"image": [{"bytes": jpeg(rng), "path": None} for _ in range(2 * n)], "label": [i % 2 for i in range(2 * n)]}
+        rows = {
+            "image": [{"bytes": jpeg(rng), "path": None} for _ in range(2 * n)],
+            "label": [i % 2 for i in range(2 * n)],
+        }
         if extra_image_column:
             rows["mask"] = rows["image"]
         return datasets.Dataset.from_dict(rows, features=datasets.Features(features))
@@ -55,10 +58,22 @@ def saved(tmp_path_factory):
 
 
 def overrides(root, out, method="pfb", *extra):
-    return ["model.name=test_resnet", "data.dataset=hf", f"data.root={root}", "data.img_size=16", "data.batch_size=4",
-            "data.workers=0", "schedule.epochs=2", "schedule.warmup_epochs=0", "runtime.device=cpu",
-            "runtime.progress=false", f"runtime.output={out}", f"blocking.method={method}",
-            *(f"blocking.{method}.{k}={v}" for k, v in SMALL_RUN.get(method, {}).items()), *extra]
+    return [
+        "model.name=test_resnet",
+        "data.dataset=hf",
+        f"data.root={root}",
+        "data.img_size=16",
+        "data.batch_size=4",
+        "data.workers=0",
+        "schedule.epochs=2",
+        "schedule.warmup_epochs=0",
+        "runtime.device=cpu",
+        "runtime.progress=false",
+        f"runtime.output={out}",
+        f"blocking.method={method}",
+        *(f"blocking.{method}.{k}={v}" for k, v in SMALL_RUN.get(method, {}).items()),
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("method", list(methods()))
@@ -76,8 +91,9 @@ def test_parquet_files_in_the_hub_layout_with_device_decode(tmp_path):
     data = make_dataset()
     for split in ("train", "validation"):
         data[split].to_parquet(str(tmp_path / "repo" / "data" / f"{split}-00000-of-00001.parquet"))
-    state = setup(load_config(None, overrides(tmp_path / "repo", tmp_path / "runs", "pfb", "data.decode=device")),
-                  DistInfo())
+    state = setup(
+        load_config(None, overrides(tmp_path / "repo", tmp_path / "runs", "pfb", "data.decode=device")), DistInfo()
+    )
     summary = fit(state)
     assert read_metrics(summary["run_dir"])[-1]["samples_seen"] == 16
 
@@ -99,7 +115,9 @@ def test_resume_inside_an_epoch_is_exact(saved, tmp_path):
 @pytest.mark.parametrize("decode", ["cpu", "device", "dali"])
 def test_an_image_that_does_not_decode_stands_in(decode, tmp_path):
     make_dataset(bad=1).save_to_disk(str(tmp_path / "data"))
-    state = setup(load_config(None, overrides(tmp_path / "data", tmp_path, "none", f"data.decode={decode}")), DistInfo())
+    state = setup(
+        load_config(None, overrides(tmp_path / "data", tmp_path, "none", f"data.decode={decode}")), DistInfo()
+    )
     run_dir = fit(state)["run_dir"]
     record = read_metrics(run_dir)[0]
     assert record["bad_samples"] == 1 and record["samples_seen"] == 15 and record["kept_fraction"] == 1.0
@@ -114,8 +132,12 @@ def test_bad_inputs_are_one_line(tmp_path, monkeypatch):
         (tmp_path / "two_images", ["data.image_key=label"], "column 'label' is not an Image column"),
         (tmp_path / "two_images", ["data.image_key=mask", "data.val_split=test"], "split 'test' not found in"),
         (tmp_path / "empty", [], "no train-*.parquet files under"),
-        (tmp_path / "unlabelled", [], "label column 'label' of " + f"{tmp_path / 'unlabelled'}:validation holds -1: "
-                                      "classes are numbered from 0 (the Hub marks unlabelled samples"),
+        (
+            tmp_path / "unlabelled",
+            [],
+            "label column 'label' of " + f"{tmp_path / 'unlabelled'}:validation holds -1: "
+            "classes are numbered from 0 (the Hub marks unlabelled samples",
+        ),
         ("someone/not-downloaded", [], "is neither a folder nor a dataset in the local Hugging Face cache"),
     ]
     (tmp_path / "empty").mkdir()

@@ -19,9 +19,21 @@ from pfb_train.selection import build_selector
 from conftest import BatchList
 
 # Ops that read device memory on the host (values or data-dependent shapes).
-SYNCING_OPS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::item", "aten::equal", "aten::nonzero",
-               "aten::masked_select", "aten::_unique", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive",
-               "aten::bincount", "aten::histc", "aten::repeat_interleave"}
+SYNCING_OPS = {
+    "aten::_local_scalar_dense",
+    "aten::is_nonzero",
+    "aten::item",
+    "aten::equal",
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::_unique",
+    "aten::_unique2",
+    "aten::unique_dim",
+    "aten::unique_consecutive",
+    "aten::bincount",
+    "aten::histc",
+    "aten::repeat_interleave",
+}
 
 
 class HostReads(TorchDispatchMode):
@@ -52,6 +64,7 @@ class HostReads(TorchDispatchMode):
         def wrapper(tensor, *args, **kwargs):
             self.ops.append(f"Tensor.{method}")
             return original(tensor, *args, **kwargs)
+
         return wrapper
 
 
@@ -79,21 +92,26 @@ def test_detector_sees_the_reads_it_must():
 def _context(model, selector, check_finite: bool, clip_grad=None) -> StepContext:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     settings = StepSettings(torch.device("cpu"), label_smoothing=0.1, clip_grad=clip_grad, check_finite=check_finite)
-    return StepContext(model, selector, settings, Optimization(optimizer, None, torch.amp.GradScaler("cpu", enabled=False)))
+    return StepContext(
+        model, selector, settings, Optimization(optimizer, None, torch.amp.GradScaler("cpu", enabled=False))
+    )
 
 
 SELECTORS = {
     "none": lambda: build_selector("none"),
     "random": lambda: build_selector("random", ratio=0.4),
     "pfb-kde": lambda: build_selector("pfb", ratio=0.4, centres=8, feature_dim=16, num_classes=4),
-    "pfb-mean_log_kernel": lambda: build_selector("pfb", ratio=0.4, centres=8, feature_dim=16, num_classes=4,
-                                                  estimator="mean_log_kernel"),
+    "pfb-mean_log_kernel": lambda: build_selector(
+        "pfb", ratio=0.4, centres=8, feature_dim=16, num_classes=4, estimator="mean_log_kernel"
+    ),
     "pfb-batch-ranking": lambda: build_selector("pfb", ratio=0.4, centres=8, feature_dim=16, stratify="none"),
     # class histories at 1000 classes: ranked in select while blocking, in observe before the window
-    "pfb-class-history": lambda: build_selector("pfb", ratio=0.4, centres=8, feature_dim=16, stratify="percentile",
-                                                num_classes=1000),
-    "pfb-class-history-before-window": lambda: build_selector("pfb", ratio=0.4, centres=8, feature_dim=16,
-                                                              stratify="percentile", num_classes=1000, start_epoch=1),
+    "pfb-class-history": lambda: build_selector(
+        "pfb", ratio=0.4, centres=8, feature_dim=16, stratify="percentile", num_classes=1000
+    ),
+    "pfb-class-history-before-window": lambda: build_selector(
+        "pfb", ratio=0.4, centres=8, feature_dim=16, stratify="percentile", num_classes=1000, start_epoch=1
+    ),
 }
 BLOCKS_NOTHING = ("none", "pfb-class-history-before-window")
 

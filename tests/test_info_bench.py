@@ -11,9 +11,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_info_reports_split_share_and_predictions(capsys):
-    assert main(["info", "--config", "demo", "--set", "model.name=resnet50", "--set", "data.img_size=224",
-                 "--set", "data.batch_size=10", "--set", "blocking.centers=8", "--set", "blocking.mode=recompute",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "info",
+                "--config",
+                "demo",
+                "--set",
+                "model.name=resnet50",
+                "--set",
+                "data.img_size=224",
+                "--set",
+                "data.batch_size=10",
+                "--set",
+                "blocking.centers=8",
+                "--set",
+                "blocking.mode=recompute",
+                "--json",
+            ]
+        )
+        == 0
+    )
     info = json.loads(capsys.readouterr().out)
     assert info["stage_name"] == "layer1" and info["num_stages"] == 4
     assert info["shallow_share"] == pytest.approx(0.192, abs=0.001)
@@ -36,9 +54,28 @@ def test_info_bad_model_is_one_line(capsys):
 @pytest.mark.slow  # runs a script as a process
 def test_bench_step_prints_json_with_ratios():
     """The benchmark runs and reports; its timings are for docs/BENCHMARKS.md, not asserted here."""
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench_step.py"), "--model", "resnet18", "--device", "cpu",
-           "--img-size", "32", "--batch-size", "16", "--centres", "8", "--warmup", "1", "--steps", "1",
-           "--repeats", "1", "--mode", "recompute"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "bench_step.py"),
+        "--model",
+        "resnet18",
+        "--device",
+        "cpu",
+        "--img-size",
+        "32",
+        "--batch-size",
+        "16",
+        "--centres",
+        "8",
+        "--warmup",
+        "1",
+        "--steps",
+        "1",
+        "--repeats",
+        "1",
+        "--mode",
+        "recompute",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
@@ -53,8 +90,24 @@ def test_bench_step_prints_json_with_ratios():
 def test_bench_data_measures_every_layout_and_path_in_one_run():
     pytest.importorskip("datasets")
     pytest.importorskip("webdataset")
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench_data.py"), "--device", "cpu", "--workers", "1",
-           "--batch-size", "4", "--img-size", "32", "--warmup", "1", "--batches", "1", "--rounds", "1"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "bench_data.py"),
+        "--device",
+        "cpu",
+        "--workers",
+        "1",
+        "--batch-size",
+        "4",
+        "--img-size",
+        "32",
+        "--warmup",
+        "1",
+        "--batches",
+        "1",
+        "--rounds",
+        "1",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.splitlines()[-1])
@@ -67,42 +120,94 @@ def test_bench_data_measures_every_layout_and_path_in_one_run():
 
 
 def _bench(script, *args):
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)  # stdout holds the JSON object only
 
 
 @pytest.mark.slow  # runs a script as a process
 def test_bench_reference_times_a_plain_loop():
-    out = _bench("bench_reference.py", "--model", "resnet18", "--device", "cpu", "--img-size", "32", "--batch-size", "4",
-                 "--num-classes", "10", "--warmup", "1", "--steps", "1", "--repeats", "2")
+    out = _bench(
+        "bench_reference.py",
+        "--model",
+        "resnet18",
+        "--device",
+        "cpu",
+        "--img-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--num-classes",
+        "10",
+        "--warmup",
+        "1",
+        "--steps",
+        "1",
+        "--repeats",
+        "2",
+    )
     assert len(out["repeats_ms"]) == 2 and out["images_per_second"] == pytest.approx(4000 / out["step_ms"])
 
 
 @pytest.mark.slow  # runs a script as a process
 @pytest.mark.parametrize("data", [["--data", "synthetic"], ["--data", "jpeg", "--decode", "device"]])
 def test_bench_train_runs_the_harness_for_both_methods(data):
-    out = _bench("bench_train.py", "--model", "resnet18", "--device", "cpu", "--img-size", "32", "--batch-size", "8",
-                 "--steps-per-epoch", "2", "--epochs", "2", "--workers", "0", "--num-classes", "10", "--reference", *data)
+    out = _bench(
+        "bench_train.py",
+        "--model",
+        "resnet18",
+        "--device",
+        "cpu",
+        "--img-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--steps-per-epoch",
+        "2",
+        "--epochs",
+        "2",
+        "--workers",
+        "0",
+        "--num-classes",
+        "10",
+        "--reference",
+        *data,
+    )
     assert out["none"]["blocked_fraction"] == 0 and out["pfb"]["blocked_fraction"] == 3 / 8
     assert len(out["pfb"]["epoch_seconds"]) == out["timed_epochs"] == 1
     assert out["time_ratio"] == pytest.approx(out["pfb"]["seconds"] / out["none"]["seconds"])
-    assert out["baseline_vs_reference"] == pytest.approx(out["none"]["images_per_second"] /
-                                                         out["reference"]["images_per_second"])
+    assert out["baseline_vs_reference"] == pytest.approx(
+        out["none"]["images_per_second"] / out["reference"]["images_per_second"]
+    )
 
 
 def _json_lines(script, *args) -> list[dict]:
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
 @pytest.mark.slow  # runs a script as a process
 def test_selection_agreement_measures_signal_and_seed_agreement():
-    rows = _json_lines("selection_agreement.py", "--data", "digits", "--models", "resnet18", "--feature-dims", "32",
-                       "--batches", "3", "--batch-size", "64", "--centres", "16")
+    rows = _json_lines(
+        "selection_agreement.py",
+        "--data",
+        "digits",
+        "--models",
+        "resnet18",
+        "--feature-dims",
+        "32",
+        "--batches",
+        "3",
+        "--batch-size",
+        "64",
+        "--centres",
+        "16",
+    )
     by_setting = {(r["estimator"], r["noise_form"], r["noise"]): r for r in rows}
     assert len(rows) == 7 and all(0.0 <= r["signal"] <= 1.0 and 0.0 <= r["seed_agreement"] <= 1.0 for r in rows)
     low, high = by_setting[("kde", "rank", 0.05)], by_setting[("kde", "rank", 0.5)]
@@ -111,9 +216,14 @@ def test_selection_agreement_measures_signal_and_seed_agreement():
 
 @pytest.mark.slow  # runs a script as a process
 def test_paired_difference_pairs_runs_by_seed(tmp_path):
-    for name, seed, top1, per_class in [("random_r5", 0, 80.0, [70.0, 90.0]), ("random_r5", 1, 84.0, [80.0, 88.0]),
-                                        ("pfb_r5", 0, 81.0, [72.0, 90.0]), ("pfb_r5", 1, 84.0, [78.0, 90.0]),
-                                        ("pfb_r5", 2, 99.0, [99.0, 99.0]), ("full", 0, 90.0, [90.0, 90.0])]:
+    for name, seed, top1, per_class in [
+        ("random_r5", 0, 80.0, [70.0, 90.0]),
+        ("random_r5", 1, 84.0, [80.0, 88.0]),
+        ("pfb_r5", 0, 81.0, [72.0, 90.0]),
+        ("pfb_r5", 1, 84.0, [78.0, 90.0]),
+        ("pfb_r5", 2, 99.0, [99.0, 99.0]),
+        ("full", 0, 90.0, [90.0, 90.0]),
+    ]:
         run = tmp_path / f"{name}_s{seed}"
         run.mkdir()
         (run / "summary.json").write_text(json.dumps({"top1": top1}))

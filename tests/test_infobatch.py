@@ -67,15 +67,36 @@ def test_static_random_is_one_fixed_subset():
     assert torch.equal(first, selector.epoch_indices(1000)) and len(first) == 700
 
 
-TINY = ["model.name=resnet18", "data.dataset=synthetic", "data.img_size=32", "data.batch_size=16",
-        "data.train_samples=160", "data.val_samples=32", "data.workers=0", "schedule.epochs=4",
-        "schedule.warmup_epochs=0", "runtime.progress=false", "runtime.device=cpu", "blocking.centers=8"]
+TINY = [
+    "model.name=resnet18",
+    "data.dataset=synthetic",
+    "data.img_size=32",
+    "data.batch_size=16",
+    "data.train_samples=160",
+    "data.val_samples=32",
+    "data.workers=0",
+    "schedule.epochs=4",
+    "schedule.warmup_epochs=0",
+    "runtime.progress=false",
+    "runtime.device=cpu",
+    "blocking.centers=8",
+]
 
 
 @pytest.mark.parametrize("method", ["infobatch", "static_random"])
 def test_sampler_level_run_reports_realised_fraction(tmp_path, method):
-    summary = run(load_config(None, [*TINY, f"blocking.method={method}", "blocking.ratio=0.5",
-                                     "blocking.delta=0.75", f"runtime.output={tmp_path}"]))
+    summary = run(
+        load_config(
+            None,
+            [
+                *TINY,
+                f"blocking.method={method}",
+                "blocking.ratio=0.5",
+                "blocking.delta=0.75",
+                f"runtime.output={tmp_path}",
+            ],
+        )
+    )
     records = read_metrics(summary["run_dir"])
     pruned = [r["samples_pruned"] for r in records]
     assert all(r["samples_blocked"] == 0 for r in records)  # nothing is blocked inside a batch

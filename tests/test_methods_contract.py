@@ -32,24 +32,42 @@ from test_hot_path import HostReads
 HERE = Path(__file__).resolve().parent
 BATCH, SAMPLES, EPOCHS, CLASSES = 8, 64, 3, 4
 # Options that make each built-in method drop something in a run this small (the defaults otherwise).
-SMALL_RUN = {"pfb": {"centres": 4, "feature_dim": 8, "ratio": 0.25}, "random": {"ratio": 0.25},
-             "infobatch": {"prune_ratio": 0.5}, "static_random": {"drop_fraction": 0.25}}
+SMALL_RUN = {
+    "pfb": {"centres": 4, "feature_dim": 8, "ratio": 0.25},
+    "random": {"ratio": 0.25},
+    "infobatch": {"prune_ratio": 0.5},
+    "static_random": {"drop_fraction": 0.25},
+}
 # Every registered method under its small-run options, and the option sets of a method that change
 # what its state holds or what its hooks need (pfb by default ranks by class history: per-class
 # histograms in its state, summed over ranks; stratified by label on class-conditional density:
 # per-class counts in its state, labels in select and observe).
-VARIANTS = {**{name: (name, SMALL_RUN.get(name, {})) for name in methods()},
-            "pfb_stratified_class": ("pfb", {**SMALL_RUN["pfb"], "stratify": "label", "density": "class"})}
+VARIANTS = {
+    **{name: (name, SMALL_RUN.get(name, {})) for name in methods()},
+    "pfb_stratified_class": ("pfb", {**SMALL_RUN["pfb"], "stratify": "label", "density": "class"}),
+}
 METHODS = list(VARIANTS)
 
 
 def overrides(variant: str, tmp_path, name: str) -> list[str]:
     method, options = VARIANTS[variant]
-    return ["model.name=test_resnet", "data.dataset=synthetic", "data.img_size=16", f"data.batch_size={BATCH}",
-            f"data.train_samples={SAMPLES}", "data.val_samples=16", "data.workers=0", f"schedule.epochs={EPOCHS}",
-            "schedule.warmup_epochs=0", "runtime.device=cpu", "runtime.progress=false", f"runtime.output={tmp_path}",
-            f"name={name}", f"blocking.method={method}",
-            *(f"blocking.{method}.{k}={v}" for k, v in options.items())]
+    return [
+        "model.name=test_resnet",
+        "data.dataset=synthetic",
+        "data.img_size=16",
+        f"data.batch_size={BATCH}",
+        f"data.train_samples={SAMPLES}",
+        "data.val_samples=16",
+        "data.workers=0",
+        f"schedule.epochs={EPOCHS}",
+        "schedule.warmup_epochs=0",
+        "runtime.device=cpu",
+        "runtime.progress=false",
+        f"runtime.output={tmp_path}",
+        f"name={name}",
+        f"blocking.method={method}",
+        *(f"blocking.{method}.{k}={v}" for k, v in options.items()),
+    ]
 
 
 def train(method, tmp_path, name, resume=False, **until):
@@ -93,8 +111,9 @@ def uninterrupted(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("until", [{"until_epoch": 1}, {"until_step": SAMPLES // BATCH + 3}],
-                         ids=["epoch_end", "inside_epoch"])
+@pytest.mark.parametrize(
+    "until", [{"until_epoch": 1}, {"until_step": SAMPLES // BATCH + 3}], ids=["epoch_end", "inside_epoch"]
+)
 @pytest.mark.parametrize("method", METHODS)
 def test_resume_is_exact(method, until, tmp_path, uninterrupted):
     whole, whole_summary = uninterrupted(method)
@@ -104,8 +123,9 @@ def test_resume_is_exact(method, until, tmp_path, uninterrupted):
     assert_equal(whole.net.state_dict(), resumed.net.state_dict(), "model")
     assert_equal(whole.selector.state_dict(), resumed.selector.state_dict(), "selector")
     assert summary["blocked_fraction"] == whole_summary["blocked_fraction"]
-    assert [r["samples_seen"] for r in read_metrics(summary["run_dir"])] == \
-           [r["samples_seen"] for r in read_metrics(whole_summary["run_dir"])]
+    assert [r["samples_seen"] for r in read_metrics(summary["run_dir"])] == [
+        r["samples_seen"] for r in read_metrics(whole_summary["run_dir"])
+    ]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -174,8 +194,9 @@ def test_training_steps_never_read_device_values_back(method):
     selector.set_epoch(1)
     selector.epoch_indices(SAMPLES)  # once per epoch, off the hot path
     settings = StepSettings(torch.device("cpu"), check_finite=False, clip_grad=1.0)
-    optimization = Optimization(torch.optim.SGD(model.parameters(), lr=0.01), None,
-                                torch.amp.GradScaler("cpu", enabled=False))
+    optimization = Optimization(
+        torch.optim.SGD(model.parameters(), lr=0.01), None, torch.amp.GradScaler("cpu", enabled=False)
+    )
     context = StepContext(model, selector, settings, optimization)
     batch = Batch(torch.randn(BATCH, 3, 32, 32), torch.arange(BATCH) % CLASSES, torch.arange(BATCH))
     with HostReads() as reads:
@@ -188,8 +209,16 @@ def test_training_steps_never_read_device_values_back(method):
 def test_every_method_keeps_ranks_in_agreement_and_resumes_exactly_under_two_processes(tmp_path):
     """One torchrun job of 2 gloo processes trains every registered method in turn, through and with
     a stop inside its second epoch: each rank resumes its own random streams and tallies."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(HERE / "methods_worker.py"), str(tmp_path), *METHODS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(HERE / "methods_worker.py"),
+        str(tmp_path),
+        *METHODS,
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     for method in METHODS:
@@ -204,11 +233,13 @@ def test_every_method_keeps_ranks_in_agreement_and_resumes_exactly_under_two_pro
             assert_equal(whole["model"], resumed["model"], f"{method} rank {rank} model")
             assert_equal(whole["selector"], resumed["selector"], f"{method} rank {rank} selector")  # generators too
         cut = [json.loads(line) for line in (tmp_path / f"{method}_cut" / "metrics.jsonl").read_text().splitlines()]
-        assert [{k: v for k, v in r.items() if "second" not in k} for r in cut] == \
-               [{k: v for k, v in r.items() if "second" not in k} for r in records], method
+        assert [{k: v for k, v in r.items() if "second" not in k} for r in cut] == [
+            {k: v for k, v in r.items() if "second" not in k} for r in records
+        ], method
 
 
 # ---------------------------------------------------------------- a method from outside the package
+
 
 @dataclass
 class KeepHeadOptions:
@@ -233,8 +264,14 @@ class KeepHead(Selector):
         return torch.arange(0, feats.shape[0], self.keep_every, device=feats.device)
 
 
-TOY = Method("keep_head", level="batch", options=KeepHeadOptions, ratio_option=None,
-             build=lambda o, run: KeepHead(o.keep_every, seed=run.seed), summary="a test's own method")
+TOY = Method(
+    "keep_head",
+    level="batch",
+    options=KeepHeadOptions,
+    ratio_option=None,
+    build=lambda o, run: KeepHead(o.keep_every, seed=run.seed),
+    summary="a test's own method",
+)
 
 
 @pytest.fixture
@@ -247,9 +284,22 @@ def toy_method():
 def test_a_method_defined_outside_the_package_trains_through_the_cli(toy_method, tmp_path, capsys):
     from pfb_train.cli import main
 
-    args = ["--config", "demo", "--set", "blocking.method=keep_head", "--set", "blocking.keep_head.keep_every=4",
-            "--set", "schedule.epochs=1", "--set", f"runtime.output={tmp_path}", "--set", "runtime.progress=false",
-            "--set", "name=toy"]
+    args = [
+        "--config",
+        "demo",
+        "--set",
+        "blocking.method=keep_head",
+        "--set",
+        "blocking.keep_head.keep_every=4",
+        "--set",
+        "schedule.epochs=1",
+        "--set",
+        f"runtime.output={tmp_path}",
+        "--set",
+        "runtime.progress=false",
+        "--set",
+        "name=toy",
+    ]
     assert main(args) == 0
     record = read_metrics(tmp_path / "toy")[0]
     assert record["samples_blocked"] == record["samples_seen"] * 3 // 4  # 16 of 64 rows kept per step
@@ -261,8 +311,10 @@ def test_a_method_defined_outside_the_package_trains_through_the_cli(toy_method,
 
 def test_a_plugin_registers_through_the_entry_point_group(monkeypatch, tmp_path):
     module = tmp_path / "toy_plugin.py"
-    module.write_text("import dataclasses\n\nfrom pfb_train.selection import register\nfrom test_methods_contract import TOY\n\n"
-                      "register(dataclasses.replace(TOY, name='plugged'))\n")
+    module.write_text(
+        "import dataclasses\n\nfrom pfb_train.selection import register\nfrom test_methods_contract import TOY\n\n"
+        "register(dataclasses.replace(TOY, name='plugged'))\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     point = importlib.metadata.EntryPoint(name="plugged", value="toy_plugin", group=registry.ENTRY_POINT_GROUP)
     monkeypatch.setattr(plugins, "entry_points", lambda group: [point] if group == registry.ENTRY_POINT_GROUP else [])

@@ -34,8 +34,18 @@ def test_example_blocks_the_configured_count_and_trains(capsys):
 
 @pytest.mark.distributed
 def test_example_under_two_ddp_processes():
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "examples" / "own_loop.py"), "--epochs", "1", "--batch-size", "16"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "examples" / "own_loop.py"),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("kept 0.625") == 2  # both ranks: 10 of 16 rows kept (round(0.4 * 16) = 6 blocked)
@@ -56,9 +66,12 @@ def test_the_api_equals_the_harness_step():
         optimizer = torch.optim.SGD(blocking.model.parameters(), lr=0.1)
         for step in range(3):
             if use_engine:
-                context = StepContext(blocking.model, blocking.selector,
-                                      StepSettings(torch.device("cpu"), check_finite=False),
-                                      Optimization(optimizer, None, torch.amp.GradScaler("cpu", enabled=False)))
+                context = StepContext(
+                    blocking.model,
+                    blocking.selector,
+                    StepSettings(torch.device("cpu"), check_finite=False),
+                    Optimization(optimizer, None, torch.amp.GradScaler("cpu", enabled=False)),
+                )
                 train_step(Batch(x, y, idx), context, schedule_at=step + 1)
             else:
                 batch = blocking.forward(blocking.model, x, y, idx)
@@ -88,8 +101,9 @@ def test_api_checks_options_as_the_config_does():
 
 def test_api_under_autocast_keeps_the_density_in_float32():
     torch.manual_seed(0)
-    blocking = pfb_train.Blocking(timm.create_model("resnet18", num_classes=4), "pfb", ratio=0.25, centres=4,
-                                  feature_dim=8)
+    blocking = pfb_train.Blocking(
+        timm.create_model("resnet18", num_classes=4), "pfb", ratio=0.25, centres=4, feature_dim=8
+    )
     x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
     with torch.autocast("cpu", dtype=torch.bfloat16):
         batch = blocking.forward(blocking.model, x, y)

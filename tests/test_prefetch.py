@@ -51,7 +51,11 @@ def test_same_batches_in_order_read_ahead_at_most_depth(train_loader):
     recording = Recording(train_loader)
     prefetcher = DevicePrefetcher(recording, "cpu", depth=2)
     assert (len(prefetcher), prefetcher.batch_size, prefetcher.sampler, prefetcher.generator) == (
-        8, 4, train_loader.sampler, train_loader.generator)
+        8,
+        4,
+        train_loader.sampler,
+        train_loader.generator,
+    )
     set_loader_epoch(prefetcher, 1)
     seen = []
     for i, (_, _, idx) in enumerate(prefetcher):

@@ -19,11 +19,26 @@ from pfb_train.metrics import read_metrics
 from pfb_train.train import fit, run, setup
 from pfb_train.distributed import DistInfo
 
-TINY = ["model.name=test_resnet", "model.drop_rate=0.2", "data.dataset=synthetic", "data.img_size=32",
-        "data.batch_size=16", "data.train_samples=96", "data.val_samples=32", "data.workers=0",
-        "data.mixup=0.4", "schedule.epochs=4", "schedule.warmup_epochs=1", "runtime.progress=false",
-        "runtime.device=cpu", "blocking.method=pfb", "blocking.ratio=0.25", "blocking.centers=8",
-        "blocking.start_epoch=1", "name=tiny"]
+TINY = [
+    "model.name=test_resnet",
+    "model.drop_rate=0.2",
+    "data.dataset=synthetic",
+    "data.img_size=32",
+    "data.batch_size=16",
+    "data.train_samples=96",
+    "data.val_samples=32",
+    "data.workers=0",
+    "data.mixup=0.4",
+    "schedule.epochs=4",
+    "schedule.warmup_epochs=1",
+    "runtime.progress=false",
+    "runtime.device=cpu",
+    "blocking.method=pfb",
+    "blocking.ratio=0.25",
+    "blocking.centers=8",
+    "blocking.start_epoch=1",
+    "name=tiny",
+]
 
 
 def final_state(run_dir):
@@ -64,8 +79,14 @@ def test_resume_mid_epoch_from_step_checkpoint_is_exact(tmp_path):
     assert_same_training_state(final_state(whole["run_dir"]), final_state(resumed["run_dir"]))
     a, b = read_metrics(whole["run_dir"]), read_metrics(resumed["run_dir"])
     # the epoch's tallies (rows per class, loss, what decided the selection) survive the interruption
-    for key in ("samples_blocked", "train_loss", "class_kept_fraction", "selection_signal", "blocked_density_q50",
-                "val_class_top1"):
+    for key in (
+        "samples_blocked",
+        "train_loss",
+        "class_kept_fraction",
+        "selection_signal",
+        "blocked_density_q50",
+        "val_class_top1",
+    ):
         assert [r.get(key) for r in a] == [r.get(key) for r in b], key
     assert a[1]["selection_signal"] is not None
 
@@ -75,10 +96,23 @@ def test_resume_mid_epoch_with_workers_and_random_crops_is_exact(tmp_path):
     from conftest import write_smooth_folder
 
     write_smooth_folder(tmp_path / "data", per_class=10)  # 20 images: 5 steps of 4 per epoch
-    cfg = ["model.name=test_resnet", "data.dataset=imagefolder", f"data.root={tmp_path}/data", "data.img_size=32",
-           "data.batch_size=4", "data.workers=2", "schedule.epochs=2", "schedule.warmup_epochs=0",
-           "runtime.progress=false", "runtime.device=cpu", "blocking.method=pfb", "blocking.ratio=0.25",
-           "blocking.centers=4", "runtime.checkpoint_every=3", "name=folder"]
+    cfg = [
+        "model.name=test_resnet",
+        "data.dataset=imagefolder",
+        f"data.root={tmp_path}/data",
+        "data.img_size=32",
+        "data.batch_size=4",
+        "data.workers=2",
+        "schedule.epochs=2",
+        "schedule.warmup_epochs=0",
+        "runtime.progress=false",
+        "runtime.device=cpu",
+        "blocking.method=pfb",
+        "blocking.ratio=0.25",
+        "blocking.centers=4",
+        "runtime.checkpoint_every=3",
+        "name=folder",
+    ]
     whole = run(load_config(None, [*cfg, f"runtime.output={tmp_path}/a"]))
     first = setup(load_config(None, [*cfg, f"runtime.output={tmp_path}/b"]), DistInfo())
     fit(first, until_step=6)  # epoch 1, batch 1 of 5
@@ -101,8 +135,12 @@ def test_resume_auto_skips_a_corrupt_checkpoint(tmp_path, capsys):
 
 
 def test_resume_auto_without_checkpoint_starts_fresh_but_an_explicit_path_must_exist(tmp_path):
-    summary = run(load_config(None, [*TINY, f"runtime.output={tmp_path}", "runtime.resume=auto",
-                                     "schedule.epochs=1", "blocking.start_epoch=0"]))
+    summary = run(
+        load_config(
+            None,
+            [*TINY, f"runtime.output={tmp_path}", "runtime.resume=auto", "schedule.epochs=1", "blocking.start_epoch=0"],
+        )
+    )
     assert summary["run_dir"] == str(tmp_path / "tiny")
     with pytest.raises(UserError, match="cannot resume from .*nothing.pt: no readable checkpoint"):
         run(load_config(None, [*TINY, f"runtime.output={tmp_path}", f"runtime.resume={tmp_path}/nothing.pt"]))
@@ -132,11 +170,26 @@ def test_sigkill_while_writing_leaves_previous_checkpoint_loadable(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
-    args = [sys.executable, "-m", "pfb_train", "--config", "demo", "--set", f"runtime.output={tmp_path}",
-            "--set", "schedule.epochs=30", "--set", "runtime.progress=false", "--set", "model.name=test_resnet",
-            "--resume", "auto"]  # test_resnet: the demo's data and recipe at a fraction of resnet18's time
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    args = [
+        sys.executable,
+        "-m",
+        "pfb_train",
+        "--config",
+        "demo",
+        "--set",
+        f"runtime.output={tmp_path}",
+        "--set",
+        "schedule.epochs=30",
+        "--set",
+        "runtime.progress=false",
+        "--set",
+        "model.name=test_resnet",
+        "--resume",
+        "auto",
+    ]  # test_resnet: the demo's data and recipe at a fraction of resnet18's time
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     for line in proc.stdout:
         if line.startswith("epoch 0:"):
             break
@@ -165,17 +218,38 @@ def write_folder(root, corrupt=0):
     return root
 
 
-FOLDER = ["model.name=test_resnet", "data.dataset=imagefolder", "data.img_size=32", "data.batch_size=4",
-          "data.workers=0", "schedule.epochs=1", "schedule.warmup_epochs=0", "runtime.progress=false",
-          "runtime.device=cpu"]
+FOLDER = [
+    "model.name=test_resnet",
+    "data.dataset=imagefolder",
+    "data.img_size=32",
+    "data.batch_size=4",
+    "data.workers=0",
+    "schedule.epochs=1",
+    "schedule.warmup_epochs=0",
+    "runtime.progress=false",
+    "runtime.device=cpu",
+]
 
 
 @pytest.mark.parametrize("decode", ["cpu", "device"])
 def test_corrupt_images_are_stood_in_for_named_and_counted(tmp_path, decode, capsys):
     root = write_folder(tmp_path / "data", corrupt=4)  # 16 good + 4 bad = 5 batches of 4: every file visited
-    summary = run(load_config(None, [*FOLDER, f"data.root={root}", f"runtime.output={tmp_path}", f"data.decode={decode}",
-                                     "data.mixup=0.2", "blocking.method=pfb", "blocking.pfb.centres=2",
-                                     "blocking.pfb.ratio=0.25", "blocking.pfb.start_epoch=0"]))
+    summary = run(
+        load_config(
+            None,
+            [
+                *FOLDER,
+                f"data.root={root}",
+                f"runtime.output={tmp_path}",
+                f"data.decode={decode}",
+                "data.mixup=0.2",
+                "blocking.method=pfb",
+                "blocking.pfb.centres=2",
+                "blocking.pfb.ratio=0.25",
+                "blocking.pfb.start_epoch=0",
+            ],
+        )
+    )
     record = read_metrics(summary["run_dir"])[0]
     assert record["bad_samples"] == 4 and summary["bad_samples"] == 4
     # full-size batches (mixup needs them); stand-ins are neither kept nor blocked: both fractions are of
@@ -226,8 +300,20 @@ def poison(state, rows):
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
     # reuse: the whole batch goes through the shallow part with gradients, so the NaN sample makes
     # its batch's loss non-finite whether or not it is then blocked
-    state = setup(load_config(None, [*TINY, f"runtime.output={tmp_path}", "schedule.epochs=1",
-                                     "blocking.start_epoch=0", "data.mixup=0.0", "blocking.mode=reuse"]), DistInfo())
+    state = setup(
+        load_config(
+            None,
+            [
+                *TINY,
+                f"runtime.output={tmp_path}",
+                "schedule.epochs=1",
+                "blocking.start_epoch=0",
+                "data.mixup=0.0",
+                "blocking.mode=reuse",
+            ],
+        ),
+        DistInfo(),
+    )
     before = {k: v.clone() for k, v in state.net.state_dict().items()}
     poison(state, [0])  # one sample: exactly one batch per epoch is non-finite
     summary = fit(state)
@@ -256,8 +342,11 @@ def test_the_nonfinite_streak_counts_across_epochs_and_a_resume(tmp_path, capsys
     assert "epoch 0: loss -  top-1" in capsys.readouterr().out
     resumed = setup(load_config(None, [*config, "runtime.resume=auto"]), DistInfo())
     poison(resumed, slice(None))
-    with pytest.raises(RuntimeError, match=r"8 non-finite losses in a row \(epoch 1, batch 2\): lower optim.lr, "
-                                           r"set optim.clip_grad, or check the data"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"8 non-finite losses in a row \(epoch 1, batch 2\): lower optim.lr, "
+        r"set optim.clip_grad, or check the data",
+    ):
         fit(resumed)
     inside = setup(load_config(None, [*config, "name=inside", "runtime.max_nonfinite=100"]), DistInfo())
     poison(inside, slice(None))
@@ -267,8 +356,10 @@ def test_the_nonfinite_streak_counts_across_epochs_and_a_resume(tmp_path, capsys
 
 def test_without_the_per_step_check_a_nonfinite_epoch_stops_the_run(tmp_path):
     """runtime.check_finite: false (the CUDA default) has no per-step sync; the epoch's loss sum catches it."""
-    state = setup(load_config(None, [*TINY, f"runtime.output={tmp_path}", "runtime.check_finite=false",
-                                     "data.mixup=0.0"]), DistInfo())
+    state = setup(
+        load_config(None, [*TINY, f"runtime.output={tmp_path}", "runtime.check_finite=false", "data.mixup=0.0"]),
+        DistInfo(),
+    )
     assert state.settings.step_settings.check_finite is False
     poison(state, [0])
     with pytest.raises(RuntimeError, match="training loss of epoch 0 is not finite"):
@@ -283,6 +374,7 @@ def test_check_finite_default_is_on_for_the_cpu(tmp_path):
 
 # ---------------------------------------------------------------- signals to a process group, per-rank state
 
+
 def test_loader_workers_live_through_a_stop_signal_sent_to_the_whole_job(tmp_path):
     """A scheduler or torchrun signals every process of the job (a terminal's Ctrl-C, the foreground group):
     the loader's workers go on (the training process stops at its next check, after a checkpoint),
@@ -290,8 +382,10 @@ def test_loader_workers_live_through_a_stop_signal_sent_to_the_whole_job(tmp_pat
     import multiprocessing
 
     write_folder(tmp_path / "data")  # 16 training images: 4 batches of 4
-    state = setup(load_config(None, [*FOLDER, f"data.root={tmp_path}/data", "data.workers=2",
-                                     f"runtime.output={tmp_path}"]), DistInfo())
+    state = setup(
+        load_config(None, [*FOLDER, f"data.root={tmp_path}/data", "data.workers=2", f"runtime.output={tmp_path}"]),
+        DistInfo(),
+    )
     batches = iter(state.train_loader)
     next(batches)  # the workers have started (with the first batch, maybe not each one's setup)
     workers = multiprocessing.active_children()
@@ -315,9 +409,14 @@ def test_loader_workers_run_the_callers_init_and_end_when_the_training_process_a
 
     from pfb_train.preemption import StopSafeDataLoader
 
-    loader = StopSafeDataLoader(list(range(8)), batch_size=2, num_workers=1, persistent_workers=True,
-                                multiprocessing_context=context,
-                                worker_init_fn=functools.partial(_mark_worker, str(tmp_path)))
+    loader = StopSafeDataLoader(
+        list(range(8)),
+        batch_size=2,
+        num_workers=1,
+        persistent_workers=True,
+        multiprocessing_context=context,
+        worker_init_fn=functools.partial(_mark_worker, str(tmp_path)),
+    )
     batches = iter(loader)
     next(batches)
     assert (tmp_path / "init0").exists()
@@ -345,8 +444,20 @@ def test_a_process_exits_while_its_loader_workers_are_alive(tmp_path):
     exit ends them (multiprocessing terminates them) instead of waiting for them forever."""
     write_folder(tmp_path / "data")
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", EXIT_WITH_LIVE_WORKERS, *FOLDER, f"data.root={tmp_path}/data",
-                           "data.workers=2", f"runtime.output={tmp_path}"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            EXIT_WITH_LIVE_WORKERS,
+            *FOLDER,
+            f"data.root={tmp_path}/data",
+            "data.workers=2",
+            f"runtime.output={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0 and "exiting" in done.stdout, done.stderr[-2000:]
     assert time.monotonic() - started < 60
 
@@ -397,7 +508,6 @@ def test_each_rank_resumes_its_own_selector_streams_and_tallies(world_size, rank
         assert torch.allclose(loaded["stats"]["totals"], whole[0]["stats"]["totals"] + whole[1]["stats"]["totals"])
 
 
-
 def test_a_methods_own_rank_local_entries_restart_with_another_number_of_processes():
     """A method naming its own per-rank entry, resumed on other process counts: every rank gets the value
     it was built with (rank 0 too: the base `merge_rank_states` keeps nothing), not a missing key."""
@@ -420,11 +530,18 @@ def test_a_methods_own_rank_local_entries_restart_with_another_number_of_process
             super().load_state_dict(state)
             self.seen = state["seen"]
 
-    checkpoint = {**SeenRows(5).state_dict(), "per_rank": [{"generators": {}, "seen": 5}, {"generators": {}, "seen": 7}]}
+    checkpoint = {
+        **SeenRows(5).state_dict(),
+        "per_rank": [{"generators": {}, "seen": 5}, {"generators": {}, "seen": 7}],
+    }
     for world_size, rank, seen in [(2, 1, 7), (1, 0, 0), (4, 2, 0)]:
         selector = SeenRows()
-        _load_selector(SimpleNamespace(selector=selector, settings=SimpleNamespace(
-            dist=DistInfo(rank=rank, world_size=world_size))), checkpoint)
+        _load_selector(
+            SimpleNamespace(
+                selector=selector, settings=SimpleNamespace(dist=DistInfo(rank=rank, world_size=world_size))
+            ),
+            checkpoint,
+        )
         assert selector.seen == seen, (world_size, rank)
 
 
@@ -435,8 +552,12 @@ def test_diagnostics_tallies_resumed_on_the_cpu_join_the_training_device():
     stats = SelectionStats()
     stats.load_state_dict({"totals": torch.zeros(7, dtype=torch.float64), "blocked": 3, "steps": 1})
     clean = torch.randn(8, device="meta")
-    stats.add(clean, torch.arange(6, device="meta"), torch.arange(6, 8, device="meta"),
-              by_density=torch.zeros(8, dtype=torch.bool, device="meta"))
+    stats.add(
+        clean,
+        torch.arange(6, device="meta"),
+        torch.arange(6, 8, device="meta"),
+        by_density=torch.zeros(8, dtype=torch.bool, device="meta"),
+    )
     assert stats.totals.device.type == "meta" and (stats.blocked, stats.steps) == (5, 2)
 
 

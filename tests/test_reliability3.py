@@ -3,9 +3,7 @@ methods not chosen, seeds that give unrelated data orders."""
 
 import math
 
-import numpy as np
 import pytest
-import torch
 
 from pfb_train.data.loaders import ShardStreamSampler, TrainSampler
 from pfb_train.data.wds import shard_stream
@@ -16,8 +14,13 @@ def order(sampler, epoch):
     return [index for index, _ in sampler]
 
 
-@pytest.mark.parametrize("make", [lambda seed: TrainSampler(64, seed=seed),
-                                  lambda seed: ShardStreamSampler([8] * 8, batch_size=4, window=4, seed=seed)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda seed: TrainSampler(64, seed=seed),
+        lambda seed: ShardStreamSampler([8] * 8, batch_size=4, window=4, seed=seed),
+    ],
+)
 def test_seeds_give_unrelated_orders_not_shifted_epochs(make):
     """seed + epoch made seed 1's epoch 0 seed 0's epoch 1: a 3-seed study replayed one order sequence."""
     orders = {(seed, epoch): order(make(seed), epoch) for seed in range(3) for epoch in range(3)}
@@ -38,11 +41,26 @@ from pfb_train.distributed import DistInfo  # noqa: E402
 from pfb_train.metrics import read_metrics  # noqa: E402
 from pfb_train.train import fit, run, setup  # noqa: E402
 
-COSINE = ["model.name=test_resnet", "data.dataset=synthetic", "data.img_size=16", "data.train_samples=256",
-          "data.val_samples=32", "data.batch_size=32", "data.workers=0", "optim.name=sgd", "optim.lr=0.1",
-          "schedule.name=cosine", "schedule.epochs=4", "schedule.warmup_epochs=0", "runtime.progress=false",
-          "runtime.device=cpu", "blocking.method=pfb", "blocking.pfb.ratio=0.25", "blocking.pfb.centres=4",
-          "name=cos"]
+COSINE = [
+    "model.name=test_resnet",
+    "data.dataset=synthetic",
+    "data.img_size=16",
+    "data.train_samples=256",
+    "data.val_samples=32",
+    "data.batch_size=32",
+    "data.workers=0",
+    "optim.name=sgd",
+    "optim.lr=0.1",
+    "schedule.name=cosine",
+    "schedule.epochs=4",
+    "schedule.warmup_epochs=0",
+    "runtime.progress=false",
+    "runtime.device=cpu",
+    "blocking.method=pfb",
+    "blocking.pfb.ratio=0.25",
+    "blocking.pfb.centres=4",
+    "name=cos",
+]
 
 
 def cosine_lr(epoch_end: float, epochs: int = 4, base: float = 0.1) -> float:
@@ -56,8 +74,9 @@ def test_resume_with_another_batch_size_follows_the_configured_schedule_and_coun
     above the set's size, a negative blocked fraction)."""
     first = setup(load_config(None, [*COSINE, f"runtime.output={tmp_path}"]), DistInfo())
     fit(first, until_step=8 + 3)  # 8 steps per epoch: 3 steps (96 samples) into epoch 1
-    resumed = run(load_config(None, [*COSINE, f"runtime.output={tmp_path}", "runtime.resume=auto",
-                                     "data.batch_size=16"]))
+    resumed = run(
+        load_config(None, [*COSINE, f"runtime.output={tmp_path}", "runtime.resume=auto", "data.batch_size=16"])
+    )
     records = read_metrics(resumed["run_dir"])
     assert [r["epoch"] for r in records] == [0, 1, 2, 3]
     for r in records:
@@ -70,8 +89,9 @@ def test_a_checkpoint_from_an_epochs_last_step_resumes_into_an_empty_rest(tmp_pa
     """Killed between the last step's checkpoint and the epoch-end one: nothing is left of the epoch."""
     first = setup(load_config(None, [*COSINE, "schedule.epochs=1", f"runtime.output={tmp_path}"]), DistInfo())
     fit(first, until_step=8)  # 8 steps per epoch: the checkpoint holds the whole epoch as done
-    resumed = run(load_config(None, [*COSINE, "schedule.epochs=1", f"runtime.output={tmp_path}",
-                                     "runtime.resume=auto"]))
+    resumed = run(
+        load_config(None, [*COSINE, "schedule.epochs=1", f"runtime.output={tmp_path}", "runtime.resume=auto"])
+    )
     record = read_metrics(resumed["run_dir"])[0]
     assert record["samples_seen"] == 256 and record["blocked_fraction"] == pytest.approx(0.25)
 
@@ -116,6 +136,7 @@ def test_another_world_size_takes_every_saved_ranks_tally_once():
 
 # ---------------------------------------------------------------- 2. a finished run is left as it is
 
+
 def cli_args(config, *overrides) -> list:
     return [*(["--config", str(config)] if config else []), *(a for o in overrides for a in ("--set", o))]
 
@@ -135,7 +156,11 @@ def test_relaunching_a_finished_run_trains_and_writes_nothing(tmp_path, capsys):
     changed = [*args, *cli_args(None, "optim.lr=0.01", "data.train_samples=128"), "--resume", "auto"]
     assert cli.main(changed) == 2
     err = capsys.readouterr().err
-    assert "finished its 1 epoch, top-1" in err and "optim.lr 0.1 -> 0.01" in err and "data.train_samples 256 -> 128" in err
+    assert (
+        "finished its 1 epoch, top-1" in err
+        and "optim.lr 0.1 -> 0.01" in err
+        and "data.train_samples 256 -> 128" in err
+    )
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == files  # nothing rewritten
 
 
@@ -144,15 +169,21 @@ def test_relaunching_a_finished_run_trains_and_writes_nothing(tmp_path, capsys):
 from pfb_train.errors import UserError  # noqa: E402
 
 
-@pytest.mark.parametrize("override, message", [
-    ("schedule.name=plateau", "'plateau' steps once per epoch"),
-    ("schedule.name=cosin", "did you mean 'cosine'"),
-    ("optim.name=sgdd", "unknown timm optimizer 'sgdd' (did you mean 'sgd'"),
-    ("data.auto_augment=randm9", "'randm9' is not a timm augmentation policy"),
-    ("blocking.ratio=1.5", "ratio' must be in [0, 1), got 1.5 (method '"),  # a flat key: every method that reads it
-    ("blocking.pfb.ratio=1.5", "'blocking.pfb.ratio' must be in [0, 1), got 1.5 (method 'pfb' reads it; blocking.method is 'none')"),
-    ("blocking.infobatch.delta=2", "'blocking.infobatch.delta' must be in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("schedule.name=plateau", "'plateau' steps once per epoch"),
+        ("schedule.name=cosin", "did you mean 'cosine'"),
+        ("optim.name=sgdd", "unknown timm optimizer 'sgdd' (did you mean 'sgd'"),
+        ("data.auto_augment=randm9", "'randm9' is not a timm augmentation policy"),
+        ("blocking.ratio=1.5", "ratio' must be in [0, 1), got 1.5 (method '"),  # a flat key: every method that reads it
+        (
+            "blocking.pfb.ratio=1.5",
+            "'blocking.pfb.ratio' must be in [0, 1), got 1.5 (method 'pfb' reads it; blocking.method is 'none')",
+        ),
+        ("blocking.infobatch.delta=2", "'blocking.infobatch.delta' must be in (0, 1]"),
+    ],
+)
 def test_values_no_part_of_the_run_can_take_are_one_line_before_any_work(override, message):
     with pytest.raises(UserError) as error:
         load_config(None, [override])
@@ -160,18 +191,39 @@ def test_values_no_part_of_the_run_can_take_are_one_line_before_any_work(overrid
 
 
 def test_an_optimizer_timm_lists_but_cannot_make_here_is_one_line(tmp_path):
-    cfg = load_config(None, ["model.name=test_resnet", "data.img_size=16", "data.train_samples=32",
-                             "data.val_samples=16", "data.batch_size=16", "runtime.device=cpu",
-                             "runtime.progress=false", "optim.name=bnbadam", f"runtime.output={tmp_path}"])
+    cfg = load_config(
+        None,
+        [
+            "model.name=test_resnet",
+            "data.img_size=16",
+            "data.train_samples=32",
+            "data.val_samples=16",
+            "data.batch_size=16",
+            "runtime.device=cpu",
+            "runtime.progress=false",
+            "optim.name=bnbadam",
+            f"runtime.output={tmp_path}",
+        ],
+    )
     with pytest.raises(UserError, match=r"config key 'optim.name': timm cannot make optimizer 'bnbadam' here"):
         run(cfg)
     assert not any(tmp_path.iterdir())  # before the run directory
 
 
 def test_a_fixed_size_model_is_built_at_the_configured_size_or_refused_before_the_run_directory(tmp_path):
-    tiny = ["model.name=vit_tiny_patch16_224", "data.dataset=synthetic", "data.train_samples=32",
-            "data.val_samples=16", "data.batch_size=16", "data.workers=0", "schedule.epochs=1",
-            "schedule.warmup_epochs=0", "runtime.progress=false", "runtime.device=cpu", f"runtime.output={tmp_path}"]
+    tiny = [
+        "model.name=vit_tiny_patch16_224",
+        "data.dataset=synthetic",
+        "data.train_samples=32",
+        "data.val_samples=16",
+        "data.batch_size=16",
+        "data.workers=0",
+        "schedule.epochs=1",
+        "schedule.warmup_epochs=0",
+        "runtime.progress=false",
+        "runtime.device=cpu",
+        f"runtime.output={tmp_path}",
+    ]
     summary = run(load_config(None, [*tiny, "data.img_size=32", "name=vit32"]))  # timm's default is 224 px
     assert summary["epochs"] == 1 and math.isfinite(summary["top1"])
     with pytest.raises(UserError, match=r"does not run on data.img_size 8 px .*its default is 224"):

@@ -7,27 +7,48 @@ from pfb_train.config import load_config
 from pfb_train.metrics import read_metrics
 from pfb_train.train import run
 
-TINY = ["model.name=resnet18", "data.dataset=synthetic", "data.img_size=32", "data.batch_size=16",
-        "data.train_samples=96", "data.val_samples=32", "data.workers=0", "schedule.epochs=2",
-        "schedule.warmup_epochs=0", "runtime.progress=false", "runtime.device=cpu", "blocking.centers=8",
-        "blocking.ratio=0.25"]
+TINY = [
+    "model.name=resnet18",
+    "data.dataset=synthetic",
+    "data.img_size=32",
+    "data.batch_size=16",
+    "data.train_samples=96",
+    "data.val_samples=32",
+    "data.workers=0",
+    "schedule.epochs=2",
+    "schedule.warmup_epochs=0",
+    "runtime.progress=false",
+    "runtime.device=cpu",
+    "blocking.centers=8",
+    "blocking.ratio=0.25",
+]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     made = {}
-    for name, extra in {"full0": ["blocking.method=none", "runtime.seed=0"],
-                        "full1": ["blocking.method=none", "runtime.seed=1"],
-                        "pfb": ["blocking.method=pfb"]}.items():
+    for name, extra in {
+        "full0": ["blocking.method=none", "runtime.seed=0"],
+        "full1": ["blocking.method=none", "runtime.seed=1"],
+        "pfb": ["blocking.method=pfb"],
+    }.items():
         made[name] = run(load_config(None, [*TINY, *extra, f"name={name}", f"runtime.output={out}"]))
     return made
 
 
 def test_report_table_and_plots_match_the_runs(runs, cli, tmp_path):
     full0, full1, pfb = runs["full0"], runs["full1"], runs["pfb"]
-    result = cli("report", pfb["run_dir"], "--baseline", full0["run_dir"], "--baseline", full1["run_dir"],
-                 "--out", str(tmp_path / "rep"))
+    result = cli(
+        "report",
+        pfb["run_dir"],
+        "--baseline",
+        full0["run_dir"],
+        "--baseline",
+        full1["run_dir"],
+        "--out",
+        str(tmp_path / "rep"),
+    )
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(open(tmp_path / "rep" / "report.csv")))
     by_method = {r["method"]: r for r in rows}
@@ -60,8 +81,11 @@ def test_report_rejects_unfinished_run_dir(cli, tmp_path):
 
 def test_live_comparison_with_a_baseline_run(runs, tmp_path, capsys):
     full = runs["full0"]
-    summary = run(load_config(None, [*TINY, "blocking.method=pfb", f"runtime.baseline={full['run_dir']}",
-                                     f"runtime.output={tmp_path}"]))
+    summary = run(
+        load_config(
+            None, [*TINY, "blocking.method=pfb", f"runtime.baseline={full['run_dir']}", f"runtime.output={tmp_path}"]
+        )
+    )
     ours, theirs = read_metrics(summary["run_dir"]), read_metrics(full["run_dir"])
     for epoch, (a, b) in enumerate(zip(ours, theirs)):
         assert a["vs_baseline_top1"] == pytest.approx(a["top1"] - b["top1"])
@@ -81,8 +105,18 @@ def test_missing_baseline_is_a_user_error(tmp_path):
 # -- grouping and robust time, on run directories written by hand ------------------------------------
 
 
-def fake_run(root, name, seed=0, epoch_seconds=(10.0, 10.0, 10.0), top1=80.0, method="pfb", ratio=0.5,
-             class_counts=None, class_top1=None, **blocking):
+def fake_run(
+    root,
+    name,
+    seed=0,
+    epoch_seconds=(10.0, 10.0, 10.0),
+    top1=80.0,
+    method="pfb",
+    ratio=0.5,
+    class_counts=None,
+    class_top1=None,
+    **blocking,
+):
     """A finished run directory as `pfb-train` writes it, with chosen numbers."""
     import json
 
@@ -99,13 +133,30 @@ def fake_run(root, name, seed=0, epoch_seconds=(10.0, 10.0, 10.0), top1=80.0, me
         config["blocking"][method].update(ratio=ratio, **blocking)
     (path / "config.yaml").write_text(yaml.safe_dump(config))
     blocked = 0.0 if method == "none" else ratio
-    records = [{"epoch": e, "epoch_seconds": t, "top1": top1, "kept_fraction": 1 - blocked,
-                "samples_blocked": int(100 * blocked), "class_kept_fraction": [1 - blocked] * 3,
-                **({"val_class_top1": class_top1} if class_top1 else {})} for e, t in enumerate(epoch_seconds)]
+    records = [
+        {
+            "epoch": e,
+            "epoch_seconds": t,
+            "top1": top1,
+            "kept_fraction": 1 - blocked,
+            "samples_blocked": int(100 * blocked),
+            "class_kept_fraction": [1 - blocked] * 3,
+            **({"val_class_top1": class_top1} if class_top1 else {}),
+        }
+        for e, t in enumerate(epoch_seconds)
+    ]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    summary = {"method": method, "ratio": ratio, "ratio_option": None if method == "none" else "ratio", "top1": top1, "blocked_fraction": blocked,
-               "train_seconds": sum(epoch_seconds), "selection_seconds": 0.0, "world_size": 1,
-               "train_class_counts": class_counts}
+    summary = {
+        "method": method,
+        "ratio": ratio,
+        "ratio_option": None if method == "none" else "ratio",
+        "top1": top1,
+        "blocked_fraction": blocked,
+        "train_seconds": sum(epoch_seconds),
+        "selection_seconds": 0.0,
+        "world_size": 1,
+        "train_class_counts": class_counts,
+    }
     (path / "summary.json").write_text(json.dumps(summary))
     return str(path)
 
@@ -115,11 +166,15 @@ def test_rows_group_by_the_whole_config_and_are_labelled_by_what_differs(tmp_pat
 
     base = [fake_run(tmp_path, f"full{s}", seed=s, method="none", top1=80.0) for s in range(2)]
     kde = [fake_run(tmp_path, f"kde{s}", seed=s, top1=70.0 + s, estimator="kde") for s in range(2)]
-    mlk = [fake_run(tmp_path, f"mlk{s}", seed=s, top1=60.0 + s, estimator="mean_log_kernel", noise=0.3)
-           for s in range(2)]
+    mlk = [
+        fake_run(tmp_path, f"mlk{s}", seed=s, top1=60.0 + s, estimator="mean_log_kernel", noise=0.3) for s in range(2)
+    ]
     rows = {r["label"]: r for r in report(kde + mlk, base, str(tmp_path / "rep"))["rows"]}
-    assert set(rows) == {"full data", "pfb 0.5 (estimator=kde, noise=None)",
-                         "pfb 0.5 (estimator=mean_log_kernel, noise=0.3)"}
+    assert set(rows) == {
+        "full data",
+        "pfb 0.5 (estimator=kde, noise=None)",
+        "pfb 0.5 (estimator=mean_log_kernel, noise=0.3)",
+    }
     assert rows["pfb 0.5 (estimator=kde, noise=None)"]["seeds"] == 2
     assert rows["pfb 0.5 (estimator=kde, noise=None)"]["top1"] == pytest.approx(70.5)
     assert rows["pfb 0.5 (estimator=mean_log_kernel, noise=0.3)"]["top1"] == pytest.approx(60.5)
@@ -166,8 +221,7 @@ def test_time_saved_ignores_one_stalled_epoch_of_one_seed(tmp_path):
     from pfb_train.report import report
 
     base = [fake_run(tmp_path, f"full{s}", seed=s, method="none", epoch_seconds=(10.0, 10.0, 10.0)) for s in range(3)]
-    pfb = [fake_run(tmp_path, f"pfb{s}", seed=s, epoch_seconds=(6.0, 6.0, 600.0 if s == 1 else 6.0))
-           for s in range(3)]
+    pfb = [fake_run(tmp_path, f"pfb{s}", seed=s, epoch_seconds=(6.0, 6.0, 600.0 if s == 1 else 6.0)) for s in range(3)]
     row = [r for r in report(pfb, base, str(tmp_path / "rep"))["rows"] if r["method"] == "pfb"][0]
     assert row["time_reduction_pct"] == pytest.approx(40.0)  # medians 6 + 6 + 6 against 30
     assert row["train_seconds"] == pytest.approx((18 + 612 + 18) / 3)  # the plain mean is kept beside it
@@ -179,7 +233,9 @@ def test_head_and_tail_accuracy_on_a_long_tailed_run(tmp_path):
     counts, per_class = [50, 40, 20, 5], [90.0, 80.0, 60.0, 20.0]
     base = [fake_run(tmp_path, "full", method="none", class_counts=counts, class_top1=per_class)]
     result = report([], base, str(tmp_path / "rep"))
-    assert result["rows"][0]["top1_head"] == pytest.approx(85.0) and result["rows"][0]["top1_tail"] == pytest.approx(40.0)
+    assert result["rows"][0]["top1_head"] == pytest.approx(85.0) and result["rows"][0]["top1_tail"] == pytest.approx(
+        40.0
+    )
     assert "head top-1 | tail top-1" in result["markdown"]
 
 
@@ -211,10 +267,27 @@ def test_runs_logged_before_method_sections_group_with_runs_logged_after(tmp_pat
     pfb = config["blocking"].pop("pfb")
     for name in ("none", "random", "infobatch", "static_random"):
         config["blocking"].pop(name)
-    flat = {**{k: v for k, v in pfb.items()  # the keys an earlier version wrote (no score_*, stratify, density, class_memory then)
-               if k not in ("centres", "update_rate", "centre_weights", "score_scale", "score_norm", "stratify", "density",
-                            "class_memory")},
-            "centers": 16, "ema": pfb["update_rate"], "weights": pfb["centre_weights"], "delta": 0.5}
+    flat = {
+        **{
+            k: v
+            for k, v in pfb.items()  # the keys an earlier version wrote (no score_*, stratify, density, class_memory then)
+            if k
+            not in (
+                "centres",
+                "update_rate",
+                "centre_weights",
+                "score_scale",
+                "score_norm",
+                "stratify",
+                "density",
+                "class_memory",
+            )
+        },
+        "centers": 16,
+        "ema": pfb["update_rate"],
+        "weights": pfb["centre_weights"],
+        "delta": 0.5,
+    }
     config["blocking"].update(flat)  # as an earlier version wrote it (delta: infobatch's, ignored for pfb)
     (Path(old) / "config.yaml").write_text(yaml.safe_dump(config))
     rows = report([new, old], base, str(tmp_path / "rep"))["rows"]
@@ -237,11 +310,13 @@ def test_report_refuses_unlike_or_repeated_runs(tmp_path, capsys):
     config = yaml.safe_load((Path(other) / "config.yaml").read_text())
     config["data"]["dataset"] = "digits"
     (Path(other) / "config.yaml").write_text(yaml.safe_dump(config))
-    cases = [([pfb, pfb], [base], f"run directory {Path(pfb).resolve()} is given twice as RUN_DIR"),
-             ([pfb], [base, base], "is given twice as --baseline"),
-             ([other], [base], f"run {other} has data.dataset 'digits', the baseline {base} has 'synthetic'"),
-             ([pfb, copy], [base], f"runs {pfb} and {copy} are one setting with the same runtime.seed 0"),
-             ([pfb], [base, other], f"run {other} has data.dataset 'digits'")]
+    cases = [
+        ([pfb, pfb], [base], f"run directory {Path(pfb).resolve()} is given twice as RUN_DIR"),
+        ([pfb], [base, base], "is given twice as --baseline"),
+        ([other], [base], f"run {other} has data.dataset 'digits', the baseline {base} has 'synthetic'"),
+        ([pfb, copy], [base], f"runs {pfb} and {copy} are one setting with the same runtime.seed 0"),
+        ([pfb], [base, other], f"run {other} has data.dataset 'digits'"),
+    ]
     for runs, baselines, message in cases:
         with pytest.raises(UserError) as error:
             report(runs, baselines, str(tmp_path / "rep"))

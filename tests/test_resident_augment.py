@@ -24,8 +24,11 @@ def image_splits(n=40, channels=3, stored=12, size=12, padding=3, mean=MEAN, std
     recipe = ImageRecipe(size, padding, mean, std)
     images = torch.randint(0, 256, (n, channels, stored, stored), dtype=torch.uint8, generator=gen)
     labels = torch.arange(n) % classes
-    return DataSplits(TensorImages(images, labels, recipe, train=True),
-                      TensorImages(images[: n // 2], labels[: n // 2], recipe, train=False), classes)
+    return DataSplits(
+        TensorImages(images, labels, recipe, train=True),
+        TensorImages(images[: n // 2], labels[: n // 2], recipe, train=False),
+        classes,
+    )
 
 
 def loaders(splits, batch_size=4, world_size=1, rank=0, seed=5, channels_last=False):
@@ -84,10 +87,13 @@ def test_batched_pad_crop_flip_equals_the_per_item_ops(channels):
     assert (got[1, :, -2:] == 0).all() and (got[1, :, :, :2] == 0).all() and (got[1, :, :-2, 2:] > 0).all()
 
 
-@pytest.mark.parametrize("channels,stored,size,padding,mean,std", [
-    (3, 12, 12, 3, MEAN, STD),  # CIFAR-like at its own size
-    (1, 14, 16, 16 // 14, (0.286,), (0.353,)),  # Fashion-MNIST-like, resized once (grey -> RGB)
-])
+@pytest.mark.parametrize(
+    "channels,stored,size,padding,mean,std",
+    [
+        (3, 12, 12, 3, MEAN, STD),  # CIFAR-like at its own size
+        (1, 14, 16, 16 // 14, (0.286,), (0.353,)),  # Fashion-MNIST-like, resized once (grey -> RGB)
+    ],
+)
 def test_resident_batches_are_the_recipe_applied_with_each_samples_draws(channels, stored, size, padding, mean, std):
     splits = image_splits(channels=channels, stored=stored, size=size, padding=padding, mean=mean, std=std)
     train, val = loaders(splits, channels_last=True)
@@ -201,10 +207,23 @@ def test_fashion_mnist_resume_inside_an_epoch_is_exact(tmp_path):
     from pfb_train.train import fit, run, setup
 
     root = write_fashion_mnist(tmp_path / "fm", train_per_class=7)
-    cfg = ["model.name=test_resnet", "data.dataset=fashion_mnist", f"data.root={root}", "data.img_size=28",
-           "data.batch_size=16", "data.workers=0", "schedule.epochs=2", "schedule.warmup_epochs=0",
-           "runtime.progress=false", "runtime.device=cpu", "blocking.method=pfb", "blocking.ratio=0.25",
-           "blocking.centers=4", "runtime.checkpoint_every=3", "name=fm"]  # 70 images: 4 steps per epoch
+    cfg = [
+        "model.name=test_resnet",
+        "data.dataset=fashion_mnist",
+        f"data.root={root}",
+        "data.img_size=28",
+        "data.batch_size=16",
+        "data.workers=0",
+        "schedule.epochs=2",
+        "schedule.warmup_epochs=0",
+        "runtime.progress=false",
+        "runtime.device=cpu",
+        "blocking.method=pfb",
+        "blocking.ratio=0.25",
+        "blocking.centers=4",
+        "runtime.checkpoint_every=3",
+        "name=fm",
+    ]  # 70 images: 4 steps per epoch
     whole = run(load_config(None, [*cfg, f"runtime.output={tmp_path}/a"]))
     first = setup(load_config(None, [*cfg, f"runtime.output={tmp_path}/b"]), DistInfo())
     assert isinstance(first.train_loader, ResidentLoader) and first.train_loader.padding == 2

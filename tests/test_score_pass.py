@@ -11,8 +11,14 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from pfb_train.config import load_config
-from pfb_train.costs import (PartTimes, cheaper_mode, predicted_cost_ratio, predicted_time_ratio, step_flops,
-                             timed_cheaper_mode)
+from pfb_train.costs import (
+    PartTimes,
+    cheaper_mode,
+    predicted_cost_ratio,
+    predicted_time_ratio,
+    step_flops,
+    timed_cheaper_mode,
+)
 from pfb_train.engine import Batch, Optimization, StepContext, StepSettings, train_step
 from pfb_train.errors import UserError
 from pfb_train.models import AUTO_SCORE, BlockedModel, ScorePass, check_score_pass, split_model, tracking_norms
@@ -21,7 +27,9 @@ from test_train_cli import TINY
 
 
 def _stats(blocked):
-    return [b.clone() for m in tracking_norms(blocked.model) for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
+    return [
+        b.clone() for m in tracking_norms(blocked.model) for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+    ]
 
 
 def _same(a, b):
@@ -74,18 +82,22 @@ def test_blocked_step_trains_the_kept_rows_at_full_size_whatever_the_ranking_pas
     assert out.feats.shape == (8, 64)
     expected = plain(x[keep])  # train mode: the kept rows alone update the statistics
     assert torch.allclose(out.logits, expected, atol=1e-5)
-    assert _same(_stats(resnet), [b for m in tracking_norms(plain) for b in (m.running_mean, m.running_var,
-                                                                               m.num_batches_tracked)])
+    assert _same(
+        _stats(resnet),
+        [b for m in tracking_norms(plain) for b in (m.running_mean, m.running_var, m.num_batches_tracked)],
+    )
 
 
 def test_score_options_are_checked_with_one_line_errors(tmp_path):
     tiny = tmp_path / "tiny.yaml"
     tiny.write_text(TINY)
-    for bad, words in [(["blocking.pfb.score_scale=0"], "must be in (0, 1] or null"),
-                       (["blocking.pfb.score_scale=1.5"], "must be in (0, 1] or null"),
-                       (["blocking.pfb.score_norm=eval"], "score_norm"),
-                       (["blocking.mode=reuse", "blocking.pfb.score_scale=0.5"], "blocking.mode 'reuse' ranks by"),
-                       (["blocking.mode=reuse", "blocking.pfb.score_norm=running"], "set blocking.mode recompute")]:
+    for bad, words in [
+        (["blocking.pfb.score_scale=0"], "must be in (0, 1] or null"),
+        (["blocking.pfb.score_scale=1.5"], "must be in (0, 1] or null"),
+        (["blocking.pfb.score_norm=eval"], "score_norm"),
+        (["blocking.mode=reuse", "blocking.pfb.score_scale=0.5"], "blocking.mode 'reuse' ranks by"),
+        (["blocking.mode=reuse", "blocking.pfb.score_norm=running"], "set blocking.mode recompute"),
+    ]:
         with pytest.raises(UserError, match=words.replace("(", r"\(").replace(")", r"\)")) as e:
             load_config(str(tiny), bad)
         assert "\n" not in str(e.value)
@@ -94,10 +106,15 @@ def test_score_options_are_checked_with_one_line_errors(tmp_path):
     load_config(str(tiny), ["blocking.mode=reuse"])  # the automatic defaults go with either mode
 
 
-@pytest.mark.parametrize("name,resolved", [("resnet18", ScorePass(0.5, "running")),
-                                           ("convnext_atto", ScorePass(0.5, "batch")),
-                                           ("swin_tiny_patch4_window7_224", ScorePass(1.0, "batch")),
-                                           ("vit_tiny_patch16_224", ScorePass(1.0, "batch"))])
+@pytest.mark.parametrize(
+    "name,resolved",
+    [
+        ("resnet18", ScorePass(0.5, "running")),
+        ("convnext_atto", ScorePass(0.5, "batch")),
+        ("swin_tiny_patch4_window7_224", ScorePass(1.0, "batch")),
+        ("vit_tiny_patch16_224", ScorePass(1.0, "batch")),
+    ],
+)
 def test_the_default_ranking_pass_is_the_cheapest_the_model_takes(name, resolved):
     """score_scale null / score_norm auto: half size where the shallow part runs on it, running
     statistics where it has BatchNorm; what a model cannot take falls back to the exact setting."""
@@ -109,10 +126,13 @@ def test_the_default_ranking_pass_is_the_cheapest_the_model_takes(name, resolved
     assert blocked.resolve_score(ScorePass(None, "batch"), 224).norm == "batch"  # explicit parts stay
 
 
-@pytest.mark.parametrize("name,score,words", [
-    ("vit_tiny_patch16_224", ScorePass(0.5), "score_scale 0.5 feeds 'vit_tiny_patch16_224' 112 px"),
-    ("convnext_atto", ScorePass(1.0, "running"), "score_norm 'running' needs BatchNorm"),
-])
+@pytest.mark.parametrize(
+    "name,score,words",
+    [
+        ("vit_tiny_patch16_224", ScorePass(0.5), "score_scale 0.5 feeds 'vit_tiny_patch16_224' 112 px"),
+        ("convnext_atto", ScorePass(1.0, "running"), "score_norm 'running' needs BatchNorm"),
+    ],
+)
 def test_models_that_cannot_take_the_ranking_pass_say_so(name, score, words):
     with torch.device("meta"):
         model = timm.create_model(name, num_classes=5)
@@ -133,7 +153,7 @@ def test_flop_ratio_of_a_cheaper_ranking_pass_matches_the_cost_model(scale):
     share = 0.192  # stem + layer1 of resnet50 at 224 px (tests/test_info_bench.py)
     assert ratio == pytest.approx(predicted_cost_ratio("recompute", share, 6 / 16, scale), rel=0.02)
     assert ratio < exact  # and the saving is the ranking pass's: s (1 - q^2) / 3 of a step
-    assert exact - ratio == pytest.approx(share * (1 - scale ** 2) / 3, rel=0.05)
+    assert exact - ratio == pytest.approx(share * (1 - scale**2) / 3, rel=0.05)
 
 
 def test_mode_choice_by_flops_and_by_measured_time():
@@ -185,17 +205,34 @@ def _steps_with_graph_counts(monkeypatch, cfg):
     return seen, run(cfg)
 
 
-@pytest.mark.parametrize("overrides", [
-    ["blocking.pfb.ramp=linear_to_mid", "blocking.pfb.end_epoch=3", "blocking.mode=recompute",
-     "blocking.pfb.score_scale=0.5", "blocking.pfb.score_norm=running"],
-    ["blocking.method=random", "blocking.random.start_epoch=0", "blocking.mode=reuse"],
-    ["blocking.method=infobatch", "blocking.infobatch.prune_ratio=0.5"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [
+            "blocking.pfb.ramp=linear_to_mid",
+            "blocking.pfb.end_epoch=3",
+            "blocking.mode=recompute",
+            "blocking.pfb.score_scale=0.5",
+            "blocking.pfb.score_norm=running",
+        ],
+        ["blocking.method=random", "blocking.random.start_epoch=0", "blocking.mode=reuse"],
+        ["blocking.method=infobatch", "blocking.infobatch.prune_ratio=0.5"],
+    ],
+)
 def test_compiled_runs_compile_only_at_the_first_blocked_steps_of_an_epoch(monkeypatch, tmp_path, capsys, overrides):
     tiny = tmp_path / "tiny.yaml"
     tiny.write_text(TINY)
-    cfg = load_config(str(tiny), ["schedule.epochs=3", "blocking.pfb.start_epoch=0", "runtime.compile=true",
-                                  "data.train_samples=96", f"runtime.output={tmp_path}", *overrides])
+    cfg = load_config(
+        str(tiny),
+        [
+            "schedule.epochs=3",
+            "blocking.pfb.start_epoch=0",
+            "runtime.compile=true",
+            "data.train_samples=96",
+            f"runtime.output={tmp_path}",
+            *overrides,
+        ],
+    )
     seen, summary = _steps_with_graph_counts(monkeypatch, cfg)
     assert sorted({epoch for epoch, _, _ in seen}) == [0, 1, 2] and seen[-1][2] > 0
     for epoch in (0, 1, 2):
@@ -206,7 +243,9 @@ def test_compiled_runs_compile_only_at_the_first_blocked_steps_of_an_epoch(monke
     else:  # what ran, and why, is on the run line and in summary.json
         assert summary["blocking_mode"] == "recompute" and summary["blocking_mode_reason"] == "set in the config"
         assert summary["ranking_pass"] == {"scale": 0.5, "norm": "running"}
-        assert "(mode recompute: set in the config; ranking pass at 0.5x, running statistics)" in capsys.readouterr().out
+        assert (
+            "(mode recompute: set in the config; ranking pass at 0.5x, running statistics)" in capsys.readouterr().out
+        )
     if "blocking.method=infobatch" in overrides:
         assert "(mode reuse: auto: infobatch blocks no rows in the batch)" in capsys.readouterr().out
 
@@ -223,8 +262,9 @@ def test_compiled_step_matches_the_eager_step():
         if compiled:
             blocked.compile_parts(backend="aot_eager")
         selector = build_selector("pfb", ratio=0.4, centres=8, score_scale=0.5, num_classes=10)
-        optimization = Optimization(torch.optim.SGD(blocked.parameters(), lr=0.1), None,
-                                    torch.amp.GradScaler("cpu", enabled=False))
+        optimization = Optimization(
+            torch.optim.SGD(blocked.parameters(), lr=0.1), None, torch.amp.GradScaler("cpu", enabled=False)
+        )
         context = StepContext(blocked, selector, StepSettings(torch.device("cpu")), optimization)
         steps = [train_step(Batch(x, y, idx), context, 1.0) for _ in range(2)]
         outcome.append((steps, [p.detach().clone() for p in blocked.parameters()], _stats(blocked)))

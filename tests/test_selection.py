@@ -17,16 +17,29 @@ def cluster_and_outliers(seed=0, dim=8, dense=120, far=8):
 
 
 # (estimator, random term, level): the paper's, the authors' code's, and a low rank level
-DENSITY_DECIDES = [("kde", "density_floor", 0.01), ("mean_log_kernel", "max_abs", 0.1), ("kde", "rank", 0.05),
-                   ("mean_log_kernel", "rank", 0.05)]
+DENSITY_DECIDES = [
+    ("kde", "density_floor", 0.01),
+    ("mean_log_kernel", "max_abs", 0.1),
+    ("kde", "rank", 0.05),
+    ("mean_log_kernel", "rank", 0.05),
+]
 
 
 @pytest.mark.parametrize("estimator,noise_form,noise", DENSITY_DECIDES)
 @pytest.mark.parametrize("seed", range(5))
 def test_pfb_keeps_rare_points_and_blocks_dense_ones(estimator, noise_form, noise, seed):
     feats, rare = cluster_and_outliers(seed)
-    selector = build_selector("pfb", stratify="none", ratio=0.5, centres=32, feature_dim=8, estimator=estimator, seed=seed,
-                              noise_form=noise_form, noise=noise)
+    selector = build_selector(
+        "pfb",
+        stratify="none",
+        ratio=0.5,
+        centres=32,
+        feature_dim=8,
+        estimator=estimator,
+        seed=seed,
+        noise_form=noise_form,
+        noise=noise,
+    )
     selector.observe(feats[:64], None, None, None)  # centres from the cluster (as after warm-up)
     keep = selector.select(feats)
     kept = set(keep.tolist())
@@ -38,7 +51,9 @@ def test_pfb_keeps_rare_points_and_blocks_dense_ones(estimator, noise_form, nois
 
 def test_pfb_blocks_the_densest_without_noise():
     feats, _ = cluster_and_outliers(dim=32)
-    selector = build_selector("pfb", stratify="none", ratio=0.25, centres=32, feature_dim=32, estimator="kde", noise=0.0)
+    selector = build_selector(
+        "pfb", stratify="none", ratio=0.25, centres=32, feature_dim=32, estimator="kde", noise=0.0
+    )
     selector.observe(feats[:64], None, None, None)
     keep = selector.select(feats)
     density = kde_log_density(feats, selector.centres, selector.counts / selector.counts.sum())
@@ -52,7 +67,9 @@ def test_seeded_selection_is_reproducible(method):
     feats, _ = cluster_and_outliers()
 
     def picks(seed):
-        selector = build_selector(method, ratio=0.4, seed=seed, **({"centres": 16, "stratify": "none"} if method == "pfb" else {}))
+        selector = build_selector(
+            method, ratio=0.4, seed=seed, **({"centres": 16, "stratify": "none"} if method == "pfb" else {})
+        )
         return [selector.select(feats).tolist() for _ in range(3)]
 
     assert picks(1) == picks(1)
@@ -91,7 +108,9 @@ def test_ade_update_moves_each_centre_toward_its_assigned_mean():
 
 
 def test_observe_uses_retained_rows_only_and_stops_after_end():
-    selector = build_selector("pfb", stratify="none", ratio=0.5, centres=2, feature_dim=1, update_rate=1.0, start_epoch=0, end_epoch=3)
+    selector = build_selector(
+        "pfb", stratify="none", ratio=0.5, centres=2, feature_dim=1, update_rate=1.0, start_epoch=0, end_epoch=3
+    )
     selector._init_centres(torch.tensor([[0.0], [10.0]]))
     feats = torch.tensor([[1.0], [2.0], [9.0], [100.0]])
     selector.observe(feats, torch.tensor([0, 1, 2]), None, None)  # row 3 was blocked
@@ -200,8 +219,18 @@ def clustered(dim, seed=0, n=256, clusters=8):
 
 def signal_of(dim, estimator="kde", noise_form="rank", noise=None, seed=0, ratio=0.5, batches=6):
     """selection_signal of one selector over a few batches of clustered features."""
-    selector = build_selector("pfb", stratify="none", ratio=ratio, centres=32, feature_dim=dim, estimator=estimator,
-                              noise_form=noise_form, noise=noise, centre_weights="uniform", seed=seed)
+    selector = build_selector(
+        "pfb",
+        stratify="none",
+        ratio=ratio,
+        centres=32,
+        feature_dim=dim,
+        estimator=estimator,
+        noise_form=noise_form,
+        noise=noise,
+        centre_weights="uniform",
+        seed=seed,
+    )
     selector.observe(clustered(dim, seed=100), None, None, None)
     for b in range(batches):
         selector.select(clustered(dim, seed=b))

@@ -27,8 +27,14 @@ def toy_splits(d, num_classes, seed) -> DataSplits:
     return DataSplits(draw(32), draw(8), 2)
 
 
-TOY = DataSource("toy", build=toy_splits, summary="a test's own two classes of noise", samples="stored",
-                 imbalance=False, num_classes=lambda d: 2)
+TOY = DataSource(
+    "toy",
+    build=toy_splits,
+    summary="a test's own two classes of noise",
+    samples="stored",
+    imbalance=False,
+    num_classes=lambda d: 2,
+)
 
 
 @pytest.fixture
@@ -43,16 +49,46 @@ def test_datasets_command_lists_every_source_with_its_summary_and_options(capsys
     out = capsys.readouterr().out
     for source in sources().values():
         assert f"{source.name}: {source.summary}" in out
-    assert list(sources())[:8] == ["synthetic", "digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder",
-                                   "hf", "wds"]
+    assert list(sources())[:8] == [
+        "synthetic",
+        "digits",
+        "fashion_mnist",
+        "cifar10",
+        "cifar100",
+        "imagefolder",
+        "hf",
+        "wds",
+    ]
     assert "data.root (required), data.download" in out and "data.decode: cpu | device | dali" in out
 
 
 def test_a_source_defined_outside_the_package_trains_through_the_cli(toy_source, tmp_path, capsys):
-    args = ["--config", "demo", "--set", "data.dataset=toy", "--set", "model.name=test_resnet", "--set",
-            "model.num_classes=null", "--set", "data.img_size=16", "--set", "data.batch_size=8", "--set",
-            "schedule.epochs=1", "--set", "schedule.warmup_epochs=0", "--set", "blocking.method=none", "--set",
-            f"runtime.output={tmp_path}", "--set", "runtime.progress=false", "--set", "name=toy"]
+    args = [
+        "--config",
+        "demo",
+        "--set",
+        "data.dataset=toy",
+        "--set",
+        "model.name=test_resnet",
+        "--set",
+        "model.num_classes=null",
+        "--set",
+        "data.img_size=16",
+        "--set",
+        "data.batch_size=8",
+        "--set",
+        "schedule.epochs=1",
+        "--set",
+        "schedule.warmup_epochs=0",
+        "--set",
+        "blocking.method=none",
+        "--set",
+        f"runtime.output={tmp_path}",
+        "--set",
+        "runtime.progress=false",
+        "--set",
+        "name=toy",
+    ]
     assert main(args) == 0
     summary = json.loads((tmp_path / "toy" / "summary.json").read_text())
     assert summary["dataset"] == "toy" and sum(summary["train_class_counts"]) == 32
@@ -64,8 +100,11 @@ def test_a_source_defined_outside_the_package_trains_through_the_cli(toy_source,
 
 
 def test_an_unknown_dataset_is_one_line_naming_the_registered_ones():
-    with pytest.raises(UserError, match=r"unknown dataset 'cifar' \(did you mean 'cifar10'\? choose one of: "
-                                        r"synthetic, digits, .*wds; `pfb-train datasets`"):
+    with pytest.raises(
+        UserError,
+        match=r"unknown dataset 'cifar' \(did you mean 'cifar10'\? choose one of: "
+        r"synthetic, digits, .*wds; `pfb-train datasets`",
+    ):
         load_config(None, ["data.dataset=cifar"])
     with pytest.raises(UserError, match="'data.root' is required for dataset 'cifar100'"):
         load_config(None, ["data.dataset=cifar100"])  # the source says it needs a root
@@ -95,7 +134,8 @@ def test_a_plugin_source_registers_through_the_entry_point_group(monkeypatch, tm
 
     (tmp_path / "toy_source_plugin.py").write_text(
         "import dataclasses\n\nfrom pfb_train.data import register\nfrom test_sources import TOY\n\n"
-        "register(dataclasses.replace(TOY, name='plugged'))\n")
+        "register(dataclasses.replace(TOY, name='plugged'))\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     point = importlib.metadata.EntryPoint(name="plugged", value="toy_source_plugin", group=registry.ENTRY_POINT_GROUP)
     monkeypatch.setattr(plugins, "entry_points", lambda group: [point] if group == registry.ENTRY_POINT_GROUP else [])

@@ -9,22 +9,39 @@ from pfb_train.errors import TrainingStopped, UserError
 from pfb_train.selection.static_random import StaticRandomSelector
 from pfb_train.train import fit, setup
 
-TINY = ["model.name=test_resnet", "data.dataset=synthetic", "data.img_size=32", "data.batch_size=32",
-        "data.train_samples=64", "data.val_samples=16", "data.workers=0", "schedule.epochs=2",
-        "schedule.warmup_epochs=0", "runtime.device=cpu", "runtime.progress=false"]
+TINY = [
+    "model.name=test_resnet",
+    "data.dataset=synthetic",
+    "data.img_size=32",
+    "data.batch_size=32",
+    "data.train_samples=64",
+    "data.val_samples=16",
+    "data.workers=0",
+    "schedule.epochs=2",
+    "schedule.warmup_epochs=0",
+    "runtime.device=cpu",
+    "runtime.progress=false",
+]
 
 
-def start(tmp_path, *overrides, dist=DistInfo()):
-    return setup(load_config(None, [*TINY, f"runtime.output={tmp_path}", *overrides]), dist)
+def start(tmp_path, *overrides, dist=None):
+    return setup(load_config(None, [*TINY, f"runtime.output={tmp_path}", *overrides]), dist or DistInfo())
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["blocking.method=static_random", "blocking.static_random.drop_fraction=0.9"],
-     "config key 'blocking.static_random.drop_fraction' 0.9 can leave an epoch 6 of the 64 training samples, fewer "
-     "than one global batch (data.batch_size 32 x 1 process(es)): such an epoch trains no step"),
-    (["blocking.method=infobatch", "blocking.infobatch.prune_ratio=0.5", "data.train_samples=40"],
-     "config key 'blocking.infobatch.prune_ratio' 0.5 can leave an epoch 20 of the 40 training samples"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["blocking.method=static_random", "blocking.static_random.drop_fraction=0.9"],
+            "config key 'blocking.static_random.drop_fraction' 0.9 can leave an epoch 6 of the 64 training samples, fewer "
+            "than one global batch (data.batch_size 32 x 1 process(es)): such an epoch trains no step",
+        ),
+        (
+            ["blocking.method=infobatch", "blocking.infobatch.prune_ratio=0.5", "data.train_samples=40"],
+            "config key 'blocking.infobatch.prune_ratio' 0.5 can leave an epoch 20 of the 40 training samples",
+        ),
+    ],
+)
 def test_a_subset_smaller_than_one_global_batch_is_refused_at_start_up(tmp_path, overrides, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         start(tmp_path, *overrides)
@@ -37,20 +54,36 @@ def test_an_epoch_that_trains_no_step_stops_the_run(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:  # at start-up, as a method that cannot say
         patch.setattr(StaticRandomSelector, "fewest_samples", lambda self, n: n)
         state = start(tmp_path, "blocking.method=static_random", "blocking.static_random.drop_fraction=0.9")
-    with pytest.raises(TrainingStopped, match=r"epoch 0 trained no step: 'static_random' left 6 of the 64 training "
-                                              r"samples in it, fewer than one global batch"):
+    with pytest.raises(
+        TrainingStopped,
+        match=r"epoch 0 trained no step: 'static_random' left 6 of the 64 training "
+        r"samples in it, fewer than one global batch",
+    ):
         fit(state)
     assert not (state.run_dir / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["blocking.method=random", "blocking.random.ratio=0.9", "data.batch_size=10"],
-     "config key 'blocking.random.ratio' keeps 1 row of each batch of data.batch_size 10: BatchNorm layer "
-     "'layer4.0.bn1' of 'test_resnet' sees one value per channel per image at data.img_size 32 px"),
-    (["data.batch_size=1"], "config key 'data.batch_size' is 1: BatchNorm layer 'layer4.0.bn1'"),
-    (["blocking.method=pfb", "blocking.pfb.ratio=0.5", "blocking.pfb.centres=2", "data.batch_size=2",
-      "blocking.mode=recompute"], "config key 'blocking.pfb.ratio' keeps 1 row of each batch of data.batch_size 2"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["blocking.method=random", "blocking.random.ratio=0.9", "data.batch_size=10"],
+            "config key 'blocking.random.ratio' keeps 1 row of each batch of data.batch_size 10: BatchNorm layer "
+            "'layer4.0.bn1' of 'test_resnet' sees one value per channel per image at data.img_size 32 px",
+        ),
+        (["data.batch_size=1"], "config key 'data.batch_size' is 1: BatchNorm layer 'layer4.0.bn1'"),
+        (
+            [
+                "blocking.method=pfb",
+                "blocking.pfb.ratio=0.5",
+                "blocking.pfb.centres=2",
+                "data.batch_size=2",
+                "blocking.mode=recompute",
+            ],
+            "config key 'blocking.pfb.ratio' keeps 1 row of each batch of data.batch_size 2",
+        ),
+    ],
+)
 def test_a_row_count_batchnorm_cannot_train_on_is_refused(tmp_path, overrides, message):
     """PyTorch's BatchNorm raises in training on one value per channel, which a 1-pixel feature map gets from
     one row: a ratio (or a batch size) the config accepts must train, so it is refused before any step."""
@@ -59,19 +92,34 @@ def test_a_row_count_batchnorm_cannot_train_on_is_refused(tmp_path, overrides, m
 
 
 def test_one_kept_row_trains_where_batchnorm_sees_a_feature_map(tmp_path):
-    state = start(tmp_path, "blocking.method=random", "blocking.random.ratio=0.9", "data.batch_size=10",
-                  "data.img_size=64", "schedule.epochs=1")
+    state = start(
+        tmp_path,
+        "blocking.method=random",
+        "blocking.random.ratio=0.9",
+        "data.batch_size=10",
+        "data.img_size=64",
+        "schedule.epochs=1",
+    )
     assert fit(state)["blocked_fraction"] == pytest.approx(0.9)
 
 
 def test_sync_bn_on_the_cpu_is_one_line_before_any_data_is_read(tmp_path):
     missing = tmp_path / "no-such-folder"  # the data would fail too: the key's error comes first
     with pytest.raises(UserError, match=r"config key 'runtime.sync_bn' needs CUDA devices .*set runtime.sync_bn=false"):
-        start(tmp_path, "runtime.sync_bn=true", "data.dataset=imagefolder", f"data.root={missing}",
-              "data.train_samples=null", "data.val_samples=null", dist=DistInfo(rank=0, world_size=2))
+        start(
+            tmp_path,
+            "runtime.sync_bn=true",
+            "data.dataset=imagefolder",
+            f"data.root={missing}",
+            "data.train_samples=null",
+            "data.val_samples=null",
+            dist=DistInfo(rank=0, world_size=2),
+        )
 
 
 def test_a_warmup_as_long_as_the_run_is_noted(tmp_path, capsys):
     start(tmp_path, "schedule.warmup_epochs=2")
-    assert ("note: schedule.warmup_epochs 2 is not below schedule.epochs 2: the whole run is warm-up"
-            in capsys.readouterr().out)
+    assert (
+        "note: schedule.warmup_epochs 2 is not below schedule.epochs 2: the whole run is warm-up"
+        in capsys.readouterr().out
+    )

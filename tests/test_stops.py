@@ -53,8 +53,10 @@ def test_ctrl_c_stops_with_a_checkpoint_and_the_run_resumes(train, tmp_path):
     code, err = train(signals=[(2, signal.SIGINT)])
     assert code == 128 + signal.SIGINT
     assert "pfb-train: interrupt: stopping with a checkpoint at the end of this step" in err
-    assert (f"stopped by SIGINT at epoch 0, step 2; checkpoint saved in {tmp_path / 'runs' / 'trap'}; run the same "
-            "command with --resume auto to continue") in err
+    assert (
+        f"stopped by SIGINT at epoch 0, step 2; checkpoint saved in {tmp_path / 'runs' / 'trap'}; run the same "
+        "command with --resume auto to continue"
+    ) in err
     assert latest_checkpoint(tmp_path / "runs" / "trap")[1]["step"] == 2
     assert train("--resume", "auto") == (0, "")
 
@@ -91,7 +93,8 @@ def test_the_stop_line_names_what_continues_a_run_beside_a_finished_one(train, t
     assert code == 2 and err.strip() == (
         f"pfb-train: error: --resume auto found run trap in {runs / 'trap'} finished, but {runs / 'trap-2'} holds "
         f"an unfinished run of the same name (started without --resume): nothing trained; continue it with "
-        f"--resume {runs / 'trap-2'}")
+        f"--resume {runs / 'trap-2'}"
+    )
     code, err = train("--set", "name=trap-10", signals=[(2, signal.SIGTERM)])  # another run, named like one
     assert code == 128 + signal.SIGTERM and "--resume auto to continue" in err
     assert train("--resume", str(runs / "trap-2")) == (0, "")

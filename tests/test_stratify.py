@@ -121,7 +121,9 @@ def test_class_density_needs_labels_and_kde_counts():
         feats, labels = _clustered()
         selector.select(feats)
     with pytest.raises(UserError, match="blocking.pfb.density' 'class' .* needs 'blocking.pfb.estimator' kde"):
-        load_config("demo", ["blocking.method=pfb", "blocking.pfb.density=class", "blocking.pfb.estimator=mean_log_kernel"])
+        load_config(
+            "demo", ["blocking.method=pfb", "blocking.pfb.density=class", "blocking.pfb.estimator=mean_log_kernel"]
+        )
     with pytest.raises(UserError, match="blocking.pfb.stratify"):
         load_config("demo", ["blocking.pfb.stratify=class"])
 
@@ -169,6 +171,7 @@ class OldHooks(Selector):
 def _tiny_model():
     import timm
     from pfb_train.models import split_model
+
     return split_model(timm.create_model("resnet18", num_classes=3), stage=1, mode="reuse")
 
 
@@ -233,14 +236,35 @@ class StarveFirstClass(Selector):
 
 
 def test_a_run_that_starves_a_class_says_so_each_epoch_and_records_it(tmp_path, capsys):
-    register(Method("starve", level="batch", options=StarveOptions, build=lambda o, run: StarveFirstClass(o.ratio),
-                    ratio_option="ratio"))
+    register(
+        Method(
+            "starve",
+            level="batch",
+            options=StarveOptions,
+            build=lambda o, run: StarveFirstClass(o.ratio),
+            ratio_option="ratio",
+        )
+    )
     try:
-        cfg = load_config(None, ["model.name=test_resnet", "data.dataset=synthetic", "data.img_size=16",
-                                 "data.batch_size=16", "data.train_samples=64", "data.val_samples=16", "data.workers=0",
-                                 "model.num_classes=4", "schedule.epochs=3", "runtime.device=cpu",
-                                 "runtime.progress=false", f"runtime.output={tmp_path}", "name=starve",
-                                 "blocking.method=starve"])
+        cfg = load_config(
+            None,
+            [
+                "model.name=test_resnet",
+                "data.dataset=synthetic",
+                "data.img_size=16",
+                "data.batch_size=16",
+                "data.train_samples=64",
+                "data.val_samples=16",
+                "data.workers=0",
+                "model.num_classes=4",
+                "schedule.epochs=3",
+                "runtime.device=cpu",
+                "runtime.progress=false",
+                f"runtime.output={tmp_path}",
+                "name=starve",
+                "blocking.method=starve",
+            ],
+        )
         summary = fit(setup(cfg, DistInfo()))
     finally:
         unregister("starve")
@@ -253,11 +277,14 @@ def test_a_run_that_starves_a_class_says_so_each_epoch_and_records_it(tmp_path, 
     assert all(list(e["classes"]) == ["0"] for e in summary["starved_classes"])
 
 
-@pytest.mark.parametrize("estimator,noise_form", [("kde", "rank"), ("kde", "density_floor"), ("mean_log_kernel", "max_abs"),
-                                                  ("mean_log_kernel", "rank")])
+@pytest.mark.parametrize(
+    "estimator,noise_form",
+    [("kde", "rank"), ("kde", "density_floor"), ("mean_log_kernel", "max_abs"), ("mean_log_kernel", "rank")],
+)
 def test_every_estimator_and_noise_form_keeps_each_class_share(estimator, noise_form):
-    selector = build_selector("pfb", ratio=0.25, centres=8, feature_dim=16, estimator=estimator, noise_form=noise_form,
-                              stratify="label")
+    selector = build_selector(
+        "pfb", ratio=0.25, centres=8, feature_dim=16, estimator=estimator, noise_form=noise_form, stratify="label"
+    )
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
         labels = torch.tensor([0] * 20 + [1] * 8 + [2] * 4)  # shares of 8 blocked rows: 5, 2, 1
@@ -271,8 +298,13 @@ def test_runs_written_before_the_option_read_as_unstratified():
     from pfb_train.resume import changed_settings
 
     now = load_config("demo", ["blocking.method=pfb"]).to_dict()
-    earlier = {**now, "blocking": {**now["blocking"], "pfb": {k: v for k, v in now["blocking"]["pfb"].items()
-                                                              if k not in ("stratify", "density")}}}
+    earlier = {
+        **now,
+        "blocking": {
+            **now["blocking"],
+            "pfb": {k: v for k, v in now["blocking"]["pfb"].items() if k not in ("stratify", "density")},
+        },
+    }
     assert experiment_settings(earlier)["blocking"]["pfb"]["stratify"] == "none"
     assert experiment_settings(now)["blocking"]["pfb"]["stratify"] == "percentile"  # the default today
     assert changed_settings(earlier, now) == ["blocking.pfb.stratify 'none' -> 'percentile'"]

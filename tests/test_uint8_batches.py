@@ -79,7 +79,9 @@ def test_channels_last_and_the_prefetcher_side_run_the_same_normalisation(folder
     _, _, last = cpu_loaders(folder, channels_last=True)
     prefetched = DevicePrefetcher(plain.loader, "cpu", threaded=True, finish=plain.normalize)  # as on CUDA
     for (a, _, ia), (b, _, ib), (c, _, ic) in zip(plain, last, prefetched, strict=True):
-        assert b.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous(memory_format=torch.channels_last)
+        assert b.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous(
+            memory_format=torch.channels_last
+        )
         assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(ia, ib) and torch.equal(ia, ic)
 
 
@@ -103,8 +105,11 @@ def test_stand_ins_for_unreadable_files_are_uint8_copies_of_a_readable_item(tmp_
     shipped, labels, idx = next(iter(val.loader))
     assert shipped.dtype == torch.uint8 and (idx < 0).sum() == 1
     stand_in = idx.tolist().index(stand_in_index(1))  # val/a/1.jpg is sample 1: the stand-in names it
-    assert any(torch.equal(shipped[stand_in], shipped[j]) and labels[stand_in] == labels[j]
-               for j in range(len(idx)) if j != stand_in)
+    assert any(
+        torch.equal(shipped[stand_in], shipped[j]) and labels[stand_in] == labels[j]
+        for j in range(len(idx))
+        if j != stand_in
+    )
     made, _, made_idx = next(iter(val))
     assert made.dtype == torch.float32 and torch.isfinite(made).all() and torch.equal(made_idx, idx)
 

@@ -29,12 +29,15 @@ def test_clipping_scales_the_gradients_to_the_clip_norm(amp):
     assert step.norm().item() == pytest.approx(0.1 * 0.01, rel=1e-3)  # the update used the clipped gradients
 
 
-@pytest.mark.parametrize("amp,clip,check_finite,wanted,unwanted", [
-    ("none", None, True, ["lower optim.lr", "set optim.clip_grad", "check the data"], ["check_finite", "bf16"]),
-    ("none", 1.0, False, ["set runtime.check_finite=true"], ["clip_grad"]),
-    ("fp16", None, True, ["set optim.clip_grad", "set runtime.amp=bf16"], ["check_finite"]),
-    ("fp16", 1.0, False, ["set runtime.amp=bf16"], ["check_finite", "clip_grad"]),
-])
+@pytest.mark.parametrize(
+    "amp,clip,check_finite,wanted,unwanted",
+    [
+        ("none", None, True, ["lower optim.lr", "set optim.clip_grad", "check the data"], ["check_finite", "bf16"]),
+        ("none", 1.0, False, ["set runtime.check_finite=true"], ["clip_grad"]),
+        ("fp16", None, True, ["set optim.clip_grad", "set runtime.amp=bf16"], ["check_finite"]),
+        ("fp16", 1.0, False, ["set runtime.amp=bf16"], ["check_finite", "clip_grad"]),
+    ],
+)
 def test_nonfinite_advice_names_only_what_would_change_the_outcome(amp, clip, check_finite, wanted, unwanted):
     settings = StepSettings(torch.device("cpu"), AMP_DTYPES[amp], clip_grad=clip, check_finite=check_finite)
     scaler = torch.amp.GradScaler("cpu", enabled=amp == "fp16")

@@ -30,8 +30,22 @@ PER_SHARD = 4  # 18 samples a split: shards of 4, 4, 4, 4 and 2
 
 
 def write_shards(capsys, folder, out, *extra):
-    args = ["shards", "--config", "demo", "--set", "data.dataset=imagefolder", "--set", f"data.root={folder}",
-            "--set", "runtime.progress=false", "--out", str(out), "--samples-per-shard", str(PER_SHARD), *extra]
+    args = [
+        "shards",
+        "--config",
+        "demo",
+        "--set",
+        "data.dataset=imagefolder",
+        "--set",
+        f"data.root={folder}",
+        "--set",
+        "runtime.progress=false",
+        "--out",
+        str(out),
+        "--samples-per-shard",
+        str(PER_SHARD),
+        *extra,
+    ]
     code = main(args)
     _, err = capsys.readouterr()
     assert code == 0, err
@@ -48,16 +62,47 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def shards(folder):
     out = folder.parent / "shards"
-    assert main(["shards", "--config", "demo", "--set", "data.dataset=imagefolder", "--set", f"data.root={folder}",
-                 "--set", "runtime.progress=false", "--out", str(out), "--samples-per-shard", str(PER_SHARD)]) == 0
+    assert (
+        main(
+            [
+                "shards",
+                "--config",
+                "demo",
+                "--set",
+                "data.dataset=imagefolder",
+                "--set",
+                f"data.root={folder}",
+                "--set",
+                "runtime.progress=false",
+                "--out",
+                str(out),
+                "--samples-per-shard",
+                str(PER_SHARD),
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def overrides(root, out, method="pfb", *extra):
-    return ["model.name=test_resnet", "model.num_classes=null", "data.dataset=wds", f"data.root={root}",
-            "data.img_size=16", "data.batch_size=4", "data.workers=0", "schedule.epochs=2", "schedule.warmup_epochs=0",
-            "runtime.device=cpu", "runtime.progress=false", f"runtime.output={out}", f"blocking.method={method}",
-            *(f"blocking.{method}.{k}={v}" for k, v in SMALL_RUN.get(method, {}).items()), *extra]
+    return [
+        "model.name=test_resnet",
+        "model.num_classes=null",
+        "data.dataset=wds",
+        f"data.root={root}",
+        "data.img_size=16",
+        "data.batch_size=4",
+        "data.workers=0",
+        "schedule.epochs=2",
+        "schedule.warmup_epochs=0",
+        "runtime.device=cpu",
+        "runtime.progress=false",
+        f"runtime.output={out}",
+        f"blocking.method={method}",
+        *(f"blocking.{method}.{k}={v}" for k, v in SMALL_RUN.get(method, {}).items()),
+        *extra,
+    ]
 
 
 def test_shards_hold_the_original_bytes_in_timms_layout(folder, shards):
@@ -100,21 +145,69 @@ def test_a_half_written_folder_is_finished_with_the_same_bytes(folder, shards, t
         return original(self, sample)
 
     monkeypatch.setattr(webdataset.TarWriter, "write", write_then_stop)
-    assert main(["shards", "--config", "demo", "--set", "data.dataset=imagefolder", "--set", f"data.root={folder}",
-                 "--set", "runtime.progress=false", "--out", str(tmp_path / "half"), "--samples-per-shard", "4"]) == 130
+    assert (
+        main(
+            [
+                "shards",
+                "--config",
+                "demo",
+                "--set",
+                "data.dataset=imagefolder",
+                "--set",
+                f"data.root={folder}",
+                "--set",
+                "runtime.progress=false",
+                "--out",
+                str(tmp_path / "half"),
+                "--samples-per-shard",
+                "4",
+            ]
+        )
+        == 130
+    )
     half = tmp_path / "half"
     assert not (half / "_info.json").exists() and (half / "train-000002.tar.partial").exists()
     assert sorted(p.name for p in half.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
     monkeypatch.undo()
-    assert main(["shards", "--config", "demo", "--set", "data.dataset=imagefolder", "--set", f"data.root={folder}",
-                 "--out", str(half), "--samples-per-shard", "5"]) == 2
+    assert (
+        main(
+            [
+                "shards",
+                "--config",
+                "demo",
+                "--set",
+                "data.dataset=imagefolder",
+                "--set",
+                f"data.root={folder}",
+                "--out",
+                str(half),
+                "--samples-per-shard",
+                "5",
+            ]
+        )
+        == 2
+    )
     assert "was begun with samples_per_shard 4, not 5" in capsys.readouterr().err
     write_shards(capsys, folder, half)
     assert sorted(p.name for p in half.iterdir()) == sorted(p.name for p in shards.iterdir())
     for name in (p.name for p in shards.iterdir()):
         assert filecmp.cmp(half / name, shards / name, shallow=False), name
-    assert main(["shards", "--config", "demo", "--set", f"data.root={folder}", "--set", "data.dataset=imagefolder",
-                 "--out", str(half)]) == 0
+    assert (
+        main(
+            [
+                "shards",
+                "--config",
+                "demo",
+                "--set",
+                f"data.root={folder}",
+                "--set",
+                "data.dataset=imagefolder",
+                "--out",
+                str(half),
+            ]
+        )
+        == 0
+    )
     assert "already complete" in capsys.readouterr().out  # a finished folder: nothing to do
 
 
@@ -135,7 +228,12 @@ def test_device_decode_reads_the_stored_bytes(shards, tmp_path):
 
 def test_resume_inside_an_epoch_is_exact_with_another_worker_count(shards, tmp_path):
     def train(name, workers, resume=False, **until):
-        extra = [f"name={name}", "data.mixup=0.2", f"data.workers={workers}", *(["runtime.resume=auto"] if resume else [])]
+        extra = [
+            f"name={name}",
+            "data.mixup=0.2",
+            f"data.workers={workers}",
+            *(["runtime.resume=auto"] if resume else []),
+        ]
         state = setup(load_config(None, overrides(shards, tmp_path, "infobatch", *extra)), DistInfo())
         fit(state, **until)
         return state
@@ -202,8 +300,11 @@ def test_two_gloo_processes_on_uneven_shards(shards, tmp_path):
         folder = tmp_path / f"n{nproc}"
         folder.mkdir()
         args = [str(HERE / "wds_worker.py"), str(shards), str(folder)]
-        launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                        f"--nproc_per_node={nproc}"]
+        launcher = (
+            [sys.executable]
+            if nproc == 1
+            else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        )
         result = subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         out[nproc] = [torch.load(folder / f"rank{r}.pt") for r in range(nproc)]
@@ -227,15 +328,32 @@ def test_shards_from_a_hugging_face_dataset_keep_its_bytes(tmp_path, capsys):
     from test_hf import make_dataset
 
     make_dataset(per_class=3).save_to_disk(str(tmp_path / "hf"))
-    assert main(["shards", "--config", "demo", "--set", "data.dataset=hf", "--set", f"data.root={tmp_path / 'hf'}",
-                 "--set", "runtime.progress=false", "--out", str(tmp_path / "shards")]) == 0
+    assert (
+        main(
+            [
+                "shards",
+                "--config",
+                "demo",
+                "--set",
+                "data.dataset=hf",
+                "--set",
+                f"data.root={tmp_path / 'hf'}",
+                "--set",
+                "runtime.progress=false",
+                "--out",
+                str(tmp_path / "shards"),
+            ]
+        )
+        == 0
+    )
     from pfb_train.data.wds import ShardSplit, ShardedTars, read_info
 
     info = read_info(tmp_path / "shards")
     entry = info["splits"]["validation"]
     assert info["num_classes"] == 2 and entry["num_samples"] == 8
-    split = ShardSplit("validation", tuple(str(tmp_path / "shards" / f) for f in entry["filenames"]),
-                       tuple(entry["shard_lengths"]))
+    split = ShardSplit(
+        "validation", tuple(str(tmp_path / "shards" / f) for f in entry["filenames"]), tuple(entry["shard_lengths"])
+    )
     source = make_dataset(per_class=3)["validation"].cast_column("image", __import__("datasets").Image(decode=False))
     for i in range(8):  # validation keeps the source's order
         assert ShardedTars(split, 2).encoded(i) == (source[i]["image"]["bytes"], source[i]["label"])
@@ -262,11 +380,27 @@ def test_shards_from_pixels_are_lossless_png(dataset, tmp_path):
         root = tmp_path / "cifar"
         write_cifar(root)
         images, labels = cifar_arrays("cifar10", str(root))["val"]
-    assert main(["shards", "--config", "demo", "--set", f"data.dataset={dataset}", "--set", "runtime.progress=false",
-                 *(["--set", f"data.root={root}"] if root else []), "--out", str(tmp_path / "shards")]) == 0
+    assert (
+        main(
+            [
+                "shards",
+                "--config",
+                "demo",
+                "--set",
+                f"data.dataset={dataset}",
+                "--set",
+                "runtime.progress=false",
+                *(["--set", f"data.root={root}"] if root else []),
+                "--out",
+                str(tmp_path / "shards"),
+            ]
+        )
+        == 0
+    )
     entry = read_info(tmp_path / "shards")["splits"]["validation"]
-    split = ShardSplit("validation", tuple(str(tmp_path / "shards" / f) for f in entry["filenames"]),
-                       tuple(entry["shard_lengths"]))
+    split = ShardSplit(
+        "validation", tuple(str(tmp_path / "shards" / f) for f in entry["filenames"]), tuple(entry["shard_lengths"])
+    )
     assert entry["num_samples"] == len(labels)
     for i in range(len(labels)):  # validation keeps the source's order
         data, label = ShardedTars(split, 10).encoded(i)
@@ -290,8 +424,11 @@ def test_shard_headers_read_like_tarfile_reads_them(layout, tmp_path):
             for i in range(5):
                 writer.write({"__key__": f"{i:04d}", "jpg": bytes([i]) * (700 + i), "cls": str(i).encode()})
     else:
-        fmt = {"ustar": tarfile.USTAR_FORMAT, "gnu_long_names": tarfile.GNU_FORMAT,
-               "pax_long_names": tarfile.PAX_FORMAT}[layout]
+        fmt = {
+            "ustar": tarfile.USTAR_FORMAT,
+            "gnu_long_names": tarfile.GNU_FORMAT,
+            "pax_long_names": tarfile.PAX_FORMAT,
+        }[layout]
         with tarfile.open(path, "w", format=fmt) as tar:
             for name in names:
                 data = name.encode() * 9

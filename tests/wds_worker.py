@@ -14,10 +14,25 @@ from pfb_train.train import setup
 
 
 def main(shards, out, dist, extra):
-    cfg = load_config(None, ["model.name=test_resnet", "model.num_classes=null", "data.dataset=wds",
-                             f"data.root={shards}", "data.img_size=16", "data.batch_size=4", "data.workers=1",
-                             "runtime.device=cpu", "runtime.progress=false", "runtime.seed=0", "runtime.threads=1",
-                             f"runtime.output={out}/runs", "blocking.method=none", *extra])
+    cfg = load_config(
+        None,
+        [
+            "model.name=test_resnet",
+            "model.num_classes=null",
+            "data.dataset=wds",
+            f"data.root={shards}",
+            "data.img_size=16",
+            "data.batch_size=4",
+            "data.workers=1",
+            "runtime.device=cpu",
+            "runtime.progress=false",
+            "runtime.seed=0",
+            "runtime.threads=1",
+            f"runtime.output={out}/runs",
+            "blocking.method=none",
+            *extra,
+        ],
+    )
     state = setup(cfg, dist)
     epochs, pixel_sums = [], {}
     for epoch in range(2):
@@ -25,9 +40,13 @@ def main(shards, out, dist, extra):
         epochs.append([])
         for images, _, indices in state.train_loader:
             epochs[-1].append(indices.tolist())
-            pixel_sums.update({(epoch, i): s for i, s in zip(indices.tolist(), images.double().sum((1, 2, 3)).tolist())})
+            pixel_sums.update(
+                {(epoch, i): s for i, s in zip(indices.tolist(), images.double().sum((1, 2, 3)).tolist())}
+            )
     result = evaluate(state.train_module, state.val_loader, state.settings.step_settings)
-    torch.save({"epochs": epochs, "pixel_sums": pixel_sums, "val_samples": result["val_samples"]}, f"{out}/rank{dist.rank}.pt")
+    torch.save(
+        {"epochs": epochs, "pixel_sums": pixel_sums, "val_samples": result["val_samples"]}, f"{out}/rank{dist.rank}.pt"
+    )
 
 
 dist = init_distributed("cpu")

@@ -14,6 +14,23 @@ from pfb_train.data.registry import DataSource, get_source, register, sources, u
 from pfb_train.data.splits import DataSplits
 from pfb_train.data.subsets import class_subset, dataset_labels, long_tailed_counts, stratified_counts
 
-__all__ = ["FASHION_MNIST_FILES", "DataSource", "DataSplits", "TrainSampler", "build_datasets", "build_loaders",
-           "class_subset", "dataset_labels", "digits", "get_source", "long_tailed_counts", "read_idx", "register",
-           "set_loader_epoch", "sources", "stratified_counts", "synthetic", "unregister"]
+__all__ = [
+    "FASHION_MNIST_FILES",
+    "DataSource",
+    "DataSplits",
+    "TrainSampler",
+    "build_datasets",
+    "build_loaders",
+    "class_subset",
+    "dataset_labels",
+    "digits",
+    "get_source",
+    "long_tailed_counts",
+    "read_idx",
+    "register",
+    "set_loader_epoch",
+    "sources",
+    "stratified_counts",
+    "synthetic",
+    "unregister",
+]

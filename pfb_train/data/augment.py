@@ -75,6 +75,8 @@ def pad_crop_flip(images: torch.Tensor, index: torch.Tensor, draws: torch.Tensor
     cols = left[:, None] - padding + torch.where(flip[:, None].bool(), width - 1 - across, across)  # (n, W)
     inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
     # Advanced indices around a slice: the result is (n, H, W, C); as (n, C, H, W) it is channels_last.
-    picked = images[index[:, None, None], :, rows.clamp(0, height - 1)[:, :, None], cols.clamp(0, width - 1)[:, None, :]]
+    picked = images[
+        index[:, None, None], :, rows.clamp(0, height - 1)[:, :, None], cols.clamp(0, width - 1)[:, None, :]
+    ]
     picked = torch.where(inside[..., None], picked, torch.zeros((), dtype=images.dtype, device=images.device))
     return picked.permute(0, 3, 1, 2)

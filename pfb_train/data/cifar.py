@@ -37,8 +37,10 @@ class _CIFAR100(_PresentFiles, CIFAR100):
 
 
 READERS = {"cifar10": _CIFAR10, "cifar100": _CIFAR100}
-STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),  # mean, std of [0, 1] pixels
-         "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
+STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),  # mean, std of [0, 1] pixels
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
 CLASSES = {"cifar10": 10, "cifar100": 100}
 
 
@@ -58,8 +60,10 @@ def cifar_arrays(name: str, root: str, download: bool = False) -> dict:
         reader(base, train=True, download=True)
     missing = _missing(base, reader)
     if missing:
-        raise UserError(f"{name} files not found: {missing[0]} (torchvision's layout under data.root; "
-                        "set data.download=true to fetch them)")
+        raise UserError(
+            f"{name} files not found: {missing[0]} (torchvision's layout under data.root; "
+            "set data.download=true to fetch them)"
+        )
     arrays = {}
     for split, train in (("train", True), ("val", False)):
         part = reader(base, train=train)
@@ -74,23 +78,31 @@ def cifar(name: str, root: str, img_size: int, download: bool = False) -> DataSp
     arrays = cifar_arrays(name, root, download)
     mean, std = STATS[name]
     recipe = ImageRecipe(img_size, padding=img_size // 8, mean=mean, std=std)
-    return DataSplits(TensorImages(*arrays["train"], recipe, train=True),
-                      TensorImages(*arrays["val"], recipe, train=False), CLASSES[name])
+    return DataSplits(
+        TensorImages(*arrays["train"], recipe, train=True),
+        TensorImages(*arrays["val"], recipe, train=False),
+        CLASSES[name],
+    )
 
 
 def _source(name: str) -> DataSource:
     def encode(d):
         arrays = cifar_arrays(name, d.root, d.download)
-        return [pixel_split(x.numpy(), y.numpy(), split)
-                for (x, y), split in zip(arrays.values(), (d.train_split, d.val_split))], CLASSES[name]
+        return [
+            pixel_split(x.numpy(), y.numpy(), split)
+            for (x, y), split in zip(arrays.values(), (d.train_split, d.val_split))
+        ], CLASSES[name]
 
     return DataSource(
         name,
         build=lambda d, num_classes, seed: cifar(name, d.root, d.img_size, d.download),
         summary=f"torchvision's {name.upper()} files under data.root ({READERS[name].base_folder}/; "
-                f"data.download=true fetches them); {CLASSES[name]} classes, held in memory",
-        needs_root=True, options=("root", "download", "train_samples", "val_samples", "imbalance"),
-        num_classes=lambda d: CLASSES[name], encode=encode)
+        f"data.download=true fetches them); {CLASSES[name]} classes, held in memory",
+        needs_root=True,
+        options=("root", "download", "train_samples", "val_samples", "imbalance"),
+        num_classes=lambda d: CLASSES[name],
+        encode=encode,
+    )
 
 
 register(_source("cifar10"))

@@ -103,8 +103,20 @@ class DaliLoader(WrappedLoader):
     `threads`: DALI's CPU threads. Raises UserError without DALI installed (naming the install),
     when every image of a batch is unreadable, or for an unreadable image with `fail_on_bad`."""
 
-    def __init__(self, loader, device, img_size: int, train: bool, mean, std, crop_pct: float = 0.875,
-                 fail_on_bad: bool = False, paths=None, threads: int = 1, channels_last: bool = False):
+    def __init__(
+        self,
+        loader,
+        device,
+        img_size: int,
+        train: bool,
+        mean,
+        std,
+        crop_pct: float = 0.875,
+        fail_on_bad: bool = False,
+        paths=None,
+        threads: int = 1,
+        channels_last: bool = False,
+    ):
         super().__init__(loader)
         self.fn, self.types, self.pipeline_def, self.feed_ndarray = import_dali()
         self.device, self.img_size, self.train = torch.device(device), img_size, train
@@ -190,8 +202,13 @@ class DaliLoader(WrappedLoader):
         size, train = self.img_size, self.train
         layout = "HWC" if self.channels_last else "CHW"
 
-        @self.pipeline_def(batch_size=self.loader.batch_size, num_threads=self.threads,
-                           device_id=self.device.index if on_gpu else None, exec_async=False, exec_pipelined=False)
+        @self.pipeline_def(
+            batch_size=self.loader.batch_size,
+            num_threads=self.threads,
+            device_id=self.device.index if on_gpu else None,
+            exec_async=False,
+            exec_pipelined=False,
+        )
         def pipeline():
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
             start = fn.external_source(name="start", dtype=types.INT32, ndim=1)
@@ -201,17 +218,20 @@ class DaliLoader(WrappedLoader):
             linear = dict(interp_type=types.INTERP_LINEAR, antialias=True)
             if train:  # decode only the crop's region, then resize it to the model's input
                 mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
-                images = fn.decoders.image_slice(encoded, start, shape, axis_names="HW", normalized_anchor=False,
-                                                 normalized_shape=False, **common)
+                images = fn.decoders.image_slice(
+                    encoded, start, shape, axis_names="HW", normalized_anchor=False, normalized_shape=False, **common
+                )
                 images = fn.resize(images, size=[size, size], **linear)
             else:
                 mirror = 0
                 resize = fn.external_source(name="resize", dtype=types.FLOAT, ndim=1)
                 images = fn.resize(fn.decoders.image(encoded, **common), size=resize, **linear)
-                images = fn.slice(images, start, shape, axis_names="HW", normalized_anchor=False,
-                                  normalized_shape=False)
-            return fn.crop_mirror_normalize(images, mirror=mirror, mean=self.mean, std=self.std,
-                                            dtype=types.FLOAT, output_layout=layout)
+                images = fn.slice(
+                    images, start, shape, axis_names="HW", normalized_anchor=False, normalized_shape=False
+                )
+            return fn.crop_mirror_normalize(
+                images, mirror=mirror, mean=self.mean, std=self.std, dtype=types.FLOAT, output_layout=layout
+            )
 
         built = pipeline()
         built.build()

@@ -21,6 +21,8 @@ def build_datasets(data_cfg, num_classes: Optional[int] = None, seed: int = 0) -
     if source.samples == "subset":
         splits = subsample(splits, d.train_samples, d.val_samples, d.imbalance, d.rare_classes)
     if num_classes is not None and num_classes != splits.num_classes:
-        raise UserError(f"config key 'model.num_classes' is {num_classes} but dataset '{d.dataset}' has "
-                        f"{splits.num_classes} classes")
+        raise UserError(
+            f"config key 'model.num_classes' is {num_classes} but dataset '{d.dataset}' has "
+            f"{splits.num_classes} classes"
+        )
     return splits

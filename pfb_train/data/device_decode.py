@@ -79,8 +79,18 @@ def _is_jpeg(data) -> bool:
 class DeviceDecodeLoader(WrappedLoader):
     """Wraps a DataLoader of file bytes; yields (images on `device`, labels, indices) like the CPU loader."""
 
-    def __init__(self, loader, device, img_size: int, train: bool, mean, std, crop_pct: float = 0.875,
-                 fail_on_bad: bool = False, paths=None):
+    def __init__(
+        self,
+        loader,
+        device,
+        img_size: int,
+        train: bool,
+        mean,
+        std,
+        crop_pct: float = 0.875,
+        fail_on_bad: bool = False,
+        paths=None,
+    ):
         super().__init__(loader)
         self.device, self.img_size, self.train = torch.device(device), img_size, train
         self.crop_pct, self.fail_on_bad, self.paths = crop_pct, fail_on_bad, paths
@@ -134,8 +144,9 @@ class DeviceDecodeLoader(WrappedLoader):
             try:  # what torchvision.io does not read (BMP, TIFF, PPM, a JPEG it rejects), PIL may: as the cpu path
                 image = rgb_tensor(data)
             except BadImage:
-                skip_or_fail(self._where(index), f"{type(e).__name__}: {' '.join(str(e).split())[:160]}",
-                             self.fail_on_bad)
+                skip_or_fail(
+                    self._where(index), f"{type(e).__name__}: {' '.join(str(e).split())[:160]}", self.fail_on_bad
+                )
                 return None
         return image.to(self.device, non_blocking=True)
 
@@ -149,10 +160,18 @@ class DeviceDecodeLoader(WrappedLoader):
             # The CPU resizes uint8 with its own vectorised kernel; CUDA has none, so there the crop
             # becomes float32 first (and stays float: no rounding back to uint8).
             dtype = torch.uint8 if self.device.type == "cpu" else torch.float32
-            batch = torch.cat([
-                F.interpolate(image[None, :, top:top + h, left:left + w].to(dtype), size=size, mode="bilinear",
-                              antialias=True, align_corners=False)
-                for image, (top, left, h, w) in zip(images, boxes)])
+            batch = torch.cat(
+                [
+                    F.interpolate(
+                        image[None, :, top : top + h, left : left + w].to(dtype),
+                        size=size,
+                        mode="bilinear",
+                        antialias=True,
+                        align_corners=False,
+                    )
+                    for image, (top, left, h, w) in zip(images, boxes)
+                ]
+            )
             if self.device.type == "cuda":  # a pageable copy would make the host wait for the stream
                 flips = flips.pin_memory()
             flips = flips.to(self.device, non_blocking=True)
@@ -163,8 +182,14 @@ class DeviceDecodeLoader(WrappedLoader):
         return (batch.float() - self.mean) / self.std
 
 
-def random_resized_boxes(heights: torch.Tensor, widths: torch.Tensor, generator: torch.Generator,
-                         scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts: int = 10) -> torch.Tensor:
+def random_resized_boxes(
+    heights: torch.Tensor,
+    widths: torch.Tensor,
+    generator: torch.Generator,
+    scale=(0.08, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    attempts: int = 10,
+) -> torch.Tensor:
     """RandomResizedCrop's boxes for a batch of image sizes, drawn from `generator`: see resized_crop_boxes."""
     uniforms = torch.rand(len(heights), resized_crop_uniforms(attempts), dtype=torch.float64, generator=generator)
     return resized_crop_boxes(heights, widths, uniforms, scale, ratio, attempts)
@@ -175,8 +200,14 @@ def resized_crop_uniforms(attempts: int = 10) -> int:
     return 2 * attempts + 2
 
 
-def resized_crop_boxes(heights: torch.Tensor, widths: torch.Tensor, uniforms: torch.Tensor, scale=(0.08, 1.0),
-                       ratio=(3 / 4, 4 / 3), attempts: int = 10) -> torch.Tensor:
+def resized_crop_boxes(
+    heights: torch.Tensor,
+    widths: torch.Tensor,
+    uniforms: torch.Tensor,
+    scale=(0.08, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    attempts: int = 10,
+) -> torch.Tensor:
     """RandomResizedCrop's boxes for a batch of image sizes: (n, 4) int64 rows of (top, left, height, width).
 
     torchvision's rule, for all images at once: up to `attempts` draws of an area (a uniform
@@ -184,9 +215,12 @@ def resized_crop_boxes(heights: torch.Tensor, widths: torch.Tensor, uniforms: to
     gives the box, at a uniform position. If none fits, the centre crop of the whole image with
     its aspect ratio clamped to `ratio`. `uniforms`: (n, resized_crop_uniforms(attempts)) float64 in [0, 1),
     the randomness of each image (from a generator, or from the sample's seed: data/draws.py)."""
-    n = len(heights)
     h_img, w_img = heights.double(), widths.double()
-    u_area, u_ratio, position = uniforms[:, :attempts], uniforms[:, attempts : 2 * attempts], uniforms[:, 2 * attempts :]
+    u_area, u_ratio, position = (
+        uniforms[:, :attempts],
+        uniforms[:, attempts : 2 * attempts],
+        uniforms[:, 2 * attempts :],
+    )
     area = (h_img * w_img)[:, None] * (scale[0] + (scale[1] - scale[0]) * u_area)
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = (log_lo + (log_hi - log_lo) * u_ratio).exp()
@@ -208,4 +242,3 @@ def resized_crop_boxes(heights: torch.Tensor, widths: torch.Tensor, uniforms: to
     top = torch.where(none_fits, ((h_img - h) / 2).floor(), top)
     left = torch.where(none_fits, ((w_img - w) / 2).floor(), left)
     return torch.stack([top, left, h, w], dim=1).long()
-

@@ -55,6 +55,7 @@ def stored(data: bytes, fallback_extension: str) -> tuple[bytes, str]:
 
 def pixel_split(images: np.ndarray, labels, name: str) -> EncodedSplit:
     """uint8 (N, C, H, W) images in memory (C 1 or 3), written as PNG."""
+
     def read(i):
         pixels = images[i].transpose(1, 2, 0)
         return png(pixels[..., 0] if pixels.shape[-1] == 1 else pixels), "png", int(labels[i])

@@ -16,8 +16,10 @@ from pfb_train.data.splits import DataSplits, TensorImages
 from pfb_train.errors import UserError
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist package
-FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-                       "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 CLASSES = 10
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530  # of the training images, in [0, 1]
 
@@ -45,8 +47,10 @@ def idx_file(root: Path, name: str) -> Path:
     for candidate in (root / name, root / f"{name}.gz"):
         if candidate.is_file():
             return candidate
-    raise UserError(f"fashion_mnist file not found: {root / name}[.gz] (install Debian's package with "
-                    "'apt-get install dataset-fashion-mnist', or set data.root to a folder holding the four idx files)")
+    raise UserError(
+        f"fashion_mnist file not found: {root / name}[.gz] (install Debian's package with "
+        "'apt-get install dataset-fashion-mnist', or set data.root to a folder holding the four idx files)"
+    )
 
 
 def fashion_mnist_arrays(root) -> dict:
@@ -59,8 +63,10 @@ def fashion_mnist_arrays(root) -> dict:
         if x.dim() != 3 or y.dim() != 1 or len(x) != len(y):
             raise UserError(f"fashion_mnist files in {base} disagree: images {tuple(x.shape)}, labels {tuple(y.shape)}")
         if len(y) and int(y.max()) >= CLASSES:  # another MNIST-family set (EMNIST's letters: 1..26)
-            raise UserError(f"labels file {idx_file(base, labels)} holds class {int(y.max())}, outside 0..{CLASSES - 1}: "
-                            f"fashion_mnist has {CLASSES} classes (is data.root another data set's folder?)")
+            raise UserError(
+                f"labels file {idx_file(base, labels)} holds class {int(y.max())}, outside 0..{CLASSES - 1}: "
+                f"fashion_mnist has {CLASSES} classes (is data.root another data set's folder?)"
+            )
         splits[split] = (x.unsqueeze(1), y.long())
     return splits
 
@@ -69,20 +75,26 @@ def fashion_mnist(root, img_size: int) -> DataSplits:
     """Zalando's Fashion-MNIST: 60,000 train / 10,000 test 28x28 grey images of 10 clothing classes."""
     splits = fashion_mnist_arrays(root)
     recipe = ImageRecipe(img_size, padding=img_size // 14, mean=(FASHION_MNIST_MEAN,), std=(FASHION_MNIST_STD,))
-    return DataSplits(TensorImages(*splits["train"], recipe, train=True),
-                      TensorImages(*splits["val"], recipe, train=False), CLASSES)
+    return DataSplits(
+        TensorImages(*splits["train"], recipe, train=True), TensorImages(*splits["val"], recipe, train=False), CLASSES
+    )
 
 
 def encode_fashion_mnist(d) -> tuple[list, int]:
     """Both splits as PNG, and the class count (10)."""
     arrays = fashion_mnist_arrays(d.root)
-    return [pixel_split(x.numpy(), y.numpy(), name)
-            for (x, y), name in zip(arrays.values(), (d.train_split, d.val_split))], CLASSES
+    return [
+        pixel_split(x.numpy(), y.numpy(), name) for (x, y), name in zip(arrays.values(), (d.train_split, d.val_split))
+    ], CLASSES
 
 
-register(DataSource(
-    "fashion_mnist",
-    build=lambda d, num_classes, seed: fashion_mnist(d.root, d.img_size),
-    summary="Fashion-MNIST's four idx files (plain or gzipped) in data.root (null: "
-            f"{FASHION_MNIST_ROOT}, Debian's dataset-fashion-mnist); 10 classes, held in memory",
-    options=("root", "train_samples", "val_samples", "imbalance"), encode=encode_fashion_mnist))
+register(
+    DataSource(
+        "fashion_mnist",
+        build=lambda d, num_classes, seed: fashion_mnist(d.root, d.img_size),
+        summary="Fashion-MNIST's four idx files (plain or gzipped) in data.root (null: "
+        f"{FASHION_MNIST_ROOT}, Debian's dataset-fashion-mnist); 10 classes, held in memory",
+        options=("root", "train_samples", "val_samples", "imbalance"),
+        encode=encode_fashion_mnist,
+    )
+)

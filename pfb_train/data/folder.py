@@ -42,7 +42,7 @@ def _check_no_link_loops(split_dir: Path) -> None:
     """ImageFolder follows symbolic links; a link back up the tree would list the same images again
     and again (until paths grow too long), so a loop is a one-line error instead."""
     seen = set()
-    for folder, subfolders, _ in os.walk(split_dir, followlinks=True):
+    for folder, _subfolders, _ in os.walk(split_dir, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:
             raise UserError(f"symbolic link loop in the data folder: {folder} leads back to {real}")
@@ -52,8 +52,11 @@ def _check_no_link_loops(split_dir: Path) -> None:
 def _holds_an_image(folder: Path) -> bool:
     """Whether ImageFolder finds an image for this class: torchvision's rule, any file with an image
     extension in the folder or below it (symbolic links followed). Stops at the first one."""
-    return any(has_file_allowed_extension(name, IMAGE_EXTENSIONS)
-               for _, _, files in os.walk(folder, followlinks=True) for name in files)
+    return any(
+        has_file_allowed_extension(name, IMAGE_EXTENSIONS)
+        for _, _, files in os.walk(folder, followlinks=True)
+        for name in files
+    )
 
 
 def _check_class_folders(split_dir: Path) -> list[str]:
@@ -67,8 +70,10 @@ def _check_class_folders(split_dir: Path) -> list[str]:
         raise UserError(f"no class folders in {split_dir}")
     for name in classes:
         if not _holds_an_image(split_dir / name):
-            raise UserError(f"class folder {split_dir / name} holds no images ({', '.join(IMAGE_EXTENSIONS)}), "
-                            "neither directly nor in its subfolders")
+            raise UserError(
+                f"class folder {split_dir / name} holds no images ({', '.join(IMAGE_EXTENSIONS)}), "
+                "neither directly nor in its subfolders"
+            )
     return classes
 
 
@@ -84,8 +89,9 @@ def folder_classes(base: Path) -> list[str]:
     return train_classes
 
 
-def imagefolder(root: str, img_size: int, auto_augment=None, fail_on_bad: bool = False,
-                decode: str = "cpu") -> DataSplits:
+def imagefolder(
+    root: str, img_size: int, auto_augment=None, fail_on_bad: bool = False, decode: str = "cpu"
+) -> DataSplits:
     """The folder's train and validation splits, checked (folder_classes). `decode` cpu: uint8 (3, H, W)
     items from timm's transforms, stood in for when unreadable (with `fail_on_bad`, a UserError); device,
     dali: each file's bytes, decoded on the device or by DALI."""
@@ -128,11 +134,20 @@ def count_classes(d) -> int:
     return 1000
 
 
-register(DataSource(
-    "imagefolder",
-    build=lambda d, num_classes, seed: imagefolder(d.root, d.img_size, d.auto_augment, d.bad_images == "fail",
-                                                   d.decode),
-    summary="a folder tree data.root/train/<class>/* and data.root/val/<class>/* (ImageNet's layout), "
-            "on each node's disk",
-    samples="stored", imbalance=False, decodes=("cpu", "device", "dali"), needs_root=True,
-    options=("root", "bad_images"), num_classes=count_classes, encode=encode_imagefolder))
+register(
+    DataSource(
+        "imagefolder",
+        build=lambda d, num_classes, seed: imagefolder(
+            d.root, d.img_size, d.auto_augment, d.bad_images == "fail", d.decode
+        ),
+        summary="a folder tree data.root/train/<class>/* and data.root/val/<class>/* (ImageNet's layout), "
+        "on each node's disk",
+        samples="stored",
+        imbalance=False,
+        decodes=("cpu", "device", "dali"),
+        needs_root=True,
+        options=("root", "bad_images"),
+        num_classes=count_classes,
+        encode=encode_imagefolder,
+    )
+)

@@ -62,17 +62,27 @@ def encode_digits(d) -> tuple[list, int]:
     return [pixel_split(pixels[index], labels[index].numpy(), name) for index, name in zip(split, names)], 10
 
 
-register(DataSource(
-    "synthetic",
-    # made at the requested size, so there is nothing to subsample
-    build=lambda d, num_classes, seed: synthetic(num_classes or 10, d.img_size, d.train_samples or 2048,
-                                                 d.val_samples or 512, seed=seed),
-    summary="class-dependent smooth random patterns plus noise, made from the run seed (no files); "
-            "data.train_samples / val_samples are its size (2048 / 512), model.num_classes its classes (10)",
-    samples="size", imbalance=False, options=("train_samples", "val_samples")))
+register(
+    DataSource(
+        "synthetic",
+        # made at the requested size, so there is nothing to subsample
+        build=lambda d, num_classes, seed: synthetic(
+            num_classes or 10, d.img_size, d.train_samples or 2048, d.val_samples or 512, seed=seed
+        ),
+        summary="class-dependent smooth random patterns plus noise, made from the run seed (no files); "
+        "data.train_samples / val_samples are its size (2048 / 512), model.num_classes its classes (10)",
+        samples="size",
+        imbalance=False,
+        options=("train_samples", "val_samples"),
+    )
+)
 
-register(DataSource(
-    "digits",
-    build=lambda d, num_classes, seed: digits(d.img_size),
-    summary="scikit-learn's 1,797 8x8 handwritten digits, upsampled to data.img_size; a fixed 80/20 split",
-    options=("train_samples", "val_samples", "imbalance"), encode=encode_digits))
+register(
+    DataSource(
+        "digits",
+        build=lambda d, num_classes, seed: digits(d.img_size),
+        summary="scikit-learn's 1,797 8x8 handwritten digits, upsampled to data.img_size; a fixed 80/20 split",
+        options=("train_samples", "val_samples", "imbalance"),
+        encode=encode_digits,
+    )
+)

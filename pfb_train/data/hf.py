@@ -47,12 +47,18 @@ def load_splits(root: str, splits: tuple[str, str]):
     if (path / "dataset_dict.json").is_file():
         loaded = datasets.load_from_disk(str(path))
     elif path.is_dir():
-        files = {split: sorted({str(p) for pattern in (f"{split}-*.parquet", f"{split}.parquet")
-                                for p in path.rglob(pattern)}) for split in splits}
+        files = {
+            split: sorted(
+                {str(p) for pattern in (f"{split}-*.parquet", f"{split}.parquet") for p in path.rglob(pattern)}
+            )
+            for split in splits
+        }
         for split, found in files.items():
             if not found:
-                raise UserError(f"no {split}-*.parquet files under {path}, nor {split}.parquet (data.dataset 'hf': "
-                                "a save_to_disk folder, Parquet files named <split>-*.parquet, or a Hub name)")
+                raise UserError(
+                    f"no {split}-*.parquet files under {path}, nor {split}.parquet (data.dataset 'hf': "
+                    "a save_to_disk folder, Parquet files named <split>-*.parquet, or a Hub name)"
+                )
         loaded = datasets.load_dataset("parquet", data_files=files)
     else:
         # Never the network at train time. The flags are read at import, so the loaded modules are set too.
@@ -63,12 +69,16 @@ def load_splits(root: str, splits: tuple[str, str]):
         try:
             loaded = datasets.load_dataset(root)
         except Exception:
-            raise UserError(f"data.root '{root}' is neither a folder nor a dataset in the local Hugging Face cache; "
-                            f"download it once with: python -c \"import datasets; datasets.load_dataset('{root}')\"")
+            raise UserError(
+                f"data.root '{root}' is neither a folder nor a dataset in the local Hugging Face cache; "
+                f"download it once with: python -c \"import datasets; datasets.load_dataset('{root}')\""
+            ) from None
     missing = [split for split in splits if split not in loaded]
     if missing:
-        raise UserError(f"split '{missing[0]}' not found in {root} (it has: {', '.join(loaded)}); "
-                        "set data.train_split / data.val_split")
+        raise UserError(
+            f"split '{missing[0]}' not found in {root} (it has: {', '.join(loaded)}); "
+            "set data.train_split / data.val_split"
+        )
     return loaded
 
 
@@ -87,10 +97,12 @@ def _is_integer(feature) -> bool:
 
 def _describe(features) -> str:
     """'name (kind), ...' of every column, for messages."""
+
     def kind(feature) -> str:
         if isinstance(feature, dict):
             return "struct of " + "/".join(feature)
         return feature.dtype if isinstance(feature, _datasets().Value) else type(feature).__name__
+
     return ", ".join(f"{name} ({kind(feature)})" for name, feature in features.items())
 
 
@@ -116,11 +128,15 @@ def find_columns(features, image_key, label_key) -> tuple[str, str]:
     Raises a one-line UserError listing the columns when a key names no such column, or the choice
     is not unique."""
     datasets = _datasets()
-    images = [("Image column", lambda f: isinstance(f, datasets.Image)),
-              ("struct column with a bytes field", _is_image_struct)]
+    images = [
+        ("Image column", lambda f: isinstance(f, datasets.Image)),
+        ("struct column with a bytes field", _is_image_struct),
+    ]
     labels = [("ClassLabel column", lambda f: isinstance(f, datasets.ClassLabel)), ("integer column", _is_integer)]
-    named = ((image_key, [*images, ("binary", _is_binary)], "an Image column (nor a struct with a bytes field, "
-              "nor binary)"), (label_key, labels, "a ClassLabel column (nor integers)"))
+    named = (
+        (image_key, [*images, ("binary", _is_binary)], "an Image column (nor a struct with a bytes field, nor binary)"),
+        (label_key, labels, "a ClassLabel column (nor integers)"),
+    )
     for key, kinds, wanted in named:
         if key is not None and (key not in features or not any(test(features[key]) for _, test in kinds)):
             raise UserError(f"column '{key}' is not {wanted} (columns: {_describe(features)})")
@@ -142,13 +158,17 @@ def class_count(splits: dict, label_key: str, num_classes=None) -> int:
     for name, split in splits.items():
         column = split.with_format("arrow")[label_key]  # one column read, no images
         if column.null_count:
-            raise UserError(f"label column '{label_key}' of {name} has {column.null_count} null value(s); "
-                            "every sample needs a class")
+            raise UserError(
+                f"label column '{label_key}' of {name} has {column.null_count} null value(s); "
+                "every sample needs a class"
+            )
         low, high = (pc.min_max(column)[k].as_py() for k in ("min", "max"))
         if low is not None and low < 0:
-            raise UserError(f"label column '{label_key}' of {name} holds {low}: classes are numbered from 0 (the Hub "
-                            "marks unlabelled samples, e.g. of a test split, with -1: set data.train_split / "
-                            "data.val_split to labelled splits)")
+            raise UserError(
+                f"label column '{label_key}' of {name} holds {low}: classes are numbered from 0 (the Hub "
+                "marks unlabelled samples, e.g. of a test split, with -1: set data.train_split / "
+                "data.val_split to labelled splits)"
+            )
         if high is not None and num_classes is not None and high >= num_classes:
             raise UserError(f"label column '{label_key}' of {name} holds {high}, outside 0..{num_classes - 1} ({said})")
         largest = max(largest, -1 if high is None else high)
@@ -202,16 +222,27 @@ class _Names:
         return self.length
 
 
-def hf(root: str, train_split: str, val_split: str, image_key, label_key, img_size: int, auto_augment=None,
-       fail_on_bad: bool = False, decode: str = "cpu", num_classes=None) -> DataSplits:
+def hf(
+    root: str,
+    train_split: str,
+    val_split: str,
+    image_key,
+    label_key,
+    img_size: int,
+    auto_augment=None,
+    fail_on_bad: bool = False,
+    decode: str = "cpu",
+    num_classes=None,
+) -> DataSplits:
     """The train and validation splits of a Hugging Face dataset (see the module). `num_classes`
     (model.num_classes) is needed only for integer labels without a ClassLabel, and then optional."""
     if root is None:
         raise UserError("config key 'data.root' is required for dataset 'hf' (a folder or a Hub name)")
     loaded = load_splits(root, (train_split, val_split))
     image_key, label_key = find_columns(loaded[train_split].features, image_key, label_key)
-    num_classes = class_count({f"{root}:{name}": loaded[name] for name in (train_split, val_split)}, label_key,
-                              num_classes)
+    num_classes = class_count(
+        {f"{root}:{name}": loaded[name] for name in (train_split, val_split)}, label_key, num_classes
+    )
     on_device = decode != "cpu"  # device, dali: workers read the stored bytes
     train_tf, val_tf = (None, None) if on_device else worker_transforms(img_size, auto_augment)
     train = HFImages(loaded[train_split], image_key, label_key, f"{root}:{train_split}", train_tf, fail_on_bad)
@@ -237,11 +268,28 @@ def encode_hf(d) -> tuple[list, int]:
     return splits, class_count({f"{d.root}:{n}": loaded[n] for n in names}, label_key)
 
 
-register(DataSource(
-    "hf",
-    build=lambda d, num_classes, seed: hf(d.root, d.train_split, d.val_split, d.image_key, d.label_key, d.img_size,
-                                          d.auto_augment, d.bad_images == "fail", d.decode, num_classes),
-    summary="a Hugging Face dataset in data.root: a save_to_disk folder, Parquet files <split>-*.parquet, or a "
-            "Hub name in the local cache (needs the `datasets` package)",
-    samples="stored", imbalance=False, decodes=("cpu", "device", "dali"), needs_root=True,
-    options=("root", "train_split", "val_split", "image_key", "label_key", "bad_images"), encode=encode_hf))
+register(
+    DataSource(
+        "hf",
+        build=lambda d, num_classes, seed: hf(
+            d.root,
+            d.train_split,
+            d.val_split,
+            d.image_key,
+            d.label_key,
+            d.img_size,
+            d.auto_augment,
+            d.bad_images == "fail",
+            d.decode,
+            num_classes,
+        ),
+        summary="a Hugging Face dataset in data.root: a save_to_disk folder, Parquet files <split>-*.parquet, or a "
+        "Hub name in the local cache (needs the `datasets` package)",
+        samples="stored",
+        imbalance=False,
+        decodes=("cpu", "device", "dali"),
+        needs_root=True,
+        options=("root", "train_split", "val_split", "image_key", "label_key", "bad_images"),
+        encode=encode_hf,
+    )
+)

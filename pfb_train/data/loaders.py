@@ -56,7 +56,6 @@ class IndexedDataset(Dataset):
         return dataclasses.replace(item, index=index) if isinstance(item, Unreadable) else (*item, index)
 
 
-
 class TrainSampler(Sampler):
     """Shuffled each epoch and split over ranks, like DistributedSampler(drop_last=True), but able to
     visit a subset (sampler-level selection). The subset and the shuffle are the same on every rank."""
@@ -108,8 +107,7 @@ class ShardStreamSampler(TrainSampler):
     every rank takes as many steps; the rest waits at the end of the stream), shuffled within
     `window` places so that reads stay within a few neighbouring shards."""
 
-    def __init__(self, shard_lengths, batch_size: int, window: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0):
+    def __init__(self, shard_lengths, batch_size: int, window: int, rank: int = 0, world_size: int = 1, seed: int = 0):
         super().__init__(sum(shard_lengths), rank, world_size, seed)
         self.shard_lengths, self.batch_size, self.window = list(shard_lengths), batch_size, window
 
@@ -147,8 +145,16 @@ class EvalSampler(Sampler):
         return len(self.indices)
 
 
-def build_loaders(splits: DataSplits, data_cfg, seed: int, rank: int = 0, world_size: int = 1, pin_memory=False,
-                  device="cpu", channels_last: bool = False):
+def build_loaders(
+    splits: DataSplits,
+    data_cfg,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory=False,
+    device="cpu",
+    channels_last: bool = False,
+):
     """Train loader: shuffled per epoch (`loader.sampler.set_epoch(epoch, subset)`), fixed batch size (drop_last).
     On CUDA both loaders yield batches already on the device, staged ahead on a side stream. In-memory
     datasets that fit are served from the device (resident.py, also on the CPU). uint8 images (the cpu
@@ -161,8 +167,9 @@ def build_loaders(splits: DataSplits, data_cfg, seed: int, rank: int = 0, world_
             f"(data.batch_size {d.batch_size} x {world_size} processes)"
         )
     if isinstance(splits.train, ShardedTars):
-        train_sampler = ShardStreamSampler(splits.train.shard_lengths, d.batch_size, d.shuffle_window, rank,
-                                           world_size, seed)
+        train_sampler = ShardStreamSampler(
+            splits.train.shard_lengths, d.batch_size, d.shuffle_window, rank, world_size, seed
+        )
     else:
         train_sampler = TrainSampler(len(splits.train), rank, world_size, seed)
     collate = collate_readable
@@ -172,8 +179,14 @@ def build_loaders(splits: DataSplits, data_cfg, seed: int, rank: int = 0, world_
     common = dict(num_workers=d.workers, pin_memory=pin_memory, persistent_workers=d.workers > 0, collate_fn=collate)
     # Its own generator: worker seeds are drawn from it, not from the global RNG (see set_loader_epoch).
     # StopSafeDataLoader: workers outlive a SIGTERM sent to the whole job, so the run can checkpoint.
-    train = StopSafeDataLoader(IndexedDataset(splits.train), batch_size=d.batch_size, sampler=train_sampler,
-                               drop_last=True, generator=torch.Generator(), **common)
+    train = StopSafeDataLoader(
+        IndexedDataset(splits.train),
+        batch_size=d.batch_size,
+        sampler=train_sampler,
+        drop_last=True,
+        generator=torch.Generator(),
+        **common,
+    )
     val = StopSafeDataLoader(
         IndexedDataset(splits.val),
         batch_size=d.eval_batch_size or d.batch_size,
@@ -192,15 +205,19 @@ def build_loaders(splits: DataSplits, data_cfg, seed: int, rank: int = 0, world_
         val = decoder(val, train=False, paths=sample_names(splits.val), **wrap)
     target = torch.device(device)
     if fits_on_device(splits.train, target) and fits_on_device(splits.val, target):  # in-memory: batches made there
-        return (ResidentLoader(train, splits.train, target, channels_last),
-                ResidentLoader(val, splits.val, target, channels_last))
+        return (
+            ResidentLoader(train, splits.train, target, channels_last),
+            ResidentLoader(val, splits.val, target, channels_last),
+        )
     # uint8 items (the cpu decode path) become normalised float32 on the training device, after the copy
     normalize = None if splits.mean is None else Normalize(splits.mean, splits.std, channels_last)
     if target.type == "cuda":  # copies (and device decoding, normalising) of the next batches overlap this step
         # A producer thread only where making a batch draws from no global RNG (see prefetch.py).
         threaded = d.workers > 0 or splits.decode_on_device
-        train, val = (DevicePrefetcher(train, device, threaded, finish=normalize),
-                      DevicePrefetcher(val, device, threaded, finish=normalize))
+        train, val = (
+            DevicePrefetcher(train, device, threaded, finish=normalize),
+            DevicePrefetcher(val, device, threaded, finish=normalize),
+        )
     elif normalize is not None:
         train, val = NormalizingLoader(train, normalize), NormalizingLoader(val, normalize)
     return train, val
@@ -213,4 +230,3 @@ def set_loader_epoch(loader: DataLoader, epoch: int, subset: torch.Tensor | None
     sampler = loader.sampler
     sampler.set_epoch(epoch, subset, skip)
     loader.generator.manual_seed(derive_seed("workers", sampler.seed, sampler.rank, epoch))
-

@@ -17,6 +17,7 @@ import torch
 
 from pfb_train.errors import UserError
 
+
 def stand_in_index(index):
     """The index a stand-in row carries for unreadable sample `index` (an int or an int64 tensor): -1 - index,
     negative (the row holds no sample) and naming the sample (`unreadable_index` undoes it)."""
@@ -43,8 +44,10 @@ def skip_or_fail(path, reason: str, fail: bool) -> Unreadable:
 
 
 def all_unreadable(count: int, path) -> str:
-    return (f"all {count} images of a batch are unreadable, e.g. {path}: check the files under data.root "
-            "(data.bad_images=skip stands in for single files, not whole batches)")
+    return (
+        f"all {count} images of a batch are unreadable, e.g. {path}: check the files under data.root "
+        "(data.bad_images=skip stands in for single files, not whole batches)"
+    )
 
 
 def fill_unreadable(items: list, copy_item) -> list:

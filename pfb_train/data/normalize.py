@@ -48,8 +48,9 @@ class Normalize:
             return images
         n, _, height, width = images.shape
         scale, shift = self.constants(images.device)
-        out = torch.empty((n, 3, height, width), dtype=torch.float32, device=images.device,
-                          memory_format=self.memory_format)
+        out = torch.empty(
+            (n, 3, height, width), dtype=torch.float32, device=images.device, memory_format=self.memory_format
+        )
         out.copy_(images)  # the cast (a grey channel repeated): faster on the CPU than a mixed-dtype addcmul
         return torch.addcmul(shift, out, scale, out=out)
 

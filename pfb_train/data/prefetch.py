@@ -80,8 +80,7 @@ class DevicePrefetcher(WrappedLoader):
     def _from_thread(self, staged):
         ready: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
-        producer = threading.Thread(target=self._produce, args=(staged, ready, stop), daemon=True,
-                                    name="pfb-prefetch")
+        producer = threading.Thread(target=self._produce, args=(staged, ready, stop), daemon=True, name="pfb-prefetch")
         producer.start()
         try:
             while (item := ready.get()) is not _END:

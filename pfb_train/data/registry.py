@@ -68,8 +68,9 @@ class DataSource:
         if self.samples not in SAMPLES:
             raise ValueError(f"data source {self.name!r}: samples must be one of {SAMPLES}, got {self.samples!r}")
         if not self.decodes or "cpu" not in self.decodes or set(self.decodes) - set(DECODES):
-            raise ValueError(f"data source {self.name!r}: decodes must include 'cpu' and be among {DECODES}, "
-                             f"got {self.decodes!r}")
+            raise ValueError(
+                f"data source {self.name!r}: decodes must include 'cpu' and be among {DECODES}, got {self.decodes!r}"
+            )
         if self.imbalance and self.samples != "subset":
             raise ValueError(f"data source {self.name!r}: imbalance needs samples='subset' (it is a subset)")
 
@@ -90,6 +91,8 @@ def get_source(name: str) -> DataSource:
     if name not in known:
         close = difflib.get_close_matches(str(name), list(known), n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise UserError(f"config key 'data.dataset': unknown dataset '{name}' ({hint}choose one of: "
-                        f"{', '.join(known)}; `pfb-train datasets` describes them)")
+        raise UserError(
+            f"config key 'data.dataset': unknown dataset '{name}' ({hint}choose one of: "
+            f"{', '.join(known)}; `pfb-train datasets` describes them)"
+        )
     return known[name]

@@ -106,8 +106,11 @@ class ResidentLoader(WrappedLoader):
         end = len(order) - len(order) % size if self.loader.drop_last else len(order)
         for start in range(0, end, size):
             idx = order[start : start + size]
-            yield (self.batch(idx, None if draws is None else draws[start : start + size]),
-                   self.labels.index_select(0, idx), idx)
+            yield (
+                self.batch(idx, None if draws is None else draws[start : start + size]),
+                self.labels.index_select(0, idx),
+                idx,
+            )
 
     def batch(self, idx: torch.Tensor, draws: torch.Tensor | None) -> torch.Tensor:
         """The images of samples `idx` ((n,) int64 on the device), augmented by `draws` ((n, 3)) if given."""

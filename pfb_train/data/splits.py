@@ -54,7 +54,9 @@ def decode_stored(data: bytes, label: int, name: str, transform, fail: bool):
     unreadable when empty; else the transformed image decoded by decode.py's rule, or a stand-in
     (`Unreadable`; with `fail` a UserError naming `name`) when it does not decode."""
     if transform is None:
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8), label
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(
+            0, dtype=torch.uint8
+        ), label
     try:
         image = decode_rgb(data or b"")
     except BadImage as e:
@@ -66,8 +68,10 @@ def worker_transforms(img_size: int, auto_augment=None) -> tuple:
     """timm's train and eval transforms for DataLoader workers (imagefolder, hf, wds), ending in uint8
     (3, H, W) tensors as timm's own loader uses them (`use_prefetcher=True`): a quarter of float32's
     bytes leave the workers; the device normalises them with `imagenet_stats()`."""
-    return (create_transform(img_size, is_training=True, auto_augment=auto_augment, use_prefetcher=True),
-            create_transform(img_size, is_training=False, use_prefetcher=True))
+    return (
+        create_transform(img_size, is_training=True, auto_augment=auto_augment, use_prefetcher=True),
+        create_transform(img_size, is_training=False, use_prefetcher=True),
+    )
 
 
 def imagenet_stats() -> dict:

@@ -67,24 +67,31 @@ def rare_class_counts(counts: list[int], imbalance: float, rare: list[int]) -> l
     all. Raises UserError for a class outside [0, C)."""
     bad = [c for c in rare if not 0 <= c < len(counts)]
     if bad:
-        raise UserError(f"config key 'data.rare_classes' names {bad}, not classes of a {len(counts)}-class set "
-                        f"(0 to {len(counts) - 1})")
+        raise UserError(
+            f"config key 'data.rare_classes' names {bad}, not classes of a {len(counts)}-class set "
+            f"(0 to {len(counts) - 1})"
+        )
     return [max(1, round(n * imbalance)) if c in rare else n for c, n in enumerate(counts)]
 
 
-def subsample(splits: DataSplits, train_samples, val_samples, imbalance: float,
-              rare_classes: Optional[list[int]] = None) -> DataSplits:
+def subsample(
+    splits: DataSplits, train_samples, val_samples, imbalance: float, rare_classes: Optional[list[int]] = None
+) -> DataSplits:
     """Fixed (seed 0) class-stratified subsets, and a long-tailed training set when imbalance < 1:
     the exponential profile (`long_tailed_counts`), or with `rare_classes` a step (`rare_class_counts`)."""
     train, val = splits.train, splits.val
     if train_samples is not None or imbalance < 1.0:
         labels = dataset_labels(train)
         counts = stratified_counts(labels, splits.num_classes, train_samples or len(labels), "data.train_samples")
-        counts = (long_tailed_counts(counts, imbalance) if rare_classes is None
-                  else rare_class_counts(counts, imbalance, rare_classes))
+        counts = (
+            long_tailed_counts(counts, imbalance)
+            if rare_classes is None
+            else rare_class_counts(counts, imbalance, rare_classes)
+        )
         train = _take(train, class_subset(labels, counts))
     if val_samples is not None:
         labels = dataset_labels(val)
-        val = _take(val, class_subset(labels, stratified_counts(labels, splits.num_classes, val_samples,
-                                                                "data.val_samples")))
+        val = _take(
+            val, class_subset(labels, stratified_counts(labels, splits.num_classes, val_samples, "data.val_samples"))
+        )
     return dataclasses.replace(splits, train=train, val=val)

@@ -80,8 +80,10 @@ def check_complete(path: str) -> None:
         f.seek(max(size - len(END_OF_ARCHIVE), 0))
         tail = f.read()
     if size % 512 or tail != END_OF_ARCHIVE:
-        raise UserError(f"shard {path} is truncated ({size} bytes, no end-of-archive blocks): copy it again, "
-                        "or re-run `pfb-train shards` on its folder to finish it")
+        raise UserError(
+            f"shard {path} is truncated ({size} bytes, no end-of-archive blocks): copy it again, "
+            "or re-run `pfb-train shards` on its folder to finish it"
+        )
 
 
 class _UnusualHeader(Exception):
@@ -92,8 +94,8 @@ def _pax_records(data: bytes) -> dict:
     """A PAX extended header's 'LENGTH key=value\n' records (webdataset's writer adds one per member
     when the modification time has a fraction)."""
     records, at = {}, 0
-    while at < len(data) and data[at:at + 1] != b"\0":
-        length = int(data[at:data.index(b" ", at)])
+    while at < len(data) and data[at : at + 1] != b"\0":
+        length = int(data[at : data.index(b" ", at)])
         key, _, value = data[data.index(b" ", at) + 1 : at + length - 1].partition(b"=")
         records[key.decode("utf-8")] = value.decode("utf-8")
         at += length
@@ -112,8 +114,13 @@ def _plain_members(path: str):
             if header == END_OF_ARCHIVE[:512]:
                 return
             kind, stored_sum = header[156:157], header[148:156].rstrip(b"\0 ")
-            if (header[257:262] != b"ustar" or kind in (b"g", b"L", b"K", b"S") or header[124] & 0x80
-                    or not stored_sum or sum(header[:148]) + 256 + sum(header[156:]) != int(stored_sum, 8)):
+            if (
+                header[257:262] != b"ustar"
+                or kind in (b"g", b"L", b"K", b"S")
+                or header[124] & 0x80
+                or not stored_sum
+                or sum(header[:148]) + 256 + sum(header[156:]) != int(stored_sum, 8)
+            ):
                 raise _UnusualHeader
             size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
             data_at, offset = offset + 512, offset + 512 + (size + 511) // 512 * 512
@@ -174,13 +181,15 @@ def _check_dotted_key(path: str, key: str, names: list) -> None:
     with dots in its key: every sample of the shard would stand in. One line saying why instead."""
     wanted = (*IMAGE_KEYS, "cls")
     for name in names:
-        extension = name[len(key) + 1:]
+        extension = name[len(key) + 1 :]
         stem, _, last = extension.rpartition(".")
         if stem and last.lower() in wanted:
-            raise UserError(f"shard {path} has member '{name}' whose key holds a dot: WebDataset groups a sample's "
-                            f"members by the name up to the first dot (key '{key}', extension '{extension}'), so "
-                            "member names may hold one dot, before the extension; rename the files, e.g. replace the "
-                            f"dots in the key with underscores ('{key}_{stem.replace('.', '_')}.{last}')")
+            raise UserError(
+                f"shard {path} has member '{name}' whose key holds a dot: WebDataset groups a sample's "
+                f"members by the name up to the first dot (key '{key}', extension '{extension}'), so "
+                "member names may hold one dot, before the extension; rename the files, e.g. replace the "
+                f"dots in the key with underscores ('{key}_{stem.replace('.', '_')}.{last}')"
+            )
 
 
 def count_samples(files) -> list[int]:
@@ -190,7 +199,11 @@ def count_samples(files) -> list[int]:
 def _disagreement(entry: dict, files: list[str]) -> Optional[str]:
     """What makes a split's _info.json entry untrustworthy, or None."""
     lengths = entry.get("shard_lengths")
-    if not isinstance(lengths, list) or len(lengths) != len(files) or not all(isinstance(n, int) and n >= 0 for n in lengths):
+    if (
+        not isinstance(lengths, list)
+        or len(lengths) != len(files)
+        or not all(isinstance(n, int) and n >= 0 for n in lengths)
+    ):
         return f"gives {len(files)} filenames but shard_lengths {lengths!r:.60}"
     if entry.get("num_samples") != sum(lengths):
         return f"gives num_samples {entry.get('num_samples')} but its shard_lengths add up to {sum(lengths)}"
@@ -211,7 +224,9 @@ def read_info(root: Path) -> Optional[dict]:
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(info, dict) or not isinstance(info.get("splits"), dict):
-        raise UserError(f"{path} has no 'splits' mapping (timm's layout: splits.<name>.filenames, shard_lengths, num_samples)")
+        raise UserError(
+            f"{path} has no 'splits' mapping (timm's layout: splits.<name>.filenames, shard_lengths, num_samples)"
+        )
     return info
 
 
@@ -220,8 +235,10 @@ def read_split(root: Path, info: Optional[dict], split: str, notes: list) -> Sha
     _info.json is absent or disagrees with them."""
     if info is not None:
         if split not in info["splits"]:
-            raise UserError(f"split '{split}' not found in {root / INFO_FILE} (it has: {', '.join(info['splits'])}); "
-                            "set data.train_split / data.val_split")
+            raise UserError(
+                f"split '{split}' not found in {root / INFO_FILE} (it has: {', '.join(info['splits'])}); "
+                "set data.train_split / data.val_split"
+            )
         entry = info["splits"][split]
         files = [str(root / name) for name in entry.get("filenames", [])]
         if not files:
@@ -240,7 +257,9 @@ def read_split(root: Path, info: Optional[dict], split: str, notes: list) -> Sha
         return ShardSplit(split, tuple(files), tuple(entry["shard_lengths"]))
     lengths = count_samples(files)
     where = f"no {INFO_FILE} in {root}" if entry is None else f"{root / INFO_FILE} {problem}"
-    notes.append(f"note: {where}: counted split '{split}' from its {len(files)} shard(s) instead ({sum(lengths)} samples)")
+    notes.append(
+        f"note: {where}: counted split '{split}' from its {len(files)} shard(s) instead ({sum(lengths)} samples)"
+    )
     return ShardSplit(split, tuple(files), tuple(lengths))
 
 
@@ -301,7 +320,9 @@ class ShardedTars(Dataset):
         samples = self._cached(self._indexes, shard, scan_shard)
         name = self.names[index]
         if position >= len(samples):
-            return Unreadable(name, f"the shard holds {len(samples)} samples, {INFO_FILE} says {self.split.lengths[shard]}")
+            return Unreadable(
+                name, f"the shard holds {len(samples)} samples, {INFO_FILE} says {self.split.lengths[shard]}"
+            )
         sample = samples[position]
         if sample.image is None or sample.label is None:
             return Unreadable(name, "no image member" if sample.image is None else "no cls member")
@@ -310,8 +331,10 @@ class ShardedTars(Dataset):
         except (ValueError, UnicodeDecodeError):
             return Unreadable(name, "cls is not an integer")
         if not 0 <= label < self.num_classes:
-            raise UserError(f"sample {name} has label {label}, outside 0..{self.num_classes - 1} "
-                            f"(model.num_classes {self.num_classes})")
+            raise UserError(
+                f"sample {name} has label {label}, outside 0..{self.num_classes - 1} "
+                f"(model.num_classes {self.num_classes})"
+            )
         data = self._read(shard, sample.image)
         if len(data) != sample.image[1]:
             return Unreadable(name, "the image member is cut short")
@@ -340,14 +363,24 @@ class _Names:
         return len(self.dataset)
 
 
-def wds(root: Optional[str], train_split: str, val_split: str, num_classes: Optional[int], img_size: int,
-        auto_augment=None, fail_on_bad: bool = False, decode: str = "cpu") -> DataSplits:
+def wds(
+    root: Optional[str],
+    train_split: str,
+    val_split: str,
+    num_classes: Optional[int],
+    img_size: int,
+    auto_augment=None,
+    fail_on_bad: bool = False,
+    decode: str = "cpu",
+) -> DataSplits:
     """The train and validation splits of the shards in `root` (see the module). `num_classes`
     (model.num_classes) must be set when _info.json does not say, and agree with it when it does;
     else a one-line UserError."""
     base = Path(root).expanduser()
     if not base.is_dir():
-        raise UserError(f"data.root does not exist: {base} (data.dataset 'wds': a folder of .tar shards and {INFO_FILE})")
+        raise UserError(
+            f"data.root does not exist: {base} (data.dataset 'wds': a folder of .tar shards and {INFO_FILE})"
+        )
     info = read_info(base)
     notes: list = []
     train, val = (read_split(base, info, split, notes) for split in (train_split, val_split))
@@ -355,13 +388,20 @@ def wds(root: Optional[str], train_split: str, val_split: str, num_classes: Opti
     if num_classes is None and stated is None:
         raise UserError(f"set model.num_classes: {base} does not say how many classes its shards hold")
     if num_classes is not None and stated is not None and num_classes != stated:
-        raise UserError(f"config key 'model.num_classes' is {num_classes} but {base / INFO_FILE} gives num_classes {stated}")
+        raise UserError(
+            f"config key 'model.num_classes' is {num_classes} but {base / INFO_FILE} gives num_classes {stated}"
+        )
     num_classes = num_classes or stated
     on_device = decode != "cpu"  # device, dali: workers read the stored bytes
     train_tf, val_tf = (None, None) if on_device else worker_transforms(img_size, auto_augment)
-    return DataSplits(ShardedTars(train, num_classes, train_tf, fail_on_bad),
-                      ShardedTars(val, num_classes, val_tf, fail_on_bad), num_classes,
-                      decode_on_device=on_device, notes=tuple(notes), **({} if on_device else imagenet_stats()))
+    return DataSplits(
+        ShardedTars(train, num_classes, train_tf, fail_on_bad),
+        ShardedTars(val, num_classes, val_tf, fail_on_bad),
+        num_classes,
+        decode_on_device=on_device,
+        notes=tuple(notes),
+        **({} if on_device else imagenet_stats()),
+    )
 
 
 # ------------------------------------------------------------------ the epoch's order
@@ -370,7 +410,9 @@ def wds(root: Optional[str], train_split: str, val_split: str, num_classes: Opti
 def shard_stream(lengths, seed: int, epoch: int) -> np.ndarray:
     """Every sample index, shard after shard, the shards in this epoch's order (the same on every rank)."""
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(derive_seed("shards", seed, epoch))).tolist()
+    order = torch.randperm(
+        len(lengths), generator=torch.Generator().manual_seed(derive_seed("shards", seed, epoch))
+    ).tolist()
     return np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in order])
 
 
@@ -391,11 +433,26 @@ def stated_classes(d) -> int:
     return stated if isinstance(stated, int) else ten_classes(d)
 
 
-register(DataSource(
-    "wds",
-    build=lambda d, num_classes, seed: wds(d.root, d.train_split, d.val_split, num_classes, d.img_size,
-                                           d.auto_augment, d.bad_images == "fail", d.decode),
-    summary="WebDataset .tar shards with timm's _info.json in data.root (`pfb-train shards` writes them), "
-            "for shared storage",
-    samples="stored", imbalance=False, decodes=("cpu", "device", "dali"), needs_root=True,
-    options=("root", "train_split", "val_split", "shuffle_window", "bad_images"), num_classes=stated_classes))
+register(
+    DataSource(
+        "wds",
+        build=lambda d, num_classes, seed: wds(
+            d.root,
+            d.train_split,
+            d.val_split,
+            num_classes,
+            d.img_size,
+            d.auto_augment,
+            d.bad_images == "fail",
+            d.decode,
+        ),
+        summary="WebDataset .tar shards with timm's _info.json in data.root (`pfb-train shards` writes them), "
+        "for shared storage",
+        samples="stored",
+        imbalance=False,
+        decodes=("cpu", "device", "dali"),
+        needs_root=True,
+        options=("root", "train_split", "val_split", "shuffle_window", "bad_images"),
+        num_classes=stated_classes,
+    )
+)

@@ -62,18 +62,24 @@ class WindowOptions:
         need(0.0 <= self.ratio < 1.0, f"config key '{key('ratio')}' must be in [0, 1), got {self.ratio}")
         need(self.start_epoch >= 0, f"config key '{key('start_epoch')}' must be >= 0, got {self.start_epoch}")
         # A run shorter than the warm-up (a quick check of a recipe) is full data; an explicit empty window is a mistake.
-        need(self.end_epoch is None or self.end_epoch > self.start_epoch,
-             f"config key '{key('end_epoch')}' ({self.end_epoch}) must be greater than '{key('start_epoch')}' "
-             f"({self.start_epoch})")
+        need(
+            self.end_epoch is None or self.end_epoch > self.start_epoch,
+            f"config key '{key('end_epoch')}' ({self.end_epoch}) must be greater than '{key('start_epoch')}' "
+            f"({self.start_epoch})",
+        )
         end = self.end_epoch if self.end_epoch is not None else run.epochs
         if self.ramp == "linear_to_mid":
             need(end is not None, f"{key('ramp')} 'linear_to_mid' needs an end: set {key('end_epoch')}")
             if self.start_epoch < end:
-                need(end / 2 > self.start_epoch,
-                     f"{key('ramp')} 'linear_to_mid' needs end_epoch/2 ({end / 2}) > start_epoch ({self.start_epoch})")
+                need(
+                    end / 2 > self.start_epoch,
+                    f"{key('ramp')} 'linear_to_mid' needs end_epoch/2 ({end / 2}) > start_epoch ({self.start_epoch})",
+                )
         if self.ratio > 0 and run.batch_size is not None:
-            need(round(self.ratio * run.batch_size) < run.batch_size,
-                 f"{key('ratio')} {self.ratio} would block every row of a batch of {run.batch_size}")
+            need(
+                round(self.ratio * run.batch_size) < run.batch_size,
+                f"{key('ratio')} {self.ratio} would block every row of a batch of {run.batch_size}",
+            )
 
 
 WINDOW_LEGACY_KEYS = {k: k for k in ("ratio", "start_epoch", "end_epoch", "ramp")}

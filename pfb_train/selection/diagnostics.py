@@ -42,8 +42,9 @@ class SelectionStats:
         self.totals = None  # on the device: overlap with the density's choice, kept quantile sums, blocked ones
         self.blocked = self.steps = 0  # host integers: blocked rows and steps that blocked rows
 
-    def add(self, clean: torch.Tensor, keep: torch.Tensor, blocked: torch.Tensor,
-            by_density: Optional[torch.Tensor] = None) -> None:
+    def add(
+        self, clean: torch.Tensor, keep: torch.Tensor, blocked: torch.Tensor, by_density: Optional[torch.Tensor] = None
+    ) -> None:
         """`clean`: (B,) scores without the random term (higher = blocked first); `keep`/`blocked`:
         the row indices the selection kept and blocked; `by_density`: (B,) bool, the rows the scores
         alone would block under the selection's own rule (None: the highest-scored of the batch)."""
@@ -55,9 +56,13 @@ class SelectionStats:
             by_density = ranks >= clean.shape[0] - n_blocked
         overlap = by_density.index_select(0, blocked).sum()
         pct = ranks.float() / (clean.shape[0] - 1)
-        step = torch.cat([overlap.view(1).to(pct.dtype),
-                          _quantiles(pct.index_select(0, keep).sort().values),
-                          _quantiles(pct.index_select(0, blocked).sort().values)]).double()
+        step = torch.cat(
+            [
+                overlap.view(1).to(pct.dtype),
+                _quantiles(pct.index_select(0, keep).sort().values),
+                _quantiles(pct.index_select(0, blocked).sort().values),
+            ]
+        ).double()
         # totals resumed from a checkpoint sit on the CPU: joined to the device once (a no-op after)
         self.totals = step if self.totals is None else self.totals.to(step.device) + step
         self.blocked += n_blocked
@@ -82,8 +87,11 @@ class SelectionStats:
         return out
 
     def state_dict(self) -> dict:
-        return {"totals": None if self.totals is None else self.totals.cpu(), "blocked": self.blocked,
-                "steps": self.steps}
+        return {
+            "totals": None if self.totals is None else self.totals.cpu(),
+            "blocked": self.blocked,
+            "steps": self.steps,
+        }
 
     def load_state_dict(self, state) -> None:
         if state:
@@ -94,5 +102,8 @@ class SelectionStats:
         """One `state_dict()` holding the sum of several ranks' (None entries: nothing tallied)."""
         states = [s for s in states if s]
         totals = [s["totals"] for s in states if s["totals"] is not None]
-        return {"totals": torch.stack(totals).sum(0) if totals else None,
-                "blocked": sum(s["blocked"] for s in states), "steps": sum(s["steps"] for s in states)}
+        return {
+            "totals": torch.stack(totals).sum(0) if totals else None,
+            "blocked": sum(s["blocked"] for s in states),
+            "steps": sum(s["steps"] for s in states),
+        }

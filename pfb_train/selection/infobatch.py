@@ -89,14 +89,24 @@ class InfoBatchOptions:
     delta: float = 0.875  # prune during the first delta of the epochs, then full data
 
     def check(self, run, key) -> None:
-        need(0.0 <= self.prune_ratio < 1.0, f"config key '{key('prune_ratio')}' must be in [0, 1), got {self.prune_ratio}")
+        need(
+            0.0 <= self.prune_ratio < 1.0,
+            f"config key '{key('prune_ratio')}' must be in [0, 1), got {self.prune_ratio}",
+        )
         need(0.0 < self.delta <= 1.0, f"config key '{key('delta')}' must be in (0, 1], got {self.delta}")
-        need(run.epochs is not None, "method 'infobatch' needs the run's number of epochs (its delta is a share of them)")
+        need(
+            run.epochs is not None, "method 'infobatch' needs the run's number of epochs (its delta is a share of them)"
+        )
 
 
-register(Method(
-    "infobatch", level="sampler", options=InfoBatchOptions, ratio_option="prune_ratio",
-    build=lambda o, run: InfoBatchSelector(o.prune_ratio, epochs=run.epochs, delta=o.delta, seed=run.seed),
-    legacy_keys={"ratio": "prune_ratio", "delta": "delta"},
-    summary="well-learned samples (loss below the mean) are skipped at the sampler and the rest reweighted (ICLR 2024)",
-))
+register(
+    Method(
+        "infobatch",
+        level="sampler",
+        options=InfoBatchOptions,
+        ratio_option="prune_ratio",
+        build=lambda o, run: InfoBatchSelector(o.prune_ratio, epochs=run.epochs, delta=o.delta, seed=run.seed),
+        legacy_keys={"ratio": "prune_ratio", "delta": "delta"},
+        summary="well-learned samples (loss below the mean) are skipped at the sampler and the rest reweighted (ICLR 2024)",
+    )
+)

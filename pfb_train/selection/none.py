@@ -15,5 +15,12 @@ class NoOptions:
     """Full data has no options."""
 
 
-register(Method("none", level="none", options=NoOptions, build=lambda o, run: NoSelector(run.seed),
-                summary="full data: every sample takes the whole forward and backward pass"))
+register(
+    Method(
+        "none",
+        level="none",
+        options=NoOptions,
+        build=lambda o, run: NoSelector(run.seed),
+        summary="full data: every sample takes the whole forward and backward pass",
+    )
+)

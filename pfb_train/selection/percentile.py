@@ -76,8 +76,9 @@ class ClassPercentiles:
         share = self.num_classes * (n_y + 1) / (hist.sum() + self.num_classes)
         return percentile.clamp_min(1e-6).log() + share.log()
 
-    def batch_counts(self, ranks: torch.Tensor, labels: torch.Tensor,
-                     weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def batch_counts(
+        self, ranks: torch.Tensor, labels: torch.Tensor, weight: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """This rank's rows as histogram counts: (C, BINS) float32. `weight`: (B,) 1 for a row that
         counts, 0 for one to leave out (None: every row counts). Sum over ranks, then `add`."""
         hist = self._ensure(ranks.device)

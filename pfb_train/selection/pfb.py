@@ -77,8 +77,14 @@ DENSITIES = ("marginal", "class")  # p(v) over all samples, or p(v | y) under th
 DEFAULT_NOISE = {"rank": 0.5, "density_floor": 0.01, "max_abs": 0.1}
 
 
-def add_noise(s: torch.Tensor, form: str, level: float, gen: torch.Generator,
-              labels: Optional[torch.Tensor] = None, ordered: Optional[tuple] = None) -> torch.Tensor:
+def add_noise(
+    s: torch.Tensor,
+    form: str,
+    level: float,
+    gen: torch.Generator,
+    labels: Optional[torch.Tensor] = None,
+    ordered: Optional[tuple] = None,
+) -> torch.Tensor:
     """Perturb the scores of one batch for diversity (one random draw per row).
 
     - `rank`: rank(s)/(B-1) + level * N(0, 1). Depends on the order of the scores only, so the
@@ -133,15 +139,21 @@ class PFBSelector(Selector):
         if density not in DENSITIES:
             raise ValueError(f"unknown density {density!r}; choose one of: {', '.join(DENSITIES)}")
         if density == "class" and (estimator != "kde" or centre_weights != "counts" or not num_classes):
-            raise ValueError("density 'class' weighs the centres by each class's assignments: it needs estimator "
-                             f"'kde', centre_weights 'counts' and num_classes (got {estimator!r}, {centre_weights!r}, "
-                             f"{num_classes})")
+            raise ValueError(
+                "density 'class' weighs the centres by each class's assignments: it needs estimator "
+                f"'kde', centre_weights 'counts' and num_classes (got {estimator!r}, {centre_weights!r}, "
+                f"{num_classes})"
+            )
         if stratify == "percentile" and not num_classes:
-            raise ValueError("stratify 'percentile' keeps a history per class: it needs num_classes (the model's "
-                             "number of classes), or another stratify ('label', 'none')")
+            raise ValueError(
+                "stratify 'percentile' keeps a history per class: it needs num_classes (the model's "
+                "number of classes), or another stratify ('label', 'none')"
+            )
         if stratify == "percentile" and noise_form != "rank":
-            raise ValueError(f"stratify 'percentile' scores a class percentile, not a log-density: noise_form "
-                             f"{noise_form!r} does not apply to it; use noise_form 'rank'")
+            raise ValueError(
+                f"stratify 'percentile' scores a class percentile, not a log-density: noise_form "
+                f"{noise_form!r} does not apply to it; use noise_form 'rank'"
+            )
         self.stratify, self.density_kind, self.num_classes = stratify, density, num_classes
         self.class_percentiles = ClassPercentiles(num_classes, class_memory) if stratify == "percentile" else None
         self._pending_ranks = None  # (batch ranks, labels) of every row, from `select` to the same step's `observe`
@@ -162,7 +174,9 @@ class PFBSelector(Selector):
 
     def _init_centres(self, v: torch.Tensor) -> None:
         if v.shape[0] < self.num_centres:
-            raise ValueError(f"pfb needs a first batch of at least {self.num_centres} samples (blocking.pfb.centres), got {v.shape[0]}")
+            raise ValueError(
+                f"pfb needs a first batch of at least {self.num_centres} samples (blocking.pfb.centres), got {v.shape[0]}"
+            )
         self.centres = broadcast(v[: self.num_centres].clone().contiguous())
         self.counts = torch.zeros(self.num_centres, device=v.device)
         if self.density_kind == "class":
@@ -264,14 +278,21 @@ class PFBSelector(Selector):
                     ranks, row_labels, row_weight = within_batch_rank(self.density(v, labels)), labels, weight
                 else:  # ranked by this step's `select`, which cannot tell the rows that hold no sample
                     if pending is None or pending[0].shape[0] != feats.shape[0]:
-                        raise ValueError("stratify 'percentile': observe() got a blocked batch that no select() "
-                                         "ranked; call observe after each forward of a batch, before the next forward")
+                        raise ValueError(
+                            "stratify 'percentile': observe() got a blocked batch that no select() "
+                            "ranked; call observe after each forward of a batch, before the next forward"
+                        )
                     (ranks, row_labels), row_weight = pending, None
                 history = self.class_percentiles.batch_counts(ranks, row_labels, row_weight)
             self.update_centres(v, weight, labels, history)
 
-    def update_centres(self, v: torch.Tensor, weight: Optional[torch.Tensor] = None,
-                       labels: Optional[torch.Tensor] = None, history: Optional[torch.Tensor] = None) -> None:
+    def update_centres(
+        self,
+        v: torch.Tensor,
+        weight: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        history: Optional[torch.Tensor] = None,
+    ) -> None:
         """`v`: (rows, D) float32; `weight`: (rows,) 1 for a sample, 0 for a row to leave out (None: all
         count); `labels`: (rows,) int64 classes, needed by density 'class' (ValueError without);
         `history`: (C, BINS) float32, this rank's class-history counts (stratify 'percentile'), summed
@@ -292,7 +313,7 @@ class PFBSelector(Selector):
             packed = all_reduce_sum(packed)
         else:
             reduced = all_reduce_sum(torch.cat([packed.flatten(), history.flatten()]))
-            packed, history = reduced[: packed.numel()].view_as(packed), reduced[packed.numel():].view_as(history)
+            packed, history = reduced[: packed.numel()].view_as(packed), reduced[packed.numel() :].view_as(history)
             self.class_percentiles.add(history)
         d = self.centres.shape[1]
         sums, counts = packed[:, :d], packed[:, d]
@@ -301,7 +322,7 @@ class PFBSelector(Selector):
         self.centres = torch.where(counts.unsqueeze(1) > 0, moved, self.centres)
         self.counts = self.counts + counts
         if self.class_counts is not None:
-            self.class_counts = self.class_counts + packed[:, d + 1:].T
+            self.class_counts = self.class_counts + packed[:, d + 1 :].T
 
     def epoch_diagnostics(self, device) -> dict:
         return self.stats.read(device)
@@ -313,18 +334,25 @@ class PFBSelector(Selector):
         return {"stats": SelectionStats.merge([s.get("stats") for s in states])}
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "centres": self.centres, "counts": self.counts,
-                "class_counts": self.class_counts, "stats": self.stats.state_dict(),
-                "class_history": None if self.class_percentiles is None else self.class_percentiles.state_dict()}
+        return {
+            **super().state_dict(),
+            "centres": self.centres,
+            "counts": self.counts,
+            "class_counts": self.class_counts,
+            "stats": self.stats.state_dict(),
+            "class_history": None if self.class_percentiles is None else self.class_percentiles.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.centres, self.counts = state["centres"], state["counts"]
         self.class_counts = state.get("class_counts")  # absent in checkpoints of earlier versions
         if self.density_kind == "class" and self.class_counts is None and self.centres is not None:
-            raise UserError("cannot resume with blocking.pfb.density 'class': the checkpoint's PFB state has no class "
-                            "counts (it was trained with density 'marginal'); set blocking.pfb.density=marginal to go "
-                            "on, or start a new run (name=...)")
+            raise UserError(
+                "cannot resume with blocking.pfb.density 'class': the checkpoint's PFB state has no class "
+                "counts (it was trained with density 'marginal'); set blocking.pfb.density=marginal to go "
+                "on, or start a new run (name=...)"
+            )
         self.stats.load_state_dict(state.get("stats"))
         if self.class_percentiles is not None and state.get("class_history"):
             self.class_percentiles.load_state_dict(state["class_history"])
@@ -360,40 +388,81 @@ class PFBOptions(WindowOptions):
 
     def check(self, run, key) -> None:
         super().check(run, key)
-        need(self.score_scale is None or 0.0 < self.score_scale <= 1.0,
-             f"config key '{key('score_scale')}' must be in (0, 1] or null (auto), got {self.score_scale}")
+        need(
+            self.score_scale is None or 0.0 < self.score_scale <= 1.0,
+            f"config key '{key('score_scale')}' must be in (0, 1] or null (auto), got {self.score_scale}",
+        )
         cheaper = self.score_scale not in (None, 1.0) or self.score_norm == "running"
-        need(not (cheaper and run.mode == "reuse"),
-             f"config keys '{key('score_scale')}' / '{key('score_norm')}' shape recompute mode's ranking pass; "
-             "blocking.mode 'reuse' ranks by the training pass's own features: set blocking.mode recompute or auto")
+        need(
+            not (cheaper and run.mode == "reuse"),
+            f"config keys '{key('score_scale')}' / '{key('score_norm')}' shape recompute mode's ranking pass; "
+            "blocking.mode 'reuse' ranks by the training pass's own features: set blocking.mode recompute or auto",
+        )
         need(self.centres >= 2, f"config key '{key('centres')}' must be >= 2, got {self.centres}")
         need(self.feature_dim >= 1, f"config key '{key('feature_dim')}' must be >= 1, got {self.feature_dim}")
-        need(1 <= self.class_memory < math.inf,
-             f"config key '{key('class_memory')}' must be >= 1 (rows per class) and finite, got {self.class_memory}")
-        need(self.stratify != "percentile" or self.noise_form == "rank",
-             f"config key '{key('stratify')}' 'percentile' scores a class percentile, not a log-density: "
-             f"'{key('noise_form')}' {self.noise_form} does not apply to it; set {key('noise_form')}=rank")
-        need(0.0 < self.update_rate <= 1.0, f"config key '{key('update_rate')}' must be in (0, 1], got {self.update_rate}")
+        need(
+            1 <= self.class_memory < math.inf,
+            f"config key '{key('class_memory')}' must be >= 1 (rows per class) and finite, got {self.class_memory}",
+        )
+        need(
+            self.stratify != "percentile" or self.noise_form == "rank",
+            f"config key '{key('stratify')}' 'percentile' scores a class percentile, not a log-density: "
+            f"'{key('noise_form')}' {self.noise_form} does not apply to it; set {key('noise_form')}=rank",
+        )
+        need(
+            0.0 < self.update_rate <= 1.0,
+            f"config key '{key('update_rate')}' must be in (0, 1], got {self.update_rate}",
+        )
         need(self.noise is None or self.noise >= 0, f"config key '{key('noise')}' must be >= 0, got {self.noise}")
-        need(self.density == "marginal" or (self.estimator == "kde" and self.centre_weights == "counts"),
-             f"config key '{key('density')}' 'class' weighs the centres by each class's assignments: it needs "
-             f"'{key('estimator')}' kde and '{key('centre_weights')}' counts (got {self.estimator}, {self.centre_weights})")
-        need(run.batch_size is None or run.batch_size >= self.centres,
-             f"config key 'data.batch_size' ({run.batch_size}) must be >= '{key('centres')}' ({self.centres}): "
-             "centres are initialised from the first batch")
+        need(
+            self.density == "marginal" or (self.estimator == "kde" and self.centre_weights == "counts"),
+            f"config key '{key('density')}' 'class' weighs the centres by each class's assignments: it needs "
+            f"'{key('estimator')}' kde and '{key('centre_weights')}' counts (got {self.estimator}, {self.centre_weights})",
+        )
+        need(
+            run.batch_size is None or run.batch_size >= self.centres,
+            f"config key 'data.batch_size' ({run.batch_size}) must be >= '{key('centres')}' ({self.centres}): "
+            "centres are initialised from the first batch",
+        )
 
 
 def build(o: PFBOptions, run) -> PFBSelector:
-    return PFBSelector(o.schedule(run.epochs), centres=o.centres, feature_dim=o.feature_dim, update_rate=o.update_rate,
-                       estimator=o.estimator, noise=o.noise, noise_form=o.noise_form, centre_weights=o.centre_weights,
-                       seed=run.seed, score=ScorePass(o.score_scale, o.score_norm), stratify=o.stratify,
-                       density=o.density, num_classes=run.num_classes, class_memory=o.class_memory)
+    return PFBSelector(
+        o.schedule(run.epochs),
+        centres=o.centres,
+        feature_dim=o.feature_dim,
+        update_rate=o.update_rate,
+        estimator=o.estimator,
+        noise=o.noise,
+        noise_form=o.noise_form,
+        centre_weights=o.centre_weights,
+        seed=run.seed,
+        score=ScorePass(o.score_scale, o.score_norm),
+        stratify=o.stratify,
+        density=o.density,
+        num_classes=run.num_classes,
+        class_memory=o.class_memory,
+    )
 
 
-register(Method(
-    "pfb", level="batch", options=PFBOptions, build=build, ratio_option="ratio",
-    legacy_keys={**WINDOW_LEGACY_KEYS, "centers": "centres", "feature_dim": "feature_dim", "ema": "update_rate",
-                 "estimator": "estimator", "noise": "noise", "noise_form": "noise_form", "weights": "centre_weights"},
-    earlier_defaults={"stratify": "none"},  # runs written before the option ranked the whole batch
-    summary="the `ratio` of each batch with the highest shallow-feature density is blocked (ICCV 2025)",
-))
+register(
+    Method(
+        "pfb",
+        level="batch",
+        options=PFBOptions,
+        build=build,
+        ratio_option="ratio",
+        legacy_keys={
+            **WINDOW_LEGACY_KEYS,
+            "centers": "centres",
+            "feature_dim": "feature_dim",
+            "ema": "update_rate",
+            "estimator": "estimator",
+            "noise": "noise",
+            "noise_form": "noise_form",
+            "weights": "centre_weights",
+        },
+        earlier_defaults={"stratify": "none"},  # runs written before the option ranked the whole batch
+        summary="the `ratio` of each batch with the highest shallow-feature density is blocked (ICCV 2025)",
+    )
+)

@@ -31,7 +31,15 @@ class RandomSelector(Selector):
         return order[:k].sort().values
 
 
-register(Method("random", level="batch", options=WindowOptions, ratio_option="ratio", legacy_keys=WINDOW_LEGACY_KEYS,
-                reads_features=False,
-                build=lambda o, run: RandomSelector(o.schedule(run.epochs), seed=run.seed),
-                summary="a uniformly random `ratio` of each batch is blocked (the control for pfb)"))
+register(
+    Method(
+        "random",
+        level="batch",
+        options=WindowOptions,
+        ratio_option="ratio",
+        legacy_keys=WINDOW_LEGACY_KEYS,
+        reads_features=False,
+        build=lambda o, run: RandomSelector(o.schedule(run.epochs), seed=run.seed),
+        summary="a uniformly random `ratio` of each batch is blocked (the control for pfb)",
+    )
+)

@@ -122,8 +122,9 @@ def make_options(method: Method, values: dict, where: str):
             close = method.legacy_keys.get(close[0], close[0]) if close else None
             hint = f"did you mean '{where}.{close}'? " if close else ""
             listed = ", ".join(valid) if valid else "none"
-            raise UserError(f"config key '{where}.{key}' is not an option of method '{method.name}' "
-                            f"({hint}its options: {listed})")
+            raise UserError(
+                f"config key '{where}.{key}' is not an option of method '{method.name}' ({hint}its options: {listed})"
+            )
     return method.options(**coerce_fields(method.options, values, where))
 
 

@@ -23,7 +23,9 @@ class StaticRandomSelector(Selector):
     def epoch_indices(self, num_samples: int):
         if self.drop_fraction == 0:
             return None
-        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(derive_seed("static subset", self.shared_seed)))
+        order = torch.randperm(
+            num_samples, generator=torch.Generator().manual_seed(derive_seed("static subset", self.shared_seed))
+        )
         return order[: self.fewest_samples(num_samples)].sort().values
 
     def fewest_samples(self, num_samples: int) -> int:
@@ -35,13 +37,20 @@ class StaticRandomOptions:
     drop_fraction: float = 0.4  # of the training set, left out of every epoch
 
     def check(self, run, key) -> None:
-        need(0.0 <= self.drop_fraction < 1.0,
-             f"config key '{key('drop_fraction')}' must be in [0, 1), got {self.drop_fraction}")
+        need(
+            0.0 <= self.drop_fraction < 1.0,
+            f"config key '{key('drop_fraction')}' must be in [0, 1), got {self.drop_fraction}",
+        )
 
 
-register(Method(
-    "static_random", level="sampler", options=StaticRandomOptions, ratio_option="drop_fraction",
-    build=lambda o, run: StaticRandomSelector(o.drop_fraction, seed=run.seed),
-    legacy_keys={"ratio": "drop_fraction"},
-    summary="one fixed random subset of (1 - drop_fraction) of the data, every epoch",
-))
+register(
+    Method(
+        "static_random",
+        level="sampler",
+        options=StaticRandomOptions,
+        ratio_option="drop_fraction",
+        build=lambda o, run: StaticRandomSelector(o.drop_fraction, seed=run.seed),
+        legacy_keys={"ratio": "drop_fraction"},
+        summary="one fixed random subset of (1 - drop_fraction) of the data, every epoch",
+    )
+)

@@ -45,8 +45,9 @@ def class_rank(scores: torch.Tensor, labels: torch.Tensor, ordered: Optional[tup
     return torch.empty_like(sorted_rank).scatter_(0, order, sorted_rank)
 
 
-def class_quotas(labels: torch.Tensor, blocked: int, generator: torch.Generator,
-                 ordered: Optional[tuple] = None) -> torch.Tensor:
+def class_quotas(
+    labels: torch.Tensor, blocked: int, generator: torch.Generator, ordered: Optional[tuple] = None
+) -> torch.Tensor:
     """How many rows each row's class blocks: the largest-remainder split of `blocked` rows over the
     classes of the batch in proportion to their row counts.
 
@@ -62,8 +63,11 @@ def class_quotas(labels: torch.Tensor, blocked: int, generator: torch.Generator,
     base, remainder = share // rows, share % rows
     leader = within == 0  # one sorted row stands for its class
     # Remainders are integers, so a draw in [0, 1) only orders equal ones.
-    key = torch.where(leader, remainder.double() + torch.rand(rows, device=labels.device, generator=generator,
-                                                              dtype=torch.float64), torch.full_like(base, -1.0, dtype=torch.float64))
+    key = torch.where(
+        leader,
+        remainder.double() + torch.rand(rows, device=labels.device, generator=generator, dtype=torch.float64),
+        torch.full_like(base, -1.0, dtype=torch.float64),
+    )
     extra_rows = blocked - (base * leader).sum()  # < number of classes present: the rounded-away parts
     place = torch.argsort(torch.argsort(key, descending=True, stable=True))  # 0: largest remainder
     extra = (leader & (place < extra_rows)).long()
@@ -72,8 +76,9 @@ def class_quotas(labels: torch.Tensor, blocked: int, generator: torch.Generator,
     return torch.empty_like(sorted_quota).scatter_(0, order, sorted_quota)
 
 
-def block_within_classes(scores: torch.Tensor, labels: torch.Tensor, quotas: torch.Tensor,
-                         ordered: Optional[tuple] = None) -> torch.Tensor:
+def block_within_classes(
+    scores: torch.Tensor, labels: torch.Tensor, quotas: torch.Tensor, ordered: Optional[tuple] = None
+) -> torch.Tensor:
     """(B,) bool: the rows blocked when each class blocks its `quotas` (from `class_quotas`) highest-scored
     rows. `scores`: (B,) float, higher = blocked first; `ordered`: sort_by_class(scores, labels), if known."""
     order, within, _ = ordered or sort_by_class(scores, labels)
