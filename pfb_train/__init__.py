@@ -1,6 +1,6 @@
 """pfb-train: train timm image classifiers with Partial Forward Blocking.
 
-The public API, for a training loop of one's own (README: "PFB in your own training loop"):
+The public API, for a training loop of one's own (docs/methods.md: "PFB in your own training loop"):
 `Blocking` (a split model plus a selection method: forward, loss, observe), `BlockedBatch`,
 `split_model` / `BlockedModel`, the method registry (`methods`, `register`, `Method`,
 `Selector`) and `UserError`. Names load on first use, so the CLI starts without torch.

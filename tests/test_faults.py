@@ -2,7 +2,7 @@
 
 Every case asserts the exit code, that stderr holds one `pfb-train:` line and no traceback, and
 that nothing finished is lost (the run finishes, or its checkpoints and metrics are still there).
-The README's bad-input table lists each case with what the user sees. Cases marked `slow` start
+The bad-input table of docs/operations.md lists each case with what the user sees. Cases marked `slow` start
 subprocesses (signals, torchrun); they run in CI too.
 """
 
