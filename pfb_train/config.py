@@ -19,7 +19,7 @@ from timm.data import create_transform
 from timm.optim import list_optimizers
 
 from pfb_train.data.registry import get_source, sources
-from pfb_train.errors import UserError
+from pfb_train.errors import UserError, first_line
 from pfb_train.selection import methods  # importing the package registers the built-in methods
 from pfb_train.selection.registry import RunFacts, check_options, get_method, make_options
 from pfb_train.typed import coerce, unknown_key
@@ -523,7 +523,7 @@ def check_timm_values(cfg: Config) -> None:
         try:
             create_transform(cfg.data.img_size, is_training=True, auto_augment=policy)
         except Exception as e:  # timm asserts on an unknown policy, sometimes with no message
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else "not a policy timm knows"
+            reason = first_line(e, otherwise="not a policy timm knows")
             raise UserError(
                 f"config key 'data.auto_augment': {policy!r} is not a timm augmentation policy "
                 f"({reason}); e.g. 'rand-m9-mstd0.5', 'augmix-m5', 'original', 'v0', or null"

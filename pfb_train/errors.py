@@ -19,3 +19,15 @@ class Preempted(Exception):
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.signum = signum
+
+
+def first_line(error: Exception, otherwise: str = "") -> str:
+    """The first line of an exception's message, for a one-line error (`otherwise`, or the exception's
+    type name, when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else (otherwise or type(error).__name__)
+
+
+def squeezed(error: Exception, limit: int = 160) -> str:
+    """An exception's whole message on one line, whitespace collapsed, at most `limit` characters."""
+    return " ".join(str(error).split())[:limit]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pfb_train.errors import UserError
+from pfb_train.errors import UserError, first_line
 
 
 @dataclass(frozen=True)
@@ -363,7 +363,7 @@ class BlockedModel(nn.Module):
                     )
                 self._takes_size[size] = None
             except Exception as e:
-                self._takes_size[size] = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                self._takes_size[size] = first_line(e)
             finally:
                 self.train(was_training)
         return self._takes_size[size]
@@ -520,17 +520,12 @@ def create_timm_model(name: str, num_classes: int, pretrained: bool = False, **k
     except TypeError as e:  # an option this model's constructor does not take
         raise UserError(
             f"timm model '{name}' cannot be built with {', '.join(f'{k}={v!r}' for k, v in kwargs.items())} "
-            f"({_first_line(e)})"
+            f"({first_line(e)})"
         ) from None
     except Exception as e:  # pretrained weights need the network or a local cache
         if pretrained:
-            raise UserError(f"could not load pretrained weights for '{name}': {_first_line(e)}") from None
+            raise UserError(f"could not load pretrained weights for '{name}': {first_line(e)}") from None
         raise
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def runs_at(model: nn.Module, size: int) -> Optional[str]:
@@ -546,7 +541,7 @@ def runs_at(model: nn.Module, size: int) -> Optional[str]:
             model(torch.zeros(1, chans, size, size, device=param.device, dtype=param.dtype))
         return None
     except Exception as e:
-        return _first_line(e)
+        return first_line(e)
     finally:
         model.train(was_training)
 

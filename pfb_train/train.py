@@ -48,7 +48,7 @@ from pfb_train.engine import (
     prepare_epoch,
     train_one_epoch,
 )
-from pfb_train.errors import Preempted, RunFinished, TrainingStopped, UserError
+from pfb_train.errors import Preempted, RunFinished, TrainingStopped, UserError, squeezed
 from pfb_train.metrics import UNREADABLE_FILE, BaselineComparison, RunLogger, make_run_dir, rewrite_metrics
 from pfb_train.models import build_model, check_score_pass, check_training_rows
 from pfb_train.preemption import PreemptionSignals
@@ -209,7 +209,7 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
     try:  # a name timm lists may still need what this machine lacks (bitsandbytes, APEX, CUDA)
         optimizer = create_optimizer_v2(net, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
     except (AssertionError, ImportError, ValueError, TypeError) as e:
-        reason = " ".join(str(e).split()) or type(e).__name__
+        reason = squeezed(e, limit=1000) or type(e).__name__
         raise UserError(f"config key 'optim.name': timm cannot make optimizer '{o.name}' here ({reason})") from None
     scheduler, _ = create_scheduler_v2(
         optimizer,

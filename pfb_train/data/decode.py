@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from pfb_train.errors import squeezed
+
 MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # 178,956,970 with PIL's default: where PIL raises DecompressionBombError
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's grey modes wider than 8 bits (integers)
 
@@ -52,7 +54,7 @@ def _file(source: Source):
 def _reason(error: Exception) -> str:
     if isinstance(error, UnidentifiedImageError):  # its message holds the stream's repr: say it plainly
         return "not an image file PIL can read"
-    message = " ".join(str(error).split())[:160]
+    message = squeezed(error)
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 

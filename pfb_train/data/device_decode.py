@@ -33,7 +33,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from pfb_train.data.decode import BadImage, TooLarge, check_size, rgb_tensor, top_byte
 from pfb_train.data.missing import Unreadable, all_unreadable, skip_or_fail, stand_in_index, stand_in_rows
-from pfb_train.errors import UserError
+from pfb_train.errors import UserError, squeezed
 from pfb_train.data.wrapped import WrappedLoader
 
 JPEG_MAGIC = (0xFF, 0xD8)
@@ -144,9 +144,7 @@ class DeviceDecodeLoader(WrappedLoader):
             try:  # what torchvision.io does not read (BMP, TIFF, PPM, a JPEG it rejects), PIL may: as the cpu path
                 image = rgb_tensor(data)
             except BadImage:
-                skip_or_fail(
-                    self._where(index), f"{type(e).__name__}: {' '.join(str(e).split())[:160]}", self.fail_on_bad
-                )
+                skip_or_fail(self._where(index), f"{type(e).__name__}: {squeezed(e)}", self.fail_on_bad)
                 return None
         return image.to(self.device, non_blocking=True)
 
