@@ -28,7 +28,6 @@ from torch import nn
 from pfb_train.costs import cheaper_mode
 from pfb_train.models import BlockedModel, check_score_pass, split_model
 from pfb_train.selection import RunFacts, Selector
-from pfb_train.selection.base import observe_step, select_rows
 from pfb_train.selection.registry import configure
 
 
@@ -49,7 +48,7 @@ def forward(
     Epochs without blocking run the plain model: no second shallow pass in recompute mode.
     Shapes and dtypes as `Blocking.forward` gives them."""
     labels = dominant_labels(y)
-    select = (lambda feats: select_rows(selector, feats, labels)) if selector.blocks_rows() else None
+    select = (lambda feats: selector.select(feats, labels)) if selector.blocks_rows() else None
     out = model(x, select=select, features=selector.needs_features(), score=selector.score_pass())
     if out.keep is None:
         return BlockedBatch(out.logits, y, indices, None, out.feats)
@@ -81,7 +80,7 @@ def weighted_mean(selector: Selector, batch: BlockedBatch, losses: torch.Tensor)
 def observe(selector: Selector, batch: BlockedBatch, losses: torch.Tensor) -> None:
     """After the optimizer step: the method updates its state (PFB's centres, InfoBatch's scores).
     Methods leave rows with a negative index (stand-ins) out of their update."""
-    observe_step(selector, batch.feats, batch.keep, batch.indices, losses.detach(), dominant_labels(batch.targets))
+    selector.observe(batch.feats, batch.keep, batch.indices, losses.detach(), dominant_labels(batch.targets))
 
 
 class Blocking:

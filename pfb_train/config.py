@@ -171,14 +171,39 @@ class Config:
 BLOCKING_KEYS = ("method", "stage", "mode")
 
 
-def _legacy_keys(known: dict) -> list[str]:
-    return sorted({key for method in known.values() for key in method.legacy_keys})
+# The flat `blocking:` keys of versions before method sections, and the options they became (for the one
+# line that refuses them; scripts/upgrade_run_logs.py rewrites stored run directories with it).
+MOVED_FLAT_KEYS = {
+    "ratio": {"pfb": "ratio", "random": "ratio", "infobatch": "prune_ratio", "static_random": "drop_fraction"},
+    "start_epoch": {"pfb": "start_epoch", "random": "start_epoch"},
+    "end_epoch": {"pfb": "end_epoch", "random": "end_epoch"},
+    "ramp": {"pfb": "ramp", "random": "ramp"},
+    "centers": {"pfb": "centres"},
+    "feature_dim": {"pfb": "feature_dim"},
+    "ema": {"pfb": "update_rate"},
+    "estimator": {"pfb": "estimator"},
+    "noise": {"pfb": "noise"},
+    "noise_form": {"pfb": "noise_form"},
+    "weights": {"pfb": "centre_weights"},
+    "delta": {"infobatch": "delta"},
+}
+
+
+def unknown_blocking_key(key: str, known: dict) -> UserError:
+    """The error for `blocking.<key>` that is neither a plain key nor a method: a flat key of an earlier
+    version says where it moved; anything else lists the valid names."""
+    moved = MOVED_FLAT_KEYS.get(key)
+    if moved is None:
+        return unknown_key(key, "blocking.", [*BLOCKING_KEYS, *known])
+    where = ", ".join(f"blocking.{method}.{option}" for method, option in moved.items())
+    return UserError(
+        f"config key 'blocking.{key}' is a flat key of an earlier version: each method's options now "
+        f"live in its own section ({where}); scripts/upgrade_run_logs.py rewrites a stored run's config"
+    )
 
 
 def _build_blocking(data: dict) -> BlockingConfig:
-    """`blocking:` with one section per method. Flat keys of earlier versions (`blocking.ratio`,
-    `blocking.centers`, ...) still work: each sets the option it became in every method that reads it
-    (Method.legacy_keys); a section's own value wins over a flat key in the same file."""
+    """`blocking:` with the plain keys (method, stage, mode) and one section per method."""
     known = methods()
     plain = {k: v for k, v in data.items() if k in BLOCKING_KEYS}
     cfg = _build(BlockingConfig, plain, "blocking.", custom=False)
@@ -194,11 +219,7 @@ def _build_blocking(data: dict) -> BlockingConfig:
                 )
             sections.setdefault(key, {}).update(value or {})
             continue
-        claimed = [m for m in known.values() if key in m.legacy_keys]
-        if not claimed:
-            raise unknown_key(str(key), "blocking.", [*BLOCKING_KEYS, *known], _legacy_keys(known))
-        for m in claimed:  # setdefault: a section's own value wins, whichever comes first in the file
-            sections.setdefault(m.name, {}).setdefault(m.legacy_keys[key], value)
+        raise unknown_blocking_key(str(key), known)
     cfg.options = {name: make_options(m, sections.get(name, {}), f"blocking.{name}") for name, m in known.items()}
     return cfg
 
@@ -253,8 +274,7 @@ def _set_dotted(data: dict, dotted: str, value) -> None:
 
 
 def _set_blocking(node: dict, parts: list[str], i: int, dotted: str, value) -> None:
-    """`--set blocking.<method>.<option>=v`, or a flat key of earlier versions (`blocking.ratio=v`),
-    which sets the option it became in every method that reads it."""
+    """`--set blocking.<method>.<option>=v`."""
     known = methods()
     part, rest = parts[i], parts[i + 1 :]
     if part in known:
@@ -267,13 +287,7 @@ def _set_blocking(node: dict, parts: list[str], i: int, dotted: str, value) -> N
             node[part] = {}
         node[part][rest[0]] = value  # checked against the method's options when the config is built
         return
-    claimed = [m for m in known.values() if part in m.legacy_keys]
-    if not claimed or rest:
-        raise unknown_key(part, "blocking.", [*BLOCKING_KEYS, *known], _legacy_keys(known))
-    for m in claimed:
-        if not isinstance(node.get(m.name), dict):
-            node[m.name] = {}
-        node[m.name][m.legacy_keys[part]] = value
+    raise unknown_blocking_key(part, known)
 
 
 # ---------------------------------------------------------------- loading
@@ -368,31 +382,17 @@ def flatten(config: dict, prefix: str = "") -> dict:
 
 
 def experiment_settings(raw: dict) -> dict:
-    """A run directory's config.yaml as the resolved settings of what was trained: earlier flat
-    `blocking` keys read as today's sections, options added since read as what they did then
-    (Method.earlier_defaults), and only the chosen method's section kept (the other methods' defaults
-    may change between versions without changing what was trained)."""
+    """A run directory's config.yaml as the resolved settings of what was trained, only the chosen method's
+    section kept (the other methods' defaults may change between versions without changing what was
+    trained)."""
     try:
-        return _build(Config, with_earlier_defaults(raw)).to_dict(chosen_only=True)
+        return _build(Config, raw).to_dict(chosen_only=True)
     except UserError:  # keys or a method this version does not know: compare it as written, chosen section only
         blocking = raw.get("blocking")
         if not isinstance(blocking, dict):
             return raw
         chosen = blocking.get("method")
         return {**raw, "blocking": {k: v for k, v in blocking.items() if not isinstance(v, dict) or k == chosen}}
-
-
-def with_earlier_defaults(raw: dict) -> dict:
-    """A stored config dict with each method's options that it predates filled in as they behaved then."""
-    blocking = raw.get("blocking")
-    if not isinstance(blocking, dict):
-        return raw
-    blocking = dict(blocking)
-    for name, method in methods().items():
-        section = blocking.get(name)
-        if method.earlier_defaults and (section is None or isinstance(section, dict)):
-            blocking[name] = {**method.earlier_defaults, **(section or {})}
-    return {**raw, "blocking": blocking}
 
 
 def validate(cfg: Config) -> None:

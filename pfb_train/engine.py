@@ -25,7 +25,6 @@ from pfb_train.distributed import all_gather_objects, all_reduce_sum
 from pfb_train.errors import TrainingStopped
 from pfb_train.metrics import PhaseTimer
 from pfb_train.selection import Selector
-from pfb_train.selection.base import select_rows
 
 
 @dataclass(frozen=True)
@@ -134,7 +133,7 @@ class MarkedSelection:
 
     def select(self, feats: torch.Tensor, labels: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         self._timer.mark("shallow")
-        keep = select_rows(self._selector, feats, labels)
+        keep = self._selector.select(feats, labels)
         self._timer.mark("select")
         return keep
 

@@ -60,15 +60,13 @@ class Run:
 
     @property
     def full_data(self) -> bool:
-        """Summaries name the method's ratio option (None: nothing dropped); older ones only the method."""
-        if "ratio_option" in self.summary:
-            return self.summary["ratio_option"] is None
-        return self.method == "none"
+        """Summaries name the method's ratio option; None: it drops nothing."""
+        return self.summary["ratio_option"] is None
 
     @property
     def ratio_key(self) -> str:
         """The config key of the method's own ratio option (the label shows it already)."""
-        return f"blocking.{self.method}.{self.summary.get('ratio_option') or 'ratio'}"
+        return f"blocking.{self.method}.{self.summary['ratio_option']}"
 
     @property
     def method(self) -> str:

@@ -125,12 +125,8 @@ def _save_selector(state: RunState) -> dict:
 
 def _load_selector(state: RunState, value: dict) -> None:
     """Each rank resumes its own random streams and tallies; with another number of processes they
-    restart, rank 0 taking the merged tallies (`Selector.merge_rank_states`). Checkpoints of earlier
-    versions hold rank 0's state alone: every rank loads it."""
-    per_rank = value.get("per_rank")
-    if per_rank is None:
-        state.selector.load_state_dict(value)
-        return
+    restart, rank 0 taking the merged tallies (`Selector.merge_rank_states`)."""
+    per_rank = value["per_rank"]
     selector, dist = state.selector, state.settings.dist
     built = selector.state_dict()  # what this rank starts with where the checkpoint has nothing for it
     built = {k: built[k] for k in selector.rank_local if k in built}
@@ -204,7 +200,7 @@ CHECKPOINT_PARTS = (
         lambda s, v: setattr(s.position, "nonfinite_in_row", v or 0),
     ),  # the streak counts across epochs
     Part("best_top1", lambda s: s.position.best_top1, _set_position("best_top1")),
-    Part("partial", lambda s: s.position.partial, _set_position("partial")),  # see upgrade_partial
+    Part("partial", lambda s: s.position.partial, _set_position("partial")),
     Part("subset", lambda s: s.position.subset, _set_position("subset")),
     Part("rng", lambda s: all_rng_states(), _restore_rng),
     Part("config", lambda s: s.cfg.to_dict(), lambda s, v: None),  # read by check_resumable, refuse_finished
@@ -218,7 +214,38 @@ CHECKPOINT_PARTS = (
 MUST_MATCH = ("model.name", "model.num_classes", "model.cifar_stem", "blocking.method", "blocking.stage")
 
 
+# What a checkpoint of this version holds that earlier versions' did not: they are refused in one line.
+TALLY_KEYS = (*EpochTally.FIELDS, "loss_sum", "loss_count", "class_rows", "unreadable", "seconds")
+
+
+def check_format(checkpoint: dict) -> None:
+    """Refuse (UserError) a checkpoint written by an earlier version, naming what it lacks: every rank's
+    selection state, or an interrupted epoch's per-rank tallies and compute."""
+    partial = checkpoint.get("partial")
+    lacks = [
+        what
+        for what, present in (
+            ("every rank's selection state", "per_rank" in (checkpoint.get("selector") or {})),
+            ("the interrupted epoch's per-rank tallies", partial is None or "ranks" in partial),
+            ("the interrupted epoch's compute", partial is None or "step_costs" in partial),
+            (
+                "today's tally entries",
+                partial is None or all(k in r for r in partial.get("ranks", []) for k in TALLY_KEYS),
+            ),
+        )
+        if not present
+    ]
+    if lacks:
+        raise UserError(
+            f"cannot resume: the checkpoint was written by an earlier version of pfb-train ({'; '.join(lacks)} "
+            "missing); go on with that version, or start a new run (name=...)"
+        )
+
+
 def check_resumable(cfg: Config, checkpoint: dict) -> None:
+    """Refuse what this config cannot continue: a checkpoint of an earlier version, other weights or
+    selection state (MUST_MATCH), or another clock (check_same_clock)."""
+    check_format(checkpoint)
     saved, now = checkpoint.get("config", {}), cfg.to_dict()
     for key in MUST_MATCH:
         section, option = key.split(".")
@@ -347,7 +374,7 @@ def restore(state: RunState, checkpoint: dict) -> None:
     """Put a run back where `checkpoint` left it: weights, optimizer, selector, RNG, position. The LR
     schedule follows from the config and the position (no scheduler state is restored)."""
     for part in CHECKPOINT_PARTS:
-        part.load(state, upgrade_partial(checkpoint) if part.key == "partial" else checkpoint.get(part.key))
+        part.load(state, checkpoint.get(part.key))
 
 
 def save_checkpoints(state: RunState, epoch: int, tally: Optional[EpochTally], best: bool = False) -> None:
@@ -392,32 +419,6 @@ def partial_step_costs(partial: dict, updates_per_epoch: int) -> float:
     """An interrupted epoch's compute so far (EpochTally.step_costs) in full-data steps of `updates_per_epoch`
     per epoch: as saved under the same batch size and number of processes (bit for bit), rescaled otherwise."""
     saved = partial["updates_per_epoch"]
-    if saved is None or saved == updates_per_epoch:
+    if saved == updates_per_epoch:
         return partial["step_costs"]
     return partial["step_costs"] * updates_per_epoch / saved
-
-
-def upgrade_partial(checkpoint: dict) -> Optional[dict]:
-    """The `partial` entry in today's form: checkpoints of earlier versions held rank 0's tally alone,
-    with the position in batches, and their tallies lack entries added since (taken as the epoch's
-    kept samples, no unreadable sample named)."""
-    partial = checkpoint.get("partial")
-    if partial is None:
-        return None
-    if "ranks" not in partial:
-        batch_size, world_size = checkpoint["config"]["data"]["batch_size"], len(checkpoint["rng"])
-        partial = {
-            "order_done": partial["batches"] * batch_size * world_size,
-            "batch_size": batch_size,
-            "world_size": world_size,
-            "ranks": [partial] * world_size,
-        }
-    partial.setdefault("step_costs", 0.0)  # compute counted from the resume on
-    partial.setdefault("updates_per_epoch", None)
-    for tally in partial["ranks"]:
-        tally.setdefault(
-            "loss_count", float(sum(tally["class_rows"][1])) if "class_rows" in tally else float(tally["rows_kept"])
-        )
-        tally.setdefault("class_rows", [[0.0], [0.0]])
-        tally.setdefault("unreadable", [])
-    return partial

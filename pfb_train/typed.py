@@ -68,11 +68,10 @@ def coerce(value, tp, key: str):
     raise UserError(f"config key '{key}': expected {type_name(tp)}, got {value!r}")
 
 
-def unknown_key(key: str, prefix: str, valid: list[str], also_accepted: list[str] = ()) -> UserError:
-    """The one-line error for a key that is not in `valid`: the closest key (also among
-    `also_accepted`, e.g. keys of earlier versions) or else the valid ones."""
+def unknown_key(key: str, prefix: str, valid: list[str]) -> UserError:
+    """The one-line error for a key that is not in `valid`: the closest key, or else the valid ones."""
     full = f"{prefix}{key}"
-    close = difflib.get_close_matches(key, [*valid, *also_accepted], n=1)
+    close = difflib.get_close_matches(key, valid, n=1)
     hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(valid)})"
     return UserError(f"unknown config key '{full}'{hint}")
 

@@ -66,3 +66,16 @@ def write_smooth_folder(root, per_class, size=lambda i: (40 + 3 * i, 52)):
             for i in range(per_class):
                 Image.fromarray(smooth_image(rng, *size(i))).save(root / split / c / f"{i}.jpg", quality=95)
     return rng
+
+
+@pytest.fixture
+def upgrade_run_logs():
+    """scripts/upgrade_run_logs.py as a module: the one-off rewrite of run directories of earlier versions."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "upgrade_run_logs.py"
+    spec = importlib.util.spec_from_file_location("upgrade_run_logs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -59,7 +59,17 @@ def test_int_accepted_for_float_but_not_bool_for_int(tmp_path):
         ("", ["blocking.pfb.ratio=abc"], "config key 'blocking.pfb.ratio': expected float, got 'abc'"),
         ("", ["blocking.method=pfbb"], "unknown blocking.method 'pfbb'; choose one of: none, random, pfb, infobatch"),
         ("", ["blocking.method=pfb", "blocking.pfb.ratio=1.0"], "'blocking.pfb.ratio' must be in [0, 1)"),
-        ("", ["blocking.method=random", "blocking.ratio=-0.1"], "'blocking.random.ratio' must be in [0, 1)"),
+        (
+            "",
+            [
+                "blocking.method=random",
+                "blocking.pfb.ratio=-0.1",
+                "blocking.random.ratio=-0.1",
+                "blocking.infobatch.prune_ratio=-0.1",
+                "blocking.static_random.drop_fraction=-0.1",
+            ],
+            "'blocking.random.ratio' must be in [0, 1)",
+        ),
         (
             "",
             ["blocking.method=infobatch", "blocking.infobatch.prune_ratio=1"],
@@ -77,7 +87,11 @@ def test_int_accepted_for_float_but_not_bool_for_int(tmp_path):
             ["blocking.method=pfb", "data.batch_size=16", "blocking.pfb.centres=32"],
             "must be >= 'blocking.pfb.centres'",
         ),
-        ("", ["blocking.method=pfb", "data.batch_size=16", "blocking.centers=32"], "must be >= 'blocking.pfb.centres'"),
+        (
+            "",
+            ["blocking.method=pfb", "data.batch_size=16", "blocking.pfb.centres=32"],
+            "must be >= 'blocking.pfb.centres'",
+        ),
         (
             "",
             ["blocking.method=random", "blocking.random.start_epoch=10", "blocking.random.end_epoch=5"],
@@ -115,9 +129,11 @@ def test_saved_config_round_trips(tmp_path):
 
 def test_base_key_merges_recipe_and_variant(tmp_path):
     (tmp_path / "recipe.yaml").write_text(
-        "name: full\nblocking: {method: none, ratio: 0.4, centers: 16}\nschedule: {epochs: 7}\n"
+        "name: full\nblocking: {method: none, pfb: {ratio: 0.4, centres: 16}}\nschedule: {epochs: 7}\n"
     )
-    (tmp_path / "variant.yaml").write_text("base: recipe.yaml\nname: pfb30\nblocking: {method: pfb, ratio: 0.3}\n")
+    (tmp_path / "variant.yaml").write_text(
+        "base: recipe.yaml\nname: pfb30\nblocking: {method: pfb, pfb: {ratio: 0.3}}\n"
+    )
     cfg = load_config(str(tmp_path / "variant.yaml"))
     assert cfg.name == "pfb30" and cfg.blocking.method == "pfb" and cfg.blocking.chosen().ratio == 0.3
     assert cfg.blocking.chosen().centres == 16 and cfg.schedule.epochs == 7  # kept from the recipe
@@ -143,10 +159,23 @@ def test_shipped_paper_variants_differ_from_their_recipe_only_where_stated():
     assert swin.optim.ema_decay and swin.data.mixup > 0 and swin.optim.clip_grad
 
 
-def test_flat_blocking_keys_of_earlier_versions_set_the_options_they_became(tmp_path):
-    """A config written before method sections: each flat key goes to every method that reads it."""
+def test_flat_blocking_keys_of_earlier_versions_are_one_line_naming_where_they_moved(tmp_path, upgrade_run_logs):
+    """A config of the versions before method sections is refused, naming the sections its keys moved to;
+    scripts/upgrade_run_logs.py rewrites a stored one into them: each flat key to every method that reads
+    it, a section's own value winning over a flat key in the same file."""
+    import yaml
+
     old = "blocking: {method: pfb, ratio: 0.3, centers: 16, ema: 0.2, weights: uniform, delta: 0.5, start_epoch: 2}\n"
-    cfg = load_config(write(tmp_path, old))
+    with pytest.raises(
+        UserError,
+        match=r"'blocking.ratio' is a flat key of an earlier version: .*\(blocking.pfb.ratio, "
+        r"blocking.random.ratio, blocking.infobatch.prune_ratio, blocking.static_random.drop_fraction\)",
+    ):
+        load_config(write(tmp_path, old))
+    with pytest.raises(UserError, match=r"'blocking.centers' is a flat key .*\(blocking.pfb.centres\)"):
+        load_config(None, ["blocking.centers=16"])
+    upgraded = {"blocking": upgrade_run_logs.upgrade_blocking(yaml.safe_load(old)["blocking"])}
+    cfg = load_config(write(tmp_path, yaml.safe_dump(upgraded)))
     pfb, options = cfg.blocking.chosen(), cfg.blocking.options
     assert (pfb.ratio, pfb.centres, pfb.update_rate, pfb.centre_weights, pfb.start_epoch) == (
         0.3,
@@ -158,11 +187,9 @@ def test_flat_blocking_keys_of_earlier_versions_set_the_options_they_became(tmp_
     assert options["random"].ratio == 0.3 and options["random"].start_epoch == 2
     assert options["infobatch"].prune_ratio == 0.3 and options["infobatch"].delta == 0.5
     assert options["static_random"].drop_fraction == 0.3
-    # an explicit section wins over a flat key in the same file; a later --set of a flat key wins over both
-    cfg = load_config(write(tmp_path, "blocking: {method: pfb, ratio: 0.3, pfb: {ratio: 0.2}}\n"))
-    assert cfg.blocking.chosen().ratio == 0.2
-    cfg = load_config(write(tmp_path, "blocking: {method: pfb, pfb: {ratio: 0.2}}\n"), ["blocking.ratio=0.1"])
-    assert cfg.blocking.chosen().ratio == 0.1
+    assert pfb.stratify == "none" and pfb.score_scale == 1.0  # as runs of that version ranked
+    both = upgrade_run_logs.upgrade_blocking({"method": "pfb", "ratio": 0.3, "pfb": {"ratio": 0.2}})
+    assert both["pfb"]["ratio"] == 0.2
 
 
 def test_sections_of_other_methods_are_kept_but_do_nothing(tmp_path):

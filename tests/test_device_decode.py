@@ -99,7 +99,7 @@ def test_training_run_with_device_decode(folder, tmp_path):
                 "schedule.epochs=1",
                 "schedule.warmup_epochs=0",
                 "blocking.method=pfb",
-                "blocking.centers=4",
+                "blocking.pfb.centres=4",
                 "runtime.progress=false",
                 "runtime.device=cpu",
                 f"runtime.output={tmp_path}/runs",

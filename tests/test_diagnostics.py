@@ -28,7 +28,7 @@ class KeepFirstRows(Selector):
     def blocks_rows(self):
         return True
 
-    def select(self, feats):
+    def select(self, feats, labels=None):
         return torch.arange(self.k)
 
 
@@ -104,7 +104,8 @@ def test_demo_on_synthetic_data_logs_a_signal_every_epoch(tmp_path):
         "demo",
         [
             "data.dataset=synthetic",
-            "blocking.start_epoch=0",
+            "blocking.pfb.start_epoch=0",
+            "blocking.random.start_epoch=0",
             "schedule.epochs=2",
             "data.train_samples=256",
             "data.val_samples=100",

@@ -87,7 +87,17 @@ def test_validation_counts_every_sample_once_on_any_world_size(tmp_path):
 
 
 def test_two_process_infobatch_scores_are_gathered_from_every_rank(tmp_path):
-    (r0, r1), _ = launch(tmp_path, 2, True, "blocking.method=infobatch", "blocking.ratio=0.5", "schedule.epochs=3")
+    (r0, r1), _ = launch(
+        tmp_path,
+        2,
+        True,
+        "blocking.method=infobatch",
+        "blocking.pfb.ratio=0.5",
+        "blocking.random.ratio=0.5",
+        "blocking.infobatch.prune_ratio=0.5",
+        "blocking.static_random.drop_fraction=0.5",
+        "schedule.epochs=3",
+    )
     scores0, scores1 = r0["selector"]["scores"], r1["selector"]["scores"]
     assert torch.equal(scores0, scores1)
     assert (scores0 != 3.0).all()  # every sample's loss reached both ranks in epoch 0

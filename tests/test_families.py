@@ -184,9 +184,49 @@ def test_auto_mode_resolution():
 
     assert blocking_mode(load_config("demo").blocking) == "recompute"  # pfb at 0.4
     # the automatic ranking pass (half size) moves the threshold from 1/3 to 0.25 / 3
-    assert blocking_mode(load_config("demo", ["blocking.ratio=0.1"]).blocking) == "recompute"
-    assert blocking_mode(load_config("demo", ["blocking.ratio=0.08"]).blocking) == "reuse"
+    assert (
+        blocking_mode(
+            load_config(
+                "demo",
+                [
+                    "blocking.pfb.ratio=0.1",
+                    "blocking.random.ratio=0.1",
+                    "blocking.infobatch.prune_ratio=0.1",
+                    "blocking.static_random.drop_fraction=0.1",
+                ],
+            ).blocking
+        )
+        == "recompute"
+    )
+    assert (
+        blocking_mode(
+            load_config(
+                "demo",
+                [
+                    "blocking.pfb.ratio=0.08",
+                    "blocking.random.ratio=0.08",
+                    "blocking.infobatch.prune_ratio=0.08",
+                    "blocking.static_random.drop_fraction=0.08",
+                ],
+            ).blocking
+        )
+        == "reuse"
+    )
     exact = ["blocking.pfb.score_scale=1.0", "blocking.pfb.score_norm=batch"]
-    assert blocking_mode(load_config("demo", ["blocking.ratio=0.3", *exact]).blocking) == "reuse"
+    assert (
+        blocking_mode(
+            load_config(
+                "demo",
+                [
+                    "blocking.pfb.ratio=0.3",
+                    "blocking.random.ratio=0.3",
+                    "blocking.infobatch.prune_ratio=0.3",
+                    "blocking.static_random.drop_fraction=0.3",
+                    *exact,
+                ],
+            ).blocking
+        )
+        == "reuse"
+    )
     assert blocking_mode(load_config("demo", ["blocking.mode=reuse"]).blocking) == "reuse"  # explicit wins
     assert blocking_mode(load_config("demo", ["blocking.method=infobatch"]).blocking) == "reuse"  # blocks no rows

@@ -24,7 +24,7 @@ def test_info_reports_split_share_and_predictions(capsys):
                 "--set",
                 "data.batch_size=10",
                 "--set",
-                "blocking.centers=8",
+                "blocking.pfb.centres=8",
                 "--set",
                 "blocking.mode=recompute",
                 "--json",

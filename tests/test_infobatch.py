@@ -79,7 +79,7 @@ TINY = [
     "schedule.warmup_epochs=0",
     "runtime.progress=false",
     "runtime.device=cpu",
-    "blocking.centers=8",
+    "blocking.pfb.centres=8",
 ]
 
 
@@ -91,8 +91,11 @@ def test_sampler_level_run_reports_realised_fraction(tmp_path, method):
             [
                 *TINY,
                 f"blocking.method={method}",
-                "blocking.ratio=0.5",
-                "blocking.delta=0.75",
+                "blocking.pfb.ratio=0.5",
+                "blocking.random.ratio=0.5",
+                "blocking.infobatch.prune_ratio=0.5",
+                "blocking.static_random.drop_fraction=0.5",
+                "blocking.infobatch.delta=0.75",
                 f"runtime.output={tmp_path}",
             ],
         )

@@ -260,7 +260,7 @@ class KeepHead(Selector):
     def blocks_rows(self) -> bool:
         return True
 
-    def select(self, feats):
+    def select(self, feats, labels=None):
         return torch.arange(0, feats.shape[0], self.keep_every, device=feats.device)
 
 

@@ -34,9 +34,13 @@ TINY = [
     "runtime.progress=false",
     "runtime.device=cpu",
     "blocking.method=pfb",
-    "blocking.ratio=0.25",
-    "blocking.centers=8",
-    "blocking.start_epoch=1",
+    "blocking.pfb.ratio=0.25",
+    "blocking.random.ratio=0.25",
+    "blocking.infobatch.prune_ratio=0.25",
+    "blocking.static_random.drop_fraction=0.25",
+    "blocking.pfb.centres=8",
+    "blocking.pfb.start_epoch=1",
+    "blocking.random.start_epoch=1",
     "name=tiny",
 ]
 
@@ -108,8 +112,11 @@ def test_resume_mid_epoch_with_workers_and_random_crops_is_exact(tmp_path):
         "runtime.progress=false",
         "runtime.device=cpu",
         "blocking.method=pfb",
-        "blocking.ratio=0.25",
-        "blocking.centers=4",
+        "blocking.pfb.ratio=0.25",
+        "blocking.random.ratio=0.25",
+        "blocking.infobatch.prune_ratio=0.25",
+        "blocking.static_random.drop_fraction=0.25",
+        "blocking.pfb.centres=4",
         "runtime.checkpoint_every=3",
         "name=folder",
     ]
@@ -138,7 +145,14 @@ def test_resume_auto_without_checkpoint_starts_fresh_but_an_explicit_path_must_e
     summary = run(
         load_config(
             None,
-            [*TINY, f"runtime.output={tmp_path}", "runtime.resume=auto", "schedule.epochs=1", "blocking.start_epoch=0"],
+            [
+                *TINY,
+                f"runtime.output={tmp_path}",
+                "runtime.resume=auto",
+                "schedule.epochs=1",
+                "blocking.pfb.start_epoch=0",
+                "blocking.random.start_epoch=0",
+            ],
         )
     )
     assert summary["run_dir"] == str(tmp_path / "tiny")
@@ -307,7 +321,8 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
                 *TINY,
                 f"runtime.output={tmp_path}",
                 "schedule.epochs=1",
-                "blocking.start_epoch=0",
+                "blocking.pfb.start_epoch=0",
+                "blocking.random.start_epoch=0",
                 "data.mixup=0.0",
                 "blocking.mode=reuse",
             ],
@@ -572,3 +587,21 @@ def test_a_resume_drops_the_unreadable_names_of_epochs_it_redoes(tmp_path):
     assert (tmp_path / UNREADABLE_FILE).read_text() == "0\ta.jpg\n1\tb.jpg\n"
     RunLogger(tmp_path).log_unreadable(2, ["c\n.jpg"])
     assert (tmp_path / UNREADABLE_FILE).read_text().splitlines()[-1] == "2\tc\\n.jpg"
+
+
+@pytest.mark.parametrize(
+    "dropped, named",
+    [
+        (("partial", "step_costs"), "the interrupted epoch's compute"),
+        (("selector", "per_rank"), "every rank's selection state"),
+    ],
+)
+def test_a_checkpoint_of_an_earlier_version_is_one_line_naming_what_it_lacks(tmp_path, dropped, named):
+    first = setup(load_config(None, [*TINY, f"runtime.output={tmp_path}", "runtime.checkpoint_every=4"]), DistInfo())
+    fit(first, until_step=10)  # inside epoch 1
+    path = first.run_dir / "checkpoint-last.pt"
+    checkpoint = torch.load(path, weights_only=False)
+    del checkpoint[dropped[0]][dropped[1]]  # as an earlier version wrote it
+    save_atomic(checkpoint, path)
+    with pytest.raises(UserError, match=f"written by an earlier version of pfb-train \\({named} missing\\)"):
+        run(load_config(None, [*TINY, f"runtime.output={tmp_path}", "runtime.resume=auto"]))

@@ -176,7 +176,12 @@ from pfb_train.errors import UserError  # noqa: E402
         ("schedule.name=cosin", "did you mean 'cosine'"),
         ("optim.name=sgdd", "unknown timm optimizer 'sgdd' (did you mean 'sgd'"),
         ("data.auto_augment=randm9", "'randm9' is not a timm augmentation policy"),
-        ("blocking.ratio=1.5", "ratio' must be in [0, 1), got 1.5 (method '"),  # a flat key: every method that reads it
+        (
+            "blocking.ratio=1.5",
+            "config key 'blocking.ratio' is a flat key of an earlier version: each method's options now live in its "
+            "own section (blocking.pfb.ratio, blocking.random.ratio, blocking.infobatch.prune_ratio, "
+            "blocking.static_random.drop_fraction)",
+        ),
         (
             "blocking.pfb.ratio=1.5",
             "'blocking.pfb.ratio' must be in [0, 1), got 1.5 (method 'pfb' reads it; blocking.method is 'none')",

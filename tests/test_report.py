@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from pfb_train.config import load_config
+from pfb_train.errors import UserError
 from pfb_train.metrics import read_metrics
 from pfb_train.train import run
 
@@ -19,8 +20,11 @@ TINY = [
     "schedule.warmup_epochs=0",
     "runtime.progress=false",
     "runtime.device=cpu",
-    "blocking.centers=8",
-    "blocking.ratio=0.25",
+    "blocking.pfb.centres=8",
+    "blocking.pfb.ratio=0.25",
+    "blocking.random.ratio=0.25",
+    "blocking.infobatch.prune_ratio=0.25",
+    "blocking.static_random.drop_fraction=0.25",
 ]
 
 
@@ -254,14 +258,16 @@ def test_class_heatmap_is_drawn_for_a_thousand_classes(tmp_path):
     assert str(tmp_path / "rep" / "class_kept_fraction.png") in plots
 
 
-def test_runs_logged_before_method_sections_group_with_runs_logged_after(tmp_path):
-    """An earlier version's flat `blocking` section reads as today's pfb section; other methods' sections are ignored."""
+def test_runs_logged_before_method_sections_group_with_runs_logged_after(tmp_path, upgrade_run_logs):
+    """An earlier version's flat `blocking` section, rewritten by scripts/upgrade_run_logs.py, reads as today's
+    pfb section with the options added since as they behaved then; other methods' sections are ignored."""
     import yaml
 
     from pfb_train.report import report
 
     base = [fake_run(tmp_path, "full0", method="none")]
-    new = fake_run(tmp_path, "new", seed=0, top1=70.0, centres=16, stratify="none")  # what runs did then
+    then = dict(stratify="none", score_scale=1.0, score_norm="batch")  # what runs did then
+    new = fake_run(tmp_path, "new", seed=0, top1=70.0, centres=16, **then)
     old = fake_run(tmp_path, "old", seed=1, top1=72.0)
     config = yaml.safe_load((Path(old) / "config.yaml").read_text())
     pfb = config["blocking"].pop("pfb")
@@ -290,6 +296,9 @@ def test_runs_logged_before_method_sections_group_with_runs_logged_after(tmp_pat
     }
     config["blocking"].update(flat)  # as an earlier version wrote it (delta: infobatch's, ignored for pfb)
     (Path(old) / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(UserError, match="'blocking.[a-z]+' is a flat key of an earlier version"):
+        load_config(str(Path(old) / "config.yaml"))
+    assert upgrade_run_logs.upgrade_run(Path(old)) and not upgrade_run_logs.upgrade_run(Path(old))  # once
     rows = report([new, old], base, str(tmp_path / "rep"))["rows"]
     pfb_rows = [r for r in rows if r["label"] != "full data"]
     assert len(pfb_rows) == 1 and pfb_rows[0]["seeds"] == 2 and pfb_rows[0]["top1"] == pytest.approx(71.0)

@@ -219,8 +219,11 @@ def test_fashion_mnist_resume_inside_an_epoch_is_exact(tmp_path):
         "runtime.progress=false",
         "runtime.device=cpu",
         "blocking.method=pfb",
-        "blocking.ratio=0.25",
-        "blocking.centers=4",
+        "blocking.pfb.ratio=0.25",
+        "blocking.random.ratio=0.25",
+        "blocking.infobatch.prune_ratio=0.25",
+        "blocking.static_random.drop_fraction=0.25",
+        "blocking.pfb.centres=4",
         "runtime.checkpoint_every=3",
         "name=fm",
     ]  # 70 images: 4 steps per epoch

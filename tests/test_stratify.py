@@ -129,10 +129,11 @@ def test_class_density_needs_labels_and_kde_counts():
 
 
 def test_a_checkpoint_without_class_counts_is_refused_by_class_density():
-    old = _pfb()
+    marginal = _pfb()
     feats, labels = _clustered()
-    old.select(feats, labels)
-    state = {k: v for k, v in old.state_dict().items() if k != "class_counts"}  # as earlier versions wrote it
+    marginal.select(feats, labels)
+    state = marginal.state_dict()
+    assert state["class_counts"] is None  # a marginal density counts no classes
     with pytest.raises(UserError, match="trained with density 'marginal'"):
         _pfb(density="class").load_state_dict(state)
 
@@ -155,19 +156,6 @@ class Spy(Selector):
         self.seen["observe"] = labels
 
 
-class OldHooks(Selector):
-    """A method written against the hooks of earlier versions: no labels anywhere."""
-
-    def blocks_rows(self):
-        return True
-
-    def select(self, feats):
-        return torch.arange(feats.shape[0] - 1)
-
-    def observe(self, feats, keep, sample_idx, losses):
-        self.observed = True
-
-
 def _tiny_model():
     import timm
     from pfb_train.models import split_model
@@ -182,13 +170,6 @@ def test_mixed_targets_are_selected_and_observed_by_their_dominant_class():
     blocking.observe(spy, batch, torch.zeros(3))
     assert spy.seen["select"].tolist() == [0, 2, 1, 0]
     assert spy.seen["observe"].tolist() == [0, 2, 1]  # the kept rows'
-
-
-def test_methods_with_the_earlier_one_argument_hooks_still_train():
-    model, old = _tiny_model(), OldHooks()
-    batch = blocking.forward(model, old, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]), torch.arange(4))
-    blocking.observe(old, batch, torch.zeros(3))
-    assert batch.logits.shape == (3, 3) and old.observed
 
 
 def test_starved_classes_are_those_under_half_the_mean_over_classes():
@@ -292,8 +273,9 @@ def test_every_estimator_and_noise_form_keeps_each_class_share(estimator, noise_
         assert [int((labels[keep] == c).sum()) for c in range(3)] == [15, 6, 3]
 
 
-def test_runs_written_before_the_option_read_as_unstratified():
-    """A stored config without `stratify` was trained with one ranking over the batch: reports and resume read it so."""
+def test_runs_written_before_the_option_read_as_unstratified(upgrade_run_logs):
+    """A stored config without `stratify` was trained with one ranking over the batch: the one-off rewrite of
+    stored run logs says so, and a resume compares it so."""
     from pfb_train.config import experiment_settings
     from pfb_train.resume import changed_settings
 
@@ -305,6 +287,7 @@ def test_runs_written_before_the_option_read_as_unstratified():
             "pfb": {k: v for k, v in now["blocking"]["pfb"].items() if k not in ("stratify", "density")},
         },
     }
+    earlier = {**earlier, "blocking": upgrade_run_logs.upgrade_blocking(earlier["blocking"])}
     assert experiment_settings(earlier)["blocking"]["pfb"]["stratify"] == "none"
     assert experiment_settings(now)["blocking"]["pfb"]["stratify"] == "percentile"  # the default today
     assert changed_settings(earlier, now) == ["blocking.pfb.stratify 'none' -> 'percentile'"]

@@ -5,8 +5,6 @@ The training loop calls these hooks and nothing else; it never asks which method
 
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -82,36 +80,9 @@ class WindowOptions:
             )
 
 
-WINDOW_LEGACY_KEYS = {k: k for k in ("ratio", "start_epoch", "end_epoch", "ramp")}
-
-
 def need(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
-
-
-@functools.lru_cache(maxsize=None)
-def _takes(function, arguments: int) -> bool:
-    """Whether a method (the class's function, `self` counted) takes `arguments` positional arguments."""
-    params = list(inspect.signature(function).parameters.values())
-    return len(params) >= arguments or any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
-
-
-# Labels reach `select` and `observe` since stratified selection; methods written against the hooks of
-# earlier versions (select(feats), observe(feats, keep, sample_idx, losses)) go on working without them.
-def select_rows(selector: "Selector", feats: torch.Tensor, labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """`selector.select(feats, labels)`, or `select(feats)` for a method whose hook takes no labels."""
-    if _takes(type(selector).select, 3):
-        return selector.select(feats, labels)
-    return selector.select(feats)
-
-
-def observe_step(selector: "Selector", feats, keep, sample_idx, losses, labels) -> None:
-    """`selector.observe(feats, keep, sample_idx, losses, labels)`, without `labels` where the hook takes none."""
-    if _takes(type(selector).observe, 6):
-        selector.observe(feats, keep, sample_idx, losses, labels)
-    else:
-        selector.observe(feats, keep, sample_idx, losses)
 
 
 class Selector:

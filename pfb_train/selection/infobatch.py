@@ -106,7 +106,6 @@ register(
         options=InfoBatchOptions,
         ratio_option="prune_ratio",
         build=lambda o, run: InfoBatchSelector(o.prune_ratio, epochs=run.epochs, delta=o.delta, seed=run.seed),
-        legacy_keys={"ratio": "prune_ratio", "delta": "delta"},
         summary="well-learned samples (loss below the mean) are skipped at the sampler and the rest reweighted (ICLR 2024)",
     )
 )

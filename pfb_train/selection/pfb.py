@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pfb_train.distributed import all_reduce_sum, broadcast
 from pfb_train.errors import UserError
 from pfb_train.models import AUTO_SCORE, ScorePass
-from pfb_train.selection.base import WINDOW_LEGACY_KEYS, BlockingSchedule, Selector, WindowOptions, need
+from pfb_train.selection.base import BlockingSchedule, Selector, WindowOptions, need
 from pfb_train.selection.diagnostics import SelectionStats, batch_ranks, within_batch_rank
 from pfb_train.selection.percentile import ClassPercentiles
 from pfb_train.selection.registry import Method, register
@@ -346,7 +346,7 @@ class PFBSelector(Selector):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.centres, self.counts = state["centres"], state["counts"]
-        self.class_counts = state.get("class_counts")  # absent in checkpoints of earlier versions
+        self.class_counts = state["class_counts"]  # None: trained with the marginal density
         if self.density_kind == "class" and self.class_counts is None and self.centres is not None:
             raise UserError(
                 "cannot resume with blocking.pfb.density 'class': the checkpoint's PFB state has no class "
@@ -452,17 +452,6 @@ register(
         options=PFBOptions,
         build=build,
         ratio_option="ratio",
-        legacy_keys={
-            **WINDOW_LEGACY_KEYS,
-            "centers": "centres",
-            "feature_dim": "feature_dim",
-            "ema": "update_rate",
-            "estimator": "estimator",
-            "noise": "noise",
-            "noise_form": "noise_form",
-            "weights": "centre_weights",
-        },
-        earlier_defaults={"stratify": "none"},  # runs written before the option ranked the whole batch
         summary="the `ratio` of each batch with the highest shallow-feature density is blocked (ICCV 2025)",
     )
 )

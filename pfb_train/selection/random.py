@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from pfb_train.models import NO_RANKING, ScorePass
-from pfb_train.selection.base import WINDOW_LEGACY_KEYS, BlockingSchedule, Selector, WindowOptions
+from pfb_train.selection.base import BlockingSchedule, Selector, WindowOptions
 from pfb_train.selection.registry import Method, register
 
 
@@ -37,7 +37,6 @@ register(
         level="batch",
         options=WindowOptions,
         ratio_option="ratio",
-        legacy_keys=WINDOW_LEGACY_KEYS,
         reads_features=False,
         build=lambda o, run: RandomSelector(o.schedule(run.epochs), seed=run.seed),
         summary="a uniformly random `ratio` of each batch is blocked (the control for pfb)",

@@ -56,12 +56,6 @@ class Method:
     build: Callable[[Any, RunFacts], Any]  # (options, run) -> Selector
     summary: str = ""  # one line for `pfb-train methods` and the README table
     ratio_option: Optional[str] = None  # the option that says how much it drops (reports label runs by it)
-    # Keys of the flat `blocking:` section of earlier versions that this method reads, and the
-    # option each became: such configs keep working (see config.py, "flat blocking keys").
-    legacy_keys: dict = dataclasses.field(default_factory=dict)
-    # Options added after runs were written, each with the value its behaviour had before: a stored
-    # config (run directory, checkpoint) without the key reads it so (config.experiment_settings).
-    earlier_defaults: dict = dataclasses.field(default_factory=dict)
     # Whether `select` reads the shallow features; False (random blocking): recompute mode runs no ranking
     # pass (models.NO_RANKING), so the blocked rows cost nothing at all.
     reads_features: bool = True
@@ -118,8 +112,8 @@ def make_options(method: Method, values: dict, where: str):
     valid = method.option_names()
     for key in values:
         if key not in valid:
-            close = difflib.get_close_matches(str(key), [*valid, *method.legacy_keys], n=1)
-            close = method.legacy_keys.get(close[0], close[0]) if close else None
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            close = close[0] if close else None
             hint = f"did you mean '{where}.{close}'? " if close else ""
             listed = ", ".join(valid) if valid else "none"
             raise UserError(

@@ -50,7 +50,6 @@ register(
         options=StaticRandomOptions,
         ratio_option="drop_fraction",
         build=lambda o, run: StaticRandomSelector(o.drop_fraction, seed=run.seed),
-        legacy_keys={"ratio": "drop_fraction"},
         summary="one fixed random subset of (1 - drop_fraction) of the data, every epoch",
     )
 )
