@@ -39,6 +39,7 @@ class BlockedBatch(NamedTuple):
     indices: Optional[torch.Tensor]  # their dataset indices (None if the caller passed none)
     keep: Optional[torch.Tensor]  # kept row positions in the batch; None when every row was kept
     feats: Optional[torch.Tensor]  # (B, C) pooled shallow features of every row (float32), if the method uses them
+    labels: Optional[torch.Tensor] = None  # (B,) int64 class of every row (under mixup/cutmix the dominant one)
 
 
 def forward(
@@ -47,13 +48,13 @@ def forward(
     """Run `model` (a BlockedModel, or DDP around one) on a batch, blocking as `selector` decides.
     Epochs without blocking run the plain model: no second shallow pass in recompute mode.
     Shapes and dtypes as `Blocking.forward` gives them."""
-    labels = dominant_labels(y)
+    labels = dominant_labels(y)  # once per step: the selection, the observation and the tallies read them
     select = (lambda feats: selector.select(feats, labels)) if selector.blocks_rows() else None
     out = model(x, select=select, features=selector.needs_features(), score=selector.score_pass())
     if out.keep is None:
-        return BlockedBatch(out.logits, y, indices, None, out.feats)
+        return BlockedBatch(out.logits, y, indices, None, out.feats, labels)
     kept_indices = None if indices is None else indices.index_select(0, out.keep)
-    return BlockedBatch(out.logits, y.index_select(0, out.keep), kept_indices, out.keep, out.feats)
+    return BlockedBatch(out.logits, y.index_select(0, out.keep), kept_indices, out.keep, out.feats, labels)
 
 
 def dominant_labels(y: torch.Tensor) -> torch.Tensor:
@@ -80,7 +81,9 @@ def weighted_mean(selector: Selector, batch: BlockedBatch, losses: torch.Tensor)
 def observe(selector: Selector, batch: BlockedBatch, losses: torch.Tensor) -> None:
     """After the optimizer step: the method updates its state (PFB's centres, InfoBatch's scores).
     Methods leave rows with a negative index (stand-ins) out of their update."""
-    selector.observe(batch.feats, batch.keep, batch.indices, losses.detach(), dominant_labels(batch.targets))
+    labels = dominant_labels(batch.targets) if batch.labels is None else batch.labels
+    kept = labels if batch.keep is None or batch.labels is None else labels.index_select(0, batch.keep)
+    selector.observe(batch.feats, batch.keep, batch.indices, losses.detach(), kept)
 
 
 class Blocking:

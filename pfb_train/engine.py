@@ -167,7 +167,7 @@ def train_step(
         blocking.observe(selector, blocked, losses)
     if timer is not None:
         timer.mark("observe")
-    labels = blocking.dominant_labels(batch.y)
+    labels = blocked.labels  # the batch's, as the selection saw them
     present = blocking.holds_sample(batch.idx).double()
     kept_present = present if blocked.keep is None else present.index_select(0, blocked.keep)
     loss_sum = (losses.detach() * kept_present).sum()
