@@ -20,7 +20,7 @@ weighted mean, step, and let the method observe what happened. In a loop of one'
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
@@ -43,14 +43,33 @@ class BlockedBatch(NamedTuple):
 
 
 def forward(
-    model: nn.Module, selector: Selector, x: torch.Tensor, y: torch.Tensor, indices: Optional[torch.Tensor] = None
+    model: nn.Module,
+    selector: Selector,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    indices: Optional[torch.Tensor] = None,
+    mark: Optional[Callable[[str], None]] = None,
 ) -> BlockedBatch:
     """Run `model` (a BlockedModel, or DDP around one) on a batch, blocking as `selector` decides.
     Epochs without blocking run the plain model: no second shallow pass in recompute mode.
-    Shapes and dtypes as `Blocking.forward` gives them."""
+    Shapes and dtypes as `Blocking.forward` gives them. `mark(phase)`: the caller's timer, called as the
+    shallow part ends ("shallow") and as the selection does ("select"), so the timer stays out of the model."""
     labels = dominant_labels(y)  # once per step: the selection, the observation and the tallies read them
-    select = (lambda feats: selector.select(feats, labels)) if selector.blocks_rows() else None
-    out = model(x, select=select, features=selector.needs_features(), score=selector.score_pass())
+
+    def select(feats: torch.Tensor) -> Optional[torch.Tensor]:
+        if mark is None:
+            return selector.select(feats, labels)
+        mark("shallow")
+        keep = selector.select(feats, labels)
+        mark("select")
+        return keep
+
+    out = model(
+        x,
+        select=select if selector.blocks_rows() else None,
+        features=selector.needs_features(),
+        score=selector.score_pass(),
+    )
     if out.keep is None:
         return BlockedBatch(out.logits, y, indices, None, out.feats, labels)
     kept_indices = None if indices is None else indices.index_select(0, out.keep)

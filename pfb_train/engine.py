@@ -123,24 +123,6 @@ class StepResult(NamedTuple):
     split: bool  # the selection ran (the split model); else the plain model ran on every row
 
 
-class MarkedSelection:
-    """The selector as `blocking.forward` sees it inside the harness: its `select` call is bracketed by the
-    timer's marks (the shallow part ends where the selection starts, the deep part starts where it ends),
-    so the timer stays outside the model's forward. Every other hook is the selector's own."""
-
-    def __init__(self, selector: Selector, timer: PhaseTimer):
-        self._selector, self._timer = selector, timer
-
-    def select(self, feats: torch.Tensor, labels: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-        self._timer.mark("shallow")
-        keep = self._selector.select(feats, labels)
-        self._timer.mark("select")
-        return keep
-
-    def __getattr__(self, name: str):
-        return getattr(self._selector, name)
-
-
 def train_step(
     batch: Batch, context: StepContext, schedule_at: Optional[float], timer: Optional[PhaseTimer] = None
 ) -> StepResult:
@@ -156,7 +138,7 @@ def train_step(
     split = selector.blocks_rows()  # what blocking.forward asks too: whether the selection runs this step
     with autocast(settings):
         blocked = blocking.forward(
-            model, selector if timer is None else MarkedSelection(selector, timer), batch.x, batch.y, batch.idx
+            model, selector, batch.x, batch.y, batch.idx, mark=None if timer is None else timer.mark
         )
     losses = per_sample_loss(blocked.logits, blocked.targets, settings.label_smoothing)
     loss = blocking.weighted_mean(selector, blocked, losses)  # stand-ins (a negative index) weigh nothing
