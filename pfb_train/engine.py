@@ -253,7 +253,7 @@ class EpochTally:
         self.elapsed = self.extra_selection_seconds = 0.0
         # This epoch's steps in full-data steps (costs.StepCost), the same on every rank: summed in that unit,
         # full data's are whole numbers, so whole epochs of them add up exactly. Checkpointed once, not per
-        # rank (resume.save_checkpoints), as the run's compute is one number.
+        # rank (resume.checkpoint_run), as the run's compute is one number.
         self.step_costs = 0.0
         self.compute_before, self.seconds_before = spent_before
         self.updates_per_epoch = updates_per_epoch

@@ -1,6 +1,6 @@
 """What a checkpoint holds and the rules for going on from one (checkpoint.py does the atomic file I/O).
 
-`CHECKPOINT_PARTS` lists every entry; `save_checkpoints` writes them, `restore` reads them back.
+`CHECKPOINT_PARTS` lists every entry; `checkpoint_run` writes them, `restore` reads them back.
 Before any work, `resume_point` finds the checkpoint and `check_resumable`, `refuse_finished` and
 `check_position` refuse what it cannot be continued under.
 """
@@ -177,7 +177,7 @@ def _restore_rng(state: RunState, value) -> None:
         )
 
 
-# Everything a checkpoint holds, in one list: `save_checkpoints` writes these keys and `restore` reads
+# Everything a checkpoint holds, in one list: `checkpoint_run` writes these keys and `restore` reads
 # them back. `partial` and `subset` are set only by a checkpoint written inside an epoch.
 CHECKPOINT_PARTS = (
     Part("model", lambda s: s.net.state_dict(), lambda s, v: s.net.load_state_dict(v)),
@@ -377,7 +377,7 @@ def restore(state: RunState, checkpoint: dict) -> None:
         part.load(state, checkpoint.get(part.key))
 
 
-def save_checkpoints(state: RunState, epoch: int, tally: Optional[EpochTally], best: bool = False) -> None:
+def checkpoint_run(state: RunState, epoch: int, tally: Optional[EpochTally], best: bool = False) -> None:
     """Everything needed to go on exactly; `epoch` is the next epoch to start (tally None) or the one
     under way (tally: its progress). Collective (every rank's RNG state and tally); rank 0 writes."""
     position = state.position

@@ -75,7 +75,7 @@ from pfb_train.resume import (
     restore,
     resume_option,
     resume_point,
-    save_checkpoints,
+    checkpoint_run,
 )
 from pfb_train.run_state import RunSettings, RunState
 from pfb_train.seeding import derive_seed
@@ -413,7 +413,7 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
                 signum = signals.requested(steps, force=tally.batches == last_batch)
                 stop = signum or (until_step is not None and steps >= until_step)
                 if stop or (rt.checkpoint_every and steps % rt.checkpoint_every == 0):
-                    save_checkpoints(state, epoch, tally)
+                    checkpoint_run(state, epoch, tally)
                 if signum:
                     raise preempted(signum, f"at epoch {epoch}, step {steps}", state)
                 return bool(stop)
@@ -474,7 +474,7 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
             position.history.append(record)
             if state.baseline is not None:
                 record.update(state.baseline.compare(record, sum(r["epoch_seconds"] for r in position.history)))
-            save_checkpoints(state, epoch + 1, None, best=record.get("top1", float("-inf")) > position.best_top1)
+            checkpoint_run(state, epoch + 1, None, best=record.get("top1", float("-inf")) > position.best_top1)
             if dist.is_main:
                 logger.log_epoch(record)
                 print(epoch_line(record), flush=True)
