@@ -1,11 +1,8 @@
 import os
-import subprocess
-import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import run_cli
 
 # One torch thread per pytest-xdist worker (the suite runs with -n auto: one worker per core), two without.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
@@ -25,47 +22,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_gpu)
 
 
-def run_cli(*args, cwd=None, timeout=300):
-    """Run `python -m pfb_train ARGS` in a subprocess; returns CompletedProcess with text output."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "pfb_train", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
-    )
-
-
-class BatchList:
-    """The training loop's view of a DataLoader: a list of (x, y, index) batches, a batch size, a length."""
-
-    def __init__(self, batches):
-        self.batches, self.batch_size = batches, batches[0][0].shape[0]
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
-
-
 @pytest.fixture
 def cli():
     return run_cli
-
-
-def smooth_image(rng, h, w):
-    """Low-frequency content, like a photo: resampling methods and JPEG decoders then agree closely."""
-    coarse = rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR))
-
-
-def write_smooth_folder(root, per_class, size=lambda i: (40 + 3 * i, 52)):
-    """root/{train,val}/{a,b}/<i>.jpg of smooth images; `size(i)` gives (height, width)."""
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in ("a", "b"):
-            (root / split / c).mkdir(parents=True)
-            for i in range(per_class):
-                Image.fromarray(smooth_image(rng, *size(i))).save(root / split / c / f"{i}.jpg", quality=95)
-    return rng
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import torch
 from pfb_train.config import load_config
 from pfb_train.distributed import cleanup, init_distributed
 from pfb_train.train import fit, setup
-from test_methods_contract import BATCH, SAMPLES, overrides
+from helpers import BATCH, SAMPLES, overrides
 
 
 def train(method: str, out: str, name: str, dist, **until) -> None:

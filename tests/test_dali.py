@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from conftest import smooth_image, write_smooth_folder
+from helpers import smooth_image, write_smooth_folder
 from pfb_train.cli import main
 from pfb_train.config import DataConfig, load_config
 from pfb_train.data.dali import decoder_logs_muted
@@ -27,7 +27,7 @@ from pfb_train.errors import UserError
 from pfb_train.metrics import read_metrics
 from pfb_train.selection import methods
 from pfb_train.train import fit, setup
-from test_methods_contract import SMALL_RUN, assert_equal
+from helpers import SMALL_RUN, assert_equal
 
 HERE = Path(__file__).resolve().parent
 MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1) * 255

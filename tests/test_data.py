@@ -6,8 +6,18 @@ import torch
 from PIL import Image
 
 from pfb_train.config import DataConfig
-from pfb_train.data import build_datasets, build_loaders, digits
+from pfb_train.data import (
+    FASHION_MNIST_FILES,
+    build_datasets,
+    build_loaders,
+    dataset_labels,
+    digits,
+    long_tailed_counts,
+    read_idx,
+)
 from pfb_train.errors import UserError
+
+from helpers import write_cifar, write_fashion_mnist, write_idx
 
 
 def make_image_folder(root, classes=("cat", "dog"), per_class=(6, 3), size=(40, 30)):
@@ -94,31 +104,6 @@ def test_num_classes_mismatch():
         build_datasets(cfg, 5)
 
 
-def write_cifar(root, name="cifar10", n_train=20, n_test=10):
-    """Files in torchvision's CIFAR layout: pickled dicts of uint8 rows and labels (str keys, as the real
-    files, pickled by Python 2, read with torchvision's encoding="latin1")."""
-    import pickle
-
-    rng = np.random.default_rng(0)
-    if name == "cifar10":
-        folder, train, test, key, classes = (
-            root / "cifar-10-batches-py",
-            [f"data_batch_{i}" for i in range(1, 6)],
-            ["test_batch"],
-            "labels",
-            10,
-        )
-    else:
-        folder, train, test, key, classes = root / "cifar-100-python", ["train"], ["test"], "fine_labels", 100
-    folder.mkdir(parents=True)
-    for files, n in ((train, n_train), (test, n_test)):
-        for f in files:
-            batch = {"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), key: list(rng.integers(0, classes, n))}
-            with open(folder / f, "wb") as fh:
-                pickle.dump(batch, fh)
-    return root
-
-
 @pytest.mark.parametrize("name,classes,train_total", [("cifar10", 10, 100), ("cifar100", 100, 20)])
 def test_cifar_reads_torchvision_files(tmp_path, name, classes, train_total):
     write_cifar(tmp_path, name)
@@ -137,7 +122,7 @@ def test_cifar_missing_files_is_one_line_without_download(tmp_path):
 
 def test_worker_augmentation_depends_on_epoch_and_sample_only(tmp_path):
     """Random crops/flips made in workers repeat for any worker count and after a mid-epoch restart."""
-    from conftest import write_smooth_folder
+    from helpers import write_smooth_folder
     from pfb_train.data import set_loader_epoch
 
     write_smooth_folder(tmp_path, per_class=8)
@@ -159,34 +144,6 @@ def test_worker_augmentation_depends_on_epoch_and_sample_only(tmp_path):
 
 
 # -- Fashion-MNIST from idx files, fixed subsets -----------------------------------------------------
-
-import gzip  # noqa: E402
-
-from pfb_train.data import FASHION_MNIST_FILES, dataset_labels, long_tailed_counts, read_idx  # noqa: E402
-
-
-def write_idx(path, array: np.ndarray, compress: bool) -> None:
-    """The idx layout: 0, 0, type 0x08 (unsigned byte), rank, then big-endian sizes and the bytes."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
-    data = header + array.astype(np.uint8).tobytes()
-    if compress:
-        path.with_name(path.name + ".gz").write_bytes(gzip.compress(data))
-    else:
-        path.write_bytes(data)
-
-
-def write_fashion_mnist(root, train_per_class=12, val_per_class=5, compress=True):
-    """A tiny Fashion-MNIST in the standard file layout: 10 classes, class c is brightness 20*c + noise."""
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
-        labels = np.repeat(np.arange(10), per_class)
-        rng.shuffle(labels)
-        images = (labels[:, None, None] * 20 + rng.integers(0, 30, (len(labels), 28, 28))).clip(0, 255)
-        images_name, labels_name = FASHION_MNIST_FILES[split]
-        write_idx(root / images_name, images, compress)
-        write_idx(root / labels_name, labels, compress)
-    return root
 
 
 @pytest.mark.parametrize("compress", [True, False])

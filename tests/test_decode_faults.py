@@ -19,7 +19,7 @@ from pfb_train.data.splits import sample_names
 from pfb_train.data.missing import Unreadable
 from pfb_train.errors import UserError
 from pfb_train.metrics import read_metrics
-from test_faults import cli, one_line, train_args, wds_args, write_folder
+from helpers import cli, one_line, train_args, wds_args, write_folder
 
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("webdataset")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import smooth_image, write_smooth_folder
+from helpers import smooth_image, write_smooth_folder
 from pfb_train.config import DataConfig, load_config
 from pfb_train.data import build_datasets, build_loaders, set_loader_epoch
 from pfb_train.data.device_decode import random_resized_boxes

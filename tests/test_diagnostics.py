@@ -15,7 +15,7 @@ from pfb_train.models import split_model
 from pfb_train.selection import build_selector
 from pfb_train.selection.base import Selector
 from pfb_train.train import run
-from conftest import BatchList
+from helpers import BatchList
 
 
 class KeepFirstRows(Selector):

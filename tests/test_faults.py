@@ -21,40 +21,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pfb_train.cli import main
 from pfb_train.metrics import read_metrics
+from helpers import cli, jpeg_bytes, one_line, train_args, wds_args, write_folder
 
 HERE = Path(__file__).resolve().parent
-
-
-def one_line(err: str) -> str:
-    """The single `pfb-train:` line of stderr; fails on a traceback or several lines."""
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("pfb-train:")]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def jpeg_bytes(array) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, "JPEG")
-    return buffer.getvalue()
-
-
-def write_folder(root: Path, per_class: int = 6) -> Path:
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in ("a", "b"):
-            (root / split / c).mkdir(parents=True, exist_ok=True)
-            for i in range(per_class if split == "val" or c == "a" else per_class - 1):
-                (root / split / c / f"{i}.jpg").write_bytes(jpeg_bytes(rng.integers(0, 255, (24, 24, 3), np.uint8)))
-    return root  # train: 6 + 5 files, so one more makes 12 = 3 full batches of 4: every file is visited
 
 
 def odd_image(kind: str, path_stem: Path) -> Path:
@@ -88,32 +58,6 @@ def odd_image(kind: str, path_stem: Path) -> Path:
     else:
         raise ValueError(kind)
     return path
-
-
-TRAIN = [
-    "model.name=test_resnet",
-    "data.dataset=imagefolder",
-    "data.img_size=16",
-    "data.batch_size=4",
-    "data.workers=0",
-    "schedule.epochs=1",
-    "schedule.warmup_epochs=0",
-    "runtime.progress=false",
-    "runtime.device=cpu",
-    "model.num_classes=null",
-    "blocking.method=pfb",
-    "blocking.pfb.centres=2",
-    "blocking.pfb.ratio=0.25",
-    "blocking.pfb.start_epoch=0",
-    "data.mixup=0.2",
-]
-
-
-def train_args(root, out, *extra):
-    args = ["--config", "demo"]
-    for item in (*TRAIN, f"data.root={root}", f"runtime.output={out}", *extra):
-        args += ["--set", item]
-    return args
 
 
 UNREADABLE = ["zero_bytes", "truncated_jpeg", "not_an_image"]
@@ -209,10 +153,6 @@ def set_member(extension: str, data: bytes):
         return [(n, data if n == f"{first}.{extension}" else d) for n, d in members]
 
     return change
-
-
-def wds_args(root, out, *extra):
-    return train_args(root, out, "data.dataset=wds", "data.batch_size=2", *extra)  # 12 samples: all 6 steps
 
 
 def test_shards_needs_the_webdataset_extra(tmp_path, capsys, monkeypatch):

@@ -48,7 +48,7 @@ def test_density_is_float32_under_autocast_on_gpu():
 
 
 def test_device_decode_on_gpu_matches_cpu_decode(tmp_path):
-    from conftest import write_smooth_folder
+    from helpers import write_smooth_folder
     from pfb_train.config import DataConfig
     from pfb_train.data import build_datasets, build_loaders
 
@@ -114,7 +114,7 @@ def test_prefetched_batches_equal_the_cpu_loaders():
 
 def test_device_decoded_train_batches_match_the_cpu_run_of_the_same_code(tmp_path):
     """nvJPEG + crops on the prefetch thread's stream: same boxes, flips and order as on the CPU."""
-    from conftest import write_smooth_folder
+    from helpers import write_smooth_folder
     from pfb_train.config import DataConfig
     from pfb_train.data import build_datasets, build_loaders, set_loader_epoch
 
@@ -152,7 +152,7 @@ def test_dali_mixed_decoder_matches_its_cpu_operators(tmp_path):
     the decoders' rounding, the same pixels as DALI's CPU operators; batches arrive on the GPU in
     channels_last order; a training run with PFB works."""
     pytest.importorskip("nvidia.dali")
-    from conftest import write_smooth_folder
+    from helpers import write_smooth_folder
     from pfb_train.config import DataConfig
     from pfb_train.data import build_datasets, build_loaders, set_loader_epoch
 

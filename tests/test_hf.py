@@ -1,13 +1,10 @@
 """`data.dataset: hf`: Hugging Face datasets built in the test (no network), every method, exact resume."""
 
-import io
 from pathlib import Path
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from pfb_train.config import load_config
 from pfb_train.distributed import DistInfo
@@ -15,39 +12,9 @@ from pfb_train.errors import UserError
 from pfb_train.metrics import read_metrics
 from pfb_train.selection import methods
 from pfb_train.train import fit, setup
-from test_methods_contract import SMALL_RUN, assert_equal
+from helpers import SMALL_RUN, assert_equal, make_dataset
 
 datasets = pytest.importorskip("datasets")
-
-
-def jpeg(rng) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (24, 24, 3), np.uint8)).save(buffer, "JPEG")
-    return buffer.getvalue()
-
-
-def make_dataset(per_class=8, bad=0, extra_image_column=False):
-    rng = np.random.default_rng(0)
-    features = {"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])}
-    if extra_image_column:
-        features["mask"] = datasets.Image()
-
-    def split(n):
-        rows = {
-            "image": [{"bytes": jpeg(rng), "path": None} for _ in range(2 * n)],
-            "label": [i % 2 for i in range(2 * n)],
-        }
-        if extra_image_column:
-            rows["mask"] = rows["image"]
-        return datasets.Dataset.from_dict(rows, features=datasets.Features(features))
-
-    train = split(per_class)
-    if bad:
-        rows = train.to_dict()
-        for i in range(bad):
-            rows["image"][i] = {"bytes": b"not an image", "path": None}
-        train = datasets.Dataset.from_dict(rows, features=datasets.Features(features))
-    return datasets.DatasetDict({"train": train, "validation": split(4)})
 
 
 @pytest.fixture(scope="module")

@@ -11,66 +11,12 @@ tests record every such op on the CPU with a dispatch mode, so they run without 
 import pytest
 import timm
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from pfb_train.engine import Batch, EpochTally, Optimization, StepContext, StepSettings, train_one_epoch, train_step
 from pfb_train.models import AUTO_SCORE, split_model
 from pfb_train.selection import build_selector
-from conftest import BatchList
-
-# Ops that read device memory on the host (values or data-dependent shapes).
-SYNCING_OPS = {
-    "aten::_local_scalar_dense",
-    "aten::is_nonzero",
-    "aten::item",
-    "aten::equal",
-    "aten::nonzero",
-    "aten::masked_select",
-    "aten::_unique",
-    "aten::_unique2",
-    "aten::unique_dim",
-    "aten::unique_consecutive",
-    "aten::bincount",
-    "aten::histc",
-    "aten::repeat_interleave",
-}
-
-
-class HostReads(TorchDispatchMode):
-    """Records the ops that would synchronise a CUDA device (plus tolist/numpy, which do not dispatch on CPU)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
-        if name in SYNCING_OPS or (name.startswith("aten::index") and _has_bool_index(args)):
-            self.ops.append(name)
-        return func(*args, **(kwargs or {}))
-
-    def __enter__(self):
-        self._patched = {m: getattr(torch.Tensor, m) for m in ("tolist", "numpy")}
-        for method, original in self._patched.items():
-            setattr(torch.Tensor, method, self._recording(method, original))
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        for method, original in self._patched.items():
-            setattr(torch.Tensor, method, original)
-        return super().__exit__(*exc)
-
-    def _recording(self, method, original):
-        def wrapper(tensor, *args, **kwargs):
-            self.ops.append(f"Tensor.{method}")
-            return original(tensor, *args, **kwargs)
-
-        return wrapper
-
-
-def _has_bool_index(args) -> bool:
-    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
-    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+from helpers import BatchList
+from helpers import HostReads
 
 
 def test_detector_sees_the_reads_it_must():

@@ -27,47 +27,10 @@ from pfb_train.selection import Method, Selector, build_selector, methods, regis
 from pfb_train import plugins
 from pfb_train.selection import registry
 from pfb_train.train import fit, setup
-from test_hot_path import HostReads
+from helpers import HostReads
+from helpers import BATCH, CLASSES, EPOCHS, METHODS, SAMPLES, VARIANTS, assert_equal, overrides
 
 HERE = Path(__file__).resolve().parent
-BATCH, SAMPLES, EPOCHS, CLASSES = 8, 64, 3, 4
-# Options that make each built-in method drop something in a run this small (the defaults otherwise).
-SMALL_RUN = {
-    "pfb": {"centres": 4, "feature_dim": 8, "ratio": 0.25},
-    "random": {"ratio": 0.25},
-    "infobatch": {"prune_ratio": 0.5},
-    "static_random": {"drop_fraction": 0.25},
-}
-# Every registered method under its small-run options, and the option sets of a method that change
-# what its state holds or what its hooks need (pfb by default ranks by class history: per-class
-# histograms in its state, summed over ranks; stratified by label on class-conditional density:
-# per-class counts in its state, labels in select and observe).
-VARIANTS = {
-    **{name: (name, SMALL_RUN.get(name, {})) for name in methods()},
-    "pfb_stratified_class": ("pfb", {**SMALL_RUN["pfb"], "stratify": "label", "density": "class"}),
-}
-METHODS = list(VARIANTS)
-
-
-def overrides(variant: str, tmp_path, name: str) -> list[str]:
-    method, options = VARIANTS[variant]
-    return [
-        "model.name=test_resnet",
-        "data.dataset=synthetic",
-        "data.img_size=16",
-        f"data.batch_size={BATCH}",
-        f"data.train_samples={SAMPLES}",
-        "data.val_samples=16",
-        "data.workers=0",
-        f"schedule.epochs={EPOCHS}",
-        "schedule.warmup_epochs=0",
-        "runtime.device=cpu",
-        "runtime.progress=false",
-        f"runtime.output={tmp_path}",
-        f"name={name}",
-        f"blocking.method={method}",
-        *(f"blocking.{method}.{k}={v}" for k, v in options.items()),
-    ]
 
 
 def train(method, tmp_path, name, resume=False, **until):
@@ -80,21 +43,6 @@ def train(method, tmp_path, name, resume=False, **until):
 def shared(state: dict) -> dict:
     """A selector's state without its random generators (those are per rank and per device)."""
     return {k: v for k, v in state.items() if k != "generators"}
-
-
-def assert_equal(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 @pytest.fixture(scope="module")

@@ -108,7 +108,7 @@ def test_without_a_thread_the_next_batch_is_staged_one_ahead(train_loader):
 
 def test_a_producer_thread_only_where_batches_draw_from_no_global_rng(tmp_path):
     """In-process CPU transforms (workers=0) would share the global RNG with mixup on a second thread."""
-    from conftest import write_smooth_folder
+    from helpers import write_smooth_folder
 
     write_smooth_folder(tmp_path, per_class=4)
     with pytest.MonkeyPatch.context() as patch:

@@ -18,6 +18,7 @@ from pfb_train.errors import UserError
 from pfb_train.metrics import read_metrics
 from pfb_train.train import fit, run, setup
 from pfb_train.distributed import DistInfo
+from helpers import assert_same_training_state, final_state
 
 TINY = [
     "model.name=test_resnet",
@@ -43,18 +44,6 @@ TINY = [
     "blocking.random.start_epoch=1",
     "name=tiny",
 ]
-
-
-def final_state(run_dir):
-    return torch.load(f"{run_dir}/checkpoint-last.pt", weights_only=False)
-
-
-def assert_same_training_state(a, b):
-    for name in a["model"]:
-        assert torch.equal(a["model"][name], b["model"][name]), name
-    for key in ("centres", "counts"):
-        assert torch.equal(a["selector"][key], b["selector"][key]), key
-    assert a["epoch"] == b["epoch"] and a["step"] == b["step"]
 
 
 def test_resume_after_epoch_two_is_exact(tmp_path):
@@ -97,7 +86,7 @@ def test_resume_mid_epoch_from_step_checkpoint_is_exact(tmp_path):
 
 def test_resume_mid_epoch_with_workers_and_random_crops_is_exact(tmp_path):
     """Workers restart on resume; each sample's crop and flip are seeded by (epoch, index), so nothing changes."""
-    from conftest import write_smooth_folder
+    from helpers import write_smooth_folder
 
     write_smooth_folder(tmp_path / "data", per_class=10)  # 20 images: 5 steps of 4 per epoch
     cfg = [

@@ -172,7 +172,7 @@ def test_float_tensor_datasets_are_gathered_as_they_are():
 
 def test_batches_make_the_host_wait_for_nothing():
     """After the epoch's order is set up, a batch is made without reading device memory on the host."""
-    from test_hot_path import HostReads
+    from helpers import HostReads
 
     train, _ = loaders(image_splits(n=40))
     set_loader_epoch(train, 0)
@@ -200,8 +200,8 @@ def test_too_large_for_the_device_falls_back_to_the_dataloader(monkeypatch):
 
 def test_fashion_mnist_resume_inside_an_epoch_is_exact(tmp_path):
     """A run stopped mid-epoch and resumed ends bit-equal to an uninterrupted one, crops included."""
-    from test_data import write_fashion_mnist
-    from test_reliability import assert_same_training_state, final_state
+    from helpers import write_fashion_mnist
+    from helpers import assert_same_training_state, final_state
 
     from pfb_train.distributed import DistInfo
     from pfb_train.train import fit, run, setup

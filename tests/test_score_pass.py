@@ -23,7 +23,7 @@ from pfb_train.engine import Batch, Optimization, StepContext, StepSettings, tra
 from pfb_train.errors import UserError
 from pfb_train.models import AUTO_SCORE, BlockedModel, ScorePass, check_score_pass, split_model, tracking_norms
 from pfb_train.selection import build_selector
-from test_train_cli import TINY
+from helpers import TINY_YAML as TINY
 
 
 def _stats(blocked):

@@ -111,7 +111,7 @@ def test_an_unknown_dataset_is_one_line_naming_the_registered_ones():
 
 
 def test_cifar_reads_torchvision_files_pixel_for_pixel(tmp_path):
-    from test_data import write_cifar
+    from helpers import write_cifar
 
     from pfb_train.data.cifar import cifar_arrays
 

@@ -8,16 +8,7 @@ from pfb_train.config import load_config
 from pfb_train.metrics import read_metrics
 from pfb_train.train import run
 
-TINY = """
-name: tiny
-model: {name: test_resnet}
-blocking: {method: pfb, pfb: {ratio: 0.25, start_epoch: 1, centres: 16, feature_dim: 16},
-           random: {ratio: 0.25, start_epoch: 1}}
-data: {dataset: synthetic, img_size: 32, batch_size: 32, train_samples: 128, val_samples: 40, workers: 0}
-optim: {lr: 0.05}
-schedule: {epochs: 2, warmup_epochs: 0}
-runtime: {device: cpu, seed: 0, progress: false}
-"""
+from helpers import TINY_YAML as TINY
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from torch.utils.data import DataLoader
 from torchvision.datasets.folder import default_loader
 
-from conftest import write_smooth_folder
+from helpers import write_smooth_folder
 from pfb_train.config import DataConfig
 from pfb_train.data import build_datasets, build_loaders, set_loader_epoch
 from pfb_train.data.missing import stand_in_index

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_smooth_folder
+from helpers import write_smooth_folder
 from pfb_train.cli import main
 from pfb_train.config import load_config
 from pfb_train.data.loaders import ShardStreamSampler
@@ -22,7 +22,7 @@ from pfb_train.distributed import DistInfo
 from pfb_train.metrics import read_metrics
 from pfb_train.selection import methods
 from pfb_train.train import fit, setup
-from test_methods_contract import SMALL_RUN, assert_equal
+from helpers import SMALL_RUN, assert_equal
 
 pytest.importorskip("webdataset")
 HERE = Path(__file__).resolve().parent
@@ -325,7 +325,7 @@ def test_two_gloo_processes_on_uneven_shards(shards, tmp_path):
 
 def test_shards_from_a_hugging_face_dataset_keep_its_bytes(tmp_path, capsys):
     pytest.importorskip("datasets")
-    from test_hf import make_dataset
+    from helpers import make_dataset
 
     make_dataset(per_class=3).save_to_disk(str(tmp_path / "hf"))
     assert (
@@ -361,7 +361,7 @@ def test_shards_from_a_hugging_face_dataset_keep_its_bytes(tmp_path, capsys):
 
 @pytest.mark.parametrize("dataset", ["fashion_mnist", "cifar10", "digits"])
 def test_shards_from_pixels_are_lossless_png(dataset, tmp_path):
-    from test_data import write_cifar, write_fashion_mnist
+    from helpers import write_cifar, write_fashion_mnist
 
     from pfb_train.data.cifar import cifar_arrays
     from pfb_train.data.fashion import idx_file, read_idx
