@@ -39,7 +39,7 @@ class BlockedBatch(NamedTuple):
     indices: Optional[torch.Tensor]  # their dataset indices (None if the caller passed none)
     keep: Optional[torch.Tensor]  # kept row positions in the batch; None when every row was kept
     feats: Optional[torch.Tensor]  # (B, C) pooled shallow features of every row (float32), if the method uses them
-    labels: Optional[torch.Tensor] = None  # (B,) int64 class of every row (under mixup/cutmix the dominant one)
+    labels: Optional[torch.Tensor] = None  # (B,) int64 class of every row (mixup/cutmix: the dominant one), for tallies
 
 
 def forward(
@@ -54,7 +54,7 @@ def forward(
     Epochs without blocking run the plain model: no second shallow pass in recompute mode.
     Shapes and dtypes as `Blocking.forward` gives them. `mark(phase)`: the caller's timer, called as the
     shallow part ends ("shallow") and as the selection does ("select"), so the timer stays out of the model."""
-    labels = dominant_labels(y)  # once per step: the selection, the observation and the tallies read them
+    labels = dominant_labels(y)  # once per step: the selection and the caller's tallies read them
 
     def select(feats: torch.Tensor) -> Optional[torch.Tensor]:
         if mark is None:
@@ -100,9 +100,8 @@ def weighted_mean(selector: Selector, batch: BlockedBatch, losses: torch.Tensor)
 def observe(selector: Selector, batch: BlockedBatch, losses: torch.Tensor) -> None:
     """After the optimizer step: the method updates its state (PFB's centres, InfoBatch's scores).
     Methods leave rows with a negative index (stand-ins) out of their update."""
-    labels = dominant_labels(batch.targets) if batch.labels is None else batch.labels
-    kept = labels if batch.keep is None or batch.labels is None else labels.index_select(0, batch.keep)
-    selector.observe(batch.feats, batch.keep, batch.indices, losses.detach(), kept)
+    # the kept rows' targets: free for class indices (a gather of the batch's labels would be a kernel per step)
+    selector.observe(batch.feats, batch.keep, batch.indices, losses.detach(), dominant_labels(batch.targets))
 
 
 class Blocking:

@@ -187,6 +187,8 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
     mode = resolve_mode(cfg, net, AMP_DTYPES[rt.amp]) if checkpoint is None else None
     if mode is not None:
         net.mode = mode.mode
+    elif checkpoint is not None:  # decided here once: the checks, the cost model and the steps all read net.mode
+        net.mode = checkpoint["blocking_mode"]
     batch = cfg.data.batch_size
     check_training_rows(
         net,
@@ -234,8 +236,7 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
     )
     check_finite = device.type != "cuda" if rt.check_finite is None else rt.check_finite  # None: see config.py
     # The mode a resumed run goes on in is its checkpoint's (restore, below).
-    cost_mode = checkpoint.get("blocking_mode") or net.mode if checkpoint is not None else net.mode
-    step_cost = StepCost(cost_mode, shallow_share, score.scale if cost_mode == "recompute" else 1.0)
+    step_cost = StepCost(net.mode, shallow_share, score.scale if net.mode == "recompute" else 1.0)
     step_settings = StepSettings(
         device,
         AMP_DTYPES[rt.amp],
