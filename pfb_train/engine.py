@@ -33,7 +33,6 @@ class StepSettings:
 
     device: torch.device
     amp_dtype: Optional[torch.dtype] = None  # None: float32
-    channels_last: bool = False
     label_smoothing: float = 0.0
     clip_grad: Optional[float] = None
     log_every: int = 50
@@ -60,7 +59,7 @@ class Optimization:
 @dataclass(frozen=True)
 class StepContext:
     """What every step of a run works with: the model it trains, the selector, how steps run, and the
-    optimisation objects. Built once per run; `train_step` and `train_one_epoch` take it whole."""
+    optimisation objects. Built once per run; `train_step` and `train_batch` take it whole."""
 
     model: nn.Module  # a BlockedModel, or DDP around one
     selector: Selector
@@ -87,13 +86,6 @@ def per_sample_loss(logits, target, label_smoothing: float) -> torch.Tensor:
     if target.dtype.is_floating_point:
         return F.cross_entropy(logits.float(), target, reduction="none")
     return F.cross_entropy(logits.float(), target, reduction="none", label_smoothing=label_smoothing)
-
-
-def _to_device(x, y, settings: StepSettings):
-    x = x.to(settings.device, non_blocking=True)
-    if settings.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, y.to(settings.device, non_blocking=True)
 
 
 def prepare_epoch(
@@ -130,7 +122,7 @@ def train_step(
     the same calls a loop of one's own makes).
 
     `schedule_at`: the LR schedule's position after this step, in full-data updates (None: the caller
-    steps the schedule itself, as `train_one_epoch` does once it knows the step's compute). A step
+    steps the schedule itself, as `train_batch` does once it knows the step's compute). A step
     whose gradients are not finite changes nothing (no update, no selector observation).
     `timer`: charges the step's time to the phases shallow, select, deep and observe."""
     model, selector, settings = context.model, context.selector, context.settings
@@ -276,6 +268,22 @@ class EpochTally:
         self.order_base, self.world_size, self.rows_at_start = order_done, world_size, self.rows_seen
         self.order_total = 0
         self.full_data_total = 0  # samples of a full-data epoch's order (a sampler-level subset visits fewer)
+        # Set by `start` (engine.start_epoch): this process's steps of the epoch, and where they end.
+        self.epoch = self.steps = self.last_batch = 0
+        self.started = 0.0  # perf_counter at the epoch's start, less the time it took before a resume
+        self.budget_spent = False  # the run's budget is spent (train_batch): the epoch ends at this step
+
+    def start(self, epoch: int, batches: int, batch_size: int) -> None:
+        """Start counting `batches` more steps of `batch_size` rows on this rank, for `epoch`."""
+        self.epoch, self.steps, self.last_batch = epoch, 0, self.batches + batches
+        self.order_total = self.order_done(batches * batch_size)  # every batch has this many rows (drop_last)
+        self.full_data_total = self.updates_per_epoch * batch_size * self.world_size
+        self.started = time.perf_counter() - self.elapsed
+        self.timer.reset_clock()
+
+    def at_last_batch(self) -> bool:
+        """Whether the step just counted was the epoch's last (the same on every rank)."""
+        return self.batches == self.last_batch
 
     def order_done(self, more_rows: int = 0) -> int:
         """Samples of the epoch's order trained on over all ranks, after `more_rows` more of this rank's."""
@@ -352,64 +360,55 @@ def class_fractions(numerator: list, denominator: list, scale: float = 1.0) -> l
     return [round(scale * n / d, 4) if d > 0 else None for n, d in zip(numerator, denominator)]
 
 
-def train_one_epoch(
-    context: StepContext, loader, epoch: int, tally: EpochTally, after_step=None, bar=None
-) -> Optional[dict]:
-    """Train the rest of one epoch (call `prepare_epoch` first); returns its statistics, or None when
-    `after_step(tally)` asked to stop early. `bar`: a tqdm bar, advanced once per step.
-
-    After each step the LR schedule moves to the run's clock (budget.RunClock): the epoch's progress (a
-    sampler-level subset's steps each count for more, so the schedule still ends on time), or under
-    `schedule.budget` the share of it spent. The epoch ends early, and reports what it trained, at the
-    step where the run's budget is spent."""
-    settings, mixup, scheduler = context.settings, context.optimization.mixup, context.optimization.scheduler
-    clock = settings.clock
+def start_epoch(context: StepContext, tally: EpochTally, epoch: int, batches: int, batch_size: int) -> None:
+    """Get the model and `tally` ready to train the rest of `epoch` (call `prepare_epoch` first): `batches`
+    more steps of `batch_size` rows on this rank. An epoch resumed from the checkpoint of the step that spent
+    the run's budget trains no more (`tally.budget_spent`; a fresh epoch trains: the run's end is decided at
+    epoch ends, train.py). Collective where a resumed epoch's seconds budget is checked."""
     context.model.train()
-    timer = tally.timer
-    started = time.perf_counter() - tally.elapsed
-    timer.reset_clock()
-    last_batch, steps = tally.batches + len(loader), 0  # steps: this call's, the same count on every rank
-    compute, seconds = tally.spent()
-    # An epoch resumed from a checkpoint of the step that spent the budget trains no more (a fresh epoch
-    # trains: the run's end is decided at epoch ends, train.py).
-    spent = tally.order_base > 0 and clock.budget_spent(compute, clock.seconds(seconds, 0, force=True))
-    for x, y, idx in () if spent else loader:
-        x, y = _to_device(x, y, settings)
-        idx = idx.to(settings.device, non_blocking=True)
-        if mixup is not None:
-            x, y = mixup(x, y)
-        timer.mark("data")
-        if not tally.order_total:  # every batch has this many rows (drop_last), on every rank
-            tally.order_total = tally.order_done(len(loader) * x.shape[0])
-            tally.full_data_total = settings.updates_per_epoch * x.shape[0] * tally.world_size
-        result = train_step(Batch(x, y, idx), context, None, timer)
-        tally.add(result, idx)
-        tally.step_costs += settings.step_cost(x.shape[0], result.kept, result.split)
-        if tally.nonfinite_in_row >= settings.max_nonfinite:  # the same on every rank: the norm is all-reduced
-            raise TrainingStopped(
-                f"{tally.nonfinite_in_row} non-finite losses in a row (epoch {epoch}, batch "
-                f"{tally.batches}): {nonfinite_advice(settings, context.optimization)}"
-            )
-        tally.elapsed = time.perf_counter() - started
-        steps += 1
+    tally.start(epoch, batches, batch_size)
+    if tally.order_base > 0:
+        clock = context.settings.clock
         compute, seconds = tally.spent()
-        seconds = clock.seconds(seconds, steps, force=tally.batches == last_batch)
-        if scheduler is not None:
-            at = clock.position(epoch + tally.epoch_fraction(), compute, seconds)
-            scheduler.step_update(num_updates=settings.updates_per_epoch * at)
-        if bar is not None:
-            bar.update(1)
-            if tally.batches % settings.log_every == 0:
-                bar.set_postfix(
-                    loss=f"{result.loss.item():.3f}",
-                    kept=f"{kept_so_far(tally):.2f}",
-                    img_s=f"{tally.rows_seen / tally.elapsed:.0f}",
-                )
-        if after_step is not None and after_step(tally):
-            return None
-        if clock.budget_spent(compute, seconds):
-            break
+        tally.budget_spent = clock.budget_spent(compute, clock.seconds(seconds, 0, force=True))
 
+
+def train_batch(context: StepContext, batch: Batch, tally: EpochTally) -> StepResult:
+    """One step of the epoch `tally` counts (call `start_epoch` first): mixup, `train_step`, the step's counts
+    and compute, then the LR schedule moved to the run's clock (budget.RunClock): the epoch's progress (a
+    sampler-level subset's steps each count for more, so the schedule still ends on time), or under
+    `schedule.budget` the share of it spent. Sets `tally.budget_spent` at the step where the budget is spent.
+
+    `batch`: on the training device, in its memory format (the loaders': data/loaders.py). Raises
+    TrainingStopped after `max_nonfinite` non-finite steps in a row (the same on every rank)."""
+    settings, optimization, clock = context.settings, context.optimization, context.settings.clock
+    x, y = batch.x, batch.y
+    if optimization.mixup is not None:
+        x, y = optimization.mixup(x, y)
+    tally.timer.mark("data")
+    result = train_step(Batch(x, y, batch.idx), context, None, tally.timer)
+    tally.add(result, batch.idx)
+    tally.step_costs += settings.step_cost(x.shape[0], result.kept, result.split)
+    if tally.nonfinite_in_row >= settings.max_nonfinite:  # the same on every rank: the norm is all-reduced
+        raise TrainingStopped(
+            f"{tally.nonfinite_in_row} non-finite losses in a row (epoch {tally.epoch}, batch "
+            f"{tally.batches}): {nonfinite_advice(settings, optimization)}"
+        )
+    tally.elapsed = time.perf_counter() - tally.started
+    tally.steps += 1
+    compute, seconds = tally.spent()
+    seconds = clock.seconds(seconds, tally.steps, force=tally.at_last_batch())
+    if optimization.scheduler is not None:
+        at = clock.position(tally.epoch + tally.epoch_fraction(), compute, seconds)
+        optimization.scheduler.step_update(num_updates=settings.updates_per_epoch * at)
+    tally.budget_spent = clock.budget_spent(compute, seconds)
+    return result
+
+
+def epoch_statistics(context: StepContext, tally: EpochTally) -> dict:
+    """The statistics of the epoch `tally` counted, summed over ranks (collective: the one read back of the
+    epoch). Raises TrainingStopped for a non-finite loss total (runs without the per-step guard)."""
+    settings = context.settings
     host = torch.tensor([tally.rows_seen, tally.nonfinite], dtype=torch.float64)
     counts = all_reduce_sum(
         torch.cat(
@@ -421,12 +420,13 @@ def train_one_epoch(
     bad = rows - seen
     if not math.isfinite(loss_total):  # without the per-step guard (runtime.check_finite false, or fp16)
         raise TrainingStopped(
-            f"the training loss of epoch {epoch} is not finite: {nonfinite_advice(settings, context.optimization)}"
+            f"the training loss of epoch {tally.epoch} is not finite: "
+            f"{nonfinite_advice(settings, context.optimization)}"
         )
     unreadable = all_gather_objects(tally.unreadable_indices()) if bad else []  # collective: `bad` is all-reduced
     diagnostics = context.selector.epoch_diagnostics(settings.device)  # collective: every rank reads its tallies
-    t = timer.totals()
-    seconds = time.perf_counter() - started
+    t = tally.timer.totals()
+    seconds = time.perf_counter() - tally.started
     return {
         "compute": tally.spent()[0],  # full-data epochs of compute, the run's so far
         # unweighted mean over the kept samples of the steps that updated; None: no step did
@@ -442,9 +442,7 @@ def train_one_epoch(
         "selection_seconds": t.get("select", 0.0) + t.get("observe", 0.0) + tally.extra_selection_seconds,
         "images_per_second": seen / seconds if seconds > 0 else 0.0,
         "class_kept_fraction": class_fractions(kept_by_class, seen_by_class),  # of each class's rows loaded
-        "class_rows": [
-            round(n) for n in seen_by_class
-        ],  # samples of each class loaded: the starvation check's evidence
+        "class_rows": [round(n) for n in seen_by_class],  # samples of each class loaded: the starvation evidence
         "unreadable": sorted({i for rank in unreadable for i in rank}),  # dataset indices (train.py names them)
         **diagnostics,
     }
@@ -492,13 +490,8 @@ def evaluate(model, loader, settings: StepSettings) -> dict:
     totals = torch.zeros(4, dtype=torch.float64, device=settings.device)  # correct1, correct5, loss, samples
     # (2, classes): top-1 hits and samples per class; sized up front, as a rank may get no batch
     per_class = torch.zeros(2, model.num_classes, dtype=torch.float64, device=settings.device)
-    for x, y, idx in loader:
-        x, y = _to_device(x, y, settings)
-        present = (
-            torch.ones_like(y, dtype=torch.float64)
-            if idx is None  # stand-ins of unreadable files: 0
-            else blocking.holds_sample(idx.to(settings.device, non_blocking=True)).double()
-        )
+    for x, y, idx in loader:  # on the device, in its memory format (the loaders')
+        present = blocking.holds_sample(idx).double()  # stand-ins of unreadable files: 0
         with autocast(settings):
             logits = model(x).logits.float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices

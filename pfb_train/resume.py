@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from pfb_train.budget import RunClock, spent_so_far
+from pfb_train.calibrate import ModeChoice
 from pfb_train.checkpoint import (
     all_rng_states,
     has_checkpoint_files,
@@ -190,7 +191,7 @@ CHECKPOINT_PARTS = (
     Part("ema", lambda s: s.optimization.ema.state_dict() if s.optimization.ema is not None else None, _load_ema),
     Part("rank_buffers", _save_rank_buffers, _load_rank_buffers),  # after model, ema: overrides rank 0's
     Part("selector", _save_selector, _load_selector),
-    Part("blocking_mode", lambda s: s.net.mode, lambda s, v: setattr(s.net, "mode", v) if v else None),
+    Part("blocking_mode", lambda s: s.net.mode, lambda s, v: None),  # read by checkpoint_mode, before the model runs
     Part("epoch", lambda s: s.position.epoch, _set_position("epoch")),
     Part("step", lambda s: s.position.optimizer_steps, _set_position("optimizer_steps")),
     Part("history", lambda s: s.position.history, _set_position("history")),
@@ -244,8 +245,14 @@ def check_format(checkpoint: dict) -> None:
 
 def check_resumable(cfg: Config, checkpoint: dict) -> None:
     """Refuse what this config cannot continue: a checkpoint of an earlier version, other weights or
-    selection state (MUST_MATCH), or another clock (check_same_clock)."""
+    selection state (MUST_MATCH), another blocking mode, or another clock (check_same_clock)."""
     check_format(checkpoint)
+    mode = checkpoint["blocking_mode"]
+    if cfg.blocking.mode not in ("auto", mode):
+        raise UserError(
+            f"cannot resume: the checkpoint was trained with blocking.mode {mode!r}, this config sets "
+            f"{cfg.blocking.mode!r}; set blocking.mode auto (or {mode}) to go on"
+        )
     saved, now = checkpoint.get("config", {}), cfg.to_dict()
     for key in MUST_MATCH:
         section, option = key.split(".")
@@ -402,6 +409,11 @@ def checkpoint_run(state: RunState, epoch: int, tally: Optional[EpochTally], bes
     if best:
         position.best_top1 = checkpoint["best_top1"] = position.history[-1]["top1"]
     save_checkpoint(checkpoint, state.run_dir, best=best)
+
+
+def checkpoint_mode(checkpoint: dict) -> ModeChoice:
+    """The blocking mode a resumed run goes on in: its checkpoint's (timing again could pick the other one)."""
+    return ModeChoice(checkpoint["blocking_mode"], "as in the checkpoint", None)
 
 
 def rank_tally(partial: Optional[dict], dist: DistInfo) -> Optional[dict]:

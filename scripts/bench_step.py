@@ -112,7 +112,7 @@ def time_steps(blocked, selector, x, y, args, device, method: str) -> tuple[list
     """Seconds per step of each timed repeat, and the seconds per phase of one more run."""
     optimizer = torch.optim.SGD(blocked.parameters(), lr=0.01, momentum=0.9)
     amp = AMP_DTYPES[args.amp]
-    settings = StepSettings(device, amp, args.channels_last, check_finite=args.check_finite)
+    settings = StepSettings(device, amp, check_finite=args.check_finite)  # x is in its memory format already
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     context = StepContext(blocked, selector, settings, Optimization(optimizer, None, scaler))
     batch = Batch(x, y, torch.arange(x.shape[0], device=device))

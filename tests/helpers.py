@@ -25,17 +25,15 @@ def run_cli(*args, cwd=None, timeout=300):
     )
 
 
-class BatchList:
-    """The training loop's view of a DataLoader: a list of (x, y, index) batches, a batch size, a length."""
+def train_epoch(context, batches, epoch, tally):
+    """The engine's calls for one epoch over a list of (x, y, index) batches, as train.fit makes them;
+    returns the epoch's statistics."""
+    from pfb_train.engine import Batch, epoch_statistics, start_epoch, train_batch
 
-    def __init__(self, batches):
-        self.batches, self.batch_size = batches, batches[0][0].shape[0]
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
+    start_epoch(context, tally, epoch, len(batches), batches[0][0].shape[0])
+    for batch in batches:
+        train_batch(context, Batch(*batch), tally)
+    return epoch_statistics(context, tally)
 
 
 def smooth_image(rng, h, w):

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from pfb_train.config import load_config
-from pfb_train.engine import EpochTally, Optimization, StepContext, StepSettings, evaluate, train_one_epoch
+from pfb_train.engine import EpochTally, Optimization, StepContext, StepSettings, evaluate
 from pfb_train.metrics import read_metrics
 from pfb_train.models import split_model
 from pfb_train.selection import build_selector
 from pfb_train.selection.base import Selector
 from pfb_train.train import run
-from helpers import BatchList
+from helpers import train_epoch
 
 
 class KeepFirstRows(Selector):
@@ -47,7 +47,7 @@ def test_kept_fraction_per_class_counts_the_kept_rows_of_each_class():
     model = split_model(timm.create_model("resnet18", num_classes=5), stage=1)
     labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 1])  # rows 0-5 kept: classes 0,1 keep 2 of 3, 2,3 keep 1 of 2
     batches = [(torch.randn(10, 3, 32, 32), labels, torch.arange(10) + 10 * i) for i in range(2)]
-    stats = train_one_epoch(_context(model, KeepFirstRows(6)), BatchList(batches), 0, EpochTally("cpu", 5))
+    stats = train_epoch(_context(model, KeepFirstRows(6)), batches, 0, EpochTally("cpu", 5))
     assert stats["class_kept_fraction"] == [0.6667, 0.6667, 0.5, 0.5, None]  # class 4: no rows
     assert "selection_signal" not in stats  # the method has no density to compare with
 
@@ -60,7 +60,7 @@ def test_mixed_rows_count_for_their_dominant_label():
         return x, soft
 
     batch = (torch.randn(4, 3, 32, 32), torch.tensor([0, 0, 0, 1]), torch.arange(4))
-    stats = train_one_epoch(_context(model, KeepFirstRows(2), mixup=mix), BatchList([batch]), 0, EpochTally("cpu", 3))
+    stats = train_epoch(_context(model, KeepFirstRows(2), mixup=mix), [batch], 0, EpochTally("cpu", 3))
     assert stats["class_kept_fraction"] == [None, 0.0, round(2 / 3, 4)]  # dominant labels: 2, 2, 2, 1
 
 
@@ -79,7 +79,7 @@ def test_train_loss_is_unweighted_when_the_method_weights_rows():
     before = copy.deepcopy(model)
     with torch.no_grad():
         expected = F.cross_entropy(before(x).logits, y, label_smoothing=0.1).item()
-    stats = train_one_epoch(_context(model, selector), BatchList([(x, y, idx)]), 1, EpochTally("cpu", 4))
+    stats = train_epoch(_context(model, selector), [(x, y, idx)], 1, EpochTally("cpu", 4))
     assert stats["train_loss"] == pytest.approx(expected, rel=1e-5)
 
 
@@ -88,7 +88,8 @@ def test_eval_reports_top1_per_class():
     model = split_model(timm.create_model("resnet18", num_classes=3), stage=1)
     settings = _context(model, selector=None).settings
     x, y = torch.randn(12, 3, 32, 32), torch.tensor([0] * 6 + [1] * 4 + [2] * 2)
-    result = evaluate(model, BatchList([(x[:7], y[:7], None), (x[7:], y[7:], None)]), settings)
+    idx = torch.arange(12)
+    result = evaluate(model, [(x[:7], y[:7], idx[:7]), (x[7:], y[7:], idx[7:])], settings)
     model.eval()
     with torch.no_grad():
         hits = model(x).logits.argmax(1).eq(y).float()

@@ -80,7 +80,7 @@ def test_pfb_step_never_synchronises_the_gpu(mode, score):
     ctx = StepContext(
         model,
         selector,
-        StepSettings(torch.device("cuda"), torch.bfloat16, channels_last=True, clip_grad=1.0, check_finite=False),
+        StepSettings(torch.device("cuda"), torch.bfloat16, clip_grad=1.0, check_finite=False),
         Optimization(optimizer, None, torch.amp.GradScaler("cuda", enabled=False)),
     )
     x = torch.randn(20, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)

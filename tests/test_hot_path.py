@@ -12,11 +12,10 @@ import pytest
 import timm
 import torch
 
-from pfb_train.engine import Batch, EpochTally, Optimization, StepContext, StepSettings, train_one_epoch, train_step
+from pfb_train.engine import Batch, EpochTally, Optimization, StepContext, StepSettings, train_step
 from pfb_train.models import AUTO_SCORE, split_model
 from pfb_train.selection import build_selector
-from helpers import BatchList
-from helpers import HostReads
+from helpers import HostReads, train_epoch
 
 
 def test_detector_sees_the_reads_it_must():
@@ -107,7 +106,7 @@ def test_epoch_reads_back_only_at_its_end():
     ctx = _context(model, selector, check_finite=False)
     batches = [(torch.randn(10, 3, 32, 32), torch.arange(10) % 4, torch.arange(10) + 10 * i) for i in range(6)]
     with HostReads() as reads:
-        stats = train_one_epoch(ctx, BatchList(batches), epoch=0, tally=EpochTally("cpu", 4))
+        stats = train_epoch(ctx, batches, 0, EpochTally("cpu", 4))
     assert stats["samples_kept"] == 36
     assert len(reads.ops) <= 2  # the loss total and the counts, once
 

@@ -85,11 +85,14 @@ def test_channels_last_and_the_prefetcher_side_run_the_same_normalisation(folder
         assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(ia, ib) and torch.equal(ia, ic)
 
 
-def test_float_batches_pass_untouched_and_grey_becomes_rgb():
+def test_float_batches_keep_their_values_and_grey_becomes_rgb():
     normalize = Normalize((0.5,), (0.25,), channels_last=True)
     decoded = torch.randn(2, 3, 4, 4)  # device decoding and DALI hand over normalised float batches
     labels = torch.tensor([0, 1])
-    assert normalize((decoded, labels, labels))[0] is decoded
+    assert Normalize((0.5,), (0.25,))((decoded, labels, labels))[0] is decoded  # no copy without a format to set
+    out = normalize((decoded, labels, labels))[0]  # the loaders own the memory format: the step takes it as it is
+    assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, decoded)
+    assert Normalize(None, None, channels_last=True).images(decoded).is_contiguous(memory_format=torch.channels_last)
     grey = torch.randint(0, 256, (2, 1, 4, 4), dtype=torch.uint8)
     out = normalize.images(grey)
     assert out.shape == (2, 3, 4, 4) and out.is_contiguous(memory_format=torch.channels_last)
@@ -125,3 +128,16 @@ def test_on_a_gpu_uint8_is_copied_and_normalised_on_the_side_stream(folder):
         xg = xg * 1.0  # a kernel on the compute stream must see the finished batch
         assert xg.is_cuda and xg.dtype == torch.float32 and torch.equal(ig.cpu(), ic) and torch.equal(yg.cpu(), yc)
         torch.testing.assert_close(xg.cpu(), xc, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dataset", ["imagefolder", "synthetic", "digits"])
+def test_loaders_hand_over_batches_in_the_memory_format_asked(tmp_path, dataset):
+    """The loaders own the memory format (the step takes batches as they come): files decoded by workers,
+    float in-memory sets and uint8 in-memory sets all come channels_last when asked."""
+    write_smooth_folder(tmp_path, per_class=4)
+    cfg = DataConfig(dataset=dataset, root=str(tmp_path), img_size=16, batch_size=4, workers=0, train_samples=8)
+    splits = build_datasets(cfg)
+    for loader in build_loaders(splits, cfg, seed=0, channels_last=True):
+        x, _, _ = next(iter(loader))
+        assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+        assert not x.is_contiguous()  # (4, 3, 16, 16) channels_last is not also the default layout

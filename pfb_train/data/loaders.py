@@ -158,8 +158,9 @@ def build_loaders(
     """Train loader: shuffled per epoch (`loader.sampler.set_epoch(epoch, subset)`), fixed batch size (drop_last).
     On CUDA both loaders yield batches already on the device, staged ahead on a side stream. In-memory
     datasets that fit are served from the device (resident.py, also on the CPU). uint8 images (the cpu
-    decode path, CIFAR, Fashion-MNIST) become normalised float32 on the device, channels_last when
-    `channels_last` (normalize.py); float batches come as they are made."""
+    decode path, CIFAR, Fashion-MNIST) become normalised float32 on the device (normalize.py). Every
+    batch comes in the memory format `channels_last` asks for: the loaders are the one owner of device
+    placement and memory format, and the training step takes batches as they come."""
     d = data_cfg
     if len(splits.train) < d.batch_size * world_size:
         raise UserError(
@@ -210,7 +211,9 @@ def build_loaders(
             ResidentLoader(val, splits.val, target, channels_last),
         )
     # uint8 items (the cpu decode path) become normalised float32 on the training device, after the copy
-    normalize = None if splits.mean is None else Normalize(splits.mean, splits.std, channels_last)
+    normalize = None
+    if splits.mean is not None or channels_last:
+        normalize = Normalize(splits.mean, splits.std, channels_last)
     if target.type == "cuda":  # copies (and device decoding, normalising) of the next batches overlap this step
         # A producer thread only where making a batch draws from no global RNG (see prefetch.py).
         threaded = d.workers > 0 or splits.decode_on_device

@@ -82,7 +82,7 @@ class ResidentLoader(WrappedLoader):
     """Yields (images, labels, indices) made on the device, in the wrapped DataLoader's order.
 
     Images: the dataset's float tensors as stored, or, for TensorImages, float32 (n, 3, size, size)
-    normalised (channels_last if asked), padded-cropped and flipped when the split trains."""
+    normalised, padded-cropped and flipped when the split trains; channels_last if asked."""
 
     def __init__(self, loader, dataset, device: torch.device, channels_last: bool = False):
         super().__init__(loader)
@@ -90,7 +90,8 @@ class ResidentLoader(WrappedLoader):
         self.images, self.labels = hold(dataset, self.device)
         recipe = getattr(dataset, "recipe", None)
         self.padding = recipe.padding if recipe is not None and dataset.train else None  # None: no augmentation
-        self.normalize = Normalize(recipe.mean, recipe.std, channels_last) if recipe is not None else None
+        mean, std = (recipe.mean, recipe.std) if recipe is not None else (None, None)
+        self.normalize = Normalize(mean, std, channels_last)
 
     def __iter__(self):
         # The epoch's order (and draws) in one copy to the device, not one small synchronous copy per
@@ -118,4 +119,4 @@ class ResidentLoader(WrappedLoader):
             images = pad_crop_flip(self.images, idx, draws, self.padding)
         else:
             images = self.images.index_select(0, idx)
-        return images if self.normalize is None else self.normalize.images(images)
+        return self.normalize.images(images)
