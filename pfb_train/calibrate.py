@@ -19,7 +19,8 @@ import torch
 
 from pfb_train.costs import PartTimes, cheaper_mode, predicted_time_ratio, timed_cheaper_mode
 from pfb_train.distributed import broadcast, is_distributed
-from pfb_train.models import EXACT_SCORE, BlockedModel, ScorePass, kept_norm_stats, tracking_norms
+from pfb_train.models import BlockedModel, kept_norm_stats, tracking_norms
+from pfb_train.selection.score_pass import EXACT_SCORE, ScorePass
 from pfb_train.selection import get_method
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pfb_train.models import AUTO_SCALE
+from pfb_train.selection.score_pass import AUTO_SCALE
 from pfb_train.selection import get_method
 
 MODES = ("reuse", "recompute", "ideal")
@@ -109,7 +109,7 @@ def shallow_flop_share(blocked, img_size: int, in_chans: int = 3) -> float:
 
 def step_flops(blocked, x: torch.Tensor, kept: int | None, score=None) -> int:
     """FLOPs of one training step's forward and backward; `kept` rows continue past the split (None: all);
-    `score`: recompute mode's ranking pass (models.ScorePass; None: exact)."""
+    `score`: recompute mode's ranking pass (selection.score_pass.ScorePass; None: exact)."""
     keep = None if kept is None else torch.arange(kept, device=x.device)
     select = None if kept is None else (lambda feats: keep)
     extra = {} if score is None else {"score": score}
@@ -144,6 +144,6 @@ def blocking_mode(blocking) -> str:
 
 
 def provisional_scale(score) -> float:
-    """The ranking pass's scale before the model decides an automatic one (models.ScorePass): the
+    """The ranking pass's scale before the model decides an automatic one (selection.score_pass.ScorePass): the
     automatic value; the harness decides again with the model (calibrate.resolve_mode)."""
     return AUTO_SCALE if score.scale is None else score.scale

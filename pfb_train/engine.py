@@ -23,7 +23,7 @@ from pfb_train.data import set_loader_epoch
 from pfb_train.data.missing import unreadable_index
 from pfb_train.distributed import all_gather_objects, all_reduce_sum
 from pfb_train.errors import TrainingStopped
-from pfb_train.metrics import PhaseTimer
+from pfb_train.timing import PhaseTimer
 from pfb_train.selection import Selector
 
 
@@ -72,7 +72,9 @@ class Batch(NamedTuple):
 
     x: torch.Tensor  # (B, C, H, W) images
     y: torch.Tensor  # (B,) int64 classes, or (B, classes) float soft targets under mixup/cutmix
-    idx: torch.Tensor  # (B,) int64 dataset indices; negative for an unreadable file's stand-in (missing.stand_in_index)
+    indices: (
+        torch.Tensor
+    )  # (B,) int64 dataset indices; negative for an unreadable file's stand-in (missing.stand_in_index)
 
 
 def autocast(settings: StepSettings):
@@ -130,7 +132,7 @@ def train_step(
     split = selector.blocks_rows()  # what blocking.forward asks too: whether the selection runs this step
     with autocast(settings):
         blocked = blocking.forward(
-            model, selector, batch.x, batch.y, batch.idx, mark=None if timer is None else timer.mark
+            model, selector, batch.x, batch.y, batch.indices, mark=None if timer is None else timer.mark
         )
     losses = per_sample_loss(blocked.logits, blocked.targets, settings.label_smoothing)
     loss = blocking.weighted_mean(selector, blocked, losses)  # stand-ins (a negative index) weigh nothing
@@ -142,7 +144,7 @@ def train_step(
     if timer is not None:
         timer.mark("observe")
     labels = blocked.labels  # the batch's, as the selection saw them
-    present = blocking.holds_sample(batch.idx).double()
+    present = blocking.holds_sample(batch.indices).double()
     kept_present = present if blocked.keep is None else present.index_select(0, blocked.keep)
     loss_sum = (losses.detach() * kept_present).sum()
     return StepResult(
@@ -300,8 +302,8 @@ class EpochTally:
             self.seconds_before + self.elapsed + self.extra_selection_seconds,
         )
 
-    def add(self, result: StepResult, idx: torch.Tensor) -> None:
-        """Count one step (no host sync: the counts stay on the device). `idx`: the batch's (B,) int64
+    def add(self, result: StepResult, indices: torch.Tensor) -> None:
+        """Count one step (no host sync: the counts stay on the device). `indices`: the batch's (B,) int64
         dataset indices, negative for the stand-ins of unreadable samples."""
         self.batches += 1
         self.rows_seen += result.labels.shape[0]
@@ -317,7 +319,7 @@ class EpochTally:
         self.class_rows[0].index_add_(0, result.labels, result.present)
         self.class_rows[1].index_add_(0, kept, result.kept_present)
         spare = self.unreadable.shape[0] - 1  # readable rows mark the spare slot, so no row is filtered out
-        self.unreadable.index_fill_(0, torch.where(idx < 0, unreadable_index(idx), spare), 1)
+        self.unreadable.index_fill_(0, torch.where(indices < 0, unreadable_index(indices), spare), 1)
 
     def unreadable_indices(self) -> list[int]:
         """This rank's unreadable training samples of the epoch so far (dataset indices; a host read)."""
@@ -386,8 +388,8 @@ def train_batch(context: StepContext, batch: Batch, tally: EpochTally) -> StepRe
     if optimization.mixup is not None:
         x, y = optimization.mixup(x, y)
     tally.timer.mark("data")
-    result = train_step(Batch(x, y, batch.idx), context, None, tally.timer)
-    tally.add(result, batch.idx)
+    result = train_step(Batch(x, y, batch.indices), context, None, tally.timer)
+    tally.add(result, batch.indices)
     tally.step_costs += settings.step_cost(x.shape[0], result.kept, result.split)
     if tally.nonfinite_in_row >= settings.max_nonfinite:  # the same on every rank: the norm is all-reduced
         raise TrainingStopped(
@@ -490,8 +492,8 @@ def evaluate(model, loader, settings: StepSettings) -> dict:
     totals = torch.zeros(4, dtype=torch.float64, device=settings.device)  # correct1, correct5, loss, samples
     # (2, classes): top-1 hits and samples per class; sized up front, as a rank may get no batch
     per_class = torch.zeros(2, model.num_classes, dtype=torch.float64, device=settings.device)
-    for x, y, idx in loader:  # on the device, in its memory format (the loaders')
-        present = blocking.holds_sample(idx).double()  # stand-ins of unreadable files: 0
+    for x, y, indices in loader:  # on the device, in its memory format (the loaders')
+        present = blocking.holds_sample(indices).double()  # stand-ins of unreadable files: 0
         with autocast(settings):
             logits = model(x).logits.float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices

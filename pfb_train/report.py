@@ -25,7 +25,7 @@ import yaml
 
 from pfb_train.config import experiment_settings, flatten
 from pfb_train.errors import UserError
-from pfb_train.metrics import read_metrics
+from pfb_train.run_dir import read_metrics
 
 # Config keys that do not change what is trained: runs that differ only here are seeds of one row.
 NOT_THE_EXPERIMENT = {

@@ -15,8 +15,9 @@ from torch.utils.data import DataLoader
 from pfb_train.config import Config
 from pfb_train.distributed import DistInfo
 from pfb_train.engine import Optimization, StepSettings
-from pfb_train.metrics import BaselineComparison
-from pfb_train.models import BlockedModel, ScorePass
+from pfb_train.run_dir import BaselineComparison
+from pfb_train.models import BlockedModel
+from pfb_train.selection.score_pass import ScorePass
 from pfb_train.selection import Selector
 
 

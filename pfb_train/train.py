@@ -1,7 +1,7 @@
 """Wire config -> data, model, selector, optimizer, schedule -> epochs -> run directory.
 
 `setup` builds one run (a RunState, run_state.py), `fit` trains it epoch by epoch (engine.py), checkpoints
-it (resume.py) and reports it (records.py, metrics.py). This module only connects them.
+it (resume.py) and reports it (records.py, run_dir.py). This module only connects them.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ from pfb_train.engine import (
     train_batch,
 )
 from pfb_train.errors import Preempted, RunFinished, TrainingStopped, UserError, squeezed
-from pfb_train.metrics import UNREADABLE_FILE, BaselineComparison, RunLogger, make_run_dir, rewrite_metrics
-from pfb_train.models import BlockedModel, ScorePass, build_model, check_score_pass, check_training_rows
+from pfb_train.run_dir import UNREADABLE_FILE, BaselineComparison, RunLogger, make_run_dir, rewrite_metrics
+from pfb_train.models import BlockedModel, build_model, check_score_pass, check_training_rows
+from pfb_train.selection.score_pass import ScorePass
 from pfb_train.preemption import PreemptionSignals
 from pfb_train.records import (
     describe_budget,
@@ -405,8 +406,8 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
                 return None
             tally = begin_epoch(state, context, epoch)
             bar = progress_bar(state, epoch, tally)
-            for x, y, idx in () if tally.budget_spent else state.train_loader:
-                result = train_batch(context, Batch(x, y, idx), tally)
+            for x, y, indices in () if tally.budget_spent else state.train_loader:
+                result = train_batch(context, Batch(x, y, indices), tally)
                 position.optimizer_steps += 1
                 show_progress(bar, tally, result, rt.log_every)
                 steps = position.optimizer_steps

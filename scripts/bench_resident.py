@@ -35,7 +35,7 @@ import torch
 import pfb_train.data.loaders as loaders
 from pfb_train.config import load_config
 from pfb_train.data import build_datasets, build_loaders, set_loader_epoch
-from pfb_train.metrics import read_metrics
+from pfb_train.run_dir import read_metrics
 from pfb_train.train import run
 
 

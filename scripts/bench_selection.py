@@ -90,12 +90,12 @@ def measure(kind: str, classes: int, selection: str, a) -> dict:
     selector = build_selector(
         "pfb" if selection != "random" else "random", batch_size=a.batch, num_classes=classes, **options
     )
-    idx = torch.arange(a.batch)
+    indices = torch.arange(a.batch)
     selector.set_epoch(0)
     for _ in range(a.warmup):
         feats, labels, _ = data.batch(a.batch)
         if selector.needs_features():
-            selector.observe(feats, None, idx, None, labels)
+            selector.observe(feats, None, indices, None, labels)
     selector.set_epoch(1)
     blocked_typical = blocked_rows = 0
     kept_by_group, rows_by_group = torch.zeros(2), torch.zeros(2)
@@ -107,7 +107,7 @@ def measure(kind: str, classes: int, selection: str, a) -> dict:
         kept = torch.zeros(a.batch, dtype=torch.bool)
         kept[keep] = True
         if selector.needs_features():
-            selector.observe(feats, keep, idx[keep], None, labels[keep])
+            selector.observe(feats, keep, indices[keep], None, labels[keep])
         seconds += time.perf_counter() - started
         blocked_typical += int((typical & ~kept).sum())
         blocked_rows += int((~kept).sum())

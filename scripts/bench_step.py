@@ -37,8 +37,9 @@ from pfb_train.costs import (
     timed_cheaper_mode,
 )
 from pfb_train.engine import Batch, Optimization, StepContext, StepSettings, train_step
-from pfb_train.metrics import PhaseTimer
-from pfb_train.models import ScorePass, split_model
+from pfb_train.timing import PhaseTimer
+from pfb_train.models import split_model
+from pfb_train.selection.score_pass import ScorePass
 from pfb_train.selection import build_selector
 from pfb_train.train import AMP_DTYPES
 

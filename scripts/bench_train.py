@@ -35,7 +35,7 @@ import torch
 from bench_data import make_folder
 from bench_reference import device_name, reference_rate
 from pfb_train.config import load_config
-from pfb_train.metrics import read_metrics
+from pfb_train.run_dir import read_metrics
 from pfb_train.train import run
 
 JPEG_CLASSES = 10

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from pfb_train.metrics import read_metrics
+from pfb_train.run_dir import read_metrics
 
 
 def mean(values):

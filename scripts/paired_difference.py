@@ -18,7 +18,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from pfb_train.metrics import read_metrics
+from pfb_train.run_dir import read_metrics
 
 
 def load(folder: Path) -> dict:

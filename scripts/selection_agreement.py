@@ -54,7 +54,8 @@ import torch
 
 from pfb_train.config import DataConfig
 from pfb_train.data import build_datasets
-from pfb_train.models import ScorePass, split_model
+from pfb_train.models import split_model
+from pfb_train.selection.score_pass import ScorePass
 from pfb_train.selection import build_selector
 
 SETTINGS = [  # (estimator, noise form, noise level); level None: the form's default

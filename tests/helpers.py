@@ -195,7 +195,7 @@ def write_cifar(root, name="cifar10", n_train=20, n_test=10):
 
 
 def write_idx(path, array: np.ndarray, compress: bool) -> None:
-    """The idx layout: 0, 0, type 0x08 (unsigned byte), rank, then big-endian sizes and the bytes."""
+    """The indices layout: 0, 0, type 0x08 (unsigned byte), rank, then big-endian sizes and the bytes."""
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
     data = header + array.astype(np.uint8).tobytes()
     if compress:

@@ -11,8 +11,9 @@ from pfb_train.config import load_config
 from pfb_train.costs import predicted_cost_ratio, shallow_flop_share, step_flops
 from pfb_train.distributed import DistInfo
 from pfb_train.errors import RunFinished, UserError
-from pfb_train.metrics import read_metrics
-from pfb_train.models import NO_RANKING, build_model
+from pfb_train.run_dir import read_metrics
+from pfb_train.models import build_model
+from pfb_train.selection.score_pass import NO_RANKING
 from pfb_train.report import compute_to_reach, top1_at_compute
 from pfb_train.train import fit, run, setup
 

@@ -24,7 +24,7 @@ from pfb_train.data.device_decode import resized_crop_boxes, resized_crop_unifor
 from pfb_train.data.draws import sample_uniforms
 from pfb_train.distributed import DistInfo
 from pfb_train.errors import UserError
-from pfb_train.metrics import read_metrics
+from pfb_train.run_dir import read_metrics
 from pfb_train.selection import methods
 from pfb_train.train import fit, setup
 from helpers import SMALL_RUN, assert_equal
@@ -77,9 +77,9 @@ def test_same_samples_in_the_same_order_with_their_labels_as_the_cpu_path(folder
         dali, cpu = epoch(dali_train, number), epoch(cpu_train, number)
         assert [b[2].tolist() for b in dali] == [b[2].tolist() for b in cpu]
         assert [b[1].tolist() for b in dali] == [b[1].tolist() for b in cpu]
-        for x, y, idx in dali:
+        for x, y, indices in dali:
             assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
-            assert y.tolist() == [splits.train.targets[i] for i in idx.tolist()]
+            assert y.tolist() == [splits.train.targets[i] for i in indices.tolist()]
     assert [b[2].tolist() for b in dali_val] == [b[2].tolist() for b in cpu_val]
 
 
@@ -98,10 +98,10 @@ def test_train_pixels_are_the_seeded_crop_of_each_sample(folder):
     augmentation written out by hand, whatever the batch size or number of workers."""
     splits, train, _ = loaders(folder, "dali")
     flips = 0
-    for x, _, idx in epoch(train, 3):
-        seeds = train.sampler.sample_seeds(idx)
+    for x, _, indices in epoch(train, 3):
+        seeds = train.sampler.sample_seeds(indices)
         uniforms = sample_uniforms(seeds, resized_crop_uniforms() + 1)
-        for row, index in enumerate(idx.tolist()):
+        for row, index in enumerate(indices.tolist()):
             path = splits.train.samples[index][0]
             width, height = Image.open(path).size
             box = resized_crop_boxes(torch.tensor([height]), torch.tensor([width]), uniforms[row : row + 1, :-1])[0]
@@ -111,10 +111,10 @@ def test_train_pixels_are_the_seeded_crop_of_each_sample(folder):
             assert (x[row] - want).abs().mean() < 0.02, (index, box)  # under a level on average
     assert 0 < flips < 16
     _, other, _ = loaders(folder, "dali", batch_size=3, workers=2)
-    by_index = {i: image for x, _, idx in epoch(train, 3) for i, image in zip(idx.tolist(), x)}
+    by_index = {i: image for x, _, indices in epoch(train, 3) for i, image in zip(indices.tolist(), x)}
     compared = 0
-    for x, _, idx in epoch(other, 3):  # drop_last leaves 3 of 19 out at batch 4, 1 at batch 3
-        for i, image in zip(idx.tolist(), x):
+    for x, _, indices in epoch(other, 3):  # drop_last leaves 3 of 19 out at batch 4, 1 at batch 3
+        for i, image in zip(indices.tolist(), x):
             if i in by_index:
                 assert torch.equal(image, by_index[i])
                 compared += 1
@@ -140,12 +140,12 @@ def test_bad_images_stand_in_or_stop_the_run(tmp_path):
     _, train, val = loaders(root, "dali")
     batches = epoch(train, 0)  # 11 files: 2 full batches, so two epochs show at least two of them
     batches += epoch(train, 1)
-    missing = [(x, y, idx) for x, y, idx in batches if (idx < 0).any()]
-    assert missing and all(len(idx) == 4 for _, _, idx in batches)
-    for x, y, idx in missing:  # a stand-in repeats a readable sample of its batch (pixels and label)
-        for row in (idx < 0).nonzero().flatten().tolist():
-            assert any(torch.equal(x[row], x[o]) and y[row] == y[o] for o in range(4) if idx[o] >= 0)
-    assert sum(int((idx < 0).sum()) for _, _, idx in list(val)) == 1
+    missing = [(x, y, indices) for x, y, indices in batches if (indices < 0).any()]
+    assert missing and all(len(indices) == 4 for _, _, indices in batches)
+    for x, y, indices in missing:  # a stand-in repeats a readable sample of its batch (pixels and label)
+        for row in (indices < 0).nonzero().flatten().tolist():
+            assert any(torch.equal(x[row], x[o]) and y[row] == y[o] for o in range(4) if indices[o] >= 0)
+    assert sum(int((indices < 0).sum()) for _, _, indices in list(val)) == 1
     _, strict, _ = loaders(root, "dali", bad_images="fail")
     with pytest.raises(UserError, match=r"unreadable image .*x_\w+\.jpg"):
         for number in range(4):
@@ -160,7 +160,7 @@ def test_decoder_messages_stay_out_of_stderr_and_other_lines_pass(tmp_path, capf
     (root / "train" / "b" / "x_sof.jpg").write_bytes(good[:200] + good[2:])  # libjpeg: "two SOF markers"
     _, train, _ = loaders(root, "dali")
     capfd.readouterr()
-    assert sum(int((idx < 0).sum()) for number in range(3) for _, _, idx in epoch(train, number)) > 0
+    assert sum(int((indices < 0).sum()) for number in range(3) for _, _, indices in epoch(train, number)) > 0
     assert capfd.readouterr().err == ""  # native decoders said nothing; the bad files count as stand-ins
     with decoder_logs_muted():
         os.write(2, b"\x1b[0;31m[ERROR] \x1b[0m[libjpeg_turbo_decoder] Could not decode\nInput file read error\n")
@@ -295,8 +295,8 @@ def test_hf_and_wds_layouts_give_the_folders_pixels(folder, tmp_path, capsys):
     for dataset, root in (("hf", hf_root), ("wds", shards)):
         _, train, val = loaders(root, "dali", dataset=dataset)
         got = {}
-        for x, _, idx in val:
-            got.update(zip(idx.tolist(), x))
+        for x, _, indices in val:
+            got.update(zip(indices.tolist(), x))
         if dataset == "hf":  # same order as the folder
             assert torch.equal(torch.stack([got[i] for i in range(len(got))]), want)
         else:  # shards keep each sample's source index as its key
@@ -320,7 +320,7 @@ def test_a_gif_stands_in_on_dali_and_trains_on_cpu(tmp_path):
     datasets.DatasetDict({"train": split, "validation": split}).save_to_disk(tmp_path / "hf")
     for decode, stand_ins in (("dali", 1), ("cpu", 0)):
         _, _, val = loaders(tmp_path / "hf", decode, dataset="hf")
-        assert sum(int((idx < 0).sum()) for _, _, idx in val) == stand_ins
+        assert sum(int((indices < 0).sum()) for _, _, indices in val) == stand_ins
 
 
 @pytest.mark.distributed
@@ -365,8 +365,8 @@ def test_two_gloo_processes_see_the_pixels_of_one(folder, tmp_path, capsys):
     alone = {
         (number, i): x.double().sum().item()
         for number in range(2)
-        for images, _, idx in epoch(single, number)
-        for i, x in zip(idx.tolist(), images)
+        for images, _, indices in epoch(single, number)
+        for i, x in zip(indices.tolist(), images)
     }
     both = {**r0["pixel_sums"], **r1["pixel_sums"]}
     assert len(both.keys() & alone.keys()) >= 16  # a sample's pixels do not depend on which rank made them

@@ -39,10 +39,10 @@ def test_imagefolder_loads_real_files_with_indices(tmp_path):
     splits = build_datasets(cfg)
     assert splits.num_classes == 2 and len(splits.train) == 12 and len(splits.val) == 6
     train, val = build_loaders(splits, cfg, seed=0)
-    x, y, idx = next(iter(train))
+    x, y, indices = next(iter(train))
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
-    assert idx.dtype == torch.int64 and len(set(idx.tolist())) == 4
-    for i, label in zip(idx.tolist(), y.tolist()):
+    assert indices.dtype == torch.int64 and len(set(indices.tolist())) == 4
+    for i, label in zip(indices.tolist(), y.tolist()):
         assert splits.train.targets[i] == label  # the index names the sample
     assert sum(len(b[2]) for b in val) == 6  # validation visits every sample once
 
@@ -110,7 +110,7 @@ def test_cifar_reads_torchvision_files(tmp_path, name, classes, train_total):
     cfg = DataConfig(dataset=name, root=str(tmp_path), img_size=32, batch_size=4, workers=0)
     splits = build_datasets(cfg)
     assert splits.num_classes == classes and len(splits.train) == train_total and len(splits.val) == 10
-    x, y, idx = next(iter(build_loaders(splits, cfg, seed=0)[0]))
+    x, y, indices = next(iter(build_loaders(splits, cfg, seed=0)[0]))
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.max() < classes
 
 
@@ -131,7 +131,7 @@ def test_worker_augmentation_depends_on_epoch_and_sample_only(tmp_path):
         cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), img_size=24, batch_size=4, workers=workers)
         train, _ = build_loaders(build_datasets(cfg), cfg, seed=5)
         set_loader_epoch(train, epoch, None, skip)
-        return {i: x for xs, _, idx in train for x, i in zip(xs, idx.tolist())}
+        return {i: x for xs, _, indices in train for x, i in zip(xs, indices.tolist())}
 
     one = epoch_images(workers=1)
     two = epoch_images(workers=2)

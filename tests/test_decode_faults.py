@@ -18,7 +18,7 @@ from pfb_train.data import build_datasets, build_loaders
 from pfb_train.data.splits import sample_names
 from pfb_train.data.missing import Unreadable
 from pfb_train.errors import UserError
-from pfb_train.metrics import read_metrics
+from pfb_train.run_dir import read_metrics
 from helpers import cli, one_line, train_args, wds_args, write_folder
 
 datasets = pytest.importorskip("datasets")

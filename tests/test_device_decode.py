@@ -12,7 +12,7 @@ from pfb_train.config import DataConfig, load_config
 from pfb_train.data import build_datasets, build_loaders, set_loader_epoch
 from pfb_train.data.device_decode import random_resized_boxes
 from pfb_train.errors import UserError
-from pfb_train.metrics import read_metrics
+from pfb_train.run_dir import read_metrics
 from pfb_train.train import run
 
 
@@ -33,11 +33,11 @@ def test_batches_are_normalised_images_with_their_labels(folder):
     splits, _, train, _ = loaders(folder, decode="device")
     set_loader_epoch(train, 0)
     seen = []
-    for x, y, idx in train:
+    for x, y, indices in train:
         assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
         assert -3 < x.min() and x.max() < 3
-        assert y.tolist() == [splits.train.targets[i] for i in idx.tolist()]
-        seen += idx.tolist()
+        assert y.tolist() == [splits.train.targets[i] for i in indices.tolist()]
+        seen += indices.tolist()
     assert len(seen) == 12 and len(set(seen)) == 12  # 13 files, drop_last: 3 full batches, PNG included in the pool
 
 
@@ -71,13 +71,13 @@ def test_unreadable_files_are_stood_in_for_or_fatal(folder):
     _, _, train, _ = loaders(folder, decode="device")  # 16 files: 4 full batches visit every one
     set_loader_epoch(train, 0)
     batches = list(train)
-    assert [len(idx) for _, _, idx in batches] == [4] * 4  # batches keep their size
-    assert sum(int((idx < 0).sum()) for _, _, idx in batches) == 2  # two stand-ins (negative indices)
+    assert [len(indices) for _, _, indices in batches] == [4] * 4  # batches keep their size
+    assert sum(int((indices < 0).sum()) for _, _, indices in batches) == 2  # two stand-ins (negative indices)
     (folder / "val" / "a" / os.listdir(folder / "val" / "a")[0]).write_bytes(b"")  # val: no random crops
     _, _, _, val = loaders(folder, decode="device")
-    for x, y, idx in val:  # a stand-in repeats a readable image of its own batch, with that image's label
-        for row in (idx < 0).nonzero().flatten().tolist():
-            assert any(torch.equal(x[row], x[o]) and y[row] == y[o] for o in range(len(idx)) if idx[o] >= 0)
+    for x, y, indices in val:  # a stand-in repeats a readable image of its own batch, with that image's label
+        for row in (indices < 0).nonzero().flatten().tolist():
+            assert any(torch.equal(x[row], x[o]) and y[row] == y[o] for o in range(len(indices)) if indices[o] >= 0)
     _, _, train, _ = loaders(folder, decode="device", bad_images="fail")
     set_loader_epoch(train, 0)
     with pytest.raises(UserError, match=r"unreadable image .*zz+\.jpg"):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from pfb_train.config import load_config
 from pfb_train.engine import EpochTally, Optimization, StepContext, StepSettings, evaluate
-from pfb_train.metrics import read_metrics
+from pfb_train.run_dir import read_metrics
 from pfb_train.models import split_model
 from pfb_train.selection import build_selector
 from pfb_train.selection.base import Selector
@@ -69,17 +69,17 @@ def test_train_loss_is_unweighted_when_the_method_weights_rows():
     compares across methods."""
     torch.manual_seed(0)
     model = split_model(timm.create_model("resnet18", num_classes=4), stage=1)
-    x, y, idx = torch.randn(8, 3, 32, 32), torch.arange(8) % 4, torch.arange(8)
+    x, y, indices = torch.randn(8, 3, 32, 32), torch.arange(8) % 4, torch.arange(8)
     selector = build_selector("infobatch", prune_ratio=0.5, epochs=4)
     selector.scores = torch.tensor([0.0] * 4 + [9.0] * 4)  # rows 0-3 below the mean: candidates
     selector.set_epoch(1)
     selector.epoch_indices(8)
-    weights = selector.loss_weights(idx)
+    weights = selector.loss_weights(indices)
     assert weights.max() == 2.0  # some kept candidate is weighted
     before = copy.deepcopy(model)
     with torch.no_grad():
         expected = F.cross_entropy(before(x).logits, y, label_smoothing=0.1).item()
-    stats = train_epoch(_context(model, selector), [(x, y, idx)], 1, EpochTally("cpu", 4))
+    stats = train_epoch(_context(model, selector), [(x, y, indices)], 1, EpochTally("cpu", 4))
     assert stats["train_loss"] == pytest.approx(expected, rel=1e-5)
 
 
@@ -88,8 +88,8 @@ def test_eval_reports_top1_per_class():
     model = split_model(timm.create_model("resnet18", num_classes=3), stage=1)
     settings = _context(model, selector=None).settings
     x, y = torch.randn(12, 3, 32, 32), torch.tensor([0] * 6 + [1] * 4 + [2] * 2)
-    idx = torch.arange(12)
-    result = evaluate(model, [(x[:7], y[:7], idx[:7]), (x[7:], y[7:], idx[7:])], settings)
+    indices = torch.arange(12)
+    result = evaluate(model, [(x[:7], y[:7], indices[:7]), (x[7:], y[7:], indices[7:])], settings)
     model.eval()
     with torch.no_grad():
         hits = model(x).logits.argmax(1).eq(y).float()

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pfb_train.metrics import read_metrics
+from pfb_train.run_dir import read_metrics
 from helpers import cli, jpeg_bytes, one_line, train_args, wds_args, write_folder
 
 HERE = Path(__file__).resolve().parent

@@ -210,7 +210,7 @@ def test_inductor_compiled_step_matches_eager_and_auto_mode_times_the_parts(tmp_
     torch.manual_seed(0)
     base = timm.create_model("resnet18", num_classes=10).cuda()
     x, y = torch.randn(32, 3, 64, 64, device="cuda"), torch.randint(0, 10, (32,), device="cuda")
-    idx = torch.arange(32, device="cuda")
+    indices = torch.arange(32, device="cuda")
     outcome = []
     for compiled in (False, True):
         blocked = split_model(copy.deepcopy(base), 1, "recompute")
@@ -221,7 +221,7 @@ def test_inductor_compiled_step_matches_eager_and_auto_mode_times_the_parts(tmp_
             torch.optim.SGD(blocked.parameters(), lr=0.01), None, torch.amp.GradScaler("cuda", enabled=False)
         )
         context = StepContext(blocked, selector, StepSettings(torch.device("cuda")), optimization)
-        steps = [train_step(Batch(x, y, idx), context, 1.0) for _ in range(3)]
+        steps = [train_step(Batch(x, y, indices), context, 1.0) for _ in range(3)]
         outcome.append(steps)
     for eager, comp in zip(*outcome):
         assert torch.equal(eager.keep, comp.keep)

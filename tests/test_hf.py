@@ -9,7 +9,7 @@ import torch
 from pfb_train.config import load_config
 from pfb_train.distributed import DistInfo
 from pfb_train.errors import UserError
-from pfb_train.metrics import read_metrics
+from pfb_train.run_dir import read_metrics
 from pfb_train.selection import methods
 from pfb_train.train import fit, setup
 from helpers import SMALL_RUN, assert_equal, make_dataset

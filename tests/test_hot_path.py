@@ -13,7 +13,8 @@ import timm
 import torch
 
 from pfb_train.engine import Batch, EpochTally, Optimization, StepContext, StepSettings, train_step
-from pfb_train.models import AUTO_SCORE, split_model
+from pfb_train.models import split_model
+from pfb_train.selection.score_pass import AUTO_SCORE
 from pfb_train.selection import build_selector
 from helpers import HostReads, train_epoch
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pfb_train.config import load_config
-from pfb_train.metrics import read_metrics
+from pfb_train.run_dir import read_metrics
 from pfb_train.selection import build_selector
 from pfb_train.train import run
 

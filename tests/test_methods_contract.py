@@ -21,7 +21,7 @@ from pfb_train.config import load_config
 from pfb_train.distributed import DistInfo
 from pfb_train.engine import Batch, Optimization, StepContext, StepSettings, train_step
 from pfb_train.errors import UserError
-from pfb_train.metrics import read_metrics
+from pfb_train.run_dir import read_metrics
 from pfb_train.models import split_model
 from pfb_train.selection import Method, Selector, build_selector, methods, register, unregister
 from pfb_train import plugins
@@ -110,10 +110,10 @@ def _steps(selector: Selector, generator: torch.Generator, steps: int, epoch: in
     decisions.append(selector.epoch_indices(SAMPLES))
     for _ in range(steps):
         feats = torch.randn(BATCH, 16, generator=generator)
-        idx = torch.randperm(SAMPLES, generator=generator)[:BATCH]
+        indices = torch.randperm(SAMPLES, generator=generator)[:BATCH]
         labels = torch.randint(0, CLASSES, (BATCH,), generator=generator)
         keep = selector.select(feats, labels) if selector.blocks_rows() else None
-        kept_idx, kept_labels = (idx, labels) if keep is None else (idx[keep], labels[keep])
+        kept_idx, kept_labels = (indices, labels) if keep is None else (indices[keep], labels[keep])
         weights = selector.loss_weights(kept_idx)
         losses = torch.rand(len(kept_idx), generator=generator)
         selector.observe(feats if selector.needs_features() else None, keep, kept_idx, losses, kept_labels)

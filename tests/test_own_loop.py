@@ -57,7 +57,7 @@ def test_the_api_equals_the_harness_step():
 
     torch.manual_seed(0)
     base = timm.create_model("resnet18", num_classes=4)
-    x, y, idx = torch.randn(12, 3, 32, 32), torch.arange(12) % 4, torch.arange(12)
+    x, y, indices = torch.randn(12, 3, 32, 32), torch.arange(12) % 4, torch.arange(12)
     states = []
     for use_engine in (False, True):
         model = timm.create_model("resnet18", num_classes=4)
@@ -72,9 +72,9 @@ def test_the_api_equals_the_harness_step():
                     StepSettings(torch.device("cpu"), check_finite=False),
                     Optimization(optimizer, None, torch.amp.GradScaler("cpu", enabled=False)),
                 )
-                train_step(Batch(x, y, idx), context, schedule_at=step + 1)
+                train_step(Batch(x, y, indices), context, schedule_at=step + 1)
             else:
-                batch = blocking.forward(blocking.model, x, y, idx)
+                batch = blocking.forward(blocking.model, x, y, indices)
                 losses = F.cross_entropy(batch.logits.float(), batch.targets, reduction="none")
                 optimizer.zero_grad(set_to_none=True)
                 blocking.loss(batch, losses).backward()

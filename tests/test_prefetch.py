@@ -58,14 +58,14 @@ def test_same_batches_in_order_read_ahead_at_most_depth(train_loader):
     )
     set_loader_epoch(prefetcher, 1)
     seen = []
-    for i, (_, _, idx) in enumerate(prefetcher):
-        seen.append(idx)
+    for i, (_, _, indices) in enumerate(prefetcher):
+        seen.append(indices)
         if i == 0:  # while this step "runs", the producer fills the queue (2) and holds one more
             assert wait_for(lambda: len(recording.fetched) == 4)
             time.sleep(0.05)
         assert len(recording.fetched) <= len(seen) + 3
     set_loader_epoch(train_loader, 1)
-    assert all(torch.equal(a, b) for a, b in zip(seen, [idx for _, _, idx in train_loader], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(seen, [indices for _, _, indices in train_loader], strict=True))
     assert wait_for(lambda: not producers_alive())
 
 
@@ -89,7 +89,7 @@ def test_stopping_early_ends_the_producer(train_loader):
         break
     assert not producers_alive()  # the loop's exit closed the generator, which joined the thread
     assert len(recording.fetched) == 3
-    assert [idx for _, _, idx in prefetcher]  # and the next epoch starts afresh
+    assert [indices for _, _, indices in prefetcher]  # and the next epoch starts afresh
 
 
 def test_without_a_thread_the_next_batch_is_staged_one_ahead(train_loader):
@@ -98,12 +98,12 @@ def test_without_a_thread_the_next_batch_is_staged_one_ahead(train_loader):
     prefetcher = DevicePrefetcher(recording, "cpu", threaded=False)
     set_loader_epoch(prefetcher, 1)
     seen = []
-    for _, _, idx in prefetcher:
-        seen.append(idx)
+    for _, _, indices in prefetcher:
+        seen.append(indices)
         assert len(recording.fetched) == min(len(seen) + 1, 8)  # exactly one ahead, fetched on this thread
         assert not producers_alive()
     set_loader_epoch(train_loader, 1)
-    assert all(torch.equal(a, b) for a, b in zip(seen, [idx for _, _, idx in train_loader], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(seen, [indices for _, _, indices in train_loader], strict=True))
 
 
 def test_a_producer_thread_only_where_batches_draw_from_no_global_rng(tmp_path):

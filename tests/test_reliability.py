@@ -15,7 +15,7 @@ from PIL import Image
 from pfb_train.checkpoint import latest_checkpoint, save_atomic
 from pfb_train.config import load_config
 from pfb_train.errors import UserError
-from pfb_train.metrics import read_metrics
+from pfb_train.run_dir import read_metrics
 from pfb_train.train import fit, run, setup
 from pfb_train.distributed import DistInfo
 from helpers import assert_same_training_state, final_state
@@ -566,9 +566,9 @@ def test_diagnostics_tallies_resumed_on_the_cpu_join_the_training_device():
 
 
 def test_a_resume_drops_the_unreadable_names_of_epochs_it_redoes(tmp_path):
-    from pfb_train.metrics import UNREADABLE_FILE, rewrite_metrics
+    from pfb_train.run_dir import UNREADABLE_FILE, rewrite_metrics
 
-    from pfb_train.metrics import RunLogger
+    from pfb_train.run_dir import RunLogger
 
     (tmp_path / UNREADABLE_FILE).write_text("0\ta.jpg\n1\tb.jpg\n")
     RunLogger(tmp_path).log_unreadable(2, ["c\n.jpg"])  # a line break in a file name stays one line

@@ -38,7 +38,7 @@ def test_shard_orders_differ_between_seeds_and_epochs():
 from pfb_train import cli  # noqa: E402
 from pfb_train.config import load_config  # noqa: E402
 from pfb_train.distributed import DistInfo  # noqa: E402
-from pfb_train.metrics import read_metrics  # noqa: E402
+from pfb_train.run_dir import read_metrics  # noqa: E402
 from pfb_train.train import fit, run, setup  # noqa: E402
 
 COSINE = [

@@ -5,7 +5,7 @@ import pytest
 
 from pfb_train.config import load_config
 from pfb_train.errors import UserError
-from pfb_train.metrics import read_metrics
+from pfb_train.run_dir import read_metrics
 from pfb_train.train import run
 
 TINY = [

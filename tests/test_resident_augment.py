@@ -38,7 +38,7 @@ def loaders(splits, batch_size=4, world_size=1, rank=0, seed=5, channels_last=Fa
 
 def by_index(loader):
     """{dataset index: image} over one pass of the loader."""
-    return {i: x for xs, _, idx in loader for x, i in zip(xs, idx.tolist())}
+    return {i: x for xs, _, indices in loader for x, i in zip(xs, indices.tolist())}
 
 
 def per_item(stored: torch.Tensor, recipe: ImageRecipe, draw) -> torch.Tensor:
@@ -101,15 +101,15 @@ def test_resident_batches_are_the_recipe_applied_with_each_samples_draws(channel
     set_loader_epoch(train, 1)
     seeds = dict(train.sampler)  # (index, seed) keys
     recipe = splits.train.recipe
-    for xs, ys, idx in train:
+    for xs, ys, indices in train:
         assert xs.shape == (4, 3, size, size) and xs.dtype == torch.float32
         assert xs.is_contiguous(memory_format=torch.channels_last)
-        draws = pad_crop_draws(torch.tensor([seeds[i] for i in idx.tolist()]), recipe.padding)
-        for x, i, draw in zip(xs, idx.tolist(), draws):
+        draws = pad_crop_draws(torch.tensor([seeds[i] for i in indices.tolist()]), recipe.padding)
+        for x, i, draw in zip(xs, indices.tolist(), draws):
             torch.testing.assert_close(x, per_item(splits.train.images[i], recipe, draw), rtol=0, atol=2e-6)
-        assert torch.equal(ys, splits.train.labels[idx])
-    for xs, _, idx in val:  # no augmentation
-        for x, i in zip(xs, idx.tolist()):
+        assert torch.equal(ys, splits.train.labels[indices])
+    for xs, _, indices in val:  # no augmentation
+        for x, i in zip(xs, indices.tolist()):
             torch.testing.assert_close(x, per_item(splits.val.images[i], recipe, None), rtol=0, atol=2e-6)
             torch.testing.assert_close(x, splits.val[i][0], rtol=0, atol=2e-6)  # the workers' item
 

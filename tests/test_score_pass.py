@@ -21,7 +21,8 @@ from pfb_train.costs import (
 )
 from pfb_train.engine import Batch, Optimization, StepContext, StepSettings, train_step
 from pfb_train.errors import UserError
-from pfb_train.models import AUTO_SCORE, BlockedModel, ScorePass, check_score_pass, split_model, tracking_norms
+from pfb_train.models import BlockedModel, check_score_pass, split_model, tracking_norms
+from pfb_train.selection.score_pass import AUTO_SCORE, ScorePass
 from pfb_train.selection import build_selector
 from helpers import TINY_YAML as TINY
 
@@ -255,7 +256,7 @@ def test_compiled_step_matches_the_eager_step():
     loss, same weights after two steps. (Inductor's kernels: tests/test_gpu.py, on CUDA.)"""
     torch.manual_seed(0)
     base = timm.create_model("test_resnet", num_classes=10)
-    x, y, idx = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)), torch.arange(16)
+    x, y, indices = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)), torch.arange(16)
     outcome = []
     for compiled in (False, True):
         blocked = split_model(copy.deepcopy(base), 1, "recompute")
@@ -266,7 +267,7 @@ def test_compiled_step_matches_the_eager_step():
             torch.optim.SGD(blocked.parameters(), lr=0.1), None, torch.amp.GradScaler("cpu", enabled=False)
         )
         context = StepContext(blocked, selector, StepSettings(torch.device("cpu")), optimization)
-        steps = [train_step(Batch(x, y, idx), context, 1.0) for _ in range(2)]
+        steps = [train_step(Batch(x, y, indices), context, 1.0) for _ in range(2)]
         outcome.append((steps, [p.detach().clone() for p in blocked.parameters()], _stats(blocked)))
     (eager, w_eager, s_eager), (comp, w_comp, s_comp) = outcome
     for a, b in zip(eager, comp):

@@ -152,7 +152,7 @@ class Spy(Selector):
         self.seen["select"] = labels
         return torch.arange(feats.shape[0] - 1)
 
-    def observe(self, feats, keep, sample_idx, losses, labels=None):
+    def observe(self, feats, keep, indices, losses, labels=None):
         self.seen["observe"] = labels
 
 

@@ -5,7 +5,7 @@ import torch
 import yaml
 
 from pfb_train.config import load_config
-from pfb_train.metrics import read_metrics
+from pfb_train.run_dir import read_metrics
 from pfb_train.train import run
 
 from helpers import TINY_YAML as TINY

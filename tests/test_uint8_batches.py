@@ -59,16 +59,16 @@ def test_normalised_batches_equal_the_old_float_path(folder, global_rng):
     set_loader_epoch(train, 1)
     seeds = dict(train.sampler)  # (index, seed) keys
     compared = 0
-    for xs, _, idx in train:
-        for x, i in zip(xs, idx.tolist()):
+    for xs, _, indices in train:
+        for x, i in zip(xs, indices.tolist()):
             random.seed(seeds[i])  # what IndexedDataset does in a worker before making the item
             np.random.seed(seeds[i] % 2**32)
             torch.default_generator.manual_seed(seeds[i])
             want = old_train(default_loader(splits.train.samples[i][0]))
             torch.testing.assert_close(x, want, rtol=0, atol=1e-5)
             compared += 1
-    for xs, _, idx in val:
-        for x, i in zip(xs, idx.tolist()):
+    for xs, _, indices in val:
+        for x, i in zip(xs, indices.tolist()):
             torch.testing.assert_close(x, old_val(default_loader(splits.val.samples[i][0])), rtol=0, atol=1e-5)
             compared += 1
     assert compared == 12 + 12
@@ -105,16 +105,16 @@ def test_stand_ins_for_unreadable_files_are_uint8_copies_of_a_readable_item(tmp_
     write_smooth_folder(tmp_path, per_class=2)
     (tmp_path / "val" / "a" / "1.jpg").write_bytes(b"not a jpeg")
     _, _, val = cpu_loaders(tmp_path)
-    shipped, labels, idx = next(iter(val.loader))
-    assert shipped.dtype == torch.uint8 and (idx < 0).sum() == 1
-    stand_in = idx.tolist().index(stand_in_index(1))  # val/a/1.jpg is sample 1: the stand-in names it
+    shipped, labels, indices = next(iter(val.loader))
+    assert shipped.dtype == torch.uint8 and (indices < 0).sum() == 1
+    stand_in = indices.tolist().index(stand_in_index(1))  # val/a/1.jpg is sample 1: the stand-in names it
     assert any(
         torch.equal(shipped[stand_in], shipped[j]) and labels[stand_in] == labels[j]
-        for j in range(len(idx))
+        for j in range(len(indices))
         if j != stand_in
     )
     made, _, made_idx = next(iter(val))
-    assert made.dtype == torch.float32 and torch.isfinite(made).all() and torch.equal(made_idx, idx)
+    assert made.dtype == torch.float32 and torch.isfinite(made).all() and torch.equal(made_idx, indices)
 
 
 @pytest.mark.gpu

@@ -19,7 +19,7 @@ from pfb_train.config import load_config
 from pfb_train.data.loaders import ShardStreamSampler
 from pfb_train.data.wds import local_shuffle, shard_stream
 from pfb_train.distributed import DistInfo
-from pfb_train.metrics import read_metrics
+from pfb_train.run_dir import read_metrics
 from pfb_train.selection import methods
 from pfb_train.train import fit, setup
 from helpers import SMALL_RUN, assert_equal

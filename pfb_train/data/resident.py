@@ -97,8 +97,7 @@ class ResidentLoader(WrappedLoader):
         # The epoch's order (and draws) in one copy to the device, not one small synchronous copy per
         # batch. Train sampler keys are (index, that sample's seed this epoch); eval keys are indices.
         keys = list(self.loader.sampler)
-        indices = torch.tensor([k[0] if isinstance(k, tuple) else k for k in keys], dtype=torch.long)
-        order = indices.to(self.device)
+        order = torch.tensor([k[0] if isinstance(k, tuple) else k for k in keys], dtype=torch.long).to(self.device)
         draws = None
         if self.padding is not None:
             seeds = torch.tensor([k[1] for k in keys], dtype=torch.long)
@@ -106,17 +105,17 @@ class ResidentLoader(WrappedLoader):
         size = self.loader.batch_size
         end = len(order) - len(order) % size if self.loader.drop_last else len(order)
         for start in range(0, end, size):
-            idx = order[start : start + size]
+            indices = order[start : start + size]
             yield (
-                self.batch(idx, None if draws is None else draws[start : start + size]),
-                self.labels.index_select(0, idx),
-                idx,
+                self.batch(indices, None if draws is None else draws[start : start + size]),
+                self.labels.index_select(0, indices),
+                indices,
             )
 
-    def batch(self, idx: torch.Tensor, draws: torch.Tensor | None) -> torch.Tensor:
-        """The images of samples `idx` ((n,) int64 on the device), augmented by `draws` ((n, 3)) if given."""
+    def batch(self, indices: torch.Tensor, draws: torch.Tensor | None) -> torch.Tensor:
+        """The images of samples `indices` ((n,) int64 on the device), augmented by `draws` ((n, 3)) if given."""
         if draws is not None:
-            images = pad_crop_flip(self.images, idx, draws, self.padding)
+            images = pad_crop_flip(self.images, indices, draws, self.padding)
         else:
-            images = self.images.index_select(0, idx)
+            images = self.images.index_select(0, indices)
         return self.normalize.images(images)

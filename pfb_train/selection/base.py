@@ -12,7 +12,7 @@ import torch
 
 from pfb_train.distributed import get_rank
 from pfb_train.errors import UserError
-from pfb_train.models import EXACT_SCORE, ScorePass
+from pfb_train.selection.score_pass import EXACT_SCORE, ScorePass
 from pfb_train.seeding import derive_seed
 
 
@@ -142,11 +142,11 @@ class Selector:
         """How recompute mode's ranking pass computes the features `select` gets (size, norm statistics)."""
         return EXACT_SCORE
 
-    def loss_weights(self, sample_idx: torch.Tensor) -> Optional[torch.Tensor]:
+    def loss_weights(self, indices: torch.Tensor) -> Optional[torch.Tensor]:
         """Per-sample loss multipliers for the kept rows; None = unweighted mean."""
         return None
 
-    def observe(self, feats, keep, sample_idx, losses, labels=None) -> None:
+    def observe(self, feats, keep, indices, losses, labels=None) -> None:
         """After the step: feats of all rows (or None), kept rows, their dataset indices, losses and
         classes ((k,) int64, the dominant one under mixup/cutmix; None where the caller has none).
         A negative index marks a row that holds no sample (an unreadable file's stand-in): leave it out."""

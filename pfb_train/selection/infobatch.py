@@ -56,23 +56,23 @@ class InfoBatchSelector(Selector):
         prune_ratio of num_samples - 1 candidates skipped."""
         return num_samples - round(self.prune_ratio * (num_samples - 1)) if self.prune_ratio > 0 else num_samples
 
-    def loss_weights(self, sample_idx):
+    def loss_weights(self, indices):
         if not self.pruning(self.position):
             return None
-        if self.weights.device != sample_idx.device:
-            self.weights = self.weights.to(sample_idx.device)  # once per epoch
-        return self.weights[sample_idx]
+        if self.weights.device != indices.device:
+            self.weights = self.weights.to(indices.device)  # once per epoch
+        return self.weights[indices]
 
-    def observe(self, feats, keep, sample_idx, losses, labels=None) -> None:
+    def observe(self, feats, keep, indices, losses, labels=None) -> None:
         """Every rank records every rank's losses, so the scores stay identical across ranks."""
-        idx, values = all_gather_cat(sample_idx), all_gather_cat(losses.float())
+        indices, values = all_gather_cat(indices), all_gather_cat(losses.float())
         if self.scores.device != values.device:
             self.scores = self.scores.to(values.device)
         # Stand-ins of unreadable files (index < 0) write to a spare slot past the end, then dropped:
         # filtering them out instead would make the host wait for the device.
         n = self.scores.shape[0]
         slots = torch.cat([self.scores, self.scores.new_zeros(1)])
-        slots[torch.where(idx >= 0, idx, n)] = values
+        slots[torch.where(indices >= 0, indices, n)] = values
         self.scores = slots[:n]
 
     def state_dict(self) -> dict:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from pfb_train.distributed import all_reduce_sum, broadcast
 from pfb_train.errors import UserError
-from pfb_train.models import AUTO_SCORE, ScorePass
+from pfb_train.selection.score_pass import AUTO_SCORE, ScorePass
 from pfb_train.selection.base import BlockingSchedule, Selector, WindowOptions, need
 from pfb_train.selection.diagnostics import SelectionStats, batch_ranks, within_batch_rank
 from pfb_train.selection.percentile import ClassPercentiles
@@ -260,7 +260,7 @@ class PFBSelector(Selector):
 
     # -- Adaptive Distribution Estimation -----------------------------------------------------
 
-    def observe(self, feats, keep, sample_idx, losses, labels=None) -> None:
+    def observe(self, feats, keep, indices, losses, labels=None) -> None:
         """Move each centre toward the mean of the retained features nearest to it (density 'class':
         and count each kept row's class at its nearest centre, from `labels`; stratify 'percentile':
         add every row's batch density rank to its class's history)."""
@@ -271,7 +271,7 @@ class PFBSelector(Selector):
             v = reduce_features(feats if keep is None else feats.index_select(0, keep), self.feature_dim)
             self._ensure_centres(v)
             # stand-ins of unreadable files (index < 0) move no centre
-            weight = None if sample_idx is None else (sample_idx >= 0).to(v.dtype)
+            weight = None if indices is None else (indices >= 0).to(v.dtype)
             history = None
             if self.class_percentiles is not None and labels is not None:
                 if keep is None:  # nothing blocked (before the window): rank every row here, before the centres move
@@ -367,7 +367,7 @@ class PFBOptions(WindowOptions):
     noise: Optional[float] = None  # level of the random term; None: the noise form's default
     noise_form: Literal["rank", "density_floor", "max_abs"] = "rank"  # scale-free | paper | authors' code
     centre_weights: Literal["counts", "uniform"] = "counts"  # paper (counts) or authors' code (uniform)
-    # recompute mode's ranking pass (models.ScorePass): the batch resized by score_scale, normalised by
+    # recompute mode's ranking pass (selection.score_pass.ScorePass): the batch resized by score_scale, normalised by
     # its own (batch) or the running statistics. The kept rows' training pass is full size either way.
     # null / auto: half size and running statistics where the model takes them (docs/RESULTS.md).
     score_scale: Optional[float] = None

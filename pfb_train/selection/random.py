@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pfb_train.models import NO_RANKING, ScorePass
+from pfb_train.selection.score_pass import NO_RANKING, ScorePass
 from pfb_train.selection.base import BlockingSchedule, Selector, WindowOptions
 from pfb_train.selection.registry import Method, register
 

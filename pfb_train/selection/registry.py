@@ -8,7 +8,7 @@ A method declares:
 - `options`: a dataclass of its own settings with their defaults, read from `blocking.<name>`;
   its `check(run)` method (optional) validates them against the run and raises UserError;
   fields `score_scale` / `score_norm` (optional) set how recompute mode's ranking pass runs
-  (models.ScorePass): the cost model and the model read them from there;
+  (selection.score_pass.ScorePass): the cost model and the model read them from there;
 - `build(options, run)`: the Selector for a run.
 
 Registration is one line in the method's module (`register(Method(...))`), or an entry point in the
@@ -30,7 +30,7 @@ from typing import Any, Callable, Literal, Optional
 
 from pfb_train.errors import UserError
 from pfb_train.plugins import Registry
-from pfb_train.models import NO_RANKING, ScorePass
+from pfb_train.selection.score_pass import NO_RANKING, ScorePass
 from pfb_train.typed import coerce_fields  # typed like every other config key
 
 LEVELS = ("none", "batch", "sampler")
@@ -57,7 +57,7 @@ class Method:
     summary: str = ""  # one line for `pfb-train methods` and the README table
     ratio_option: Optional[str] = None  # the option that says how much it drops (reports label runs by it)
     # Whether `select` reads the shallow features; False (random blocking): recompute mode runs no ranking
-    # pass (models.NO_RANKING), so the blocked rows cost nothing at all.
+    # pass (selection.score_pass.NO_RANKING), so the blocked rows cost nothing at all.
     reads_features: bool = True
 
     def __post_init__(self):
