@@ -334,3 +334,57 @@ def make_dataset(per_class=8, bad=0, extra_image_column=False):
             rows["image"][i] = {"bytes": b"not an image", "path": None}
         train = datasets.Dataset.from_dict(rows, features=datasets.Features(features))
     return datasets.DatasetDict({"train": train, "validation": split(4)})
+
+
+# A small PFB run on generated data (mixup, drop-out, blocking from epoch 1): the resume and non-finite tests'.
+TINY_PFB = [
+    "model.name=test_resnet",
+    "model.drop_rate=0.2",
+    "data.dataset=synthetic",
+    "data.img_size=32",
+    "data.batch_size=16",
+    "data.train_samples=96",
+    "data.val_samples=32",
+    "data.workers=0",
+    "data.mixup=0.4",
+    "schedule.epochs=4",
+    "schedule.warmup_epochs=1",
+    "runtime.progress=false",
+    "runtime.device=cpu",
+    "blocking.method=pfb",
+    "blocking.pfb.ratio=0.25",
+    "blocking.random.ratio=0.25",
+    "blocking.infobatch.prune_ratio=0.25",
+    "blocking.static_random.drop_fraction=0.25",
+    "blocking.pfb.centres=8",
+    "blocking.pfb.start_epoch=1",
+    "blocking.random.start_epoch=1",
+    "name=tiny",
+]
+
+
+def write_image_folder(root, corrupt=0):
+    """8 JPEGs per class (a, b) in train/ and val/, and `corrupt` files in train/a that do not decode."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            folder = root / split / c
+            folder.mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    for i in range(corrupt):
+        (root / "train" / "a" / f"bad{i}.jpg").write_bytes(b"not a jpeg at all")
+    return root
+
+
+IMAGE_FOLDER_RUN = [
+    "model.name=test_resnet",
+    "data.dataset=imagefolder",
+    "data.img_size=32",
+    "data.batch_size=4",
+    "data.workers=0",
+    "schedule.epochs=1",
+    "schedule.warmup_epochs=0",
+    "runtime.progress=false",
+    "runtime.device=cpu",
+]

@@ -2,13 +2,17 @@
 whose pickle would run code is refused, never run."""
 
 import os
+import signal
+import subprocess
+import sys
+import time
 import zipfile
 
 import numpy as np
 import pytest
 import torch
 
-from pfb_train.checkpoint import load_checkpoint, rng_state, set_rng_state
+from pfb_train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_atomic, set_rng_state
 from pfb_train.cli import main
 from pfb_train.errors import UserError
 
@@ -98,3 +102,25 @@ def test_checkpoints_of_earlier_versions_still_load(tmp_path, numpy_name):
     set_rng_state(load_checkpoint(tmp_path / "old.pt")["rng"][0])
     assert np.array_equal(np.random.rand(3), expected)
     assert torch.equal(keys, torch.from_numpy(earlier["rng"][0]["numpy"][1].astype(np.int64)))
+
+
+WRITER = """
+import sys, torch
+from pfb_train.checkpoint import save_atomic
+save_atomic({"payload": torch.ones(80_000_000), "tag": "new"}, sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_while_writing_leaves_previous_checkpoint_loadable(tmp_path):
+    target = tmp_path / "checkpoint-last.pt"
+    save_atomic({"tag": "old"}, target)
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target)])
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".checkpoint-last.pt.*")) and time.time() < deadline:
+        time.sleep(0.01)  # the temporary file exists: the write is under way
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(target, weights_only=False)["tag"] in ("old", "new")  # never a torn file
+    path, state = latest_checkpoint(tmp_path)
+    assert path == target

@@ -197,3 +197,29 @@ def test_sections_of_other_methods_are_kept_but_do_nothing(tmp_path):
     cfg = load_config(write(tmp_path, text))  # pfb's centres > batch size: not checked, pfb does not run
     assert cfg.blocking.chosen().ratio == 0.2 and cfg.blocking.options["pfb"].centres == 999
     assert list(cfg.to_dict(chosen_only=True)["blocking"]) == ["method", "stage", "mode", "random"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("schedule.name=plateau", "'plateau' steps once per epoch"),
+        ("schedule.name=cosin", "did you mean 'cosine'"),
+        ("optim.name=sgdd", "unknown timm optimizer 'sgdd' (did you mean 'sgd'"),
+        ("data.auto_augment=randm9", "'randm9' is not a timm augmentation policy"),
+        (
+            "blocking.ratio=1.5",
+            "config key 'blocking.ratio' is a flat key of an earlier version: each method's options now live in its "
+            "own section (blocking.pfb.ratio, blocking.random.ratio, blocking.infobatch.prune_ratio, "
+            "blocking.static_random.drop_fraction)",
+        ),
+        (
+            "blocking.pfb.ratio=1.5",
+            "'blocking.pfb.ratio' must be in [0, 1), got 1.5 (method 'pfb' reads it; blocking.method is 'none')",
+        ),
+        ("blocking.infobatch.delta=2", "'blocking.infobatch.delta' must be in (0, 1]"),
+    ],
+)
+def test_values_no_part_of_the_run_can_take_are_one_line_before_any_work(override, message):
+    with pytest.raises(UserError) as error:
+        load_config(None, [override])
+    assert message in str(error.value) and "\n" not in str(error.value)

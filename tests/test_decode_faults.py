@@ -6,6 +6,7 @@ import io
 import json
 import os
 import tarfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,13 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pfb_train.config import DataConfig
+from pfb_train.config import DataConfig, load_config
 from pfb_train.data import build_datasets, build_loaders
-from pfb_train.data.splits import sample_names
 from pfb_train.data.missing import Unreadable
+from pfb_train.data.splits import sample_names
 from pfb_train.errors import UserError
 from pfb_train.run_dir import read_metrics
-from helpers import cli, one_line, train_args, wds_args, write_folder
+from pfb_train.train import run
+from helpers import IMAGE_FOLDER_RUN, cli, one_line, train_args, wds_args, write_folder, write_image_folder
 
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("webdataset")
@@ -327,3 +329,73 @@ def test_dots_in_webdataset_keys_are_one_line_saying_why(info, tmp_path, capsys)
     assert code == 2, err
     assert f"shard {root / 'train-000000.tar'} has member 'n01440764_10020.part1.jpg'" in line
     assert "up to the first dot" in line and "replace the dots in the key with underscores" in line
+
+
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_corrupt_images_are_stood_in_for_named_and_counted(tmp_path, decode, capsys):
+    root = write_image_folder(tmp_path / "data", corrupt=4)  # 16 good + 4 bad = 5 batches of 4: every file visited
+    summary = run(
+        load_config(
+            None,
+            [
+                *IMAGE_FOLDER_RUN,
+                f"data.root={root}",
+                f"runtime.output={tmp_path}",
+                f"data.decode={decode}",
+                "data.mixup=0.2",
+                "blocking.method=pfb",
+                "blocking.pfb.centres=2",
+                "blocking.pfb.ratio=0.25",
+                "blocking.pfb.start_epoch=0",
+            ],
+        )
+    )
+    record = read_metrics(summary["run_dir"])[0]
+    assert record["bad_samples"] == 4 and summary["bad_samples"] == 4
+    # full-size batches (mixup needs them); stand-ins are neither kept nor blocked: both fractions are of
+    # the 16 readable slots
+    assert record["samples_seen"] == 16 and record["samples_pruned"] == 0
+    kept = round(record["kept_fraction"] * 16)  # 5 steps x 3 kept rows, less the stand-ins among them
+    assert 15 - 4 <= kept <= 15 and kept + record["samples_blocked"] == 16
+    assert record["blocked_fraction"] == pytest.approx((16 - kept) / 16) == pytest.approx(1 - record["kept_fraction"])
+    # one warning line with the count and the first names; every name in the run's unreadable.txt
+    lines = (Path(summary["run_dir"]) / "unreadable.txt").read_text().splitlines()
+    assert sorted(lines) == [f"0\t{root}/train/a/bad{i}.jpg" for i in range(4)]
+    [warning] = [line for line in capsys.readouterr().out.splitlines() if "unreadable training image" in line]
+    assert warning.startswith("warning: epoch 0: 4 unreadable training image(s)")
+    assert f"{root}/train/a/bad" in warning and "and 1 more" in warning
+
+
+def test_an_epoch_without_blocking_keeps_everything_readable(tmp_path):
+    """kept_fraction is of the readable slots: with unreadable files and no blocking it is 1."""
+    root = write_image_folder(tmp_path / "data", corrupt=4)
+    summary = run(
+        load_config(None, [*IMAGE_FOLDER_RUN, f"data.root={root}", f"runtime.output={tmp_path}", "schedule.epochs=1"])
+    )
+    record = read_metrics(summary["run_dir"])[0]
+    assert record["bad_samples"] == 4 and record["kept_fraction"] == 1.0 and summary["blocked_fraction"] == 0.0
+
+
+def test_corrupt_images_fail_the_run_when_configured(tmp_path):
+    root = write_image_folder(tmp_path / "data", corrupt=4)  # 20 files, 5 batches of 4: none sits out the epoch
+    with pytest.raises(UserError, match=r"unreadable image .*bad\d\.jpg"):
+        run(
+            load_config(
+                None, [*IMAGE_FOLDER_RUN, f"data.root={root}", "data.bad_images=fail", f"runtime.output={tmp_path}"]
+            )
+        )
+
+
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_a_batch_with_no_readable_image_stops_the_run_with_one_line(tmp_path, decode):
+    """An empty batch cannot be trained on (and one DDP rank skipping a step would stall the rest)."""
+    root = write_image_folder(tmp_path / "data", corrupt=4)
+    for good in (root / "train").rglob("[0-9].jpg"):
+        good.unlink()
+    (root / "train" / "b" / "bad.jpg").write_bytes(b"")
+    with pytest.raises(UserError, match=r"all 4 images of a batch are unreadable, e.g. .*bad.*\.jpg: check the files"):
+        run(
+            load_config(
+                None, [*IMAGE_FOLDER_RUN, f"data.root={root}", f"data.decode={decode}", f"runtime.output={tmp_path}"]
+            )
+        )

@@ -1,13 +1,15 @@
 """What a run refuses before it trains (one line, exit 2), and what it stops on when an epoch trains nothing:
 sizes that would train no step or that BatchNorm cannot train on, settings this machine cannot run."""
 
+import math
+
 import pytest
 
 from pfb_train.config import load_config
 from pfb_train.distributed import DistInfo
 from pfb_train.errors import TrainingStopped, UserError
 from pfb_train.selection.static_random import StaticRandomSelector
-from pfb_train.train import fit, setup
+from pfb_train.train import fit, run, setup
 
 TINY = [
     "model.name=test_resnet",
@@ -123,3 +125,44 @@ def test_a_warmup_as_long_as_the_run_is_noted(tmp_path, capsys):
         "note: schedule.warmup_epochs 2 is not below schedule.epochs 2: the whole run is warm-up"
         in capsys.readouterr().out
     )
+
+
+def test_an_optimizer_timm_lists_but_cannot_make_here_is_one_line(tmp_path):
+    cfg = load_config(
+        None,
+        [
+            "model.name=test_resnet",
+            "data.img_size=16",
+            "data.train_samples=32",
+            "data.val_samples=16",
+            "data.batch_size=16",
+            "runtime.device=cpu",
+            "runtime.progress=false",
+            "optim.name=bnbadam",
+            f"runtime.output={tmp_path}",
+        ],
+    )
+    with pytest.raises(UserError, match=r"config key 'optim.name': timm cannot make optimizer 'bnbadam' here"):
+        run(cfg)
+    assert not any(tmp_path.iterdir())  # before the run directory
+
+
+def test_a_fixed_size_model_is_built_at_the_configured_size_or_refused_before_the_run_directory(tmp_path):
+    tiny = [
+        "model.name=vit_tiny_patch16_224",
+        "data.dataset=synthetic",
+        "data.train_samples=32",
+        "data.val_samples=16",
+        "data.batch_size=16",
+        "data.workers=0",
+        "schedule.epochs=1",
+        "schedule.warmup_epochs=0",
+        "runtime.progress=false",
+        "runtime.device=cpu",
+        f"runtime.output={tmp_path}",
+    ]
+    summary = run(load_config(None, [*tiny, "data.img_size=32", "name=vit32"]))  # timm's default is 224 px
+    assert summary["epochs"] == 1 and math.isfinite(summary["top1"])
+    with pytest.raises(UserError, match=r"does not run on data.img_size 8 px .*its default is 224"):
+        run(load_config(None, [*tiny, "data.img_size=8", "name=vit8"]))
+    assert not (tmp_path / "vit8").exists()
