@@ -238,6 +238,13 @@ def one_line(err: str) -> str:
     return lines[0]
 
 
+def run_main(capsys, *args) -> subprocess.CompletedProcess:
+    """`pfb-train ARGS` in this process (cli.main), with run_cli's result: returncode, stdout, stderr."""
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["pfb-train", *args], code, out, err)
+
+
 def cli(capsys, *args) -> tuple[int, str, str]:
     code = main(list(args))
     out, err = capsys.readouterr()

@@ -18,7 +18,7 @@ from pfb_train.data import (
 from pfb_train.data.loaders import ShardStreamSampler, TrainSampler
 from pfb_train.data.wds import shard_stream
 from pfb_train.errors import UserError
-from helpers import write_cifar, write_fashion_mnist, write_idx
+from helpers import run_main, write_cifar, write_fashion_mnist, write_idx
 
 
 def make_image_folder(root, classes=("cat", "dog"), per_class=(6, 3), size=(40, 30)):
@@ -206,9 +206,10 @@ def test_digits_subset_keeps_class_proportions():
     assert ((counts - full * 500 / full.sum()).abs() <= 1).all()
 
 
-def test_fashion_mnist_trains_from_the_cli(cli, tmp_path):
+def test_fashion_mnist_trains_from_the_cli(capsys, tmp_path):
     root = write_fashion_mnist(tmp_path / "fm", train_per_class=8)
-    result = cli(
+    result = run_main(
+        capsys,
         "--config",
         "fashion_mnist",
         "--set",

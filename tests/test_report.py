@@ -7,6 +7,7 @@ from pfb_train.config import load_config
 from pfb_train.errors import UserError
 from pfb_train.run_dir import read_metrics
 from pfb_train.train import run
+from helpers import run_main
 
 TINY = [
     "model.name=resnet18",
@@ -41,9 +42,10 @@ def runs(tmp_path_factory):
     return made
 
 
-def test_report_table_and_plots_match_the_runs(runs, cli, tmp_path):
+def test_report_table_and_plots_match_the_runs(runs, capsys, tmp_path):
     full0, full1, pfb = runs["full0"], runs["full1"], runs["pfb"]
-    result = cli(
+    result = run_main(
+        capsys,
         "report",
         pfb["run_dir"],
         "--baseline",
@@ -77,8 +79,8 @@ def test_report_table_and_plots_match_the_runs(runs, cli, tmp_path):
         assert (tmp_path / "rep" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_report_rejects_unfinished_run_dir(cli, tmp_path):
-    result = cli("report", str(tmp_path), "--baseline", str(tmp_path))
+def test_report_rejects_unfinished_run_dir(capsys, tmp_path):
+    result = run_main(capsys, "report", str(tmp_path), "--baseline", str(tmp_path))
     assert result.returncode == 2 and "not a finished run directory" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 

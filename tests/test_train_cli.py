@@ -9,6 +9,7 @@ from pfb_train.run_dir import read_metrics
 from pfb_train.train import run
 
 from helpers import TINY_YAML as TINY
+from helpers import run_main
 
 
 @pytest.fixture
@@ -18,8 +19,8 @@ def tiny_config(tmp_path):
     return path
 
 
-def test_cli_two_epoch_run_writes_run_directory(cli, tiny_config, tmp_path):
-    result = cli("--config", str(tiny_config), "--set", f"runtime.output={tmp_path / 'runs'}")
+def test_cli_two_epoch_run_writes_run_directory(capsys, tiny_config, tmp_path):
+    result = run_main(capsys, "--config", str(tiny_config), "--set", f"runtime.output={tmp_path / 'runs'}")
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "runs" / "tiny"
     records = read_metrics(run_dir)
@@ -50,7 +51,8 @@ def test_cli_two_epoch_run_writes_run_directory(cli, tiny_config, tmp_path):
     assert state["epoch"] == 2 and state["selector"]["centres"].shape == (16, 16)  # epochs completed
     assert "top-1" in result.stdout and "blocked 0.125" in result.stdout and "s/epoch" in result.stdout
     # a second run with the same name never overwrites the first
-    again = cli(
+    again = run_main(
+        capsys,
         "--config",
         str(tiny_config),
         "--set",
@@ -344,9 +346,10 @@ def test_fp16_with_gradient_scaling_on_cpu(tmp_path):
     assert state["selector"]["centres"].dtype == torch.float32
 
 
-def test_a_run_shorter_than_the_warm_up_trains_on_full_data(cli, tiny_config, tmp_path):
+def test_a_run_shorter_than_the_warm_up_trains_on_full_data(capsys, tiny_config, tmp_path):
     """A quick check of a recipe (fewer epochs than blocking.start_epoch) runs, and says it did not block."""
-    result = cli(
+    result = run_main(
+        capsys,
         "--config",
         str(tiny_config),
         "--set",
