@@ -11,6 +11,7 @@ by up to 35 % between repeats on a loaded machine, more than the modes differ.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import Callable, NamedTuple, Optional
@@ -91,9 +92,7 @@ def measure_part_times(
             with cast():
                 blocked.score_features(x, score)
 
-        def seconds(fn):
-            return median_seconds(fn, device, warmup, repeats)
-
+        seconds = functools.partial(median_seconds, device=device, warmup=warmup, repeats=repeats)
         try:
             times = PartTimes(
                 full=seconds(full),

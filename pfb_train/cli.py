@@ -31,27 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train one run (the default command)")
     info = sub.add_parser("info", help="model, split point, shallow FLOP share and predicted cost of each mode")
     info.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    rep = sub.add_parser("report", help="paper-style table (markdown, CSV) and plots from finished runs")
-    rep.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (seeds of one setting are averaged)")
-    rep.add_argument(
-        "--baseline",
-        action="append",
-        required=True,
-        metavar="RUN_DIR",
-        help="full-data run(s) to compare against (repeat for several seeds)",
-    )
-    rep.add_argument("--out", default="report", help="folder for report.md, report.csv and the PNG plots")
-    rep.add_argument(
-        "--target",
-        type=float,
-        metavar="TOP1",
-        help="top-1 (%%) whose compute to reach is tabled (default: the baseline's final top-1)",
-    )
-    rep.add_argument(
-        "--compute",
-        type=float,
-        metavar="EPOCHS",
-        help="compute (full-data epochs) where top-1 at equal compute is read (default: the baseline's)",
+    add_report_arguments(
+        sub.add_parser("report", help="paper-style table (markdown, CSV) and plots from finished runs")
     )
     sub.add_parser("methods", help="the registered selection methods, their level and options with defaults")
     sub.add_parser(
@@ -85,6 +66,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue a run: auto = runs/<name> if it holds a checkpoint (same as --set runtime.resume=...)",
     )
     return parser
+
+
+def add_report_arguments(rep: argparse.ArgumentParser) -> None:
+    """`pfb-train report`'s arguments."""
+    rep.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (seeds of one setting are averaged)")
+    rep.add_argument(
+        "--baseline",
+        action="append",
+        required=True,
+        metavar="RUN_DIR",
+        help="full-data run(s) to compare against (repeat for several seeds)",
+    )
+    rep.add_argument("--out", default="report", help="folder for report.md, report.csv and the PNG plots")
+    rep.add_argument(
+        "--target",
+        type=float,
+        metavar="TOP1",
+        help="top-1 (%%) whose compute to reach is tabled (default: the baseline's final top-1)",
+    )
+    rep.add_argument(
+        "--compute",
+        type=float,
+        metavar="EPOCHS",
+        help="compute (full-data epochs) where top-1 at equal compute is read (default: the baseline's)",
+    )
 
 
 def main(argv=None) -> int:

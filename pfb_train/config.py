@@ -395,14 +395,16 @@ def experiment_settings(raw: dict) -> dict:
         return {**raw, "blocking": {k: v for k, v in blocking.items() if not isinstance(v, dict) or k == chosen}}
 
 
+def need(ok: bool, message: str) -> None:
+    """Raise UserError(`message`) unless `ok`."""
+    if not ok:
+        raise UserError(message)
+
+
 def validate(cfg: Config) -> None:
-    """Range and consistency checks that types alone cannot express; the method checks its own options."""
-    b, d, s, o, r = cfg.blocking, cfg.data, cfg.schedule, cfg.optim, cfg.runtime
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise UserError(message)
-
+    """Range and consistency checks that types alone cannot express; the method checks its own options.
+    Raises UserError naming the first config key that is out of range."""
+    s = cfg.schedule
     need(
         cfg.name not in ("", ".", "..") and "/" not in cfg.name and "\\" not in cfg.name,
         f"config key 'name' must be a plain folder name (no '/', not '.' or '..'), got {cfg.name!r}",
@@ -421,16 +423,29 @@ def validate(cfg: Config) -> None:
         s.budget is not None or s.budget_unit == "epochs",
         f"config key 'schedule.budget_unit' {s.budget_unit!r} needs a schedule.budget to count in it",
     )
-    method = get_method(b.method)
-    check_options(method, b.chosen(), RunFacts(epochs=s.epochs, batch_size=d.batch_size, seed=r.seed, mode=b.mode))
+    check_blocking(cfg)
+    check_data(cfg.data)
+    check_optim_and_runtime(cfg.optim, cfg.runtime)
+    check_timm_values(cfg)
+
+
+def check_blocking(cfg: Config) -> None:
+    """The chosen method's options against the run, and every other method's options on their own."""
+    b, s, seed = cfg.blocking, cfg.schedule, cfg.runtime.seed
+    facts = RunFacts(epochs=s.epochs, batch_size=cfg.data.batch_size, seed=seed, mode=b.mode)
+    check_options(get_method(b.method), b.chosen(), facts)
     # A value its method cannot take is an error whichever method runs; what depends on the run
     # (batch size, mode) is checked for the chosen method only.
     for name, other in methods().items():
         if name != b.method:
             try:
-                check_options(other, b.options[name], RunFacts(epochs=s.epochs, seed=r.seed))
+                check_options(other, b.options[name], RunFacts(epochs=s.epochs, seed=seed))
             except UserError as e:
                 raise UserError(f"{e} (method '{name}' reads it; blocking.method is '{b.method}')") from None
+
+
+def check_data(d: DataConfig) -> None:
+    """The data section: sizes, the source's keys, decode path and augmentation."""
     need(d.img_size >= 8, f"config key 'data.img_size' must be >= 8, got {d.img_size}")
     need(d.batch_size >= 1, f"config key 'data.batch_size' must be >= 1, got {d.batch_size}")
     need(d.workers >= 0, f"config key 'data.workers' must be >= 0, got {d.workers}")
@@ -471,6 +486,10 @@ def validate(cfg: Config) -> None:
         )
     if d.mixup > 0 or d.cutmix > 0:
         need(d.batch_size % 2 == 0, f"mixup/cutmix need an even 'data.batch_size', got {d.batch_size}")
+
+
+def check_optim_and_runtime(o: OptimConfig, r: RuntimeConfig) -> None:
+    """The optim and runtime sections' ranges."""
     need(
         o.ema_decay is None or 0 < o.ema_decay < 1, f"config key 'optim.ema_decay' must be in (0, 1), got {o.ema_decay}"
     )
@@ -486,7 +505,6 @@ def validate(cfg: Config) -> None:
     need(
         r.log_every >= 1 and r.eval_every >= 1, "config keys 'runtime.log_every' and 'runtime.eval_every' must be >= 1"
     )
-    check_timm_values(cfg)
 
 
 # timm schedulers that step every update (timm's create_scheduler_v2 with step_on_epochs=False).

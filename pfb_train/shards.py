@@ -56,6 +56,19 @@ def _atomic_json(path: Path, value: dict) -> None:
     os.replace(partial, path)
 
 
+def write_shard(path: Path, split, indices: list[int], TarWriter) -> None:
+    """One shard of `split`'s samples `indices`, written to `path` + '.partial' and renamed once on disk."""
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as f:
+        with TarWriter(f, encoder=False, mtime=0) as writer:  # fixed times: the same bytes every run
+            for index in indices:
+                data, extension, label = split.read(index)
+                writer.write({"__key__": f"{index:08d}", extension: data, "cls": str(label).encode()})
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the name says it is complete
+    os.replace(partial, path)
+
+
 def write_shards(d, out: str, samples_per_shard: int = 1000, progress: bool = True) -> dict:
     """Write (or finish writing) DIR; returns the _info.json written."""
     if samples_per_shard < 1:
@@ -100,15 +113,7 @@ def write_shards(d, out: str, samples_per_shard: int = 1000, progress: bool = Tr
                 check_complete(str(path))
                 length = len(scan_shard(str(path)))
             else:
-                partial = path.with_name(filename + ".partial")
-                with open(partial, "wb") as f:
-                    with TarWriter(f, encoder=False, mtime=0) as writer:  # fixed times: the same bytes every run
-                        for index in chosen.tolist():
-                            data, extension, label = split.read(index)
-                            writer.write({"__key__": f"{index:08d}", extension: data, "cls": str(label).encode()})
-                    f.flush()
-                    os.fsync(f.fileno())  # on disk before the name says it is complete
-                os.replace(partial, path)
+                write_shard(path, split, chosen.tolist(), TarWriter)
                 length = len(chosen)
             bar.update(len(chosen))
             entry["filenames"].append(filename)

@@ -144,15 +144,9 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
     seed_everything(rt.seed)  # the same initial model on every rank
     run_dir, checkpoint = open_checkpoint(cfg, dist)
     splits = build_datasets(cfg.data, cfg.model.num_classes, seed=rt.seed)
+    on_cuda = dist.device.type == "cuda"
     train_loader, val_loader = build_loaders(
-        splits,
-        cfg.data,
-        rt.seed,
-        dist.rank,
-        dist.world_size,
-        pin_memory=dist.device.type == "cuda",
-        device=dist.device,
-        channels_last=rt.channels_last,
+        splits, cfg.data, rt.seed, dist.rank, dist.world_size, on_cuda, dist.device, rt.channels_last
     )
     net, score, mode = build_blocked_model(cfg, dist, splits.num_classes, checkpoint)
     ema = ModelEmaV3(net, decay=cfg.optim.ema_decay) if cfg.optim.ema_decay else None  # a plain copy: before DDP

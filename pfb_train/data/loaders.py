@@ -160,13 +160,50 @@ def build_loaders(
     datasets that fit are served from the device (resident.py, also on the CPU). uint8 images (the cpu
     decode path, CIFAR, Fashion-MNIST) become normalised float32 on the device (normalize.py). Every
     batch comes in the memory format `channels_last` asks for: the loaders are the one owner of device
-    placement and memory format, and the training step takes batches as they come."""
+    placement and memory format, and the training step takes batches as they come. Raises UserError for
+    a training set smaller than one global batch."""
     d = data_cfg
     if len(splits.train) < d.batch_size * world_size:
         raise UserError(
             f"training set has {len(splits.train)} samples, fewer than one global batch "
             f"(data.batch_size {d.batch_size} x {world_size} processes)"
         )
+    train, val = torch_loaders(splits, d, seed, rank, world_size, pin_memory)
+    if splits.decode_on_device:
+        wrap = dict(device=device, img_size=d.img_size, fail_on_bad=d.bad_images == "fail", **imagenet_stats())
+        if d.decode == "dali":  # DaliLoader imports DALI (an optional extra) when it is made
+            # DALI's CPU threads (decoding without a GPU, cropping) as many as the workers asked for
+            wrap.update(threads=max(1, d.workers), channels_last=channels_last)
+            decoder = DaliLoader
+        else:
+            decoder = DeviceDecodeLoader
+        train = decoder(train, train=True, paths=sample_names(splits.train), **wrap)
+        val = decoder(val, train=False, paths=sample_names(splits.val), **wrap)
+    target = torch.device(device)
+    if fits_on_device(splits.train, target) and fits_on_device(splits.val, target):  # in-memory: batches made there
+        return (
+            ResidentLoader(train, splits.train, target, channels_last),
+            ResidentLoader(val, splits.val, target, channels_last),
+        )
+    # uint8 items (the cpu decode path) become normalised float32 on the training device, after the copy
+    normalize = None
+    if splits.mean is not None or channels_last:
+        normalize = Normalize(splits.mean, splits.std, channels_last)
+    if target.type == "cuda":  # copies (and device decoding, normalising) of the next batches overlap this step
+        # A producer thread only where making a batch draws from no global RNG (see prefetch.py).
+        threaded = d.workers > 0 or splits.decode_on_device
+        return (
+            DevicePrefetcher(train, device, threaded, finish=normalize),
+            DevicePrefetcher(val, device, threaded, finish=normalize),
+        )
+    if normalize is not None:
+        return NormalizingLoader(train, normalize), NormalizingLoader(val, normalize)
+    return train, val
+
+
+def torch_loaders(splits: DataSplits, d, seed: int, rank: int, world_size: int, pin_memory: bool):
+    """The (train, val) DataLoaders over the splits, before any device-side wrapping: this rank's shard of
+    each epoch's order (TrainSampler, or ShardStreamSampler for WebDataset shards) and of the validation set."""
     if isinstance(splits.train, ShardedTars):
         train_sampler = ShardStreamSampler(
             splits.train.shard_lengths, d.batch_size, d.shuffle_window, rank, world_size, seed
@@ -194,35 +231,6 @@ def build_loaders(
         sampler=EvalSampler(len(splits.val), rank, world_size),
         **common,
     )
-    if splits.decode_on_device:
-        wrap = dict(device=device, img_size=d.img_size, fail_on_bad=d.bad_images == "fail", **imagenet_stats())
-        if d.decode == "dali":  # DaliLoader imports DALI (an optional extra) when it is made
-            # DALI's CPU threads (decoding without a GPU, cropping) as many as the workers asked for
-            wrap.update(threads=max(1, d.workers), channels_last=channels_last)
-            decoder = DaliLoader
-        else:
-            decoder = DeviceDecodeLoader
-        train = decoder(train, train=True, paths=sample_names(splits.train), **wrap)
-        val = decoder(val, train=False, paths=sample_names(splits.val), **wrap)
-    target = torch.device(device)
-    if fits_on_device(splits.train, target) and fits_on_device(splits.val, target):  # in-memory: batches made there
-        return (
-            ResidentLoader(train, splits.train, target, channels_last),
-            ResidentLoader(val, splits.val, target, channels_last),
-        )
-    # uint8 items (the cpu decode path) become normalised float32 on the training device, after the copy
-    normalize = None
-    if splits.mean is not None or channels_last:
-        normalize = Normalize(splits.mean, splits.std, channels_last)
-    if target.type == "cuda":  # copies (and device decoding, normalising) of the next batches overlap this step
-        # A producer thread only where making a batch draws from no global RNG (see prefetch.py).
-        threaded = d.workers > 0 or splits.decode_on_device
-        train, val = (
-            DevicePrefetcher(train, device, threaded, finish=normalize),
-            DevicePrefetcher(val, device, threaded, finish=normalize),
-        )
-    elif normalize is not None:
-        train, val = NormalizingLoader(train, normalize), NormalizingLoader(val, normalize)
     return train, val
 
 
