@@ -147,6 +147,7 @@ class Blocking:
             if mode == "auto":
                 blocked_fraction = spec.blocked_fraction_per_batch(values)
                 scale = self.model.resolve_score(spec.score_pass(values)).scale  # at the model's own input size
+                assert scale is not None  # resolved
                 self.model.mode = cheaper_mode(blocked_fraction, scale) if blocked_fraction > 0 else "reuse"
         size = getattr(self.model.model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-1]
         check_score_pass(self.model, spec.score_pass(values), size, f"blocking.{method}")  # as the harness does

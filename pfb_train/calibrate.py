@@ -146,6 +146,7 @@ def resolve_mode(cfg, blocked: BlockedModel, amp_dtype: Optional[torch.dtype] = 
     method, options = get_method(b.method), b.chosen()
     blocked_fraction = method.blocked_fraction_per_batch(options)
     score = blocked.resolve_score(method.score_pass(options), d.img_size)
+    assert score.scale is not None  # resolved
     if b.mode != "auto":
         return ModeChoice(b.mode, "set in the config", None)
     if blocked_fraction == 0:

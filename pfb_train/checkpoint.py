@@ -125,9 +125,10 @@ def _pickled_globals(stream) -> list[str]:
     names = []
     try:
         while True:
-            strings = []
+            strings: list[str] = []
             for op, arg, _ in pickletools.genops(stream):
                 if op.name == "GLOBAL":
+                    assert isinstance(arg, str)  # 'module name'; a failure here ends the scan, as any other
                     names.append(arg.replace(" ", "."))
                 elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
                     names.append(".".join(strings[-2:]))
@@ -148,7 +149,10 @@ def latest_checkpoint(run_dir) -> tuple:
 
 def rng_state() -> dict:
     """This process's generator states as tensors and plain values (a weights-only load reads them)."""
-    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    # legacy=True is the default: named, as numpy's stubs type the call without it as the dict form
+    legacy = np.random.get_state(legacy=True)
+    assert isinstance(legacy, tuple)  # the global generator is MT19937: its legacy form is the tuple
+    kind, keys, position, has_gauss, gauss = legacy
     numpy = (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss)
     state = {"torch": torch.get_rng_state(), "numpy": numpy, "python": random.getstate()}
     if torch.cuda.is_available():

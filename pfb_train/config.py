@@ -12,7 +12,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Sequence, Union
 
 import yaml
 from timm.data import create_transform
@@ -246,7 +246,8 @@ def _build(cls, data: dict, prefix: str = "", custom: bool = True):
 def _set_dotted(data: dict, dotted: str, value) -> None:
     """Write `value` at `dotted` (e.g. 'blocking.ratio') into nested dict `data`."""
     parts = dotted.split(".")
-    cls, node = Config, data
+    cls: object = Config  # the config dataclass `part` is a key of: Config, then a section's
+    node = data
     for i, part in enumerate(parts):
         hints = typing.get_type_hints(cls)
         prefix = ".".join(parts[:i]) + "." if i else ""
@@ -359,7 +360,7 @@ def _resolve_base(name: str, including: Path) -> Path:
     return sibling if sibling.is_file() else resolve_config_path(name)
 
 
-def load_config(path: Optional[str] = None, overrides: list[str] = ()) -> Config:
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
     """Load a YAML config (or the defaults when `path` is None), apply `key=value` overrides, validate."""
     data = read_config_file(path) if path is not None else {}
     for item in overrides:

@@ -106,7 +106,7 @@ def barrier() -> None:
 _watcher: Optional[threading.Thread] = None
 _stopping = threading.Event()
 _broken = threading.Event()  # this rank has aborted its process group
-_stop_store = None  # a client of torchrun's store, held by this module
+_stop_store: Optional[dist.TCPStore] = None  # a client of torchrun's store, held by this module
 
 
 def _stop_key() -> str:
@@ -114,7 +114,7 @@ def _stop_key() -> str:
     return f"pfb_train/stop/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
-def _store():
+def _store() -> dist.TCPStore:
     """A client of the store torchrun serves at MASTER_ADDR:MASTER_PORT (the one env:// joins)."""
     return dist.TCPStore(
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timedelta(seconds=60)
@@ -136,7 +136,9 @@ def group_broken() -> bool:
 def _break_group() -> None:
     _broken.set()
     try:
-        dist.group.WORLD.abort()  # pending NCCL collectives fail at once
+        world = dist.group.WORLD
+        if world is not None:  # None once destroyed
+            world.abort()  # pending NCCL collectives fail at once
     except Exception:  # already gone, or a backend whose abort fails: its peers see closed connections
         pass
 
@@ -166,9 +168,10 @@ def announce_stop(kind: str, message: str) -> Optional[tuple[str, int, str]]:
     """This rank cannot go on: tell every rank why (`kind`: the exception's class name), then break the
     group. Returns the announcement that stands: the first rank's to announce (this one's, unless
     another rank's error came first and this one is its echo)."""
-    if not sharing_stops():
+    store = _stop_store
+    if store is None:  # not sharing_stops()
         return None
-    standing = _stop_store.compare_set(_stop_key(), "", f"{kind}\t{get_rank()}\t{message}")  # atomic: first one wins
+    standing = store.compare_set(_stop_key(), "", f"{kind}\t{get_rank()}\t{message}")  # atomic: first one wins
     _break_group()
     return _parse_stop(standing)
 
@@ -176,9 +179,9 @@ def announce_stop(kind: str, message: str) -> Optional[tuple[str, int, str]]:
 def stopped_elsewhere(wait_seconds: float = 10.0) -> Optional[tuple[str, int, str]]:
     """(kind, rank, message) if a rank announced a stop; waits a little, since a collective can fail
     before the failing rank has written its message."""
-    if not sharing_stops():
-        return None
     store = _stop_store
+    if store is None:  # not sharing_stops()
+        return None
     try:
         if wait_seconds > 0:
             store.wait([_stop_key()], timedelta(seconds=wait_seconds))

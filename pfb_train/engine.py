@@ -10,7 +10,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,17 @@ from pfb_train.distributed import all_gather_objects, all_reduce_sum
 from pfb_train.errors import TrainingStopped
 from pfb_train.timing import PhaseTimer
 from pfb_train.selection import Selector
+
+if TYPE_CHECKING:
+    from timm.data import Mixup
+    from timm.utils import ModelEmaV3
+
+
+class UpdateScheduler(Protocol):
+    """What the engine asks of timm's LR scheduler. The position is in optimizer updates and may be
+    fractional (timm's schedules take any number, though its signature says int)."""
+
+    def step_update(self, num_updates: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -49,10 +60,10 @@ class Optimization:
     optimizer, scaler and EMA are checkpointed; the LR follows from the config and the position."""
 
     optimizer: torch.optim.Optimizer
-    scheduler: object  # timm scheduler (step_update per optimizer step) or None
+    scheduler: Optional[UpdateScheduler]  # timm scheduler (step_update per optimizer step) or None
     scaler: torch.amp.GradScaler
-    ema: object = None  # timm ModelEmaV3 of the (unwrapped) model, or None
-    mixup: object = None  # timm Mixup or None
+    ema: Optional[ModelEmaV3] = None  # timm ModelEmaV3 of the (unwrapped) model, or None
+    mixup: Optional[Mixup] = None  # timm Mixup or None
     backup: Optional["BufferBackup"] = None  # BatchNorm statistics before the step (the non-finite guard)
 
 
@@ -144,6 +155,7 @@ def train_step(
     if timer is not None:
         timer.mark("observe")
     labels = blocked.labels  # the batch's, as the selection saw them
+    assert labels is not None  # blocking.forward always sets them
     present = blocking.holds_sample(batch.indices).double()
     kept_present = present if blocked.keep is None else present.index_select(0, blocked.keep)
     loss_sum = (losses.detach() * kept_present).sum()
@@ -182,6 +194,7 @@ def update(
         if guard:
             finite = bool(torch.isfinite(norm))  # the step's one host sync (fp16's scaler makes its own)
             if not finite:  # the forward already folded this batch into the BatchNorm statistics
+                assert optimization.backup is not None  # save_buffers made it: the guard runs
                 optimization.backup.restore()
         if finite and settings.clip_grad is not None:
             torch.nn.utils.clip_grads_with_norm_(params, settings.clip_grad, norm)  # takes parameters, scales .grad

@@ -41,6 +41,7 @@ def model_info(cfg) -> dict:
     fraction = method.blocked_fraction_per_batch(cfg.blocking.chosen())
     blocked_rows = round(fraction * batch)  # 0 unless rows are blocked
     score = blocked.resolve_score(method.score_pass(cfg.blocking.chosen()), cfg.data.img_size)
+    assert score.scale is not None  # resolved
     mode = blocked.mode  # as set, or auto by the FLOP model with the ranking pass this model takes
     if cfg.blocking.mode == "auto":
         mode = cheaper_mode(fraction, score.scale) if fraction > 0 else "reuse"

@@ -15,12 +15,13 @@ from __future__ import annotations
 import contextlib
 import difflib
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from pfb_train.errors import UserError, first_line
 from pfb_train.selection.score_pass import AUTO_SCALE, EXACT_SCORE, ScorePass
@@ -159,6 +160,9 @@ class _Shallow(nn.Module):
     The model is referenced through __dict__ (not closures) so that copy.deepcopy of the
     BlockedModel (timm's EMA does one) maps it to the copy, consistently with the modules."""
 
+    _model: nn.Module
+    _stem_forward: Optional[Callable]
+
     def __init__(self, model: nn.Module, spec: SplitSpec, stage: int):
         super().__init__()
         self.stem = nn.ModuleList()
@@ -182,6 +186,8 @@ class _Shallow(nn.Module):
 
 class _Deep(nn.Module):
     """stages[k:] -> post -> timm's own forward_head."""
+
+    _model: Any  # a timm model: forward_head
 
     def __init__(self, model: nn.Module, spec: SplitSpec, stage: int):
         super().__init__()
@@ -228,6 +234,17 @@ class BlockedModel(nn.Module):
     default full size, batch statistics), then shallow + deep with gradients on the kept rows only
     (BatchNorm statistics updated by that second pass alone).
     """
+
+    # Attributes kept out of nn.Module's registries (set through __dict__, see __init__), typed for readers.
+    model: Any  # the timm model
+    shallow: nn.Module  # _Shallow, or its torch.compile'd form
+    deep: nn.Module
+    _eager_shallow: _Shallow
+    _shallow_norms: list[_BatchNorm]
+    _takes_size: dict[int, Optional[str]]
+    stage: int
+    stage_name: str
+    mode: str
 
     def __init__(self, model: nn.Module, stage: Union[int, str] = 1, mode: str = "reuse"):
         super().__init__()
@@ -345,6 +362,7 @@ class BlockedModel(nn.Module):
         if score.scale == 0:  # NO_RANKING: the selection reads the batch size and device only
             return x.new_zeros(x.shape[0], 0, dtype=torch.float32)
         score = self.resolve_score(score, x.shape[-1])
+        assert score.scale is not None  # resolved
         x = score_input(x, score.scale)
         if score.norm == "running":
             was_training = self.training  # the views are outside _modules: their own flag is stale
@@ -366,18 +384,18 @@ def score_input(x: torch.Tensor, scale: float) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="area")
 
 
-def tracking_norms(module: nn.Module) -> list[nn.Module]:
+def tracking_norms(module: nn.Module) -> list[_BatchNorm]:
     """The BatchNorm layers of `module` that keep running statistics."""
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    return [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
 
 
 @contextlib.contextmanager
-def kept_norm_stats(norms: list[nn.Module]):
+def kept_norm_stats(norms: list[_BatchNorm]):
     """Running statistics of `norms` as they were before the block: a train-mode pass inside
     normalises by its batch (outputs equal to BatchNorm without running statistics) and updates
     nothing. Buffers are read at entry: `.to(device)` replaces them."""
     buffers = [b for m in norms for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-    saved = torch._foreach_clone(buffers) if buffers else []  # one call per step, not one per buffer
+    saved = list(torch._foreach_clone(buffers)) if buffers else []  # one call per step, not one per buffer
     try:
         yield
     finally:
@@ -534,8 +552,7 @@ def build_model(
     )
     model = _prepared(create_timm_model(model_cfg.name, **options), model_cfg)
     default = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (None,))[-1]
-    reason = runs_at(model, img_size) if img_size is not None and img_size != default else None
-    if reason is not None:
+    if img_size is not None and img_size != default and (reason := runs_at(model, img_size)) is not None:
         try:
             model = _prepared(create_timm_model(model_cfg.name, img_size=img_size, **options), model_cfg)
             reason = runs_at(model, img_size)

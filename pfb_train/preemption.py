@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -83,7 +83,8 @@ class StopSafeDataLoader(DataLoader):
     in them, so there PyTorch's own handling stays."""
 
     def __init__(self, *args, worker_init_fn: Optional[Callable] = None, **kwargs):
-        super().__init__(*args, worker_init_fn=worker_init_fn, **kwargs)
+        kwargs["worker_init_fn"] = worker_init_fn  # by name: `*args` could also reach it, as far as types tell
+        super().__init__(*args, **kwargs)
         self.guards_workers = hasattr(signal, "sigwaitinfo") and start_method(self.multiprocessing_context) == "fork"
         training_process = os.getpid() if self.guards_workers else None
         self.worker_init_fn = functools.partial(_init_worker, training_process, worker_init_fn)
@@ -108,7 +109,7 @@ class PreemptionSignals:
     def __init__(self, every: int = 1, device: torch.device | None = None, announce: bool = True):
         self.every, self.device, self.announce = every, device or torch.device("cpu"), announce
         self.signum = 0
-        self._previous = {}
+        self._previous: dict[signal.Signals, Any] = {}  # the handlers ours replaced (a function, SIG_DFL, ...)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

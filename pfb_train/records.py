@@ -6,7 +6,7 @@ train.py calls these; they compute nothing about training itself.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 from pfb_train.config import Config
 from pfb_train.engine import kept_fraction
@@ -152,7 +152,7 @@ def summarize(
     run_dir,
     world_size: int,
     device: str,
-    class_counts: Optional[list] = None,
+    class_counts: Optional[Sequence[int]] = None,
 ) -> dict:
     """summary.json: the run's totals over its epoch records (`history`), top-1 of the last evaluation."""
     slots = sum(r["samples_seen"] + r["samples_pruned"] for r in history)  # readable slots: see sample_accounting

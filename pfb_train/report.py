@@ -195,8 +195,8 @@ def table_rows(runs: list[Run], baseline: list[Run], target=None, compute=None) 
     base_top1 = statistics.fmean(r.summary["top1"] for r in baseline)
     target = base_top1 if target is None else target
     if compute is None:
-        spent = [r.summary.get("compute_spent") for r in baseline]
-        compute = statistics.fmean(spent) if None not in spent else None
+        spent = [s for s in (r.summary.get("compute_spent") for r in baseline) if s is not None]
+        compute = statistics.fmean(spent) if len(spent) == len(baseline) else None  # every run counted it
     base_hours = robust_seconds(baseline) * baseline[0].summary.get("world_size", 1) / 3600
     groups = group_runs(runs)
     rows = []
@@ -325,8 +325,10 @@ def _per_epoch_mean(group: list[Run], field: str, cumulative: bool = False) -> t
     for e in range(epochs):
         per_run = []
         for r in group:
-            series = [m.get(field) for m in r.metrics[: e + 1]]
-            per_run.append(sum(series) if cumulative else series[-1])
+            if cumulative:  # a field every epoch logs (epoch_seconds)
+                per_run.append(sum(m[field] for m in r.metrics[: e + 1]))
+            else:
+                per_run.append(r.metrics[e].get(field))
         present = [v for v in per_run if v is not None]
         values.append(statistics.fmean(present) if present else float("nan"))
     return list(range(epochs)), values

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, cast
 
 import torch
 import yaml
@@ -26,7 +26,7 @@ from pfb_train.checkpoint import (
     save_checkpoint,
 )
 from pfb_train.config import Config, experiment_settings, flatten
-from pfb_train.data.loaders import ShardStreamSampler
+from pfb_train.data.loaders import ShardStreamSampler, TrainSampler
 from pfb_train.distributed import DistInfo, all_gather_objects
 from pfb_train.engine import EpochTally
 from pfb_train.errors import RunFinished, UserError
@@ -401,13 +401,14 @@ def checkpoint_run(state: RunState, epoch: int, tally: Optional[EpochTally], bes
             "step_costs": tally.step_costs,  # the epoch's compute so far, in full-data steps of
             "updates_per_epoch": tally.updates_per_epoch,
         }  # this many per epoch
-    position.subset = state.train_loader.sampler.subset if tally is not None else None
+    position.subset = cast(TrainSampler, state.train_loader.sampler).subset if tally is not None else None
     checkpoint = {part.key: part.save(state) for part in CHECKPOINT_PARTS}  # rank_buffers, selector, rng: collective
     position.partial = position.subset = None  # they describe the checkpoint, not the live run
     if not state.settings.dist.is_main:
         return
     if best:
         position.best_top1 = checkpoint["best_top1"] = position.history[-1]["top1"]
+    assert state.run_dir is not None  # rank 0's, set by train.setup
     save_checkpoint(checkpoint, state.run_dir, best=best)
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from pfb_train.errors import UserError
 
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 UNREADABLE_FILE = "unreadable.txt"  # each epoch's unreadable training images: 'epoch<TAB>name' lines
 
@@ -33,9 +36,10 @@ def make_run_dir(output: str, name: str) -> Path:
 class RunLogger:
     """Writes metrics.jsonl (one JSON line per epoch), TensorBoard scalars and summary.json; rank 0 only."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    def __init__(self, run_dir: Optional[Path], enabled: bool = True):
+        """`run_dir`: None where not `enabled` (ranks other than 0 have none)."""
         self.run_dir, self.enabled = run_dir, enabled
-        self.writer = None
+        self.writer: Optional[SummaryWriter] = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter  # on rank 0 only: it loads the tensorboard package (~1 s)
 
@@ -44,25 +48,27 @@ class RunLogger:
     def log_epoch(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
+        run_dir, writer = self.run_dir, self.writer
+        assert run_dir is not None and writer is not None  # set when enabled
+        with open(run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in record.items():
             if key != "epoch" and isinstance(value, (int, float)):
-                self.writer.add_scalar(f"epoch/{key}", value, record["epoch"])
+                writer.add_scalar(f"epoch/{key}", value, record["epoch"])
             elif isinstance(value, list) and any(v is not None for v in value):  # per-class values
-                self.writer.add_histogram(
-                    f"epoch/{key}", torch.tensor([v for v in value if v is not None]), record["epoch"]
-                )
-        self.writer.flush()
+                writer.add_histogram(f"epoch/{key}", torch.tensor([v for v in value if v is not None]), record["epoch"])
+        writer.flush()
 
     def log_unreadable(self, epoch: int, names: list[str]) -> None:
         """Append an epoch's unreadable training images to unreadable.txt."""
         if self.enabled:
+            assert self.run_dir is not None  # given when enabled
             with open(self.run_dir / UNREADABLE_FILE, "a") as f:
                 f.writelines(f"{epoch}\t{one_line(name)}\n" for name in names)
 
     def write_summary(self, summary: dict) -> None:
         if self.enabled:
+            assert self.run_dir is not None  # given when enabled
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     def close(self) -> None:

@@ -104,7 +104,9 @@ def write_shards(d, out: str, samples_per_shard: int = 1000, progress: bool = Tr
     info = {"name": d.dataset, "num_classes": num_classes, "splits": {}}
     for split in splits:
         order = np.random.default_rng(0).permutation(split.length) if split is splits[0] else np.arange(split.length)
-        entry = {"name": split.name, "num_samples": 0, "filenames": [], "shard_lengths": [], "shard_bytes": []}
+        filenames: list[str] = []
+        shard_lengths: list[int] = []
+        shard_bytes: list[int] = []
         for first in range(0, split.length, samples_per_shard):
             chosen = order[first : first + samples_per_shard]
             filename = f"{split.name}-{first // samples_per_shard:06d}.tar"
@@ -116,11 +118,16 @@ def write_shards(d, out: str, samples_per_shard: int = 1000, progress: bool = Tr
                 write_shard(path, split, chosen.tolist(), TarWriter)
                 length = len(chosen)
             bar.update(len(chosen))
-            entry["filenames"].append(filename)
-            entry["shard_lengths"].append(length)
-            entry["shard_bytes"].append(path.stat().st_size)
-        entry["num_samples"] = sum(entry["shard_lengths"])
-        info["splits"][split.name] = entry
+            filenames.append(filename)
+            shard_lengths.append(length)
+            shard_bytes.append(path.stat().st_size)
+        info["splits"][split.name] = {
+            "name": split.name,
+            "num_samples": sum(shard_lengths),
+            "filenames": filenames,
+            "shard_lengths": shard_lengths,
+            "shard_bytes": shard_bytes,
+        }
     bar.close()
     _atomic_json(out_dir / INFO_FILE, info)
     (out_dir / PLAN_FILE).unlink()

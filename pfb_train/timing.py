@@ -20,8 +20,8 @@ class PhaseTimer:
         self.reset()
 
     def reset(self) -> None:
-        self.seconds = defaultdict(float)
-        self.pending: list[tuple[str, object, object]] = []
+        self.seconds: defaultdict[str, float] = defaultdict(float)
+        self.pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []  # CUDA only
         self.last = self._now()
 
     def reset_clock(self) -> None:

@@ -12,7 +12,7 @@ import signal
 import time
 import traceback
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, cast
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from pfb_train.calibrate import ModeChoice, resolve_mode
 from pfb_train.config import Config, save_config
 from pfb_train.budget import RunClock, spent_so_far
 from pfb_train.costs import StepCost, blocking_mode, shallow_flop_share
-from pfb_train.data import build_datasets, build_loaders, dataset_labels
+from pfb_train.data import TrainSampler, build_datasets, build_loaders, dataset_labels
 from pfb_train.data.splits import sample_namer
 from pfb_train.distributed import (
     DistInfo,
@@ -107,6 +107,7 @@ def run(cfg: Config) -> dict:
     clean = False
     try:
         summary = fit(setup(cfg, dist))
+        assert summary is not None  # no until_epoch / until_step: fit trains to the end or raises
         clean = True
         return summary
     except BaseException as e:
@@ -132,6 +133,7 @@ def stop_every_rank(error: BaseException) -> BaseException:
         kind = type(error).__name__ if type(error).__name__ in RUN_ENDING else "TrainingStopped"
         message = str(error) if kind == type(error).__name__ else f"{type(error).__name__}: {error}"
         announced = announce_stop(kind, message)  # another rank's, if it announced first
+        assert announced is not None  # sharing_stops(): the store gives the standing announcement
     kind, rank, message = announced
     return RUN_ENDING[kind](f"{message} (on rank {rank})")
 
@@ -151,7 +153,7 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
     net, score, mode = build_blocked_model(cfg, dist, splits.num_classes, checkpoint)
     ema = ModelEmaV3(net, decay=cfg.optim.ema_decay) if cfg.optim.ema_decay else None  # a plain copy: before DDP
     seed_everything(derive_seed("rank", rt.seed, dist.rank))  # dropout, drop-path, mixup: each rank its own
-    train_module = net
+    train_module: torch.nn.Module = net
     if dist.world_size > 1:
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
         train_module = DistributedDataParallel(net, device_ids=device_ids)
@@ -210,7 +212,9 @@ def configure_backends(cfg: Config, dist: DistInfo) -> None:
         # once and reused; TF32 runs float32 matmuls on tensor cores.
         torch.backends.cudnn.benchmark = rt.cudnn_benchmark
         precision = "tf32" if rt.tf32 else "ieee"
-        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = precision
+        torch.backends.cuda.matmul.fp32_precision = precision
+        # cudnn.conv lives on the module object torch swaps in at import (CudnnModule): mypy sees the plain module
+        torch.backends.cudnn.conv.fp32_precision = precision  # type: ignore[attr-defined]
 
 
 def open_checkpoint(cfg: Config, dist: DistInfo) -> tuple[Optional[Path], Optional[dict]]:
@@ -290,6 +294,7 @@ def step_settings(cfg: Config, device, net: BlockedModel, score: ScorePass, upda
     compile, on one image; recompute mode pays for its ranking pass's scale."""
     rt, s = cfg.runtime, cfg.schedule
     shallow_share = shallow_flop_share(net, cfg.data.img_size, net.in_chans)
+    assert score.scale is not None  # resolved (check_score_pass)
     step_cost = StepCost(net.mode, shallow_share, score.scale if net.mode == "recompute" else 1.0)
     return StepSettings(
         device,
@@ -308,11 +313,12 @@ def step_settings(cfg: Config, device, net: BlockedModel, score: ScorePass, upda
 def start_run_dir(state: RunState, data: str, resumed: bool) -> None:
     """Rank 0: the run directory with its config, metrics up to a resume's checkpoint, and the run line.
     `data`: the data's description; `resumed`: the run goes on from a checkpoint."""
-    cfg, dist, net = state.cfg, state.settings.dist, state.net
-    state.run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, state.run_dir / "config.yaml")  # a finished run never gets here (refuse_finished)
+    cfg, dist, net, run_dir = state.cfg, state.settings.dist, state.net, state.run_dir
+    assert run_dir is not None  # rank 0's, set by setup
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")  # a finished run never gets here (refuse_finished)
     if cfg.runtime.resume is not None:  # the checkpoint's history is the truth: drop epochs logged after it
-        rewrite_metrics(state.run_dir, state.position.history)
+        rewrite_metrics(run_dir, state.position.history)
     print(
         f"run {cfg.name}: {cfg.model.name} on {data}, split after {net.stage_name} (stage {net.stage}), "
         f"blocking {describe_options(cfg)} (mode {net.mode}: {state.mode_reason}{ranking_pass(net, state.score)}), "
@@ -323,7 +329,7 @@ def start_run_dir(state: RunState, data: str, resumed: bool) -> None:
         print(f"resumed at epoch {state.position.epoch}, step {state.position.optimizer_steps}")
 
 
-def print_notes(state: RunState, notes: list[str], train_samples: int) -> None:
+def print_notes(state: RunState, notes: Sequence[str], train_samples: int) -> None:
     """Rank 0: the data's notes, and settings that do something other than a reader may expect."""
     cfg, world_size = state.cfg, state.settings.dist.world_size
     o, s = cfg.optim, cfg.schedule
@@ -472,7 +478,8 @@ def begin_epoch(state: RunState, context: StepContext, epoch: int) -> EpochTally
         compute, seconds = tally.spent()
         seconds = clock.seconds(seconds, position.optimizer_steps, force=True)
         at = clock.position(epoch + tally.epoch_fraction(), compute, seconds)
-        state.optimization.scheduler.step_update(num_updates=step_settings.updates_per_epoch * at)
+        if state.optimization.scheduler is not None:  # None: no LR schedule, as train_batch allows
+            state.optimization.scheduler.step_update(num_updates=step_settings.updates_per_epoch * at)
     return tally
 
 
@@ -544,6 +551,7 @@ def report_unreadable(state: RunState, logger: RunLogger, epoch: int, unreadable
     if unreadable and state.settings.dist.is_main:
         names = [state.sample_name(i) for i in unreadable]
         logger.log_unreadable(epoch, names)
+        assert state.run_dir is not None  # rank 0's, set by setup
         print(unreadable_warning(epoch, names, state.run_dir / UNREADABLE_FILE), flush=True)
 
 
@@ -556,7 +564,8 @@ def epoch_accounting(state: RunState, tally: EpochTally, stats: dict, budget_end
     epoch_samples = tally.order_total  # samples of the epoch's order, those before a resume included
     nominal = state.settings.nominal_rows
     if tally.order_base > 0:  # resumed inside the epoch
-        nominal = epoch_samples if state.train_loader.sampler.subset is None else max(nominal, seen + bad)
+        subset = cast(TrainSampler, state.train_loader.sampler).subset
+        nominal = epoch_samples if subset is None else max(nominal, seen + bad)
     fraction = tally.order_done() / epoch_samples if epoch_samples else 1.0
     extra = {}
     if budget_ended and fraction < 1:  # the budget ended the epoch here

@@ -5,6 +5,7 @@ only when `data.download` is set."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Union
 
 import torch
 from torchvision.datasets import CIFAR10, CIFAR100
@@ -21,6 +22,8 @@ class _PresentFiles:
     class-name file read: the harness names a missing file in one line itself (`cifar_arrays`), reads
     any files in the layout (the tests write small ones), and needs no class names."""
 
+    root: Union[str, Path]  # set by torchvision's reader, which comes after this class
+
     def _check_integrity(self) -> bool:  # also what torchvision's download() asks before fetching
         return not _missing(self.root, self)
 
@@ -36,7 +39,7 @@ class _CIFAR100(_PresentFiles, CIFAR100):
     pass
 
 
-READERS = {"cifar10": _CIFAR10, "cifar100": _CIFAR100}
+READERS: dict[str, type[CIFAR10]] = {"cifar10": _CIFAR10, "cifar100": _CIFAR100}
 STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),  # mean, std of [0, 1] pixels
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -50,7 +53,7 @@ def _missing(root, reader) -> list[Path]:
     return [folder / name for name, _ in reader.train_list + reader.test_list if not (folder / name).is_file()]
 
 
-def cifar_arrays(name: str, root: str, download: bool = False) -> dict:
+def cifar_arrays(name: str, root: str, download: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{"train", "val"}: (images uint8 (N, 3, 32, 32), labels int64 (N,)) of CIFAR `name` under `root`.
     Fetches the files first when some are missing and `download` is set; else a missing file is a
     one-line UserError naming it."""
@@ -64,7 +67,7 @@ def cifar_arrays(name: str, root: str, download: bool = False) -> dict:
             f"{name} files not found: {missing[0]} (torchvision's layout under data.root; "
             "set data.download=true to fetch them)"
         )
-    arrays = {}
+    arrays: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for split, train in (("train", True), ("val", False)):
         part = reader(base, train=train)
         images = torch.from_numpy(part.data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) -> (N, 3, 32, 32)

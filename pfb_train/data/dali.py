@@ -36,7 +36,7 @@ import re
 import sys
 import tempfile
 import threading
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ from pfb_train.data.draws import sample_uniforms
 from pfb_train.data.missing import Unreadable, all_unreadable, skip_or_fail, stand_in_index, stand_in_rows
 from pfb_train.data.wrapped import WrappedLoader
 from pfb_train.errors import UserError
+
+if TYPE_CHECKING:
+    from nvidia.dali.pipeline import Pipeline
 
 INSTALL = "pip install nvidia-dali-cuda130 (or: pip install 'pfb-train[dali]')"
 
@@ -126,7 +129,7 @@ class DaliLoader(WrappedLoader):
         self.mean = [255 * m for m in mean]
         self.std = [255 * s for s in std]
         self.threads, self.channels_last = threads, channels_last
-        self.pipeline = None  # built at the first batch: after the workers have forked
+        self.pipeline: Optional[Pipeline] = None  # built at the first batch: after the workers have forked
 
     def __iter__(self):
         for data, labels, indices, sizes in self.loader:
@@ -165,25 +168,27 @@ class DaliLoader(WrappedLoader):
 
     def run(self, data: list, sizes: torch.Tensor, seeds: Optional[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
         """The batch of `rows` (row i of the batch made from sample rows[i]), decoded and augmented by DALI."""
-        if self.pipeline is None:
-            self.pipeline = self._build()
+        pipeline = self.pipeline
+        if pipeline is None:
+            pipeline = self.pipeline = self._build()
         sizes = sizes[rows]
         if self.train:
+            assert seeds is not None  # drawn for every training batch (__iter__)
             uniforms = sample_uniforms(seeds[rows], resized_crop_uniforms() + 1)
             boxes = resized_crop_boxes(sizes[:, 0], sizes[:, 1], uniforms[:, :-1])
             flips = uniforms[:, -1] < 0.5
-            self.pipeline.feed_input("mirror", [np.array(f, dtype=np.int32) for f in flips.tolist()])
+            pipeline.feed_input("mirror", [np.array(f, dtype=np.int32) for f in flips.tolist()])
         else:
             resized = resize_shorter(sizes[:, 0], sizes[:, 1], math.floor(self.img_size / self.crop_pct))
             boxes = centre_boxes(resized, self.img_size)
-            self.pipeline.feed_input("resize", [s.astype(np.float32) for s in resized.numpy()])
-        boxes = boxes.int().numpy()
-        self.pipeline.feed_input("encoded", [data[i].numpy() for i in rows.tolist()])
-        self.pipeline.feed_input("start", [np.ascontiguousarray(b[:2]) for b in boxes])
-        self.pipeline.feed_input("shape", [np.ascontiguousarray(b[2:]) for b in boxes])
+            pipeline.feed_input("resize", [s.astype(np.float32) for s in resized.numpy()])
+        int_boxes = boxes.int().numpy()
+        pipeline.feed_input("encoded", [data[i].numpy() for i in rows.tolist()])
+        pipeline.feed_input("start", [np.ascontiguousarray(b[:2]) for b in int_boxes])
+        pipeline.feed_input("shape", [np.ascontiguousarray(b[2:]) for b in int_boxes])
         try:
             with decoder_logs_muted():
-                (out,) = self.pipeline.run()
+                (out,) = pipeline.run()
         except RuntimeError:
             self.pipeline = None  # DALI's pipeline is unusable after an error: build a new one
             raise

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Union
+from typing import Union, cast
 
 import numpy as np
 import torch
@@ -28,7 +28,9 @@ from PIL import Image, UnidentifiedImageError
 
 from pfb_train.errors import squeezed
 
-MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # 178,956,970 with PIL's default: where PIL raises DecompressionBombError
+# 178,956,970 with PIL's default: where PIL raises DecompressionBombError. An int unless the check was turned off
+# (None) before this import, which fails here as it always has.
+MAX_PIXELS = 2 * cast(int, Image.MAX_IMAGE_PIXELS)
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's grey modes wider than 8 bits (integers)
 
 Source = Union[str, Path, bytes, bytearray, memoryview, torch.Tensor]
@@ -47,7 +49,8 @@ def _file(source: Source):
     if isinstance(source, (str, Path)):
         return source
     if isinstance(source, torch.Tensor):
-        source = source.numpy()
+        # numpy's stubs give ndarray the buffer protocol on Python 3.12+ only; it has it on every version
+        return io.BytesIO(source.numpy())  # type: ignore[arg-type]
     return io.BytesIO(source)
 
 
@@ -116,8 +119,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         pixels = np.clip(np.asarray(image, dtype=np.int64), 0, 0xFFFF) >> 8  # the top 8 bits, as top_byte
         return Image.fromarray(pixels.astype(np.uint8), "L").convert("RGB")
     if image.mode == "F":
-        pixels = np.nan_to_num(np.asarray(image, dtype=np.float64)) * 255  # [0, 1] -> 0..255
-        return Image.fromarray(np.clip(pixels.round(), 0, 255).astype(np.uint8), "L").convert("RGB")
+        levels = np.nan_to_num(np.asarray(image, dtype=np.float64)) * 255  # [0, 1] -> 0..255
+        return Image.fromarray(np.clip(levels.round(), 0, 255).astype(np.uint8), "L").convert("RGB")
     if image.mode in ("P", "PA") and "transparency" in image.info:
         image = image.convert("RGBA")  # then the alpha is dropped: the palette colours, as torchvision.io gives
     return image.convert("RGB")

@@ -53,11 +53,11 @@ def idx_file(root: Path, name: str) -> Path:
     )
 
 
-def fashion_mnist_arrays(root) -> dict:
+def fashion_mnist_arrays(root) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{"train", "val"}: (images uint8 (N, 1, 28, 28), labels int64 (N,)) from the idx files under `root`
     (None: Debian's folder)."""
     base = Path(root or FASHION_MNIST_ROOT).expanduser()
-    splits = {}
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for split, (images, labels) in FASHION_MNIST_FILES.items():
         x, y = read_idx(idx_file(base, images)), read_idx(idx_file(base, labels))
         if x.dim() != 3 or y.dim() != 1 or len(x) != len(y):

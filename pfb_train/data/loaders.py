@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from typing import cast
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from pfb_train.data.missing import Unreadable, fill_unreadable, stand_in_index
 from pfb_train.data.normalize import Normalize, NormalizingLoader
 from pfb_train.data.prefetch import DevicePrefetcher
 from pfb_train.data.resident import ResidentLoader, fits_on_device
-from pfb_train.data.splits import DataSplits, imagenet_stats, sample_names
+from pfb_train.data.splits import DataSplits, SizedDataset, imagenet_stats, sample_names
 from pfb_train.data.wds import ShardedTars, local_shuffle, shard_stream
 from pfb_train.errors import UserError
 from pfb_train.preemption import StopSafeDataLoader
@@ -40,7 +41,7 @@ class IndexedDataset(Dataset):
     workers restarted. In the training process (`workers: 0`) the transforms draw from the
     run's own streams instead, which checkpoints save and restore."""
 
-    def __init__(self, dataset: Dataset):
+    def __init__(self, dataset: SizedDataset):
         self.dataset = dataset
 
     def __len__(self) -> int:
@@ -62,7 +63,8 @@ class TrainSampler(Sampler):
 
     def __init__(self, size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
         self.size, self.rank, self.world_size, self.seed = size, rank, world_size, seed
-        self.epoch, self.subset, self.skip = 0, None, 0
+        self.epoch, self.skip = 0, 0
+        self.subset: torch.Tensor | None = None  # set_epoch's
 
     def set_epoch(self, epoch: int, subset: torch.Tensor | None = None, skip: int = 0) -> None:
         """`subset`: dataset indices to visit this epoch (None: all of them); `skip`: the first `skip`
@@ -174,7 +176,7 @@ def build_loaders(
         if d.decode == "dali":  # DaliLoader imports DALI (an optional extra) when it is made
             # DALI's CPU threads (decoding without a GPU, cropping) as many as the workers asked for
             wrap.update(threads=max(1, d.workers), channels_last=channels_last)
-            decoder = DaliLoader
+            decoder: type[DaliLoader] | type[DeviceDecodeLoader] = DaliLoader
         else:
             decoder = DeviceDecodeLoader
         train = decoder(train, train=True, paths=sample_names(splits.train), **wrap)
@@ -204,6 +206,7 @@ def build_loaders(
 def torch_loaders(splits: DataSplits, d, seed: int, rank: int, world_size: int, pin_memory: bool):
     """The (train, val) DataLoaders over the splits, before any device-side wrapping: this rank's shard of
     each epoch's order (TrainSampler, or ShardStreamSampler for WebDataset shards) and of the validation set."""
+    train_sampler: TrainSampler
     if isinstance(splits.train, ShardedTars):
         train_sampler = ShardStreamSampler(
             splits.train.shard_lengths, d.batch_size, d.shuffle_window, rank, world_size, seed
@@ -238,6 +241,6 @@ def set_loader_epoch(loader: DataLoader, epoch: int, subset: torch.Tensor | None
     """Point the train loader at an epoch: its sampler's order and subset, and the seed its iterator
     draws for the workers. That seed depends on (run seed, rank, epoch) only, so creating the
     iterator leaves the global RNG alone and a resumed epoch draws what the original one did."""
-    sampler = loader.sampler
+    sampler = cast(TrainSampler, loader.sampler)  # the train loader's (torch_loaders)
     sampler.set_epoch(epoch, subset, skip)
     loader.generator.manual_seed(derive_seed("workers", sampler.seed, sampler.rank, epoch))

@@ -12,6 +12,7 @@ item at all stops the run, naming a file.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -31,7 +32,7 @@ unreadable_index = stand_in_index  # its own inverse: -1 - (-1 - i) = i
 class Unreadable:
     """Stands in for a sample whose file could not be read (`index`: its dataset index, once known)."""
 
-    path: str
+    path: Optional[str]  # None: the decoder names the sample (device_decode.collate_bytes)
     reason: str
     index: int = 0
 

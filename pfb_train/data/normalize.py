@@ -12,6 +12,8 @@ the loaders are the one place batches get theirs, so the training step takes the
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from pfb_train.data.wrapped import WrappedLoader
@@ -27,9 +29,11 @@ class Normalize:
 
     def __init__(self, mean, std, channels_last: bool = False):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self._on = {}  # device -> (scale, shift) there: copied once, on first use
+        # device -> (scale, shift) there: copied once, on first use
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.scale: Optional[torch.Tensor] = None
+        self.shift: Optional[torch.Tensor] = None
         if mean is None:
-            self.scale = self.shift = None
             return
         mean = torch.tensor(mean, dtype=torch.float64).expand(3)
         std = torch.tensor(std, dtype=torch.float64).expand(3)
@@ -40,7 +44,9 @@ class Normalize:
     def constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, shift), float32 (1, 3, 1, 1) on `device`."""
         if device not in self._on:
-            self._on[device] = (self.scale.to(device), self.shift.to(device))
+            scale, shift = self.scale, self.shift
+            assert scale is not None and shift is not None  # `images` refuses uint8 images without them first
+            self._on[device] = (scale.to(device), shift.to(device))
         return self._on[device]
 
     def __call__(self, batch: tuple) -> tuple:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+from typing import Iterator
 
 import torch
 
@@ -77,7 +78,7 @@ class DevicePrefetcher(WrappedLoader):
                     copied.record(self.stream)
             yield batch, copied
 
-    def _from_thread(self, staged):
+    def _from_thread(self, staged: Iterator) -> Iterator:
         ready: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
         producer = threading.Thread(target=self._produce, args=(staged, ready, stop), daemon=True, name="pfb-prefetch")

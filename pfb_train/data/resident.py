@@ -115,6 +115,7 @@ class ResidentLoader(WrappedLoader):
     def batch(self, indices: torch.Tensor, draws: torch.Tensor | None) -> torch.Tensor:
         """The images of samples `indices` ((n,) int64 on the device), augmented by `draws` ((n, 3)) if given."""
         if draws is not None:
+            assert self.padding is not None  # draws are made for a padding only (__iter__)
             images = pad_crop_flip(self.images, indices, draws, self.padding)
         else:
             images = self.images.index_select(0, indices)

@@ -5,15 +5,24 @@ as encoded bytes (`decode_stored`). Imports no source: each source module import
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional, Protocol, cast
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import Dataset
+from torchvision.datasets import DatasetFolder
 
 from pfb_train.data.augment import ImageRecipe
 from pfb_train.data.decode import BadImage, decode_rgb
 from pfb_train.data.missing import skip_or_fail
+
+
+class SizedDataset(Protocol):
+    """A map-style dataset with a length, as every source's is (torch's `Dataset` type leaves `__len__` out)."""
+
+    def __getitem__(self, index: int) -> Any: ...
+
+    def __len__(self) -> int: ...
 
 
 @dataclass
@@ -21,8 +30,8 @@ class DataSplits:
     """The train and validation datasets of one source. Items are (image, label int) pairs; the loaders
     add each sample's index."""
 
-    train: Dataset
-    val: Dataset
+    train: SizedDataset
+    val: SizedDataset
     num_classes: int
     decode_on_device: bool = False  # items are file bytes (data.decode: device or dali)
     notes: tuple = ()  # what the reader found and worked around, printed once at the start (wds)
@@ -79,12 +88,14 @@ def imagenet_stats() -> dict:
     return dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
 
-def sample_names(dataset: Dataset):
+def sample_names(dataset: SizedDataset):
     """What messages call each sample: its file path, or the reader's own names (hf, wds)."""
-    return dataset.names if hasattr(dataset, "names") else [path for path, _ in dataset.samples]
+    if hasattr(dataset, "names"):
+        return dataset.names
+    return [path for path, _ in cast(DatasetFolder, dataset).samples]  # imagefolder: (path, label) pairs
 
 
-def sample_namer(dataset: Dataset):
+def sample_namer(dataset: SizedDataset):
     """index -> what messages call that sample: `sample_names`', or 'training sample i' for a set held in
     memory (no files; none is ever unreadable)."""
     if not hasattr(dataset, "names") and not hasattr(dataset, "samples"):

@@ -4,17 +4,17 @@ seed 0) and `data.imbalance` (a long-tailed training set), for sources whose `sa
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, cast
 
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import TensorDataset
 from torchvision.datasets import ImageFolder
 
-from pfb_train.data.splits import DataSplits, TensorImages
+from pfb_train.data.splits import DataSplits, SizedDataset, TensorImages
 from pfb_train.errors import UserError
 
 
-def dataset_labels(dataset: Dataset):
+def dataset_labels(dataset: SizedDataset):
     """(N,) int64 class of every sample, when the dataset keeps its labels in memory; else None."""
     if isinstance(dataset, TensorImages):
         return dataset.labels
@@ -27,10 +27,11 @@ def dataset_labels(dataset: Dataset):
     return None
 
 
-def _take(dataset: Dataset, index: torch.Tensor) -> Dataset:
+def _take(dataset: SizedDataset, index: torch.Tensor) -> SizedDataset:
     if isinstance(dataset, TensorImages):
         return TensorImages(dataset.images[index], dataset.labels[index], dataset.recipe, dataset.train)
-    return TensorDataset(*(t[index] for t in dataset.tensors))
+    tensors = cast(TensorDataset, dataset).tensors  # the other in-memory sets (sources whose samples is 'subset')
+    return TensorDataset(*(t[index] for t in tensors))
 
 
 def class_subset(labels: torch.Tensor, counts: list[int], seed: int = 0) -> torch.Tensor:

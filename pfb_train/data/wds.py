@@ -37,7 +37,7 @@ from bisect import bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -127,9 +127,9 @@ def _plain_members(path: str):
             if kind == b"x":  # applies to the next member
                 pax = _pax_records(os.pread(fd, size, data_at))
                 continue
-            name = header[:100].split(b"\0", 1)[0]
+            base = header[:100].split(b"\0", 1)[0]
             prefix = header[345:500].split(b"\0", 1)[0] if header[257:263] == b"ustar\0" else b""
-            name = (prefix + b"/" + name if prefix else name).decode("utf-8")
+            name = (prefix + b"/" + base if prefix else base).decode("utf-8")
             if "size" in pax:
                 size = int(pax["size"])
                 offset = data_at + (size + 511) // 512 * 512
@@ -314,7 +314,7 @@ class ShardedTars(Dataset):
         offset, size = where
         return os.pread(fd, size, offset)
 
-    def encoded(self, index: int):
+    def encoded(self, index: int) -> Union[tuple[bytes, int], Unreadable]:
         """(image bytes, label) of sample `index`, or an Unreadable saying why not."""
         shard, position = self.locate(index)
         samples = self._cached(self._indexes, shard, scan_shard)
@@ -346,7 +346,8 @@ class ShardedTars(Dataset):
             found = skip_or_fail(found.path, found.reason, self.fail)
             # the device decoder counts empty bytes as unreadable; the CPU loader's collate, an Unreadable
             return found if self.transform is not None else (torch.empty(0, dtype=torch.uint8), 0)
-        return decode_stored(*found, self.names[index], self.transform, self.fail)
+        data, label = found
+        return decode_stored(data, label, self.names[index], self.transform, self.fail)
 
 
 class _Names:
@@ -364,7 +365,7 @@ class _Names:
 
 
 def wds(
-    root: Optional[str],
+    root: str,  # set: the source needs_root
     train_split: str,
     val_split: str,
     num_classes: Optional[int],
@@ -392,6 +393,7 @@ def wds(
             f"config key 'model.num_classes' is {num_classes} but {base / INFO_FILE} gives num_classes {stated}"
         )
     num_classes = num_classes or stated
+    assert num_classes is not None  # one of them is set, checked above
     on_device = decode != "cpu"  # device, dali: workers read the stored bytes
     train_tf, val_tf = (None, None) if on_device else worker_transforms(img_size, auto_augment)
     return DataSplits(

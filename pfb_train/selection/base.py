@@ -33,6 +33,7 @@ class BlockingSchedule:
         if not self.active(epoch):
             return 0.0
         if self.ramp == "linear_to_mid":  # 0.2 * ratio at `start`, full ratio from end/2 on
+            assert self.end is not None, "ramp 'linear_to_mid' needs an end"  # WindowOptions.check says so first
             mid = self.end / 2
             return self.ratio * (0.2 + 0.8 * (min(epoch, mid) - self.start) / (mid - self.start))
         return self.ratio

@@ -10,12 +10,13 @@ the candidates, not of the data: the harness reports the realised fraction skipp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from pfb_train.distributed import all_gather_cat
 from pfb_train.selection.base import Selector, need
-from pfb_train.selection.registry import Method, register
+from pfb_train.selection.registry import Method, RunFacts, register
 from pfb_train.seeding import derive_seed
 
 INITIAL_SCORE = 3.0
@@ -28,23 +29,24 @@ class InfoBatchSelector(Selector):
         super().__init__(seed)
         self.prune_ratio, self.delta, self.epochs = prune_ratio, delta, epochs
         self.shared_seed = seed  # the subset must be the same on every rank: no rank in this seed
-        self.scores = None  # (N,) latest loss per sample, on the training device
-        self.weights = None  # (N,) loss multiplier for this epoch
+        self.scores: Optional[torch.Tensor] = None  # (N,) latest loss per sample, on the training device
+        self.weights: Optional[torch.Tensor] = None  # (N,) loss multiplier for this epoch
 
     def pruning(self, position: float) -> bool:
         """Whether the epoch starting at `position` (schedule epochs, Selector.set_epoch) prunes."""
         return self.prune_ratio > 0 and position < self.delta * self.epochs
 
     def epoch_indices(self, num_samples: int):
-        if self.scores is None:
-            self.scores = torch.full((num_samples,), INITIAL_SCORE)
-        self.weights = torch.ones_like(self.scores)
+        scores = self.scores
+        if scores is None:
+            scores = self.scores = torch.full((num_samples,), INITIAL_SCORE)
+        weights = self.weights = torch.ones_like(scores)
         if not self.pruning(self.position):
             return None
-        candidates = (self.scores < self.scores.mean()).nonzero().flatten()  # once per epoch: sync is fine
+        candidates = (scores < scores.mean()).nonzero().flatten()  # once per epoch: sync is fine
         gen = torch.Generator().manual_seed(derive_seed("infobatch", self.shared_seed, self.epoch))
         skip = (torch.rand(len(candidates), generator=gen) < self.prune_ratio).to(candidates.device)
-        self.weights[candidates[~skip]] = 1.0 / (1.0 - self.prune_ratio)
+        weights[candidates[~skip]] = 1.0 / (1.0 - self.prune_ratio)
         if not skip.any():
             return None
         keep = torch.ones(num_samples, dtype=torch.bool)
@@ -66,12 +68,14 @@ class InfoBatchSelector(Selector):
     def observe(self, feats, keep, indices, losses, labels=None) -> None:
         """Every rank records every rank's losses, so the scores stay identical across ranks."""
         indices, values = all_gather_cat(indices), all_gather_cat(losses.float())
-        if self.scores.device != values.device:
-            self.scores = self.scores.to(values.device)
+        scores = self.scores
+        assert scores is not None  # created by epoch_indices, before the epoch's first step
+        if scores.device != values.device:
+            scores = self.scores = scores.to(values.device)
         # Stand-ins of unreadable files (index < 0) write to a spare slot past the end, then dropped:
         # filtering them out instead would make the host wait for the device.
-        n = self.scores.shape[0]
-        slots = torch.cat([self.scores, self.scores.new_zeros(1)])
+        n = scores.shape[0]
+        slots = torch.cat([scores, scores.new_zeros(1)])
         slots[torch.where(indices >= 0, indices, n)] = values
         self.scores = slots[:n]
 
@@ -99,13 +103,18 @@ class InfoBatchOptions:
         )
 
 
+def build(o: InfoBatchOptions, run: RunFacts) -> InfoBatchSelector:
+    assert run.epochs is not None  # InfoBatchOptions.check refuses a run without
+    return InfoBatchSelector(o.prune_ratio, epochs=run.epochs, delta=o.delta, seed=run.seed)
+
+
 register(
     Method(
         "infobatch",
         level="sampler",
         options=InfoBatchOptions,
         ratio_option="prune_ratio",
-        build=lambda o, run: InfoBatchSelector(o.prune_ratio, epochs=run.epochs, delta=o.delta, seed=run.seed),
+        build=build,
         summary="well-learned samples (loss below the mean) are skipped at the sampler and the rest reweighted (ICLR 2024)",
     )
 )

@@ -40,22 +40,23 @@ class ClassPercentiles:
     `num_classes`: C; `memory`: rows per class the histograms hold, in steady state, for a balanced
     set (each step's n rows, summed over ranks, are added after the old counts are multiplied by
     1 - n / (memory * C)). State: `hist`, (C, BINS) float32, identical on every rank. Raises
-    ValueError on `num_classes` < 1 or `memory` < 1."""
+    ValueError on `num_classes` None or < 1, or `memory` < 1."""
 
-    def __init__(self, num_classes: int, memory: float):
+    def __init__(self, num_classes: Optional[int], memory: float):
         if num_classes is None or num_classes < 1:
             raise ValueError(f"class percentiles need the number of classes, got {num_classes}")
         if not 1 <= memory < float("inf"):
             raise ValueError(f"class memory must be >= 1 row per class and finite, got {memory}")
         self.num_classes, self.memory = num_classes, memory
-        self.hist = None  # (C, BINS) float32, created on the first batch's device
+        self.hist: Optional[torch.Tensor] = None  # (C, BINS) float32, created on the first batch's device
 
     def _ensure(self, device: torch.device) -> torch.Tensor:
-        if self.hist is None:
-            self.hist = torch.zeros(self.num_classes, BINS, device=device)
-        elif self.hist.device != device:  # restored from a checkpoint loaded on the CPU
-            self.hist = self.hist.to(device)
-        return self.hist
+        hist = self.hist
+        if hist is None:
+            hist = self.hist = torch.zeros(self.num_classes, BINS, device=device)
+        elif hist.device != device:  # restored from a checkpoint loaded on the CPU
+            hist = self.hist = hist.to(device)
+        return hist
 
     def score(self, ranks: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """log(C * pi_y * F_y(r)) per row: (B,) float32, higher = blocked first.

@@ -156,7 +156,8 @@ class PFBSelector(Selector):
             )
         self.stratify, self.density_kind, self.num_classes = stratify, density, num_classes
         self.class_percentiles = ClassPercentiles(num_classes, class_memory) if stratify == "percentile" else None
-        self._pending_ranks = None  # (batch ranks, labels) of every row, from `select` to the same step's `observe`
+        # (batch ranks, labels) of every row, from `select` to the same step's `observe`
+        self._pending_ranks: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self.score = score
         if noise_form not in NOISE_FORMS:
             raise ValueError(f"unknown noise form {noise_form!r}; choose one of: {', '.join(NOISE_FORMS)}")
@@ -180,15 +181,23 @@ class PFBSelector(Selector):
         self.centres = broadcast(v[: self.num_centres].clone().contiguous())
         self.counts = torch.zeros(self.num_centres, device=v.device)
         if self.density_kind == "class":
+            assert self.num_classes is not None  # density 'class' is refused without it (__init__)
             self.class_counts = torch.zeros(self.num_classes, self.num_centres, device=v.device)
 
     def _ensure_centres(self, v: torch.Tensor) -> None:
         if self.centres is None:
             self._init_centres(v)
         elif self.centres.device != v.device:  # restored from a checkpoint loaded on the CPU
-            self.centres, self.counts = self.centres.to(v.device), self.counts.to(v.device)
+            centres, counts = self._density_state()
+            self.centres, self.counts = centres.to(v.device), counts.to(v.device)
             if self.class_counts is not None:
                 self.class_counts = self.class_counts.to(v.device)
+
+    def _density_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(centres, counts): set together, by the first batch (`_ensure_centres`) or a checkpoint."""
+        centres, counts = self.centres, self.counts
+        assert centres is not None and counts is not None, "no centres yet: _ensure_centres first"
+        return centres, counts
 
     def density(self, v: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Density score per row (higher = more common), without the random term: (B,) float32.
@@ -196,19 +205,21 @@ class PFBSelector(Selector):
         `v`: (B, D) float32 reduced features. `labels`: (B,) int64 classes, needed by density 'class':
         each row's density is then under its own class's mixture, the shared centres weighted by how
         many of that class's samples each has taken (log p(v | y); a class not seen yet: uniform)."""
+        centres, seen = self._density_state()
         if self.estimator == "mean_log_kernel":
-            return mean_log_kernel(v, self.centres)
+            return mean_log_kernel(v, centres)
         if self.density_kind == "class":
             if labels is None:
                 raise ValueError("density 'class' needs the batch's labels")
+            assert self.class_counts is not None  # created with the centres under density 'class'
             counts = self.class_counts.index_select(0, labels)  # (B, K)
             weights = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
             weights = torch.where(counts.sum(dim=1, keepdim=True) > 0, weights, 1.0 / self.num_centres)
         elif self.weighting == "counts":  # all-zero counts (nothing observed yet) act as uniform weights
-            weights = self.counts / self.counts.sum().clamp_min(1)
+            weights = seen / seen.sum().clamp_min(1)
         else:
-            weights = torch.full_like(self.counts, 1.0 / self.num_centres)
-        return kde_log_density(v, self.centres, weights)
+            weights = torch.full_like(seen, 1.0 / self.num_centres)
+        return kde_log_density(v, centres, weights)
 
     def blocks_rows(self) -> bool:
         return self.schedule.ratio_at(self.position) > 0
@@ -233,9 +244,15 @@ class PFBSelector(Selector):
             self._ensure_centres(v)
             clean = self.density(v, labels)
             gen = self.generator(v.device)
-            if self.stratify != "none" and labels is None:
+            if self.stratify == "none":
+                order = torch.argsort(add_noise(clean, self.noise_form, self.noise, gen))
+                keep, blocked = order[:k].sort().values, order[k:]  # keep the k rarest rows
+                self.stats.add(clean, keep, blocked)
+                return keep
+            if labels is None:
                 raise ValueError(f"stratify {self.stratify!r} needs the batch's labels")
             if self.stratify == "percentile":
+                assert self.class_percentiles is not None  # made for stratify 'percentile' (__init__)
                 ranks = within_batch_rank(clean)
                 self._pending_ranks = (ranks, labels)  # the class histories learn from every row, in `observe`
                 score = self.class_percentiles.score(ranks, labels, gen)
@@ -243,11 +260,6 @@ class PFBSelector(Selector):
                 keep, blocked = order[:k].sort().values, order[k:]  # keep the k lowest scores
                 # the signal: would the class-history score alone block these rows (the quantiles stay the density's)
                 self.stats.add(clean, keep, blocked, by_density=batch_ranks(score) >= k)
-                return keep
-            if self.stratify == "none":
-                order = torch.argsort(add_noise(clean, self.noise_form, self.noise, gen))
-                keep, blocked = order[:k].sort().values, order[k:]  # keep the k rarest rows
-                self.stats.add(clean, keep, blocked)
                 return keep
             by_clean = sort_by_class(clean, labels)  # one sort serves the quotas, the rank noise and the signal
             quotas = class_quotas(labels, batch - k, gen, by_clean)
@@ -297,10 +309,11 @@ class PFBSelector(Selector):
         count); `labels`: (rows,) int64 classes, needed by density 'class' (ValueError without);
         `history`: (C, BINS) float32, this rank's class-history counts (stratify 'percentile'), summed
         over ranks in the same all-reduce."""
+        centres, seen = self._density_state()
         weight = torch.ones_like(v[:, 0]) if weight is None else weight
-        nearest = torch.cdist(v, self.centres).argmin(dim=1)
-        sums = torch.zeros_like(self.centres).index_add_(0, nearest, v * weight.unsqueeze(1))
-        counts = torch.zeros_like(self.counts).index_add_(0, nearest, weight)  # bincount would sync
+        nearest = torch.cdist(v, centres).argmin(dim=1)
+        sums = torch.zeros_like(centres).index_add_(0, nearest, v * weight.unsqueeze(1))
+        counts = torch.zeros_like(seen).index_add_(0, nearest, weight)  # bincount would sync
         parts = [sums, counts.unsqueeze(1)]
         if self.class_counts is not None:
             if labels is None:
@@ -314,13 +327,14 @@ class PFBSelector(Selector):
         else:
             reduced = all_reduce_sum(torch.cat([packed.flatten(), history.flatten()]))
             packed, history = reduced[: packed.numel()].view_as(packed), reduced[packed.numel() :].view_as(history)
+            assert self.class_percentiles is not None  # a history comes with stratify 'percentile' (observe)
             self.class_percentiles.add(history)
-        d = self.centres.shape[1]
+        d = centres.shape[1]
         sums, counts = packed[:, :d], packed[:, d]
         means = sums / counts.clamp_min(1).unsqueeze(1)
-        moved = torch.lerp(self.centres, means, self.update_rate)
-        self.centres = torch.where(counts.unsqueeze(1) > 0, moved, self.centres)
-        self.counts = self.counts + counts
+        moved = torch.lerp(centres, means, self.update_rate)
+        self.centres = torch.where(counts.unsqueeze(1) > 0, moved, centres)
+        self.counts = seen + counts
         if self.class_counts is not None:
             self.class_counts = self.class_counts + packed[:, d + 1 :].T
 

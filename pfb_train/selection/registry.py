@@ -112,8 +112,8 @@ def make_options(method: Method, values: dict, where: str):
     valid = method.option_names()
     for key in values:
         if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            close = close[0] if close else None
+            matches = difflib.get_close_matches(str(key), valid, n=1)
+            close = matches[0] if matches else None
             hint = f"did you mean '{where}.{close}'? " if close else ""
             listed = ", ".join(valid) if valid else "none"
             raise UserError(
