@@ -343,21 +343,21 @@ def make_dataset(per_class=8, bad=0, extra_image_column=False):
     return datasets.DatasetDict({"train": train, "validation": split(4)})
 
 
+# What every small run on the CPU sets: generated data held in memory, no loader workers, no progress bar.
+SMALL_CPU_RUN = ["data.dataset=synthetic", "data.workers=0", "runtime.progress=false", "runtime.device=cpu"]
+
 # A small PFB run on generated data (mixup, drop-out, blocking from epoch 1): the resume and non-finite tests'.
 TINY_PFB = [
+    *SMALL_CPU_RUN,
     "model.name=test_resnet",
     "model.drop_rate=0.2",
-    "data.dataset=synthetic",
     "data.img_size=32",
     "data.batch_size=16",
     "data.train_samples=96",
     "data.val_samples=32",
-    "data.workers=0",
     "data.mixup=0.4",
     "schedule.epochs=4",
     "schedule.warmup_epochs=1",
-    "runtime.progress=false",
-    "runtime.device=cpu",
     "blocking.method=pfb",
     "blocking.pfb.ratio=0.25",
     "blocking.random.ratio=0.25",

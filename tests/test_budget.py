@@ -16,21 +16,19 @@ from pfb_train.models import build_model
 from pfb_train.selection.score_pass import NO_RANKING
 from pfb_train.report import compute_to_reach, top1_at_compute
 from pfb_train.train import fit, run, setup
+from helpers import SMALL_CPU_RUN
 
 # 96 samples in batches of 16: 6 steps per full-data epoch; ratio 0.25 blocks exactly 4 rows of 16
 TINY = [
+    *SMALL_CPU_RUN,
     "model.name=test_resnet",
-    "data.dataset=synthetic",
     "data.img_size=32",
     "data.batch_size=16",
     "data.train_samples=96",
     "data.val_samples=32",
-    "data.workers=0",
     "schedule.epochs=4",
     "schedule.warmup_epochs=1",
     "schedule.min_lr=0.001",
-    "runtime.progress=false",
-    "runtime.device=cpu",
     "blocking.pfb.centres=8",
     "blocking.pfb.ratio=0.25",
     "blocking.random.ratio=0.25",

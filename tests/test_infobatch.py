@@ -5,6 +5,7 @@ from pfb_train.config import load_config
 from pfb_train.run_dir import read_metrics
 from pfb_train.selection import build_selector
 from pfb_train.train import run
+from helpers import SMALL_CPU_RUN
 
 
 def infobatch_with_scores(scores, ratio=0.3, epochs=8, delta=0.875):
@@ -68,17 +69,14 @@ def test_static_random_is_one_fixed_subset():
 
 
 TINY = [
+    *SMALL_CPU_RUN,
     "model.name=resnet18",
-    "data.dataset=synthetic",
     "data.img_size=32",
     "data.batch_size=16",
     "data.train_samples=160",
     "data.val_samples=32",
-    "data.workers=0",
     "schedule.epochs=4",
     "schedule.warmup_epochs=0",
-    "runtime.progress=false",
-    "runtime.device=cpu",
     "blocking.pfb.centres=8",
 ]
 

@@ -7,20 +7,17 @@ from pfb_train.config import load_config
 from pfb_train.errors import UserError
 from pfb_train.run_dir import read_metrics
 from pfb_train.train import run
-from helpers import run_main
+from helpers import SMALL_CPU_RUN, run_main
 
 TINY = [
+    *SMALL_CPU_RUN,
     "model.name=resnet18",
-    "data.dataset=synthetic",
     "data.img_size=32",
     "data.batch_size=16",
     "data.train_samples=96",
     "data.val_samples=32",
-    "data.workers=0",
     "schedule.epochs=2",
     "schedule.warmup_epochs=0",
-    "runtime.progress=false",
-    "runtime.device=cpu",
     "blocking.pfb.centres=8",
     "blocking.pfb.ratio=0.25",
     "blocking.random.ratio=0.25",

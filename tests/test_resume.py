@@ -14,7 +14,7 @@ from pfb_train.distributed import DistInfo
 from pfb_train.errors import UserError
 from pfb_train.run_dir import read_metrics
 from pfb_train.train import fit, run, setup
-from helpers import TINY_PFB, assert_same_training_state, final_state
+from helpers import SMALL_CPU_RUN, TINY_PFB, assert_same_training_state, final_state
 
 
 def test_resume_after_epoch_two_is_exact(tmp_path):
@@ -251,20 +251,17 @@ def test_a_checkpoint_of_an_earlier_version_is_one_line_naming_what_it_lacks(tmp
 
 
 COSINE = [
+    *SMALL_CPU_RUN,
     "model.name=test_resnet",
-    "data.dataset=synthetic",
     "data.img_size=16",
     "data.train_samples=256",
     "data.val_samples=32",
     "data.batch_size=32",
-    "data.workers=0",
     "optim.name=sgd",
     "optim.lr=0.1",
     "schedule.name=cosine",
     "schedule.epochs=4",
     "schedule.warmup_epochs=0",
-    "runtime.progress=false",
-    "runtime.device=cpu",
     "blocking.method=pfb",
     "blocking.pfb.ratio=0.25",
     "blocking.pfb.centres=4",

@@ -10,19 +10,17 @@ from pfb_train.distributed import DistInfo
 from pfb_train.errors import TrainingStopped, UserError
 from pfb_train.selection.static_random import StaticRandomSelector
 from pfb_train.train import fit, run, setup
+from helpers import SMALL_CPU_RUN
 
 TINY = [
+    *SMALL_CPU_RUN,
     "model.name=test_resnet",
-    "data.dataset=synthetic",
     "data.img_size=32",
     "data.batch_size=32",
     "data.train_samples=64",
     "data.val_samples=16",
-    "data.workers=0",
     "schedule.epochs=2",
     "schedule.warmup_epochs=0",
-    "runtime.device=cpu",
-    "runtime.progress=false",
 ]
 
 
