@@ -40,6 +40,9 @@ class BlockedBatch(NamedTuple):
     keep: Optional[torch.Tensor]  # kept row positions in the batch; None when every row was kept
     feats: Optional[torch.Tensor]  # (B, C) pooled shallow features of every row (float32), if the method uses them
     labels: Optional[torch.Tensor] = None  # (B,) int64 class of every row (mixup/cutmix: the dominant one), for tallies
+    # (B,) and (kept,) bool: the row holds a sample, not an unreadable file's stand-in (None without indices)
+    present: Optional[torch.Tensor] = None
+    kept_present: Optional[torch.Tensor] = None
 
 
 def forward(
@@ -55,6 +58,7 @@ def forward(
     Shapes and dtypes as `Blocking.forward` gives them. `mark(phase)`: the caller's timer, called as the
     shallow part ends ("shallow") and as the selection does ("select"), so the timer stays out of the model."""
     labels = dominant_labels(y)  # once per step: the selection and the caller's tallies read them
+    present = None if indices is None else holds_sample(indices)  # once per step: the loss and the tallies read it
 
     def select(feats: torch.Tensor) -> Optional[torch.Tensor]:
         if mark is None:
@@ -71,9 +75,11 @@ def forward(
         score=selector.score_pass(),
     )
     if out.keep is None:
-        return BlockedBatch(out.logits, y, indices, None, out.feats, labels)
+        return BlockedBatch(out.logits, y, indices, None, out.feats, labels, present, present)
     kept_indices = None if indices is None else indices.index_select(0, out.keep)
-    return BlockedBatch(out.logits, y.index_select(0, out.keep), kept_indices, out.keep, out.feats, labels)
+    kept_present = None if present is None else present.index_select(0, out.keep)
+    kept_y = y.index_select(0, out.keep)
+    return BlockedBatch(out.logits, kept_y, kept_indices, out.keep, out.feats, labels, present, kept_present)
 
 
 def dominant_labels(y: torch.Tensor) -> torch.Tensor:
@@ -89,9 +95,9 @@ def holds_sample(indices: torch.Tensor) -> torch.Tensor:
 def weighted_mean(selector: Selector, batch: BlockedBatch, losses: torch.Tensor) -> torch.Tensor:
     """The loss to optimise: the mean of the kept samples' losses, weighted where the method weights rows.
     Stand-ins of unreadable files weigh nothing (and the mean is over the samples that are there)."""
-    if batch.indices is None:
+    if batch.indices is None or batch.kept_present is None:
         return losses.mean()
-    present = holds_sample(batch.indices).to(losses.dtype)
+    present = batch.kept_present.to(losses.dtype)
     weights = selector.loss_weights(batch.indices)
     weighted = losses * present if weights is None else losses * weights * present
     return weighted.sum() / present.sum().clamp_min(1)
@@ -172,7 +178,9 @@ class Blocking:
         under autocast); `targets` their rows of `y`; `indices` their rows of `indices` (or None); `keep`
         (k,) int64 sorted row positions in the batch, None when every row was kept (k = B); `feats`
         (B, C') float32 pooled shallow features of every row (C': the split stage's channels), or None
-        in an epoch where the method neither selects rows nor uses them.
+        in an epoch where the method neither selects rows nor uses them; `labels` (B,) int64 the class of
+        every row (mixup/cutmix: the dominant one); `present` (B,) and `kept_present` (k,) bool, the rows
+        that hold a sample (None without `indices`).
         k is the same on every rank and every step of an epoch (DDP all-reduces as usual).
         Raises ValueError (PFB: a first batch smaller than `centres`), and whatever the model raises
         on an input it does not take (RuntimeError on a wrong shape or device)."""

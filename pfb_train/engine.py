@@ -154,10 +154,10 @@ def train_step(
         blocking.observe(selector, blocked, losses)
     if timer is not None:
         timer.mark("observe")
-    labels = blocked.labels  # the batch's, as the selection saw them
-    assert labels is not None  # blocking.forward always sets them
-    present = blocking.holds_sample(batch.indices).double()
-    kept_present = present if blocked.keep is None else present.index_select(0, blocked.keep)
+    labels, present, kept_present = blocked.labels, blocked.present, blocked.kept_present  # computed once, there
+    assert labels is not None and present is not None and kept_present is not None  # forward sets them, given indices
+    present = present.double()
+    kept_present = present if blocked.keep is None else kept_present.double()
     loss_sum = (losses.detach() * kept_present).sum()
     return StepResult(
         loss.detach(), blocked.logits.shape[0], finite, loss_sum, labels, blocked.keep, present, kept_present, split
