@@ -57,7 +57,7 @@ BATCH, SAMPLES, EPOCHS, CLASSES = 8, 64, 3, 4
 
 
 # Options that make each built-in method drop something in a run this small (the defaults otherwise).
-SMALL_RUN = {
+SMALL_RUN_OPTIONS = {
     "pfb": {"centres": 4, "feature_dim": 8, "ratio": 0.25},
     "random": {"ratio": 0.25},
     "infobatch": {"prune_ratio": 0.5},
@@ -70,8 +70,8 @@ SMALL_RUN = {
 # histograms in its state, summed over ranks; stratified by label on class-conditional density:
 # per-class counts in its state, labels in select and observe).
 VARIANTS = {
-    **{name: (name, SMALL_RUN.get(name, {})) for name in methods()},
-    "pfb_stratified_class": ("pfb", {**SMALL_RUN["pfb"], "stratify": "label", "density": "class"}),
+    **{name: (name, SMALL_RUN_OPTIONS.get(name, {})) for name in methods()},
+    "pfb_stratified_class": ("pfb", {**SMALL_RUN_OPTIONS["pfb"], "stratify": "label", "density": "class"}),
 }
 
 

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from helpers import smooth_image, write_smooth_folder
 from pfb_train.cli import main
 from pfb_train.config import DataConfig, load_config
 from pfb_train.data.dali import decoder_logs_muted
@@ -27,7 +26,7 @@ from pfb_train.errors import UserError
 from pfb_train.run_dir import read_metrics
 from pfb_train.selection import methods
 from pfb_train.train import fit, setup
-from helpers import SMALL_RUN, assert_equal
+from helpers import SMALL_RUN_OPTIONS, assert_equal, smooth_image, write_smooth_folder
 
 HERE = Path(__file__).resolve().parent
 MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1) * 255
@@ -222,7 +221,7 @@ def overrides(root, out, method="pfb", *extra, dataset="imagefolder"):
         "runtime.progress=false",
         f"runtime.output={out}",
         f"blocking.method={method}",
-        *(f"blocking.{method}.{k}={v}" for k, v in SMALL_RUN.get(method, {}).items()),
+        *(f"blocking.{method}.{k}={v}" for k, v in SMALL_RUN_OPTIONS.get(method, {}).items()),
         *extra,
     ]
 

@@ -12,7 +12,7 @@ from pfb_train.errors import UserError
 from pfb_train.run_dir import read_metrics
 from pfb_train.selection import methods
 from pfb_train.train import fit, setup
-from helpers import SMALL_RUN, assert_equal, make_dataset
+from helpers import SMALL_RUN_OPTIONS, assert_equal, make_dataset
 
 datasets = pytest.importorskip("datasets")
 
@@ -38,7 +38,7 @@ def overrides(root, out, method="pfb", *extra):
         "runtime.progress=false",
         f"runtime.output={out}",
         f"blocking.method={method}",
-        *(f"blocking.{method}.{k}={v}" for k, v in SMALL_RUN.get(method, {}).items()),
+        *(f"blocking.{method}.{k}={v}" for k, v in SMALL_RUN_OPTIONS.get(method, {}).items()),
         *extra,
     ]
 

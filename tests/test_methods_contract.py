@@ -27,8 +27,7 @@ from pfb_train.selection import Method, Selector, build_selector, methods, regis
 from pfb_train import plugins
 from pfb_train.selection import registry
 from pfb_train.train import fit, setup
-from helpers import HostReads
-from helpers import BATCH, CLASSES, EPOCHS, METHODS, SAMPLES, VARIANTS, assert_equal, overrides
+from helpers import BATCH, CLASSES, EPOCHS, METHODS, SAMPLES, VARIANTS, assert_equal, HostReads, overrides
 
 HERE = Path(__file__).resolve().parent
 

@@ -206,7 +206,6 @@ import sys
 from pfb_train.config import load_config
 from pfb_train.distributed import DistInfo
 from pfb_train.train import setup
-from helpers import IMAGE_FOLDER_RUN, final_state, write_image_folder
 state = setup(load_config(None, sys.argv[1:]), DistInfo())
 next(iter(state.train_loader))
 state.cycle = state  # kept alive to the interpreter's exit, as by a failed test's frames or a notebook

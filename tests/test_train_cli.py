@@ -8,8 +8,7 @@ from pfb_train.config import load_config
 from pfb_train.run_dir import read_metrics
 from pfb_train.train import run
 
-from helpers import TINY_YAML as TINY
-from helpers import run_main
+from helpers import TINY_YAML as TINY, run_main
 
 
 @pytest.fixture

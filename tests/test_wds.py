@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import write_smooth_folder
 from pfb_train.cli import main
 from pfb_train.config import load_config
 from pfb_train.data.loaders import ShardStreamSampler
@@ -22,7 +21,7 @@ from pfb_train.distributed import DistInfo
 from pfb_train.run_dir import read_metrics
 from pfb_train.selection import methods
 from pfb_train.train import fit, setup
-from helpers import SMALL_RUN, assert_equal
+from helpers import SMALL_RUN_OPTIONS, assert_equal, write_smooth_folder
 
 pytest.importorskip("webdataset")
 HERE = Path(__file__).resolve().parent
@@ -100,7 +99,7 @@ def overrides(root, out, method="pfb", *extra):
         "runtime.progress=false",
         f"runtime.output={out}",
         f"blocking.method={method}",
-        *(f"blocking.{method}.{k}={v}" for k, v in SMALL_RUN.get(method, {}).items()),
+        *(f"blocking.{method}.{k}={v}" for k, v in SMALL_RUN_OPTIONS.get(method, {}).items()),
         *extra,
     ]
 
