@@ -398,10 +398,10 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
     dist, rt, position = state.settings.dist, state.cfg.runtime, state.position
     context = StepContext(state.train_module, state.selector, state.settings.step_settings, state.optimization)
     wall_start = time.perf_counter() - (position.history[-1]["wall_seconds"] if position.history else 0.0)
+    if ended_before(state):
+        return finish(state, logger, wall_start)
     with PreemptionSignals(every=rt.log_every, device=dist.device, announce=dist.is_main) as signals:
         for epoch in itertools.count(position.epoch):
-            if epoch == state.position.epoch and ended_before(state):
-                break
             if until_epoch is not None and epoch >= until_epoch:
                 return None
             tally = begin_epoch(state, context, epoch)
@@ -439,9 +439,9 @@ def _fit(state: RunState, logger: RunLogger, until_epoch, until_step) -> Optiona
 
 
 def ended_before(state: RunState) -> bool:
-    """Whether a resumed run's end was reached before its checkpoint (a budget raised since goes on). The
-    run's end is otherwise decided once per epoch, at its end (`end_epoch`). A checkpoint's history is rank
-    0's, the same on every rank."""
+    """Whether a resumed run's end was reached before its checkpoint (a budget raised since goes on), so it
+    trains no epoch. The run's end is otherwise decided once per epoch, at its end (`end_epoch`). A
+    checkpoint's history is rank 0's, the same on every rank."""
     position = state.position
     clock = state.settings.step_settings.clock
     return position.partial is None and clock.ended(position.epoch, *spent_so_far(position.history))
