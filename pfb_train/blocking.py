@@ -95,9 +95,12 @@ def holds_sample(indices: torch.Tensor) -> torch.Tensor:
 def weighted_mean(selector: Selector, batch: BlockedBatch, losses: torch.Tensor) -> torch.Tensor:
     """The loss to optimise: the mean of the kept samples' losses, weighted where the method weights rows.
     Stand-ins of unreadable files weigh nothing (and the mean is over the samples that are there)."""
-    if batch.indices is None or batch.kept_present is None:
+    if batch.indices is None:
         return losses.mean()
-    present = batch.kept_present.to(losses.dtype)
+    kept_present = (
+        holds_sample(batch.indices) if batch.kept_present is None else batch.kept_present
+    )  # None: made by hand
+    present = kept_present.to(losses.dtype)
     weights = selector.loss_weights(batch.indices)
     weighted = losses * present if weights is None else losses * weights * present
     return weighted.sum() / present.sum().clamp_min(1)

@@ -245,14 +245,8 @@ def check_format(checkpoint: dict) -> None:
 
 def check_resumable(cfg: Config, checkpoint: dict) -> None:
     """Refuse what this config cannot continue: a checkpoint of an earlier version, other weights or
-    selection state (MUST_MATCH), another blocking mode, or another clock (check_same_clock)."""
+    selection state (MUST_MATCH), or another clock (check_same_clock)."""
     check_format(checkpoint)
-    mode = checkpoint["blocking_mode"]
-    if cfg.blocking.mode not in ("auto", mode):
-        raise UserError(
-            f"cannot resume: the checkpoint was trained with blocking.mode {mode!r}, this config sets "
-            f"{cfg.blocking.mode!r}; set blocking.mode auto (or {mode}) to go on"
-        )
     saved, now = checkpoint.get("config", {}), cfg.to_dict()
     for key in MUST_MATCH:
         section, option = key.split(".")
@@ -412,9 +406,16 @@ def checkpoint_run(state: RunState, epoch: int, tally: Optional[EpochTally], bes
     save_checkpoint(checkpoint, state.run_dir, best=best)
 
 
-def checkpoint_mode(checkpoint: dict) -> ModeChoice:
-    """The blocking mode a resumed run goes on in: its checkpoint's (timing again could pick the other one)."""
-    return ModeChoice(checkpoint["blocking_mode"], "as in the checkpoint", None)
+def checkpoint_mode(cfg: Config, checkpoint: dict) -> ModeChoice:
+    """The blocking mode a resumed run goes on in: its checkpoint's (timing again could pick the other one).
+    Raises UserError where the config sets the other mode."""
+    mode = checkpoint["blocking_mode"]
+    if cfg.blocking.mode not in ("auto", mode):
+        raise UserError(
+            f"cannot resume: the checkpoint was trained with blocking.mode {mode!r}, this config sets "
+            f"{cfg.blocking.mode!r}; set blocking.mode auto (or {mode}) to go on"
+        )
+    return ModeChoice(mode, "as in the checkpoint", None)
 
 
 def rank_tally(partial: Optional[dict], dist: DistInfo) -> Optional[dict]:

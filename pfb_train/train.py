@@ -151,6 +151,7 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
         splits, cfg.data, rt.seed, dist.rank, dist.world_size, on_cuda, dist.device, rt.channels_last
     )
     net, score, mode = build_blocked_model(cfg, dist, splits.num_classes, checkpoint)
+    step_cost = model_step_cost(cfg, net, score)  # before DDP and compile: FLOPs counted on the plain model
     ema = ModelEmaV3(net, decay=cfg.optim.ema_decay) if cfg.optim.ema_decay else None  # a plain copy: before DDP
     seed_everything(derive_seed("rank", rt.seed, dist.rank))  # dropout, drop-path, mixup: each rank its own
     train_module: torch.nn.Module = net
@@ -167,7 +168,7 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
     settings = RunSettings(
         cfg,
         dist,
-        step_settings(cfg, dist.device, net, score, len(train_loader)),
+        step_settings(cfg, dist.device, step_cost, len(train_loader)),
         len(train_loader) * cfg.data.batch_size * dist.world_size,
         class_counts,
         len(splits.train),
@@ -250,7 +251,7 @@ def build_blocked_model(
         net = net.to(memory_format=torch.channels_last)
     options = cfg.blocking.chosen()
     score = check_score_pass(net, method.score_pass(options), cfg.data.img_size, f"blocking.{cfg.blocking.method}")
-    mode = checkpoint_mode(checkpoint) if checkpoint is not None else resolve_mode(cfg, net, AMP_DTYPES[rt.amp])
+    mode = checkpoint_mode(cfg, checkpoint) if checkpoint is not None else resolve_mode(cfg, net, AMP_DTYPES[rt.amp])
     net.mode = mode.mode
     batch = cfg.data.batch_size
     kept = batch - round(method.blocked_fraction_per_batch(options) * batch)
@@ -289,13 +290,17 @@ def build_optimization(cfg: Config, net, ema, num_classes: int, updates_per_epoc
     return Optimization(optimizer, scheduler, scaler, ema, mixup)
 
 
-def step_settings(cfg: Config, device, net: BlockedModel, score: ScorePass, updates_per_epoch: int) -> StepSettings:
-    """How the run's steps go, and what each costs: the cost model's s is measured on `net` before
-    compile, on one image; recompute mode pays for its ranking pass's scale."""
-    rt, s = cfg.runtime, cfg.schedule
+def model_step_cost(cfg: Config, net: BlockedModel, score: ScorePass) -> StepCost:
+    """The cost model of one step of `net` in its mode (costs.StepCost): s, the shallow part's FLOP share,
+    counted on one image of the plain (uncompiled) model; recompute mode pays for its ranking pass's scale."""
     shallow_share = shallow_flop_share(net, cfg.data.img_size, net.in_chans)
     assert score.scale is not None  # resolved (check_score_pass)
-    step_cost = StepCost(net.mode, shallow_share, score.scale if net.mode == "recompute" else 1.0)
+    return StepCost(net.mode, shallow_share, score.scale if net.mode == "recompute" else 1.0)
+
+
+def step_settings(cfg: Config, device, step_cost: StepCost, updates_per_epoch: int) -> StepSettings:
+    """How the run's steps go, and what each costs (`step_cost`, in full-data steps)."""
+    rt, s = cfg.runtime, cfg.schedule
     return StepSettings(
         device,
         AMP_DTYPES[rt.amp],

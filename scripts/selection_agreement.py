@@ -14,7 +14,7 @@ Prints one JSON object per line.
     python scripts/selection_agreement.py --data digits --models resnet18 resnet50
 
 `--score-pass`: how far a cheaper ranking pass of recompute mode (`blocking.pfb.score_scale` /
-`score_norm`, models.ScorePass) moves the blocked set from the exact pass (scale 1, batch
+`score_norm`, selection.score_pass.ScorePass) moves the blocked set from the exact pass (scale 1, batch
 statistics). For each setting, two PFB selectors with the same seed and options (`--ratio`,
 default 0.4 in this mode; `--centres`) see the same held-out batches: one is fed the exact pass's
 features, the other the setting's; each selects and then updates its centres from its own features

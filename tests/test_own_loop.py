@@ -113,3 +113,15 @@ def test_api_under_autocast_keeps_the_density_in_float32():
     blocking.observe(batch, losses)
     assert batch.feats.dtype == torch.float32 and blocking.selector.centres.dtype == torch.float32
     assert torch.isfinite(blocking.selector.centres).all()
+
+
+def test_weighted_mean_leaves_stand_ins_out_of_a_batch_made_by_hand():
+    """A BlockedBatch built without the masks blocking.forward carries: the mean is still over the rows that
+    hold a sample (a negative index is an unreadable file's stand-in)."""
+    losses = torch.tensor([1.0, 2.0, 6.0])
+    batch = pfb_train.BlockedBatch(
+        torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), torch.tensor([4, 7, -1]), None, None
+    )
+    from pfb_train.blocking import weighted_mean
+
+    assert weighted_mean(pfb_train.build_selector("none"), batch, losses).item() == pytest.approx(1.5)

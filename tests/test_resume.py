@@ -365,3 +365,18 @@ def test_relaunching_a_finished_run_trains_and_writes_nothing(tmp_path, capsys):
         and "data.train_samples 256 -> 128" in err
     )
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == files  # nothing rewritten
+
+
+def test_a_resume_keeps_its_blocking_mode_and_refuses_the_other_one(tmp_path, capsys):
+    """The mode is decided once: a resumed run goes on in its checkpoint's (auto does not time again), and a
+    config that sets the other mode is one line before any step."""
+    first = setup(load_config(None, [*TINY_PFB, "blocking.mode=recompute", f"runtime.output={tmp_path}"]), DistInfo())
+    fit(first, until_epoch=1)
+    resumed = setup(load_config(None, [*TINY_PFB, f"runtime.output={tmp_path}", "runtime.resume=auto"]), DistInfo())
+    assert resumed.net.mode == "recompute" and resumed.mode_reason == "as in the checkpoint"
+    assert "(mode recompute: as in the checkpoint" in capsys.readouterr().out
+    with pytest.raises(UserError, match="trained with blocking.mode 'recompute', this config sets 'reuse'"):
+        setup(
+            load_config(None, [*TINY_PFB, "blocking.mode=reuse", f"runtime.output={tmp_path}", "runtime.resume=auto"]),
+            DistInfo(),
+        )
