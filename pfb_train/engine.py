@@ -1,7 +1,8 @@
-"""One training epoch and one evaluation pass. Knows the Selector interface, not any method.
+"""The training step, an epoch's running counts, and the evaluation pass. Knows the Selector interface, not
+any method. train.py's loop calls `start_epoch`, `train_batch` per step and `epoch_statistics` at the end.
 
 Statistics stay on the device during the epoch (no `.item()` per step); the host reads
-them only every `log_every` steps for the progress bar and once at the end.
+them only every `log_every` steps for a shown progress bar and once at the end.
 """
 
 from __future__ import annotations
