@@ -1,4 +1,5 @@
-"""torch.distributed set-up from torchrun's environment, and the few collectives the harness uses.
+"""torch.distributed set-up from torchrun's environment (or SLURM's, for srun without torchrun), and the few
+collectives the harness uses.
 
 Every helper is a no-op in a single process, so callers never branch on world size.
 """
@@ -28,8 +29,10 @@ class DistInfo:
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
-    """Read RANK/WORLD_SIZE/LOCAL_RANK (set by torchrun); NCCL on GPU, gloo on CPU."""
+    """Read RANK/WORLD_SIZE/LOCAL_RANK (set by torchrun, or made from SLURM's task variables by
+    `slurm_environment`); NCCL on GPU, gloo on CPU."""
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    os.environ.update(slurm_environment(os.environ) or {})  # env:// and the stop store read them
     if "RANK" not in os.environ:
         return DistInfo(device=torch.device("cuda" if use_cuda else "cpu"))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -41,6 +44,33 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
     return DistInfo(rank, world, local, dev)
+
+
+def slurm_environment(env) -> Optional[dict[str, str]]:
+    """torchrun's variables made from SLURM's, for one process per task started by `srun` without torchrun
+    (as torchvision's references and Lightning read them): RANK from SLURM_PROCID, WORLD_SIZE from
+    SLURM_NTASKS, LOCAL_RANK from SLURM_LOCALID, MASTER_ADDR the node list's first host and MASTER_PORT
+    12000 + job id mod 20000 (both unless set already). None where torchrun's are set or SLURM runs one task
+    (an `sbatch` script's own shell, or `srun` around torchrun)."""
+    if "RANK" in env or "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", "1")) <= 1:
+        return None
+    nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodes),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(12000 + int(env.get("SLURM_JOB_ID", "0")) % 20000),
+    }
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list in its compressed form: 'gpu[07-09,12],cpu1' -> 'gpu07'."""
+    head = nodelist.split(",", 1)[0]
+    if "[" in head:  # the brackets may hold commas themselves
+        head = nodelist.split("]", 1)[0]
+    prefix, _, ranges = head.partition("[")
+    return prefix + ranges.split(",")[0].split("-")[0]
 
 
 def is_distributed() -> bool:
