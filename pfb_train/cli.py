@@ -12,7 +12,7 @@ import sys
 
 from pfb_train.errors import Preempted, RunFinished, TrainingStopped, UserError
 
-COMMANDS = ("train", "info", "report", "methods", "datasets", "shards")
+COMMANDS = ("train", "info", "report", "methods", "datasets", "shards", "export")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for the .tar shards and _info.json (a half-written one is finished)",
     )
     shards.add_argument("--samples-per-shard", type=int, default=1000, metavar="N", help="default: 1000")
+    export = sub.add_parser("export", help="a run's weights as a timm model: model.safetensors + config.json")
+    export.add_argument("run", metavar="RUN_DIR", help="a run directory (its checkpoints)")
+    export.add_argument("--which", default="best", choices=("best", "last", "ema"), help="default: best")
+    export.add_argument("--out", required=True, metavar="DIR", help="folder for model.safetensors and config.json")
+    export.add_argument("--hub", metavar="REPO", help="also push to this Hugging Face Hub repo (timm's push_to_hf_hub)")
     for p in (train, info, shards):
         p.add_argument("--config", "-c", required=True, help="YAML file, or the name of a shipped config (e.g. demo)")
         p.add_argument(
@@ -109,6 +114,7 @@ def main(argv=None) -> int:
             "methods": _methods,
             "datasets": _datasets,
             "shards": _shards,
+            "export": _export,
         }[args.command](args)
     except UserError as e:
         say(f"pfb-train: error: {one_line(e)}")
@@ -242,6 +248,16 @@ def _shards(args) -> int:
     for name, split in info["splits"].items():
         print(f"{name}: {split['num_samples']} samples in {len(split['filenames'])} shards")
     print(f"train from them with: --set data.dataset=wds --set data.root={args.out}")
+    return 0
+
+
+def _export(args) -> int:
+    from pfb_train.export import export_run  # per command, so the CLI starts without torch
+
+    out = export_run(args.run, args.which, args.out, hub=args.hub)
+    print(f"wrote {out}/model.safetensors and config.json: timm.create_model('local-dir:{out}', pretrained=True)")
+    if args.hub:
+        print(f"pushed to the Hugging Face Hub: {args.hub}")
     return 0
 
 

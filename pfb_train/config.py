@@ -133,6 +133,8 @@ class RuntimeConfig:
     baseline: Optional[str] = None  # a finished full-data run directory: each epoch is compared with it
     resume: Optional[str] = None  # auto (runs/<name>, fresh if no checkpoint), a run directory, or a checkpoint
     checkpoint_every: Optional[int] = None  # also checkpoint every N optimizer steps (None: at epoch ends only)
+    save_best: bool = True  # keep checkpoint-best.pt and export/best (the best top-1's weights); false: last only
+    export: bool = True  # write the weights as timm models (export/last, best, ema: model.safetensors + config.json)
     # Skip and count steps whose gradients are not finite. None: on the CPU only. On CUDA its one
     # host sync per step cost 6.6 % of a resnet50 bf16 step on an H200 (docs/BENCHMARKS.md); there a
     # non-finite loss instead stops the run at the end of its epoch (counted on the device, no sync).

@@ -29,6 +29,7 @@ from pfb_train.config import Config, experiment_settings, flatten
 from pfb_train.data.loaders import ShardStreamSampler, TrainSampler
 from pfb_train.distributed import DistInfo, all_gather_objects
 from pfb_train.engine import EpochTally
+from pfb_train.export import EXPORT_DIR, exportable, write_timm_model
 from pfb_train.errors import RunFinished, UserError
 from pfb_train.run_state import RunState
 
@@ -206,6 +207,8 @@ CHECKPOINT_PARTS = (
     Part("rng", lambda s: all_rng_states(), _restore_rng),
     Part("config", lambda s: s.cfg.to_dict(), lambda s, v: None),  # read by check_resumable, refuse_finished
     Part("train_samples", lambda s: s.settings.train_samples, lambda s, v: None),  # read by check_position
+    Part("num_classes", lambda s: s.net.num_classes, lambda s, v: None),  # read by export.py
+    Part("data_config", lambda s: s.settings.data_config, lambda s, v: None),  # read by export.py
 )
 # No scheduler entry: the LR is a function of the config and the position (epochs and fractions of one),
 # so a resume with another batch size or number of processes follows the schedule the config describes.
@@ -404,6 +407,8 @@ def checkpoint_run(state: RunState, epoch: int, tally: Optional[EpochTally], bes
         position.best_top1 = checkpoint["best_top1"] = position.history[-1]["top1"]
     assert state.run_dir is not None  # rank 0's, set by train.setup
     save_checkpoint(checkpoint, state.run_dir, best=best)
+    if best and state.cfg.runtime.export and exportable(state.cfg) is None:  # the best weights as a timm model
+        write_timm_model(state.net.model, state.run_dir / EXPORT_DIR / "best", state.settings.data_config)
 
 
 def checkpoint_mode(cfg: Config, checkpoint: dict) -> ModeChoice:

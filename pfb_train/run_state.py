@@ -31,6 +31,7 @@ class RunSettings:
     nominal_rows: int  # rows a full-data epoch trains on, over all ranks
     class_counts: Optional[tuple]  # training samples per class (None: the dataset does not say)
     train_samples: int  # size of the training set (a checkpoint holds it: per-sample state must fit)
+    data_config: dict = field(default_factory=dict)  # timm's: input_size, mean, std of the model's input (export.py)
 
 
 @dataclass

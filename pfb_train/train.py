@@ -28,7 +28,7 @@ from pfb_train.config import Config, save_config
 from pfb_train.budget import RunClock, spent_so_far
 from pfb_train.costs import StepCost, blocking_mode, shallow_flop_share
 from pfb_train.data import TrainSampler, build_datasets, build_loaders, dataset_labels
-from pfb_train.data.splits import sample_namer
+from pfb_train.data.splits import sample_namer, timm_data_config
 from pfb_train.distributed import (
     DistInfo,
     all_gather_objects,
@@ -54,6 +54,7 @@ from pfb_train.engine import (
     start_epoch,
     train_batch,
 )
+from pfb_train.export import EXPORT_DIR, exportable, write_timm_model
 from pfb_train.errors import Preempted, RunFinished, TrainingStopped, UserError, squeezed
 from pfb_train.run_dir import UNREADABLE_FILE, BaselineComparison, RunLogger, make_run_dir, rewrite_metrics
 from pfb_train.models import BlockedModel, build_model, check_score_pass, check_training_rows
@@ -172,6 +173,7 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
         len(train_loader) * cfg.data.batch_size * dist.world_size,
         class_counts,
         len(splits.train),
+        timm_data_config(splits, net.in_chans, cfg.data.img_size),
     )
     state = RunState(
         settings,
@@ -543,7 +545,8 @@ def end_epoch(state: RunState, context: StepContext, tally: EpochTally, logger: 
     position.history.append(record)
     if state.baseline is not None:
         record.update(state.baseline.compare(record, sum(r["epoch_seconds"] for r in position.history)))
-    checkpoint_run(state, epoch + 1, None, best=record.get("top1", float("-inf")) > position.best_top1)
+    best = state.cfg.runtime.save_best and record.get("top1", float("-inf")) > position.best_top1
+    checkpoint_run(state, epoch + 1, None, best=best)
     if dist.is_main:
         logger.log_epoch(record)
         print(epoch_line(record), flush=True)
@@ -589,6 +592,21 @@ def average_batch_norms(state: RunState) -> None:
         distribute_bn(state.optimization.ema.module, dist.world_size, reduce=True)
 
 
+def export_weights(state: RunState) -> None:
+    """Rank 0, at the run's end: the last weights (and the EMA's) as timm models in export/ (export.py; the
+    best are written with their checkpoint)."""
+    cfg, run_dir = state.cfg, state.run_dir
+    if not cfg.runtime.export or run_dir is None:
+        return
+    reason = exportable(cfg)
+    if reason is not None:
+        print(f"note: no timm export of this run: {reason}")
+        return
+    write_timm_model(state.net.model, run_dir / EXPORT_DIR / "last", state.settings.data_config)
+    if state.optimization.ema is not None:
+        write_timm_model(state.optimization.ema.module.model, run_dir / EXPORT_DIR / "ema", state.settings.data_config)
+
+
 def finish(state: RunState, logger: RunLogger, wall_start: float) -> dict:
     """The run's summary: written to summary.json and printed as the done line (rank 0); returned."""
     cfg, dist = state.cfg, state.settings.dist
@@ -605,6 +623,7 @@ def finish(state: RunState, logger: RunLogger, wall_start: float) -> dict:
     summary.update(blocking_mode=state.net.mode, blocking_mode_reason=state.mode_reason, ranking_pass=ranking)
     if dist.is_main:
         logger.write_summary(summary)
+        export_weights(state)
         spent = "" if cfg.schedule.budget is None else f"  compute {summary['compute_spent']:.2f} full-data epochs"
         print(
             f"done: top-1 {summary['top1']:.2f}%  blocked {summary['blocked_fraction']:.3f} of sample-passes  "

@@ -88,6 +88,22 @@ def imagenet_stats() -> dict:
     return dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
 
+def timm_data_config(splits: DataSplits, in_chans: int, img_size: int) -> dict:
+    """timm's data config of the model's input (export.py writes it into config.json): `input_size`
+    (in_chans, img_size, img_size) and, where the data was normalised, the `mean` and `std` of [0, 1] pixels
+    per input channel (a grey channel's repeated); float data used as made (generated sets) has none."""
+    mean, std = splits.mean, splits.std
+    if mean is None and splits.decode_on_device:  # the device decoders normalise by ImageNet's
+        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    recipe = getattr(splits.train, "recipe", None)
+    if mean is None and recipe is not None:  # TensorImages: CIFAR, Fashion-MNIST
+        mean, std = recipe.mean, recipe.std
+    config: dict = {"input_size": (in_chans, img_size, img_size)}
+    if mean is not None and std is not None:
+        config.update(mean=tuple(mean) * (in_chans // len(mean)), std=tuple(std) * (in_chans // len(std)))
+    return config
+
+
 def sample_names(dataset: SizedDataset):
     """What messages call each sample: its file path, or the reader's own names (hf, wds)."""
     if hasattr(dataset, "names"):
