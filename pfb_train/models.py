@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional, Union
 
@@ -501,6 +503,9 @@ def create_timm_model(name: str, num_classes: int, pretrained: bool = False, **k
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise UserError(f"unknown timm model '{name}'{hint}")
+    problem = weights_out_of_reach(name) if pretrained else None
+    if problem is not None:
+        raise UserError(f"could not load pretrained weights for '{name}': {problem}")
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except TypeError as e:  # an option this model's constructor does not take
@@ -512,6 +517,35 @@ def create_timm_model(name: str, num_classes: int, pretrained: bool = False, **k
         if pretrained:
             raise UserError(f"could not load pretrained weights for '{name}': {first_line(e)}") from None
         raise
+
+
+def weights_out_of_reach(name: str, timeout: float = 3.0) -> Optional[str]:
+    """Why timm model `name`'s pretrained weights cannot be had here, found in at most `timeout` seconds
+    (the Hub client's own retries take about a minute to fail offline); None where they are in the Hugging
+    Face cache, the Hub answers, or they come from elsewhere (a URL: timm's own error is quick)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id:
+        return None
+    repo = cfg.hf_hub_id.split("@")[0]
+    if any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin")):
+        return None
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    if constants.HF_HUB_OFFLINE:
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            return None
+        except OSError:
+            reason = f"{host} cannot be reached"
+    return (
+        f"{reason}, and {repo} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}): download it where "
+        f"there is network (timm.create_model('{name}', pretrained=True)) and copy that cache here (or point "
+        "HF_HOME at it), or set model.pretrained=false"
+    )
 
 
 def runs_at(model: nn.Module, size: int) -> Optional[str]:

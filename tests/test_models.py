@@ -108,3 +108,28 @@ def test_cifar_stem_keeps_full_resolution_and_rejects_other_models():
     assert blocked.shallow(torch.randn(2, 3, 32, 32)).shape == (2, 64, 32, 32)
     with pytest.raises(UserError, match="model.cifar_stem"):
         build_model(ModelConfig(name="convnext_atto", cifar_stem=True), 1, num_classes=10)
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_pretrained_weights_out_of_reach_are_one_line_before_any_download(monkeypatch, offline):
+    """Offline (HF_HUB_OFFLINE, or the Hub unreachable) and not in the cache: said at once, with where to
+    put the weights, instead of after the Hub client's minute of retries."""
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    from pfb_train import models
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)  # nothing cached
+
+    def unreachable(*args, **kwargs):
+        raise OSError("no route to host")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("timm.create_model was called")
+
+    monkeypatch.setattr(models.socket, "create_connection", unreachable)
+    monkeypatch.setattr(models.timm, "create_model", no_download)
+    reason = "HF_HUB_OFFLINE is set" if offline else "cannot be reached"
+    with pytest.raises(UserError, match=f"{reason}, and timm/resnet18.* is not in the Hugging Face cache"):
+        models.create_timm_model("resnet18", num_classes=10, pretrained=True)
