@@ -183,6 +183,12 @@ def _info(args) -> int:
         f"method           {info['method']} ({info['level']} level, ratio {info['ratio']}); "
         f"blocked per step {info['blocked_rows']} of {info['batch_size']} rows"
     )
+    o, batch = cfg.optim, info["batch_size"]
+    if o.lr_base is None:
+        lr = f"LR {o.lr:g} (optim.lr) at any global batch"
+    else:
+        lr = f"LR {o.lr_base:g} per {o.lr_base_size} samples: {info['lr_one_process']:g} on one process, x N on N"
+    print(f"global batch     {batch} per process x processes; {lr}")
     if info["score_scale"] == 0:
         print("ranking pass     none: the selection reads no features (recompute mode runs the kept rows alone)")
     else:

@@ -69,7 +69,7 @@ class DataConfig:
     img_size: int = 224
     batch_size: int = 256  # per process
     eval_batch_size: Optional[int] = None  # None: same as batch_size
-    workers: int = 4
+    workers: Optional[int] = None  # DataLoader workers per process; None: this process's share of the CPUs, at most 8
     train_samples: Optional[int] = None  # a fixed class-stratified subset (None: all), or a generated set's size
     val_samples: Optional[int] = None  # the same for validation
     imbalance: float = 1.0  # < 1: long-tailed training set, the last class keeps this fraction of its samples
@@ -95,7 +95,11 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: str = "sgd"  # any timm optimizer name
-    lr: float = 0.1
+    lr: float = 0.1  # the peak LR, at any batch size (not read when lr_base is set)
+    # The peak LR per lr_base_size samples of the global batch (per process x processes), scaled linearly
+    # with it, as timm's --lr-base: a recipe then keeps its meaning at any batch and number of GPUs.
+    lr_base: Optional[float] = None
+    lr_base_size: int = 256
     momentum: float = 0.9
     weight_decay: float = 1.0e-4
     label_smoothing: float = 0.1
@@ -398,6 +402,12 @@ def experiment_settings(raw: dict) -> dict:
         return {**raw, "blocking": {k: v for k, v in blocking.items() if not isinstance(v, dict) or k == chosen}}
 
 
+def peak_lr(o: OptimConfig, global_batch: int) -> float:
+    """The peak LR of a run whose optimizer steps take `global_batch` samples (data.batch_size x processes):
+    optim.lr, or optim.lr_base x global_batch / optim.lr_base_size (linear scaling, timm's --lr-base)."""
+    return o.lr if o.lr_base is None else o.lr_base * global_batch / o.lr_base_size
+
+
 def need(ok: bool, message: str) -> None:
     """Raise UserError(`message`) unless `ok`."""
     if not ok:
@@ -451,7 +461,7 @@ def check_data(d: DataConfig) -> None:
     """The data section: sizes, the source's keys, decode path and augmentation."""
     need(d.img_size >= 8, f"config key 'data.img_size' must be >= 8, got {d.img_size}")
     need(d.batch_size >= 1, f"config key 'data.batch_size' must be >= 1, got {d.batch_size}")
-    need(d.workers >= 0, f"config key 'data.workers' must be >= 0, got {d.workers}")
+    need(d.workers is None or d.workers >= 0, f"config key 'data.workers' must be >= 0 (or null), got {d.workers}")
     source = get_source(d.dataset)  # an unknown name is one line listing the registered sources
     for key in ("train_samples", "val_samples"):
         value = getattr(d, key)
@@ -497,6 +507,8 @@ def check_optim_and_runtime(o: OptimConfig, r: RuntimeConfig) -> None:
         o.ema_decay is None or 0 < o.ema_decay < 1, f"config key 'optim.ema_decay' must be in (0, 1), got {o.ema_decay}"
     )
     need(o.lr > 0, f"config key 'optim.lr' must be > 0, got {o.lr}")
+    need(o.lr_base is None or o.lr_base > 0, f"config key 'optim.lr_base' must be > 0 (or null), got {o.lr_base}")
+    need(o.lr_base_size >= 1, f"config key 'optim.lr_base_size' must be >= 1, got {o.lr_base_size}")
     need(
         0.0 <= o.label_smoothing < 1.0, f"config key 'optim.label_smoothing' must be in [0, 1), got {o.label_smoothing}"
     )

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from pfb_train.calibrate import ModeChoice, resolve_mode
-from pfb_train.config import Config, save_config
+from pfb_train.config import Config, peak_lr, save_config
 from pfb_train.budget import RunClock, spent_so_far
 from pfb_train.costs import StepCost, blocking_mode, shallow_flop_share
 from pfb_train.data import TrainSampler, build_datasets, build_loaders, dataset_labels
@@ -163,7 +163,7 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
         net.compile_parts()  # after DDP wrapping: DDP hooks stay on the original parameters
     selector = selector_from_config(cfg, splits.num_classes)
     check_epoch_size(cfg, selector.fewest_samples(len(splits.train)), len(splits.train), dist.world_size)
-    optimization = build_optimization(cfg, net, ema, splits.num_classes, len(train_loader), dist.device)
+    optimization = build_optimization(cfg, net, ema, splits.num_classes, len(train_loader), dist)
     labels = dataset_labels(splits.train)
     class_counts = None if labels is None else tuple(torch.bincount(labels, minlength=splits.num_classes).tolist())
     settings = RunSettings(
@@ -262,11 +262,13 @@ def build_blocked_model(
     return net, score, mode
 
 
-def build_optimization(cfg: Config, net, ema, num_classes: int, updates_per_epoch: int, device) -> Optimization:
-    """timm's optimizer, LR scheduler (stepped per update) and Mixup, the gradient scaler, and `ema`."""
+def build_optimization(cfg: Config, net, ema, num_classes: int, updates_per_epoch: int, dist: DistInfo) -> Optimization:
+    """timm's optimizer (its LR scaled to the global batch under optim.lr_base), LR scheduler (stepped per
+    update) and Mixup, the gradient scaler, and `ema`."""
     o, s = cfg.optim, cfg.schedule
+    lr = peak_lr(o, cfg.data.batch_size * dist.world_size)
     try:  # a name timm lists may still need what this machine lacks (bitsandbytes, APEX, CUDA)
-        optimizer = create_optimizer_v2(net, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
+        optimizer = create_optimizer_v2(net, opt=o.name, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum)
     except (AssertionError, ImportError, ValueError, TypeError) as e:
         reason = squeezed(e, limit=1000) or type(e).__name__
         raise UserError(f"config key 'optim.name': timm cannot make optimizer '{o.name}' here ({reason})") from None
@@ -288,7 +290,7 @@ def build_optimization(cfg: Config, net, ema, num_classes: int, updates_per_epoc
             label_smoothing=o.label_smoothing,
             num_classes=num_classes,
         )
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.runtime.amp == "fp16")
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.runtime.amp == "fp16")
     return Optimization(optimizer, scheduler, scaler, ema, mixup)
 
 
@@ -340,6 +342,12 @@ def print_notes(state: RunState, notes: Sequence[str], train_samples: int) -> No
     """Rank 0: the data's notes, and settings that do something other than a reader may expect."""
     cfg, world_size = state.cfg, state.settings.dist.world_size
     o, s = cfg.optim, cfg.schedule
+    global_batch = cfg.data.batch_size * world_size
+    lr = peak_lr(o, global_batch)
+    if o.lr_base is not None:
+        print(
+            f"note: LR {lr:g}: optim.lr_base {o.lr_base:g} per {o.lr_base_size} samples x global batch {global_batch}"
+        )
     for note in notes:
         print(note)
     left_out = train_samples - state.settings.nominal_rows
@@ -357,7 +365,7 @@ def print_notes(state: RunState, notes: Sequence[str], train_samples: int) -> No
     if s.warmup_epochs >= s.epochs:
         print(
             f"note: schedule.warmup_epochs {s.warmup_epochs} is not below schedule.epochs {s.epochs}: the whole "
-            f"run is warm-up (the LR climbs from schedule.warmup_lr towards optim.lr {o.lr}) and the "
+            f"run is warm-up (the LR climbs from schedule.warmup_lr towards the peak LR {lr:g}) and the "
             f"{s.name} schedule never starts"
         )
 

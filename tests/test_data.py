@@ -101,7 +101,9 @@ def test_too_few_samples_for_batch(tmp_path):
 
 def test_num_classes_mismatch():
     cfg = DataConfig(dataset="digits", img_size=16)
-    with pytest.raises(UserError, match="'model.num_classes' is 5 but dataset 'digits' has 10"):
+    with pytest.raises(
+        UserError, match="'model.num_classes' is 5 but dataset 'digits' has 10 classes: set model.num_classes=null"
+    ):
         build_datasets(cfg, 5)
 
 
@@ -266,3 +268,15 @@ def test_seeds_give_unrelated_orders_not_shifted_epochs(make):
 def test_shard_orders_differ_between_seeds_and_epochs():
     streams = {(s, e): tuple(shard_stream([4] * 12, s, e)) for s in range(3) for e in range(3)}
     assert len(set(streams.values())) == len(streams)
+
+
+@pytest.mark.parametrize("cpus,local_world,workers", [(2, None, 1), (1, None, 0), (16, "4", 3), (64, None, 8)])
+def test_loader_workers_default_to_this_process_share_of_the_cpus(monkeypatch, cpus, local_world, workers):
+    from pfb_train.data.loaders import loader_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cpus)))
+    if local_world is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+    assert loader_workers(None) == workers and loader_workers(5) == 5  # one set is taken as it is

@@ -164,3 +164,15 @@ def test_a_fixed_size_model_is_built_at_the_configured_size_or_refused_before_th
     with pytest.raises(UserError, match=r"does not run on data.img_size 8 px .*its default is 224"):
         run(load_config(None, [*tiny, "data.img_size=8", "name=vit8"]))
     assert not (tmp_path / "vit8").exists()
+
+
+def test_lr_base_scales_the_lr_with_the_global_batch(tmp_path, capsys):
+    """optim.lr_base is per lr_base_size samples of the global batch (timm's --lr-base); optim.lr is not read."""
+    from pfb_train.config import load_config
+    from pfb_train.distributed import DistInfo
+    from pfb_train.train import setup
+
+    cfg = load_config(None, [*TINY, "optim.lr=5", "optim.lr_base=0.2", f"runtime.output={tmp_path}"])
+    state = setup(cfg, DistInfo())
+    assert state.optimization.optimizer.defaults["lr"] == pytest.approx(0.2 * 32 / 256)  # batch 32, one process
+    assert "note: LR 0.025: optim.lr_base 0.2 per 256 samples x global batch 32" in capsys.readouterr().out

@@ -23,6 +23,6 @@ def build_datasets(data_cfg, num_classes: Optional[int] = None, seed: int = 0) -
     if num_classes is not None and num_classes != splits.num_classes:
         raise UserError(
             f"config key 'model.num_classes' is {num_classes} but dataset '{d.dataset}' has "
-            f"{splits.num_classes} classes"
+            f"{splits.num_classes} classes: set model.num_classes=null to take the data set's"
         )
     return splits

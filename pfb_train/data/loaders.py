@@ -6,8 +6,9 @@ batches arrive there staged ahead (prefetch.py), uint8 ones normalised after the
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
-from typing import cast
+from typing import Optional, cast
 
 import numpy as np
 import torch
@@ -164,7 +165,7 @@ def build_loaders(
     batch comes in the memory format `channels_last` asks for: the loaders are the one owner of device
     placement and memory format, and the training step takes batches as they come. Raises UserError for
     a training set smaller than one global batch."""
-    d = data_cfg
+    d = dataclasses.replace(data_cfg, workers=loader_workers(data_cfg.workers))
     if len(splits.train) < d.batch_size * world_size:
         raise UserError(
             f"training set has {len(splits.train)} samples, fewer than one global batch "
@@ -201,6 +202,20 @@ def build_loaders(
     if normalize is not None:
         return NormalizingLoader(train, normalize), NormalizingLoader(val, normalize)
     return train, val
+
+
+MAX_AUTO_WORKERS = 8  # enough to decode ImageNet JPEGs for one GPU's step (docs/speed.md); more only cost memory
+
+
+def loader_workers(requested: Optional[int]) -> int:
+    """DataLoader workers per process: `requested`, or (None) this process's share of the CPUs it may run on
+    (the processes of its node, torchrun's LOCAL_WORLD_SIZE, share them) less one for the training process
+    itself, at most MAX_AUTO_WORKERS."""
+    if requested is not None:
+        return requested
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(MAX_AUTO_WORKERS, share - 1))
 
 
 def torch_loaders(splits: DataSplits, d, seed: int, rank: int, world_size: int, pin_memory: bool):
