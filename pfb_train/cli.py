@@ -188,7 +188,9 @@ def _info(args) -> int:
         lr = f"LR {o.lr:g} (optim.lr) at any global batch"
     else:
         lr = f"LR {o.lr_base:g} per {o.lr_base_size} samples: {info['lr_one_process']:g} on one process, x N on N"
-    print(f"global batch     {batch} per process x processes; {lr}")
+    accum = info["accum_steps"]
+    per_process = f"{batch} x {accum} micro-batches ({batch * accum})" if accum > 1 else f"{batch}"
+    print(f"global batch     {per_process} per process x processes; {lr}")
     if info["score_scale"] == 0:
         print("ranking pass     none: the selection reads no features (recompute mode runs the kept rows alone)")
     else:

@@ -104,6 +104,9 @@ class OptimConfig:
     weight_decay: float = 1.0e-4
     label_smoothing: float = 0.1
     clip_grad: Optional[float] = None
+    # Micro-batches of data.batch_size per optimizer step (gradient accumulation): the global batch is
+    # data.batch_size x processes x accum_steps; rows are blocked in each micro-batch.
+    accum_steps: int = 1
     ema_decay: Optional[float] = None  # keep a timm ModelEmaV3 of the weights and evaluate it too
 
 
@@ -402,8 +405,19 @@ def experiment_settings(raw: dict) -> dict:
         return {**raw, "blocking": {k: v for k, v in blocking.items() if not isinstance(v, dict) or k == chosen}}
 
 
+def step_rows(cfg: Config) -> int:
+    """Rows of one optimizer step on one process: data.batch_size x optim.accum_steps (the train loader's batch)."""
+    return cfg.data.batch_size * cfg.optim.accum_steps
+
+
+def global_batch_words(cfg: Config, world_size: int) -> str:
+    """'data.batch_size B x N process(es)' (and ' x optim.accum_steps A' where A > 1), for messages."""
+    accum = f" x optim.accum_steps {cfg.optim.accum_steps}" if cfg.optim.accum_steps > 1 else ""
+    return f"data.batch_size {cfg.data.batch_size} x {world_size} process(es){accum}"
+
+
 def peak_lr(o: OptimConfig, global_batch: int) -> float:
-    """The peak LR of a run whose optimizer steps take `global_batch` samples (data.batch_size x processes):
+    """The peak LR of a run whose optimizer steps take `global_batch` samples (step_rows x processes):
     optim.lr, or optim.lr_base x global_batch / optim.lr_base_size (linear scaling, timm's --lr-base)."""
     return o.lr if o.lr_base is None else o.lr_base * global_batch / o.lr_base_size
 
@@ -508,6 +522,7 @@ def check_optim_and_runtime(o: OptimConfig, r: RuntimeConfig) -> None:
     )
     need(o.lr > 0, f"config key 'optim.lr' must be > 0, got {o.lr}")
     need(o.lr_base is None or o.lr_base > 0, f"config key 'optim.lr_base' must be > 0 (or null), got {o.lr_base}")
+    need(o.accum_steps >= 1, f"config key 'optim.accum_steps' must be >= 1, got {o.accum_steps}")
     need(o.lr_base_size >= 1, f"config key 'optim.lr_base_size' must be >= 1, got {o.lr_base_size}")
     need(
         0.0 <= o.label_smoothing < 1.0, f"config key 'optim.label_smoothing' must be in [0, 1), got {o.label_smoothing}"

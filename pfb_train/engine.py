@@ -48,6 +48,7 @@ class StepSettings:
     label_smoothing: float = 0.0
     clip_grad: Optional[float] = None
     log_every: int = 50
+    accum_steps: int = 1  # micro-batches per optimizer step (optim.accum_steps): train_step splits each batch
     updates_per_epoch: int = 1  # full-data optimizer steps per epoch: the LR schedule's unit
     step_cost: StepCost = StepCost()  # one step's compute in full-data steps (the cost model)
     clock: RunClock = RunClock(epochs=1)  # where the run is on its schedule, and when it ends (budget.py)
@@ -133,35 +134,102 @@ def train_step(
     batch: Batch, context: StepContext, schedule_at: Optional[float], timer: Optional[PhaseTimer] = None
 ) -> StepResult:
     """One optimizer step on the rows the selector keeps (blocking.forward / weighted_mean / observe:
-    the same calls a loop of one's own makes).
+    the same calls a loop of one's own makes), over `settings.accum_steps` micro-batches of the batch.
 
+    Rows are blocked in each micro-batch. Each micro-batch's loss is the mean over its kept samples divided
+    by accum_steps, so with equal kept counts (every micro-batch blocks the same number of rows; only the
+    stand-ins of unreadable files differ) the step's gradient is that of the mean over all its kept rows:
+    the unaccumulated step on the same rows. Under DDP gradients are all-reduced on the last micro-batch
+    only (`no_sync` before). Without accumulation the selector observes the batch after the optimizer step;
+    with it, each micro-batch right after its backward pass, as the Selector contract has it (observe follows
+    its own select, before the next one), so a step later found non-finite has been observed.
     `schedule_at`: the LR schedule's position after this step, in full-data updates (None: the caller
     steps the schedule itself, as `train_batch` does once it knows the step's compute). A step
     whose gradients are not finite changes nothing (no update, no selector observation).
     `timer`: charges the step's time to the phases shallow, select, deep and observe."""
-    model, selector, settings = context.model, context.selector, context.settings
-    guard = save_buffers(model, context.optimization, settings)  # before the forward changes BatchNorm statistics
+    model, selector, settings, optimization = context.model, context.selector, context.settings, context.optimization
+    mark = None if timer is None else timer.mark
+    guard = save_buffers(model, optimization, settings)  # before the forward changes BatchNorm statistics
     split = selector.blocks_rows()  # what blocking.forward asks too: whether the selection runs this step
-    with autocast(settings):
-        blocked = blocking.forward(
-            model, selector, batch.x, batch.y, batch.indices, mark=None if timer is None else timer.mark
-        )
-    losses = per_sample_loss(blocked.logits, blocked.targets, settings.label_smoothing)
-    loss = blocking.weighted_mean(selector, blocked, losses)  # stand-ins (a negative index) weigh nothing
-    finite = update(model, loss, context.optimization, settings, schedule_at, guard)
-    if timer is not None:
-        timer.mark("deep")
-    if finite:
-        blocking.observe(selector, blocked, losses)
-    if timer is not None:
-        timer.mark("observe")
-    labels, present, kept_present = blocked.labels, blocked.present, blocked.kept_present  # computed once, there
-    assert labels is not None and present is not None and kept_present is not None  # forward sets them, given indices
-    present = present.double()
-    kept_present = present if blocked.keep is None else kept_present.double()
-    loss_sum = (losses.detach() * kept_present).sum()
+    optimization.optimizer.zero_grad(set_to_none=True)
+    parts = []
+    for micro, last in micro_batches(batch, settings.accum_steps):
+        with gradient_sync(model, last):
+            with autocast(settings):
+                blocked = blocking.forward(model, selector, micro.x, micro.y, micro.indices, mark=mark)
+            losses = per_sample_loss(blocked.logits, blocked.targets, settings.label_smoothing)
+            loss = blocking.weighted_mean(selector, blocked, losses)  # stand-ins (a negative index) weigh nothing
+            if settings.accum_steps > 1:
+                loss = loss / settings.accum_steps
+            optimization.scaler.scale(loss).backward()
+        parts.append((blocked, losses, loss.detach()))
+        if settings.accum_steps > 1:  # before the next micro-batch's selection
+            observe_marked(selector, blocked, losses, mark)
+    finite = update(model, optimization, settings, schedule_at, guard)
+    if finite and settings.accum_steps == 1:
+        observe_marked(selector, blocked, losses, mark)
+    elif mark is not None:
+        mark("deep")
+    return step_result(parts, finite, split)
+
+
+def observe_marked(selector: Selector, blocked: blocking.BlockedBatch, losses: torch.Tensor, mark) -> None:
+    """blocking.observe, the time before it charged to the deep part and its own to `observe` (`mark`: the
+    phase timer's, or None)."""
+    if mark is not None:
+        mark("deep")
+    blocking.observe(selector, blocked, losses)
+    if mark is not None:
+        mark("observe")
+
+
+def micro_batches(batch: Batch, count: int):
+    """(micro-batch, whether it is the last) for `count` equal slices of `batch` (views: no copy)."""
+    if count == 1:
+        yield batch, True
+        return
+    rows = batch.x.shape[0] // count
+    for i in range(count):
+        part = slice(i * rows, (i + 1) * rows)
+        yield Batch(batch.x[part], batch.y[part], batch.indices[part]), i == count - 1
+
+
+def gradient_sync(model, last: bool):
+    """DDP's gradient all-reduce on the step's last micro-batch only (no_sync before it); a no-op without DDP."""
+    if last or not isinstance(model, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def step_result(parts: list, finite: bool, split: bool) -> StepResult:
+    """The step's StepResult from its micro-batches' (BlockedBatch, per-row losses, loss): counts summed,
+    rows concatenated in batch order (kept row positions offset into the whole batch)."""
+    results = []
+    for blocked, losses, loss in parts:
+        labels, present, kept_present = blocked.labels, blocked.present, blocked.kept_present  # computed once, there
+        assert labels is not None and present is not None and kept_present is not None  # forward sets them
+        present = present.double()
+        kept_present = present if blocked.keep is None else kept_present.double()
+        loss_sum = (losses.detach() * kept_present).sum()
+        kept = blocked.logits.shape[0]
+        results.append(StepResult(loss, kept, finite, loss_sum, labels, blocked.keep, present, kept_present, split))
+    if len(results) == 1:
+        return results[0]
+    rows = results[0].labels.shape[0]
+    keeps = [
+        (torch.arange(rows, device=r.labels.device) if r.keep is None else r.keep) + i * rows
+        for i, r in enumerate(results)
+    ]
     return StepResult(
-        loss.detach(), blocked.logits.shape[0], finite, loss_sum, labels, blocked.keep, present, kept_present, split
+        torch.stack([r.loss for r in results]).sum(),
+        sum(r.kept for r in results),
+        finite,
+        torch.stack([r.loss_sum for r in results]).sum(),
+        torch.cat([r.labels for r in results]),
+        None if all(r.keep is None for r in results) else torch.cat(keeps),
+        torch.cat([r.present for r in results]),
+        torch.cat([r.kept_present for r in results]),
+        split,
     )
 
 
@@ -177,16 +245,14 @@ def save_buffers(model, optimization: Optimization, settings: StepSettings) -> b
 
 def update(
     model,
-    loss: torch.Tensor,
     optimization: Optimization,
     settings: StepSettings,
     schedule_at: Optional[float],
     guard: bool,
 ) -> bool:
-    """Backward, clip, optimizer step, LR schedule, EMA. Returns whether the gradients were finite (always
-    True without the guard); a step that was not changes no weight and restores the BatchNorm statistics."""
-    optimization.optimizer.zero_grad(set_to_none=True)
-    optimization.scaler.scale(loss).backward()
+    """After the step's backward passes: clip, optimizer step, LR schedule, EMA. Returns whether the gradients
+    were finite (always True without the guard); a step that was not changes no weight and restores the
+    BatchNorm statistics."""
     finite = True
     if settings.clip_grad is not None or guard:
         optimization.scaler.unscale_(optimization.optimizer)

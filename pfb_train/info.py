@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from pfb_train.budget import budget_epochs
-from pfb_train.config import peak_lr
+from pfb_train.config import peak_lr, step_rows
 from pfb_train.costs import (
     MODES,
     StepCost,
@@ -63,7 +63,8 @@ def model_info(cfg) -> dict:
         "level": method.level,
         "ratio": method.ratio(cfg.blocking.chosen()),
         "batch_size": batch,
-        "lr_one_process": peak_lr(cfg.optim, batch),  # the peak LR at one process's global batch
+        "accum_steps": cfg.optim.accum_steps,
+        "lr_one_process": peak_lr(cfg.optim, step_rows(cfg)),  # the peak LR at one process's global batch
         "blocked_rows": blocked_rows,  # rows blocked in each batch
         "mode": mode,
         "score_scale": score.scale,  # recompute mode's ranking pass

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-from pfb_train.config import Config
+from pfb_train.config import Config, global_batch_words
 from pfb_train.engine import kept_fraction
 from pfb_train.models import BlockedModel
 from pfb_train.selection import get_method
@@ -125,7 +125,7 @@ def no_step_line(cfg: Config, epoch: int, sampler, world_size: int) -> str:
     visited = sampler.size if sampler.subset is None else len(sampler.subset)
     return (
         f"epoch {epoch} trained no step: '{method.name}' left {visited} of the {sampler.size} training samples in "
-        f"it, fewer than one global batch (data.batch_size {cfg.data.batch_size} x {world_size} process(es)); "
+        f"it, fewer than one global batch ({global_batch_words(cfg, world_size)}); "
         f"lower {method.ratio_key} or data.batch_size"
     )
 

@@ -25,7 +25,7 @@ from pfb_train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from pfb_train.config import Config, experiment_settings, flatten
+from pfb_train.config import Config, experiment_settings, flatten, step_rows
 from pfb_train.data.loaders import ShardStreamSampler, TrainSampler
 from pfb_train.distributed import DistInfo, all_gather_objects
 from pfb_train.engine import EpochTally
@@ -364,11 +364,11 @@ def check_position(state: RunState, checkpoint: dict) -> None:
     dist = state.settings.dist
     if partial is None or not isinstance(state.train_loader.sampler, ShardStreamSampler):
         return
-    before, now = (partial["batch_size"], partial["world_size"]), (state.cfg.data.batch_size, dist.world_size)
+    before, now = (partial["batch_size"], partial["world_size"]), (step_rows(state.cfg), dist.world_size)
     if before != now:
         raise UserError(
-            f"cannot resume inside epoch {state.position.epoch} of tar shards with data.batch_size "
-            f"{now[0]} on {now[1]} process(es): it started with {before[0]} on {before[1]}, and each "
+            f"cannot resume inside epoch {state.position.epoch} of tar shards with {now[0]} rows per step "
+            f"(data.batch_size x optim.accum_steps) on {now[1]} process(es): it started with {before[0]} on {before[1]}, and each "
             "process reads its own part of the shards; resume with those to finish the epoch "
             "(epoch ends checkpoint too), then change them"
         )
@@ -392,7 +392,7 @@ def checkpoint_run(state: RunState, epoch: int, tally: Optional[EpochTally], bes
         dist = state.settings.dist
         position.partial = {
             "order_done": tally.order_done(),
-            "batch_size": state.cfg.data.batch_size,
+            "batch_size": step_rows(state.cfg),  # rows per optimizer step on one process
             "world_size": dist.world_size,
             "ranks": all_gather_objects(tally.state_dict()),
             "step_costs": tally.step_costs,  # the epoch's compute so far, in full-data steps of

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from pfb_train.calibrate import ModeChoice, resolve_mode
-from pfb_train.config import Config, peak_lr, save_config
+from pfb_train.config import Config, global_batch_words, peak_lr, save_config, step_rows
 from pfb_train.budget import RunClock, spent_so_far
 from pfb_train.costs import StepCost, blocking_mode, shallow_flop_share
 from pfb_train.data import TrainSampler, build_datasets, build_loaders, dataset_labels
@@ -149,7 +149,15 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
     splits = build_datasets(cfg.data, cfg.model.num_classes, seed=rt.seed)
     on_cuda = dist.device.type == "cuda"
     train_loader, val_loader = build_loaders(
-        splits, cfg.data, rt.seed, dist.rank, dist.world_size, on_cuda, dist.device, rt.channels_last
+        splits,
+        cfg.data,
+        rt.seed,
+        dist.rank,
+        dist.world_size,
+        on_cuda,
+        dist.device,
+        rt.channels_last,
+        cfg.optim.accum_steps,
     )
     net, score, mode = build_blocked_model(cfg, dist, splits.num_classes, checkpoint)
     step_cost = model_step_cost(cfg, net, score)  # before DDP and compile: FLOPs counted on the plain model
@@ -170,7 +178,7 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
         cfg,
         dist,
         step_settings(cfg, dist.device, step_cost, len(train_loader)),
-        len(train_loader) * cfg.data.batch_size * dist.world_size,
+        len(train_loader) * step_rows(cfg) * dist.world_size,
         class_counts,
         len(splits.train),
         timm_data_config(splits, net.in_chans, cfg.data.img_size),
@@ -266,7 +274,7 @@ def build_optimization(cfg: Config, net, ema, num_classes: int, updates_per_epoc
     """timm's optimizer (its LR scaled to the global batch under optim.lr_base), LR scheduler (stepped per
     update) and Mixup, the gradient scaler, and `ema`."""
     o, s = cfg.optim, cfg.schedule
-    lr = peak_lr(o, cfg.data.batch_size * dist.world_size)
+    lr = peak_lr(o, step_rows(cfg) * dist.world_size)
     try:  # a name timm lists may still need what this machine lacks (bitsandbytes, APEX, CUDA)
         optimizer = create_optimizer_v2(net, opt=o.name, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum)
     except (AssertionError, ImportError, ValueError, TypeError) as e:
@@ -311,6 +319,7 @@ def step_settings(cfg: Config, device, step_cost: StepCost, updates_per_epoch: i
         cfg.optim.label_smoothing,
         cfg.optim.clip_grad,
         rt.log_every,
+        accum_steps=cfg.optim.accum_steps,
         updates_per_epoch=updates_per_epoch,
         check_finite=device.type != "cuda" if rt.check_finite is None else rt.check_finite,  # None: see config.py
         max_nonfinite=rt.max_nonfinite,
@@ -342,7 +351,7 @@ def print_notes(state: RunState, notes: Sequence[str], train_samples: int) -> No
     """Rank 0: the data's notes, and settings that do something other than a reader may expect."""
     cfg, world_size = state.cfg, state.settings.dist.world_size
     o, s = cfg.optim, cfg.schedule
-    global_batch = cfg.data.batch_size * world_size
+    global_batch = step_rows(cfg) * world_size
     lr = peak_lr(o, global_batch)
     if o.lr_base is not None:
         print(
@@ -354,7 +363,7 @@ def print_notes(state: RunState, notes: Sequence[str], train_samples: int) -> No
     if left_out > 0:  # equal whole batches on every rank; the rest is not silently lost, it rotates
         print(
             f"note: {left_out} of {train_samples} training samples sit out each epoch (less than one "
-            f"global batch of {world_size} x {cfg.data.batch_size}); which ones changes every epoch"
+            f"global batch of {global_batch}); which ones changes every epoch"
         )
     start = getattr(cfg.blocking.chosen(), "start_epoch", 0)
     if start >= s.epochs:
@@ -374,15 +383,14 @@ def check_epoch_size(cfg: Config, fewest: int, train_samples: int, world_size: i
     """Refuse a sampler-level selection that leaves an epoch fewer samples than one global batch (it would
     train no step): `fewest` is what the method says it may leave of `train_samples` (Selector.fewest_samples).
     A whole set under one global batch is build_loaders' error, found before."""
-    if fewest >= cfg.data.batch_size * world_size:
+    if fewest >= step_rows(cfg) * world_size:
         return
     method = get_method(cfg.blocking.method)
     key = method.ratio_key
     raise UserError(
         f"config key '{key}' {method.ratio(cfg.blocking.chosen())} can leave an epoch {fewest} of the "
-        f"{train_samples} training samples, fewer than one global batch (data.batch_size "
-        f"{cfg.data.batch_size} x {world_size} process(es)): such an epoch trains no step; lower {key} "
-        "or data.batch_size"
+        f"{train_samples} training samples, fewer than one global batch ({global_batch_words(cfg, world_size)}): "
+        f"such an epoch trains no step; lower {key} or data.batch_size"
     )
 
 
@@ -488,7 +496,7 @@ def begin_epoch(state: RunState, context: StepContext, epoch: int) -> EpochTally
         state.selector, state.train_loader, epoch, resume, clock.position(epoch, compute, seconds)
     )
     position.partial = position.subset = None
-    start_epoch(context, tally, epoch, len(state.train_loader), state.cfg.data.batch_size)
+    start_epoch(context, tally, epoch, len(state.train_loader), step_rows(state.cfg))
     if partial is not None:
         compute, seconds = tally.spent()
         seconds = clock.seconds(seconds, position.optimizer_steps, force=True)

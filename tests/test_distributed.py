@@ -146,3 +146,13 @@ def test_a_budgeted_run_resumed_inside_an_epoch_on_two_processes_counts_one_comp
     ]
     assert records[1]["compute"] == pytest.approx(1 + 3 / 6 + 1 / 3)  # then the other 48: 1 step of 2 x 16 (of 3)
     assert 2.5 - 1e-9 <= r0["summary"]["compute_spent"] < 2.5 + 1 / 3
+
+
+def test_two_processes_accumulating_keep_identical_weights(tmp_path):
+    """optim.accum_steps under DDP: no gradient all-reduce before the step's last micro-batch (no_sync), the
+    same weights on every rank after it."""
+    (r0, r1), result = launch(tmp_path, 2, True, "optim.accum_steps=2", "data.batch_size=8")
+    assert r0["summary"]["blocked_fraction"] == pytest.approx(2 / 8)  # blocked per micro-batch of 8
+    for name in r0["model"]:
+        assert torch.equal(r0["model"][name], r1["model"][name]), name
+    assert "3 steps per full-data epoch" in result.stdout  # 96 samples / (8 x 2 micro-batches x 2 processes)

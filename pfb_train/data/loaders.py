@@ -157,21 +157,23 @@ def build_loaders(
     pin_memory=False,
     device="cpu",
     channels_last: bool = False,
+    accum_steps: int = 1,
 ):
     """Train loader: shuffled per epoch (`loader.sampler.set_epoch(epoch, subset)`), fixed batch size (drop_last).
     On CUDA both loaders yield batches already on the device, staged ahead on a side stream. In-memory
     datasets that fit are served from the device (resident.py, also on the CPU). uint8 images (the cpu
     decode path, CIFAR, Fashion-MNIST) become normalised float32 on the device (normalize.py). Every
     batch comes in the memory format `channels_last` asks for: the loaders are the one owner of device
-    placement and memory format, and the training step takes batches as they come. Raises UserError for
-    a training set smaller than one global batch."""
+    placement and memory format, and the training step takes batches as they come. A training batch holds
+    one optimizer step's rows: `accum_steps` micro-batches of data.batch_size (the step splits them). Raises
+    UserError for a training set smaller than one global batch."""
     d = dataclasses.replace(data_cfg, workers=loader_workers(data_cfg.workers))
-    if len(splits.train) < d.batch_size * world_size:
+    if len(splits.train) < d.batch_size * accum_steps * world_size:
         raise UserError(
             f"training set has {len(splits.train)} samples, fewer than one global batch "
-            f"(data.batch_size {d.batch_size} x {world_size} processes)"
+            f"(data.batch_size {d.batch_size} x {world_size} processes{f' x optim.accum_steps {accum_steps}' if accum_steps > 1 else ''})"
         )
-    train, val = torch_loaders(splits, d, seed, rank, world_size, pin_memory)
+    train, val = torch_loaders(splits, d, seed, rank, world_size, pin_memory, accum_steps)
     if splits.decode_on_device:
         wrap = dict(device=device, img_size=d.img_size, fail_on_bad=d.bad_images == "fail", **imagenet_stats())
         if d.decode == "dali":  # DaliLoader imports DALI (an optional extra) when it is made
@@ -218,13 +220,13 @@ def loader_workers(requested: Optional[int]) -> int:
     return max(0, min(MAX_AUTO_WORKERS, share - 1))
 
 
-def torch_loaders(splits: DataSplits, d, seed: int, rank: int, world_size: int, pin_memory: bool):
+def torch_loaders(splits: DataSplits, d, seed: int, rank: int, world_size: int, pin_memory: bool, accum_steps: int):
     """The (train, val) DataLoaders over the splits, before any device-side wrapping: this rank's shard of
     each epoch's order (TrainSampler, or ShardStreamSampler for WebDataset shards) and of the validation set."""
     train_sampler: TrainSampler
     if isinstance(splits.train, ShardedTars):
         train_sampler = ShardStreamSampler(
-            splits.train.shard_lengths, d.batch_size, d.shuffle_window, rank, world_size, seed
+            splits.train.shard_lengths, d.batch_size * accum_steps, d.shuffle_window, rank, world_size, seed
         )
     else:
         train_sampler = TrainSampler(len(splits.train), rank, world_size, seed)
@@ -237,7 +239,7 @@ def torch_loaders(splits: DataSplits, d, seed: int, rank: int, world_size: int, 
     # StopSafeDataLoader: workers outlive a SIGTERM sent to the whole job, so the run can checkpoint.
     train = StopSafeDataLoader(
         IndexedDataset(splits.train),
-        batch_size=d.batch_size,
+        batch_size=d.batch_size * accum_steps,
         sampler=train_sampler,
         drop_last=True,
         generator=torch.Generator(),
