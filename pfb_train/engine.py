@@ -144,8 +144,8 @@ def train_step(
     with it, each micro-batch right after its backward pass, as the Selector contract has it (observe follows
     its own select, before the next one), so a step later found non-finite has been observed.
     `schedule_at`: the LR schedule's position after this step, in full-data updates (None: the caller
-    steps the schedule itself, as `train_batch` does once it knows the step's compute). A step
-    whose gradients are not finite changes nothing (no update, no selector observation).
+    steps the schedule itself, as `train_batch` does once it knows the step's compute). A step whose
+    gradients are not finite changes no weight (nor, without accumulation, the selector's state).
     `timer`: charges the step's time to the phases shallow, select, deep and observe."""
     model, selector, settings, optimization = context.model, context.selector, context.settings, context.optimization
     mark = None if timer is None else timer.mark
