@@ -181,7 +181,8 @@ def _info(args) -> int:
     )
     print(
         f"method           {info['method']} ({info['level']} level, ratio {info['ratio']}); "
-        f"blocked per step {info['blocked_rows']} of {info['batch_size']} rows"
+        f"blocked per {'micro-batch' if info['accum_steps'] > 1 else 'step'} {info['blocked_rows']} of "
+        f"{info['batch_size']} rows"
     )
     o, batch = cfg.optim, info["batch_size"]
     if o.lr_base is None:

@@ -37,8 +37,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
         return DistInfo(device=torch.device("cuda" if use_cuda else "cpu"))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if use_cuda:
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
+        index = local % torch.cuda.device_count()  # srun --gpus-per-task shows each task its own GPU only
+        torch.cuda.set_device(index)
+        dev = torch.device("cuda", index)
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
@@ -47,18 +48,21 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 
 def slurm_environment(env) -> Optional[dict[str, str]]:
-    """torchrun's variables made from SLURM's, for one process per task started by `srun` without torchrun
+    """torchrun's variables made from SLURM's, for one process per task of an `srun` step without torchrun
     (as torchvision's references and Lightning read them): RANK from SLURM_PROCID, WORLD_SIZE from
-    SLURM_NTASKS, LOCAL_RANK from SLURM_LOCALID, MASTER_ADDR the node list's first host and MASTER_PORT
-    12000 + job id mod 20000 (both unless set already). None where torchrun's are set or SLURM runs one task
-    (an `sbatch` script's own shell, or `srun` around torchrun)."""
-    if "RANK" in env or "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", "1")) <= 1:
+    SLURM_STEP_NUM_TASKS, LOCAL_RANK from SLURM_LOCALID, LOCAL_WORLD_SIZE from SLURM_NTASKS_PER_NODE,
+    MASTER_ADDR the node list's first host and MASTER_PORT 12000 + job id mod 20000 (both unless set
+    already). None where torchrun's are set, outside an srun step (an `sbatch` script's own shell, even of a
+    job of many tasks) or in a step of one task (`srun` around torchrun)."""
+    if "RANK" in env or "SLURM_PROCID" not in env or int(env.get("SLURM_STEP_NUM_TASKS", "1")) <= 1:
         return None
-    nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+    per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]  # e.g. '8', or '8(x2)' in some versions
     return {
         "RANK": env["SLURM_PROCID"],
-        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
         "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        **({"LOCAL_WORLD_SIZE": per_node} if per_node.isdigit() else {}),
         "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodes),
         "MASTER_PORT": env.get("MASTER_PORT") or str(12000 + int(env.get("SLURM_JOB_ID", "0")) % 20000),
     }

@@ -26,6 +26,20 @@ from pfb_train.models import build_model
 
 WHICH = ("best", "last", "ema")
 EXPORT_DIR = "export"  # in a run directory: export/<which>/
+FILES = ("model.safetensors", "config.json")  # what an export folder holds: all that write_timm_model replaces
+# pretrained_cfg keys that describe timm's published weights, not these: left out of the written config.json
+WEIGHTS_KEYS = (
+    "tag",
+    "hf_hub_id",
+    "hf_hub_filename",
+    "url",
+    "file",
+    "license",
+    "paper_ids",
+    "paper_name",
+    "notes",
+    "origin_url",
+)
 
 
 def exportable(cfg: Config) -> Optional[str]:
@@ -39,12 +53,18 @@ def write_timm_model(model: nn.Module, out: Path, data_config: dict) -> Path:
     """Write the timm model `model` to folder `out` as model.safetensors + config.json (timm's save_for_hf;
     `data_config`: input_size, mean, std of what the model was trained on, into its pretrained_cfg). The
     folder is written beside `out` and swapped in once complete: a reader sees the old one or the new one.
-    Returns `out`."""
+    Returns `out`. Raises UserError where `out` is a file or a folder holding anything else (it is never
+    deleted), or cannot be written."""
     from timm.models import save_for_hf  # its Hub helpers: imported when a model is written
 
+    out = Path(out).resolve()
+    if out.is_file() or (out.is_dir() and any(p.name not in FILES for p in out.iterdir())):
+        raise UserError(f"{out} exists and holds other things than an export ({', '.join(FILES)}): choose a new folder")
     if not all(t.is_contiguous() for t in model.state_dict().values()):  # channels_last: safetensors wants dense
         model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
-    out = Path(out)
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict):  # these weights are not timm's published ones: leave out what describes those
+        model.__dict__["pretrained_cfg"] = {k: v for k, v in cfg.items() if k not in WEIGHTS_KEYS}  # a plain attribute
     partial, old = out.with_name(out.name + ".partial"), out.with_name(out.name + ".old")
     try:
         shutil.rmtree(partial, ignore_errors=True)
@@ -74,8 +94,10 @@ def export_run(run_dir: Path, which: str, out: Path, hub: Optional[str] = None) 
     if reason is not None:
         raise UserError(f"cannot export {run_dir}: {reason}")
     checkpoint = load_checkpoint(run_dir / BEST) if which == "best" else latest_checkpoint(run_dir)[1]
+    if checkpoint is None and which == "best":
+        raise UserError(f"{run_dir} holds no best checkpoint (runtime.save_best false, or unreadable): --which last")
     if checkpoint is None:
-        raise UserError(f"{run_dir} holds no readable {'best ' if which == 'best' else ''}checkpoint to export")
+        raise UserError(f"{run_dir} holds no readable checkpoint to export")
     weights = checkpoint["model"]
     if which == "ema":
         if checkpoint.get("ema") is None:

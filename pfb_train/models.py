@@ -16,6 +16,7 @@ import contextlib
 import difflib
 import socket
 import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional, Union
 
@@ -532,19 +533,22 @@ def weights_out_of_reach(name: str, timeout: float = 3.0) -> Optional[str]:
     repo = cfg.hf_hub_id.split("@")[0]
     if any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin")):
         return None
-    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    endpoint = urllib.parse.urlparse(constants.ENDPOINT)
+    host = endpoint.hostname or "huggingface.co"
     if constants.HF_HUB_OFFLINE:
         reason = "HF_HUB_OFFLINE is set"
+    elif urllib.request.getproxies().get(endpoint.scheme or "https"):
+        return None  # reached through a proxy: a direct probe says nothing, the download will tell
     else:
         try:
-            socket.create_connection((host, 443), timeout=timeout).close()
+            socket.create_connection((host, endpoint.port or 443), timeout=timeout).close()
             return None
         except OSError:
             reason = f"{host} cannot be reached"
     return (
         f"{reason}, and {repo} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}): download it where "
         f"there is network (timm.create_model('{name}', pretrained=True)) and copy that cache here (or point "
-        "HF_HOME at it), or set model.pretrained=false"
+        "HF_HUB_CACHE at it), or set model.pretrained=false"
     )
 
 

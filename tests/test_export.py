@@ -52,6 +52,10 @@ def test_timm_rebuilds_each_exported_model_with_the_harness_logits(trained):
         folder = run_dir / "export" / which
         model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
         assert model.pretrained_cfg["input_size"] == (3, 32, 32) and model.num_classes == 10
+        # generated data is used as made: timm's preprocessing must leave it alone; no claim of timm's weights
+        config = timm.data.resolve_data_config(model=model)
+        assert (tuple(config["mean"]), tuple(config["std"]), config["crop_pct"]) == ((0.0,) * 3, (1.0,) * 3, 1.0)
+        assert "tag" not in model.pretrained_cfg and "hf_hub_id" not in model.pretrained_cfg
         with torch.no_grad():
             torch.testing.assert_close(model(x), harness_logits(run_dir, checkpoint_name, key, x), rtol=0, atol=0)
     # the same file through timm's checkpoint_path=, the loader that refused the harness's own checkpoints
@@ -77,6 +81,14 @@ def test_the_export_command_writes_any_of_the_weights_and_refuses_in_one_line(tr
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "HF_HUB_OFFLINE is set" in result.stderr
     result = run_main(capsys, "export", str(tmp_path), "--out", str(tmp_path / "c"))
     assert result.returncode == 2 and "is not a run directory" in result.stderr
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    for out in (tmp_path / "mine", run_dir):  # a folder of other things is never replaced: the run's own neither
+        result = run_main(capsys, "export", str(run_dir), "--out", str(out))
+        assert result.returncode == 2 and "holds other things than an export" in result.stderr
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "kept" and (run_dir / "config.yaml").is_file()
+    again = run_main(capsys, "export", str(run_dir), "--which", "last", "--out", str(tmp_path / "ema"))
+    assert again.returncode == 0  # an earlier export is replaced
 
 
 def test_a_run_can_skip_the_best_copy_and_one_without_ema_says_so(tmp_path, capsys):
@@ -87,4 +99,24 @@ def test_a_run_can_skip_the_best_copy_and_one_without_ema_says_so(tmp_path, caps
     result = run_main(capsys, "export", str(run_dir), "--which", "ema", "--out", str(tmp_path / "x"))
     assert result.returncode == 2 and "has no EMA weights (optim.ema_decay was not set)" in result.stderr
     result = run_main(capsys, "export", str(run_dir), "--which", "best", "--out", str(tmp_path / "x"))
-    assert result.returncode == 2 and "holds no readable best checkpoint" in result.stderr
+    assert result.returncode == 2 and "holds no best checkpoint (runtime.save_best false" in result.stderr
+
+
+def test_the_exported_data_config_is_the_runs_own_preprocessing(tmp_path):
+    """What timm rebuilds from config.json: files through timm's eval transform (ImageNet's statistics, crop
+    0.875), in-memory float data by the statistics it was normalised with (digits: 0.5), no crop."""
+    from helpers import write_smooth_folder
+
+    from pfb_train.config import DataConfig
+    from pfb_train.data import build_datasets
+    from pfb_train.data.splits import timm_data_config
+
+    digits = timm_data_config(build_datasets(DataConfig(dataset="digits", img_size=16)), 3, 16)
+    assert (digits["mean"], digits["std"], digits["crop_pct"]) == ((0.5,) * 3, (0.5,) * 3, 1.0)
+    write_smooth_folder(tmp_path, per_class=2)
+    files = timm_data_config(build_datasets(DataConfig(dataset="imagefolder", root=str(tmp_path), img_size=24)), 3, 24)
+    assert (files["mean"], files["crop_pct"], files["input_size"]) == (
+        timm.data.IMAGENET_DEFAULT_MEAN,
+        0.875,
+        (3, 24, 24),
+    )

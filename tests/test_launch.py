@@ -14,7 +14,14 @@ import torch
 from pfb_train.distributed import first_host, slurm_environment
 
 HERE = Path(__file__).resolve().parent
-SLURM_TASK = {"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242"}
+SLURM_TASK = {
+    "SLURM_PROCID": "1",
+    "SLURM_NTASKS": "4",
+    "SLURM_STEP_NUM_TASKS": "4",
+    "SLURM_NTASKS_PER_NODE": "2",
+    "SLURM_LOCALID": "1",
+    "SLURM_JOB_ID": "4242",
+}
 
 
 def test_srun_tasks_become_torchrun_variables():
@@ -23,12 +30,15 @@ def test_srun_tasks_become_torchrun_variables():
         "RANK": "1",
         "WORLD_SIZE": "4",
         "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "2",
         "MASTER_ADDR": "gpu07",
         "MASTER_PORT": str(12000 + 4242),
     }
     assert slurm_environment({**env, "MASTER_ADDR": "head", "MASTER_PORT": "29500"})["MASTER_ADDR"] == "head"
     assert slurm_environment({**env, "RANK": "0"}) is None  # torchrun's own variables win
-    assert slurm_environment({**env, "SLURM_NTASKS": "1"}) is None  # one task: an sbatch shell, or srun torchrun
+    assert slurm_environment({**env, "SLURM_STEP_NUM_TASKS": "1"}) is None  # a step of one task: srun torchrun
+    batch_shell = {k: v for k, v in env.items() if k != "SLURM_STEP_NUM_TASKS"}
+    assert slurm_environment(batch_shell) is None  # an sbatch script's shell, even of a job of 4 tasks
     assert [first_host(n) for n in ("node3", "a1,b2", "x-y[001-010]", "n[5]")] == ["node3", "a1", "x-y001", "n5"]
 
 
@@ -62,6 +72,7 @@ def test_two_srun_tasks_train_together_without_torchrun(tmp_path):
                 **base,
                 "SLURM_PROCID": str(r),
                 "SLURM_NTASKS": "2",
+                "SLURM_STEP_NUM_TASKS": "2",
                 "SLURM_LOCALID": str(r),
                 "SLURM_JOB_ID": job,
                 "SLURM_JOB_NODELIST": "localhost",

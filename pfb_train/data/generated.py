@@ -51,7 +51,8 @@ def digits(img_size: int) -> DataSplits:
     images, labels, train, val = load_digits()
     images = F.interpolate(images, size=(img_size, img_size), mode="bilinear", align_corners=False)
     images = ((images - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
-    return DataSplits(TensorDataset(images[train], labels[train]), TensorDataset(images[val], labels[val]), 10)
+    train_set, val_set = TensorDataset(images[train], labels[train]), TensorDataset(images[val], labels[val])
+    return DataSplits(train_set, val_set, 10, input_stats=((0.5,), (0.5,)))
 
 
 def encode_digits(d) -> tuple[list, int]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Protocol, cast
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import Dataset
 from torchvision.datasets import DatasetFolder
 
@@ -39,6 +39,8 @@ class DataSplits:
     # and std of [0, 1] pixels (normalize.py); None: items are model input already.
     mean: Optional[tuple] = None
     std: Optional[tuple] = None
+    # Float items: the (mean, std) of [0, 1] pixels they were normalised with (digits); None: made as they are.
+    input_stats: Optional[tuple] = None
 
 
 class TensorImages(Dataset):
@@ -89,19 +91,28 @@ def imagenet_stats() -> dict:
 
 
 def timm_data_config(splits: DataSplits, in_chans: int, img_size: int) -> dict:
-    """timm's data config of the model's input (export.py writes it into config.json): `input_size`
-    (in_chans, img_size, img_size) and, where the data was normalised, the `mean` and `std` of [0, 1] pixels
-    per input channel (a grey channel's repeated); float data used as made (generated sets) has none."""
-    mean, std = splits.mean, splits.std
-    if mean is None and splits.decode_on_device:  # the device decoders normalise by ImageNet's
-        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    """timm's data config of the model's input as this run evaluated it (export.py writes it into config.json,
+    so timm's resolve_data_config + create_transform rebuild the evaluation's preprocessing): `input_size`
+    (in_chans, img_size, img_size), `mean` and `std` of [0, 1] pixels per input channel (a grey channel's
+    repeated; 0 and 1 for float data used as made), and the resize and crop: timm's eval transform for files
+    (crop_pct 0.875), none for images held in memory at the input size (crop_pct 1)."""
     recipe = getattr(splits.train, "recipe", None)
-    if mean is None and recipe is not None:  # TensorImages: CIFAR, Fashion-MNIST
+    crop_pct = 1.0  # in-memory sets: the whole image, resized to the input size
+    if splits.mean is not None or splits.decode_on_device:  # files: timm's eval transform, or the same on the device
+        mean, std = splits.mean or IMAGENET_DEFAULT_MEAN, splits.std or IMAGENET_DEFAULT_STD
+        crop_pct = DEFAULT_CROP_PCT
+    elif recipe is not None:  # TensorImages: CIFAR, Fashion-MNIST
         mean, std = recipe.mean, recipe.std
-    config: dict = {"input_size": (in_chans, img_size, img_size)}
-    if mean is not None and std is not None:
-        config.update(mean=tuple(mean) * (in_chans // len(mean)), std=tuple(std) * (in_chans // len(std)))
-    return config
+    else:
+        mean, std = splits.input_stats or ((0.0,), (1.0,))
+    return {
+        "input_size": (in_chans, img_size, img_size),
+        "mean": tuple(mean) * (in_chans // len(mean)),
+        "std": tuple(std) * (in_chans // len(std)),
+        "crop_pct": crop_pct,
+        "crop_mode": "center",
+        "interpolation": "bilinear",
+    }
 
 
 def sample_names(dataset: SizedDataset):
