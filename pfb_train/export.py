@@ -51,7 +51,7 @@ def exportable(cfg: Config) -> Optional[str]:
 
 def write_timm_model(model: nn.Module, out: Path, data_config: dict) -> Path:
     """Write the timm model `model` to folder `out` as model.safetensors + config.json (timm's save_for_hf;
-    `data_config`: input_size, mean, std of what the model was trained on, into its pretrained_cfg). The
+    `data_config`: timm's data config of the run's evaluation, into its pretrained_cfg). The
     folder is written beside `out` and swapped in once complete: a reader sees the old one or the new one.
     Returns `out`. Raises UserError where `out` is a file or a folder holding anything else (it is never
     deleted), or cannot be written."""

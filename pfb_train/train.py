@@ -147,28 +147,13 @@ def setup(cfg: Config, dist: DistInfo) -> RunState:
     seed_everything(rt.seed)  # the same initial model on every rank
     run_dir, checkpoint = open_checkpoint(cfg, dist)
     splits = build_datasets(cfg.data, cfg.model.num_classes, seed=rt.seed)
-    on_cuda = dist.device.type == "cuda"
-    train_loader, val_loader = build_loaders(
-        splits,
-        cfg.data,
-        rt.seed,
-        dist.rank,
-        dist.world_size,
-        on_cuda,
-        dist.device,
-        rt.channels_last,
-        cfg.optim.accum_steps,
-    )
+    loader_options = (dist.device.type == "cuda", dist.device, rt.channels_last, cfg.optim.accum_steps)
+    train_loader, val_loader = build_loaders(splits, cfg.data, rt.seed, dist.rank, dist.world_size, *loader_options)
     net, score, mode = build_blocked_model(cfg, dist, splits.num_classes, checkpoint)
     step_cost = model_step_cost(cfg, net, score)  # before DDP and compile: FLOPs counted on the plain model
     ema = ModelEmaV3(net, decay=cfg.optim.ema_decay) if cfg.optim.ema_decay else None  # a plain copy: before DDP
     seed_everything(derive_seed("rank", rt.seed, dist.rank))  # dropout, drop-path, mixup: each rank its own
-    train_module: torch.nn.Module = net
-    if dist.world_size > 1:
-        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-        train_module = DistributedDataParallel(net, device_ids=device_ids)
-    if rt.compile:
-        net.compile_parts()  # after DDP wrapping: DDP hooks stay on the original parameters
+    train_module = training_module(net, cfg, dist)
     selector = selector_from_config(cfg, splits.num_classes)
     check_epoch_size(cfg, selector.fewest_samples(len(splits.train)), len(splits.train), dist.world_size)
     optimization = build_optimization(cfg, net, ema, splits.num_classes, len(train_loader), dist)
@@ -268,6 +253,18 @@ def build_blocked_model(
     synced_ranks = dist.world_size if rt.sync_bn else 1
     check_training_rows(net, cfg.data.img_size, batch, kept, method.ratio_key, synced_ranks=synced_ranks)
     return net, score, mode
+
+
+def training_module(net: BlockedModel, cfg: Config, dist: DistInfo) -> torch.nn.Module:
+    """What the steps call: `net`, or DDP around it on several processes; compiled parts under runtime.compile
+    (after DDP wrapping: DDP's hooks stay on the original parameters)."""
+    module: torch.nn.Module = net
+    if dist.world_size > 1:
+        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+        module = DistributedDataParallel(net, device_ids=device_ids)
+    if cfg.runtime.compile:
+        net.compile_parts()
+    return module
 
 
 def build_optimization(cfg: Config, net, ema, num_classes: int, updates_per_epoch: int, dist: DistInfo) -> Optimization:

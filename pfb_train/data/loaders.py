@@ -169,9 +169,10 @@ def build_loaders(
     UserError for a training set smaller than one global batch."""
     d = dataclasses.replace(data_cfg, workers=loader_workers(data_cfg.workers))
     if len(splits.train) < d.batch_size * accum_steps * world_size:
+        accum = f" x optim.accum_steps {accum_steps}" if accum_steps > 1 else ""
         raise UserError(
             f"training set has {len(splits.train)} samples, fewer than one global batch "
-            f"(data.batch_size {d.batch_size} x {world_size} processes{f' x optim.accum_steps {accum_steps}' if accum_steps > 1 else ''})"
+            f"(data.batch_size {d.batch_size} x {world_size} processes{accum})"
         )
     train, val = torch_loaders(splits, d, seed, rank, world_size, pin_memory, accum_steps)
     if splits.decode_on_device:
