@@ -452,6 +452,10 @@ def validate(cfg: Config) -> None:
     )
     check_blocking(cfg)
     check_data(cfg.data)
+    if cfg.data.mixup > 0 or cfg.data.cutmix > 0:  # timm's Mixup pairs each row of the step's batch with its mirror
+        rows = step_rows(cfg)
+        accum = f" x optim.accum_steps {cfg.optim.accum_steps}" if cfg.optim.accum_steps > 1 else ""
+        need(rows % 2 == 0, f"mixup/cutmix need an even 'data.batch_size'{accum}, got {rows}")
     check_optim_and_runtime(cfg.optim, cfg.runtime)
     check_timm_values(cfg)
 
@@ -511,8 +515,6 @@ def check_data(d: DataConfig) -> None:
             d.auto_augment is None,
             f"config key 'data.auto_augment' needs data.decode 'cpu' (the {d.decode} path crops and flips only)",
         )
-    if d.mixup > 0 or d.cutmix > 0:
-        need(d.batch_size % 2 == 0, f"mixup/cutmix need an even 'data.batch_size', got {d.batch_size}")
 
 
 def check_optim_and_runtime(o: OptimConfig, r: RuntimeConfig) -> None:

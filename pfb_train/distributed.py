@@ -69,12 +69,14 @@ def slurm_environment(env) -> Optional[dict[str, str]]:
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list in its compressed form: 'gpu[07-09,12],cpu1' -> 'gpu07'."""
+    """The first host of a SLURM node list in its compressed form: 'gpu[07-09,12],cpu1' -> 'gpu07',
+    'rack[1-2]n' -> 'rack1n'."""
     head = nodelist.split(",", 1)[0]
-    if "[" in head:  # the brackets may hold commas themselves
-        head = nodelist.split("]", 1)[0]
-    prefix, _, ranges = head.partition("[")
-    return prefix + ranges.split(",")[0].split("-")[0]
+    if "[" not in head:
+        return head
+    prefix, rest = nodelist.split("[", 1)  # the brackets may hold commas themselves
+    ranges, after = rest.split("]", 1)
+    return prefix + ranges.split(",")[0].split("-")[0] + after.split(",", 1)[0]
 
 
 def is_distributed() -> bool:

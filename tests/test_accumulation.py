@@ -75,3 +75,7 @@ def test_an_accumulated_run_resumes_exactly_inside_an_epoch_and_info_shows_the_g
     assert resumed["top1"] == whole["top1"]
     result = run_main(capsys, "info", "--config", "demo", "--set", "optim.accum_steps=2")
     assert "global batch     64 x 2 micro-batches (128) per process x processes" in result.stdout
+    odd = ["--set", "data.mixup=0.2", "--set", "data.batch_size=33"]  # Mixup pairs rows of the whole step's batch
+    assert run_main(capsys, "info", "--config", "demo", *odd, "--set", "optim.accum_steps=2").returncode == 0
+    result = run_main(capsys, "info", "--config", "demo", *odd, "--set", "optim.accum_steps=3")
+    assert result.returncode == 2 and "need an even 'data.batch_size' x optim.accum_steps 3, got 99" in result.stderr

@@ -39,7 +39,8 @@ def test_srun_tasks_become_torchrun_variables():
     assert slurm_environment({**env, "SLURM_STEP_NUM_TASKS": "1"}) is None  # a step of one task: srun torchrun
     batch_shell = {k: v for k, v in env.items() if k != "SLURM_STEP_NUM_TASKS"}
     assert slurm_environment(batch_shell) is None  # an sbatch script's shell, even of a job of 4 tasks
-    assert [first_host(n) for n in ("node3", "a1,b2", "x-y[001-010]", "n[5]")] == ["node3", "a1", "x-y001", "n5"]
+    hosts = ("node3", "a1,b2", "x-y[001-010]", "n[5]", "rack[1,3-4]n,c2")
+    assert [first_host(n) for n in hosts] == ["node3", "a1", "x-y001", "n5", "rack1n"]
 
 
 def free_job_id() -> int:
