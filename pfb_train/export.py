@@ -49,6 +49,15 @@ def exportable(cfg: Config) -> Optional[str]:
     return None
 
 
+def export_into_run(cfg: Config, run_dir: Path, which: str, model: nn.Module, data_config: dict) -> Optional[str]:
+    """Write `model` to `run_dir`/export/`which` (write_timm_model) where the run exports (runtime.export) and
+    timm's config can rebuild its model; returns why it was not written (None: written, or export off)."""
+    reason = exportable(cfg)
+    if cfg.runtime.export and reason is None:
+        write_timm_model(model, run_dir / EXPORT_DIR / which, data_config)
+    return reason if cfg.runtime.export else None
+
+
 def write_timm_model(model: nn.Module, out: Path, data_config: dict) -> Path:
     """Write the timm model `model` to folder `out` as model.safetensors + config.json (timm's save_for_hf;
     `data_config`: timm's data config of the run's evaluation, into its pretrained_cfg). The

@@ -29,7 +29,7 @@ from pfb_train.config import Config, experiment_settings, flatten, step_rows
 from pfb_train.data.loaders import ShardStreamSampler, TrainSampler
 from pfb_train.distributed import DistInfo, all_gather_objects
 from pfb_train.engine import EpochTally
-from pfb_train.export import EXPORT_DIR, exportable, write_timm_model
+from pfb_train.export import export_into_run
 from pfb_train.errors import RunFinished, UserError
 from pfb_train.run_state import RunState
 
@@ -407,8 +407,8 @@ def checkpoint_run(state: RunState, epoch: int, tally: Optional[EpochTally], bes
         position.best_top1 = checkpoint["best_top1"] = position.history[-1]["top1"]
     assert state.run_dir is not None  # rank 0's, set by train.setup
     save_checkpoint(checkpoint, state.run_dir, best=best)
-    if best and state.cfg.runtime.export and exportable(state.cfg) is None:  # the best weights as a timm model
-        write_timm_model(state.net.model, state.run_dir / EXPORT_DIR / "best", state.settings.data_config)
+    if best:  # the best weights as a timm model too
+        export_into_run(state.cfg, state.run_dir, "best", state.net.model, state.settings.data_config)
 
 
 def checkpoint_mode(cfg: Config, checkpoint: dict) -> ModeChoice:

@@ -54,7 +54,7 @@ from pfb_train.engine import (
     start_epoch,
     train_batch,
 )
-from pfb_train.export import EXPORT_DIR, exportable, write_timm_model
+from pfb_train.export import export_into_run
 from pfb_train.errors import Preempted, RunFinished, TrainingStopped, UserError, squeezed
 from pfb_train.run_dir import UNREADABLE_FILE, BaselineComparison, RunLogger, make_run_dir, rewrite_metrics
 from pfb_train.models import BlockedModel, build_model, check_score_pass, check_training_rows
@@ -608,16 +608,14 @@ def average_batch_norms(state: RunState) -> None:
 def export_weights(state: RunState) -> None:
     """Rank 0, at the run's end: the last weights (and the EMA's) as timm models in export/ (export.py; the
     best are written with their checkpoint)."""
-    cfg, run_dir = state.cfg, state.run_dir
-    if not cfg.runtime.export or run_dir is None:
+    cfg, run_dir, data_config = state.cfg, state.run_dir, state.settings.data_config
+    if run_dir is None:
         return
-    reason = exportable(cfg)
+    reason = export_into_run(cfg, run_dir, "last", state.net.model, data_config)
     if reason is not None:
         print(f"note: no timm export of this run: {reason}")
-        return
-    write_timm_model(state.net.model, run_dir / EXPORT_DIR / "last", state.settings.data_config)
-    if state.optimization.ema is not None:
-        write_timm_model(state.optimization.ema.module.model, run_dir / EXPORT_DIR / "ema", state.settings.data_config)
+    elif state.optimization.ema is not None:
+        export_into_run(cfg, run_dir, "ema", state.optimization.ema.module.model, data_config)
 
 
 def finish(state: RunState, logger: RunLogger, wall_start: float) -> dict:

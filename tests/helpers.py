@@ -245,6 +245,14 @@ def run_main(capsys, *args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["pfb-train", *args], code, out, err)
 
 
+def folder_to_shards(folder, out, per_shard: int, *extra) -> Path:
+    """`pfb-train shards` of an image folder (the demo config, no progress bar), in this process; returns `out`."""
+    args = ["--set", "data.dataset=imagefolder", "--set", f"data.root={folder}", "--set", "runtime.progress=false"]
+    code = main(["shards", "--config", "demo", *args, "--out", str(out), "--samples-per-shard", str(per_shard), *extra])
+    assert code == 0, f"pfb-train shards of {folder} failed"
+    return Path(out)
+
+
 def cli(capsys, *args) -> tuple[int, str, str]:
     code = main(list(args))
     out, err = capsys.readouterr()

@@ -26,7 +26,7 @@ from pfb_train.errors import UserError
 from pfb_train.run_dir import read_metrics
 from pfb_train.selection import methods
 from pfb_train.train import fit, setup
-from helpers import SMALL_RUN_OPTIONS, assert_equal, smooth_image, write_smooth_folder
+from helpers import folder_to_shards, SMALL_RUN_OPTIONS, assert_equal, smooth_image, write_smooth_folder
 
 HERE = Path(__file__).resolve().parent
 MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1) * 255
@@ -255,27 +255,7 @@ def test_resume_inside_an_epoch_is_exact_with_another_worker_count(folder, tmp_p
 def test_hf_and_wds_layouts_give_the_folders_pixels(folder, tmp_path, capsys):
     pytest.importorskip("webdataset")
     datasets = pytest.importorskip("datasets")
-    shards = tmp_path / "shards"
-    assert (
-        main(
-            [
-                "shards",
-                "--config",
-                "demo",
-                "--set",
-                "data.dataset=imagefolder",
-                "--set",
-                f"data.root={folder}",
-                "--set",
-                "runtime.progress=false",
-                "--out",
-                str(shards),
-                "--samples-per-shard",
-                "5",
-            ]
-        )
-        == 0
-    )
+    shards = folder_to_shards(folder, tmp_path / "shards", 5)
     hf_root = tmp_path / "hf"
     splits = build_datasets(DataConfig(dataset="imagefolder", root=str(folder), decode="dali"))
     rows = {
@@ -326,27 +306,7 @@ def test_a_gif_stands_in_on_dali_and_trains_on_cpu(tmp_path):
 def test_two_gloo_processes_see_the_pixels_of_one(folder, tmp_path, capsys):
     """2 gloo ranks on shards (tests/wds_worker.py): equal disjoint shares, and each sample's pixels as
     one process makes them (here, in this process: the worker's data settings)."""
-    shards = tmp_path / "shards"
-    assert (
-        main(
-            [
-                "shards",
-                "--config",
-                "demo",
-                "--set",
-                "data.dataset=imagefolder",
-                "--set",
-                f"data.root={folder}",
-                "--set",
-                "runtime.progress=false",
-                "--out",
-                str(shards),
-                "--samples-per-shard",
-                "4",
-            ]
-        )
-        == 0
-    )
+    shards = folder_to_shards(folder, tmp_path / "shards", 4)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     result = subprocess.run(
         [*launcher, str(HERE / "wds_worker.py"), str(shards), str(tmp_path), "data.decode=dali"],

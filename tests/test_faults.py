@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from pfb_train.run_dir import UNREADABLE_FILE, read_metrics
-from helpers import cli, jpeg_bytes, one_line, train_args, wds_args, write_folder
+from helpers import folder_to_shards, cli, jpeg_bytes, one_line, train_args, wds_args, write_folder
 
 HERE = Path(__file__).resolve().parent
 
@@ -118,28 +118,11 @@ def test_val_classes_differ_from_train(tmp_path, capsys):
 # ---------------------------------------------------------------- WebDataset shards (data.dataset: wds)
 
 
-def make_shards(capsys, tmp_path) -> Path:
+def make_shards(tmp_path) -> Path:
     """A folder of real JPEGs (12 train, 12 val) written as shards of 4 by `pfb-train shards`."""
     folder = write_folder(tmp_path / "folder")
     odd_image("one_pixel", folder / "train" / "b" / "extra")
-    code, _, err = cli(
-        capsys,
-        "shards",
-        "--config",
-        "demo",
-        "--set",
-        "data.dataset=imagefolder",
-        "--set",
-        f"data.root={folder}",
-        "--set",
-        "runtime.progress=false",
-        "--out",
-        str(tmp_path / "shards"),
-        "--samples-per-shard",
-        "4",
-    )
-    assert code == 0, err
-    return tmp_path / "shards"
+    return folder_to_shards(folder, tmp_path / "shards", 4)
 
 
 def rewrite_shard(path: Path, change) -> None:
@@ -191,7 +174,7 @@ def test_shards_needs_the_webdataset_extra(tmp_path, capsys, monkeypatch):
     ],
 )
 def test_shard_mistakes_are_one_line(fault, message, tmp_path, capsys):
-    root = make_shards(capsys, tmp_path)
+    root = make_shards(tmp_path)
     extra = []
     if fault == "missing_split":
         extra = ["data.val_split=test"]
@@ -211,7 +194,7 @@ def test_shard_mistakes_are_one_line(fault, message, tmp_path, capsys):
 @pytest.mark.parametrize("decode", ["cpu", "device", "dali"])
 @pytest.mark.parametrize("fault", ["image_does_not_decode", "cls_is_not_a_number", "shorter_than_info_says"])
 def test_a_broken_sample_in_a_shard_is_counted_not_fatal(fault, decode, tmp_path, capsys):
-    root = make_shards(capsys, tmp_path)
+    root = make_shards(tmp_path)
     if fault == "image_does_not_decode":
         rewrite_shard(root / "train-000000.tar", set_member("jpg", b"not a jpeg"))
     elif fault == "cls_is_not_a_number":
@@ -236,7 +219,7 @@ def test_a_broken_sample_in_a_shard_is_counted_not_fatal(fault, decode, tmp_path
     ],
 )
 def test_an_absent_or_disagreeing_info_file_is_counted_once_and_said(fault, note, tmp_path, capsys):
-    root = make_shards(capsys, tmp_path)
+    root = make_shards(tmp_path)
     info = json.loads((root / "_info.json").read_text())
     if fault == "info_absent":
         (root / "_info.json").unlink()
@@ -451,6 +434,14 @@ runtime: {device: cpu, seed: 0, progress: false, threads: 1}
 """
 
 
+def torchrun_with_faults(tmp_path, faults: str) -> subprocess.CompletedProcess:
+    """A 2-process torchrun job of DDP_CONFIG with `faults` injected on rank 1 (tests/fault_worker.py)."""
+    (tmp_path / "ddp.yaml").write_text(DDP_CONFIG)
+    worker = [str(HERE / "fault_worker.py"), faults, "1", "--"]
+    args = ["--config", str(tmp_path / "ddp.yaml"), "--set", f"runtime.output={tmp_path}"]
+    return subprocess.run([*TORCHRUN, *worker, *args], capture_output=True, text=True, timeout=120)
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize(
@@ -461,24 +452,8 @@ runtime: {device: cpu, seed: 0, progress: false, threads: 1}
     ],
 )
 def test_a_fault_on_one_rank_stops_every_rank_with_the_same_line(fault, code, message, tmp_path):
-    (tmp_path / "ddp.yaml").write_text(DDP_CONFIG)
     started = time.monotonic()
-    result = subprocess.run(
-        [
-            *TORCHRUN,
-            str(HERE / "fault_worker.py"),
-            fault,
-            "1",
-            "--",
-            "--config",
-            str(tmp_path / "ddp.yaml"),
-            "--set",
-            f"runtime.output={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = torchrun_with_faults(tmp_path, fault)
     assert time.monotonic() - started < 60  # promptly: no collective timeout
     # both ranks, one line each (counted, not split: two processes may write to stderr at the same moment)
     assert result.stderr.count(message) == 2 and result.stderr.count("pfb-train:") == 2, result.stderr[-2000:]
@@ -492,23 +467,7 @@ def test_a_fault_on_one_rank_stops_every_rank_with_the_same_line(fault, code, me
 def test_two_errors_at_once_still_give_every_rank_one_line(faults, tmp_path):
     """The first announcement stands on every rank: an error that is the echo of another rank's stop
     (a collective on an aborted group), or a second real error at the same moment, does not replace it."""
-    (tmp_path / "ddp.yaml").write_text(DDP_CONFIG)
-    result = subprocess.run(
-        [
-            *TORCHRUN,
-            str(HERE / "fault_worker.py"),
-            faults,
-            "1",
-            "--",
-            "--config",
-            str(tmp_path / "ddp.yaml"),
-            "--set",
-            f"runtime.output={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = torchrun_with_faults(tmp_path, faults)
     data = "pfb-train: error: all 8 images of a batch are unreadable, e.g. /data/bad.jpg (on rank 1)"
     bug = "pfb-train: stopped: ValueError: injected at the same time (on rank 0)"
     # counted, not split into lines: two processes may write to stderr at the same moment

@@ -21,34 +21,11 @@ from pfb_train.distributed import DistInfo
 from pfb_train.run_dir import read_metrics
 from pfb_train.selection import methods
 from pfb_train.train import fit, setup
-from helpers import SMALL_RUN_OPTIONS, assert_equal, write_smooth_folder
+from helpers import folder_to_shards, SMALL_RUN_OPTIONS, assert_equal, write_smooth_folder
 
 pytest.importorskip("webdataset")
 HERE = Path(__file__).resolve().parent
 PER_SHARD = 4  # 18 samples a split: shards of 4, 4, 4, 4 and 2
-
-
-def write_shards(capsys, folder, out, *extra):
-    args = [
-        "shards",
-        "--config",
-        "demo",
-        "--set",
-        "data.dataset=imagefolder",
-        "--set",
-        f"data.root={folder}",
-        "--set",
-        "runtime.progress=false",
-        "--out",
-        str(out),
-        "--samples-per-shard",
-        str(PER_SHARD),
-        *extra,
-    ]
-    code = main(args)
-    _, err = capsys.readouterr()
-    assert code == 0, err
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -60,28 +37,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shards(folder):
-    out = folder.parent / "shards"
-    assert (
-        main(
-            [
-                "shards",
-                "--config",
-                "demo",
-                "--set",
-                "data.dataset=imagefolder",
-                "--set",
-                f"data.root={folder}",
-                "--set",
-                "runtime.progress=false",
-                "--out",
-                str(out),
-                "--samples-per-shard",
-                str(PER_SHARD),
-            ]
-        )
-        == 0
-    )
-    return out
+    return folder_to_shards(folder, folder.parent / "shards", PER_SHARD)
 
 
 def overrides(root, out, method="pfb", *extra):
@@ -187,7 +143,7 @@ def test_a_half_written_folder_is_finished_with_the_same_bytes(folder, shards, t
         == 2
     )
     assert "was begun with samples_per_shard 4, not 5" in capsys.readouterr().err
-    write_shards(capsys, folder, half)
+    folder_to_shards(folder, half, PER_SHARD)
     assert sorted(p.name for p in half.iterdir()) == sorted(p.name for p in shards.iterdir())
     for name in (p.name for p in shards.iterdir()):
         assert filecmp.cmp(half / name, shards / name, shallow=False), name
